@@ -1,0 +1,214 @@
+"""The Redis contract between the control plane and trainer workers.
+
+Both sides import this module; nothing else defines key names or envelope shapes.
+
+Flow of one Tinker training op:
+
+1. The API server assigns a ``request_id``, claims ``(model_id, seq_id)`` with ``SET NX`` on
+   :func:`seq_claim_key` (a repeated submission gets the first request's id back), records the
+   future as pending (:func:`future_key`, state ``pending``) and appends an :class:`OpEnvelope`
+   to the run's stream :func:`ops_stream`.
+2. The worker reads its stream, buffers envelopes by ``seq_id`` and executes them strictly in
+   order (seq 0 is the model-creating op: ``create`` or ``load_weights``).
+3. For ops whose result needs no control-plane bookkeeping the worker writes the result itself
+   (:func:`write_result` semantics: hash at :func:`future_key`, then ``PUBLISH`` on
+   :data:`FUTURE_DONE_CHANNEL`). For ops that create checkpoints it appends a
+   :class:`Completion` to :data:`COMPLETIONS_STREAM`; the control plane records the checkpoint
+   row first and only then completes the future, so a path returned to a client is always
+   listed.
+4. The worker reports its lifecycle in the hash :func:`worker_state_key` (``loading``,
+   ``ready``, ``failed`` with a ``detail``), which scheduler backends read when observing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+PREFIX = "openloops"
+FUTURE_DONE_CHANNEL = f"{PREFIX}:future-done"
+COMPLETIONS_STREAM = f"{PREFIX}:completions"
+COMPLETIONS_GROUP = "control-plane"
+FUTURE_TTL_SECONDS = 3600
+
+
+def ops_stream(run_id: str) -> str:
+    return f"{PREFIX}:ops:{run_id}"
+
+
+def future_key(request_id: str) -> str:
+    return f"{PREFIX}:future:{request_id}"
+
+
+def seq_claim_key(model_id: str, seq_id: int) -> str:
+    return f"{PREFIX}:seq:{model_id}:{seq_id}"
+
+
+def run_pending_key(run_id: str) -> str:
+    """Set of request ids still pending for a run (failed together if its worker dies)."""
+    return f"{PREFIX}:pending:{run_id}"
+
+
+def worker_state_key(run_id: str) -> str:
+    return f"{PREFIX}:worker:{run_id}"
+
+
+class OpKind(StrEnum):
+    CREATE = "create"
+    FORWARD_BACKWARD = "forward_backward"
+    OPTIM_STEP = "optim_step"
+    SAVE_WEIGHTS = "save_weights"
+    SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    LOAD_WEIGHTS = "load_weights"
+    SHUTDOWN = "shutdown"
+
+
+class FutureState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ErrorCategory(StrEnum):
+    USER = "user"
+    SERVER = "server"
+    UNKNOWN = "unknown"
+
+
+class WorkerState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+JSON_CONTENT = "application/json"
+PROTOBUF_CONTENT = "application/x-protobuf"
+
+
+@dataclass(frozen=True, slots=True)
+class OpEnvelope:
+    """One op on a run's stream.
+
+    ``body`` is the op's payload: the raw ``ForwardBackwardRequest`` protobuf bytes for
+    ``forward_backward``, otherwise UTF-8 JSON whose shape is documented per op in
+    :mod:`data_plane.wire.op_bodies`.
+    """
+
+    request_id: str
+    model_id: str
+    seq_id: int
+    kind: OpKind
+    body: bytes
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        return {
+            "request_id": self.request_id,
+            "model_id": self.model_id,
+            "seq_id": str(self.seq_id),
+            "kind": self.kind.value,
+            "body": self.body,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> OpEnvelope:
+        return cls(
+            request_id=fields[b"request_id"].decode(),
+            model_id=fields[b"model_id"].decode(),
+            seq_id=int(fields[b"seq_id"]),
+            kind=OpKind(fields[b"kind"].decode()),
+            body=fields[b"body"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FutureResult:
+    """The stored outcome of one future (the hash at :func:`future_key`)."""
+
+    state: FutureState
+    content_type: str = JSON_CONTENT
+    body: bytes = b""
+    category: ErrorCategory | None = None
+
+    def to_fields(self) -> dict[str, bytes | str]:
+        out: dict[str, bytes | str] = {
+            "state": self.state.value,
+            "content_type": self.content_type,
+            "body": self.body,
+        }
+        if self.category is not None:
+            out["category"] = self.category.value
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> FutureResult:
+        cat = fields.get(b"category")
+        return cls(
+            state=FutureState(fields[b"state"].decode()),
+            content_type=fields.get(b"content_type", JSON_CONTENT.encode()).decode(),
+            body=fields.get(b"body", b""),
+            category=ErrorCategory(cat.decode()) if cat else None,
+        )
+
+    @classmethod
+    def ok_json(cls, payload: dict[str, Any]) -> FutureResult:
+        return cls(FutureState.DONE, JSON_CONTENT, json.dumps(payload).encode())
+
+    @classmethod
+    def ok_proto(cls, body: bytes) -> FutureResult:
+        return cls(FutureState.DONE, PROTOBUF_CONTENT, body)
+
+    @classmethod
+    def failed(cls, message: str, category: ErrorCategory) -> FutureResult:
+        return cls(
+            FutureState.FAILED,
+            JSON_CONTENT,
+            json.dumps({"error": message, "category": category.value}).encode(),
+            category,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointFile:
+    relative_path: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A checkpoint-producing op finished in the worker; the control plane finalizes it.
+
+    ``result`` is the JSON result to hand to the client once the checkpoint row exists; on
+    failure ``error``/``category`` are set instead and no checkpoint fields are meaningful.
+    """
+
+    request_id: str
+    run_id: str
+    kind: OpKind
+    result: dict[str, Any] = field(default_factory=dict)
+    # checkpoint facts (for save_weights / save_weights_for_sampler)
+    checkpoint_kind: str | None = None  # "weights" | "sampler_weights"
+    checkpoint_name: str | None = None
+    storage_prefix: str | None = None  # object-store key prefix holding the files
+    files: list[CheckpointFile] = field(default_factory=list)
+    lora_config: dict[str, Any] | None = None
+    sampling_session_seq_id: int | None = None
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
+    error: str | None = None
+    category: ErrorCategory | None = None
+
+    def to_fields(self) -> dict[str, str]:
+        d = asdict(self)
+        return {"payload": json.dumps(d)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Completion:
+        d = json.loads(fields[b"payload"])
+        d["kind"] = OpKind(d["kind"])
+        d["files"] = [CheckpointFile(**f) for f in d.get("files") or []]
+        if d.get("category"):
+            d["category"] = ErrorCategory(d["category"])
+        return cls(**d)

@@ -1,0 +1,49 @@
+"""How a scheduler backend tells a trainer worker what to run.
+
+Serialized as JSON into the ``OPENLOOPS_WORKER_CONFIG`` environment variable of the worker
+process/pod. Secrets (S3 credentials, Redis passwords inside URLs on Kubernetes) reach the
+worker through their own environment variables, never through this document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+ENV_VAR = "OPENLOOPS_WORKER_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """Object store location. ``kind`` is ``local`` (``root`` is a directory) or ``s3``."""
+
+    kind: str = "local"
+    root: str | None = None
+    bucket: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainerLaunch:
+    run_id: str
+    model_id: str
+    base_model: str
+    model_source: str  # local directory with config.json + weights + tokenizer (or an HF id)
+    redis_url: str
+    store: StoreSpec = field(default_factory=StoreSpec)
+    max_seq_len: int = 2048
+    microbatch_tokens: int = 8192
+    device: str = "auto"  # auto | cpu | cuda
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_VAR: json.dumps(asdict(self))}
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> TrainerLaunch:
+        env = os.environ if environ is None else environ
+        d = json.loads(env[ENV_VAR])
+        d["store"] = StoreSpec(**d.get("store", {}))
+        return cls(**d)
