@@ -1,0 +1,270 @@
+"""SQLAlchemy models. The schema itself is created only by Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONB, list[str]: ARRAY(String)}
+
+
+def _ts(**kw: Any) -> Any:
+    return mapped_column(DateTime(timezone=True), **kw)
+
+
+class Org(Base):
+    __tablename__ = "orgs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), index=True)
+    email: Mapped[str] = mapped_column(String(320))
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (UniqueConstraint("org_id", "email"),)
+
+
+class ServiceAccount(Base):
+    __tablename__ = "service_accounts"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (UniqueConstraint("org_id", "name"),)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    service_account_id: Mapped[str | None] = mapped_column(
+        ForeignKey("service_accounts.id", ondelete="CASCADE")
+    )
+    name: Mapped[str | None] = mapped_column(String(200))
+    display_prefix: Mapped[str] = mapped_column(String(32))
+    key_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(String))
+    created_by: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    last_used_at: Mapped[datetime | None] = _ts()
+    revoked_at: Mapped[datetime | None] = _ts()
+    __table_args__ = (
+        CheckConstraint(
+            "(user_id IS NULL) <> (service_account_id IS NULL)", name="api_keys_one_owner"
+        ),
+        Index("ix_api_keys_org_created", "org_id", "created_at", "id"),
+    )
+
+
+class TrainingProject(Base):
+    __tablename__ = "training_projects"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    created_by: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (UniqueConstraint("org_id", "name"),)
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    created_by: Mapped[str] = mapped_column(String(40))
+    training_project_id: Mapped[str | None] = mapped_column(
+        ForeignKey("training_projects.id", ondelete="SET NULL")
+    )
+    origin: Mapped[str] = mapped_column(String(16))  # loops | tinker
+    status: Mapped[str] = mapped_column(String(16))  # active | finished | expired
+    tags: Mapped[list[str]] = mapped_column(ARRAY(String), default=list)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    sdk_version: Mapped[str | None] = mapped_column(String(40))
+    finish_reason: Mapped[str | None] = mapped_column(String(20))
+    finish_detail: Mapped[str | None] = mapped_column(Text)
+    last_heartbeat_at: Mapped[datetime | None] = _ts()
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    finished_at: Mapped[datetime | None] = _ts()
+    __table_args__ = (
+        Index("ix_sessions_org_created", "org_id", "created_at", "id"),
+        Index("ix_sessions_org_creator_created", "org_id", "created_by", "created_at", "id"),
+    )
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    created_by: Mapped[str] = mapped_column(String(40))
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    origin: Mapped[str] = mapped_column(String(16))  # loops | tinker
+    model_seq_id: Mapped[int | None] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(32))
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    lora_rank: Mapped[int] = mapped_column(Integer)
+    lora_config: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    max_seq_len: Mapped[int] = mapped_column(Integer)
+    scale_down_delay_seconds: Mapped[int] = mapped_column(Integer)
+    availability_model: Mapped[str] = mapped_column(String(16), default="dedicated")
+    replicas: Mapped[int] = mapped_column(Integer, default=1)
+    init_path: Mapped[str | None] = mapped_column(Text)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    deployment_id: Mapped[str | None] = mapped_column(String(40))
+    last_request_at: Mapped[datetime | None] = _ts()
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    updated_at: Mapped[datetime] = _ts(server_default=func.now())
+    deactivated_at: Mapped[datetime | None] = _ts()
+    __table_args__ = (
+        Index("ix_runs_org_created", "org_id", "created_at", "id"),
+        Index("ix_runs_org_creator_created", "org_id", "created_by", "created_at", "id"),
+        Index("ix_runs_org_base_model_created", "org_id", "base_model", "created_at", "id"),
+        Index("ix_runs_session", "session_id", "created_at"),
+        Index("ix_runs_status", "status"),
+    )
+
+
+class Sampler(Base):
+    __tablename__ = "samplers"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    created_by: Mapped[str] = mapped_column(String(40))
+    session_id: Mapped[str | None] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    origin: Mapped[str] = mapped_column(String(16))  # loops | tinker
+    base_model: Mapped[str] = mapped_column(String(200))
+    model_path: Mapped[str | None] = mapped_column(Text)
+    checkpoint_id: Mapped[str | None] = mapped_column(String(40))
+    max_seq_length: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    endpoint: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    updated_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (
+        Index("ix_samplers_org_created", "org_id", "created_at", "id"),
+        Index("ix_samplers_org_creator_created", "org_id", "created_by", "created_at", "id"),
+        Index("ix_samplers_run", "run_id"),
+        Index("ix_samplers_status", "status"),
+    )
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    created_by: Mapped[str] = mapped_column(String(40))
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(20))  # weights | sampler_weights
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(200))
+    storage_prefix: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    lora_config: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    sync_status: Mapped[str] = mapped_column(String(16), default="COMPLETE")
+    expires_at: Mapped[datetime | None] = _ts()
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (
+        UniqueConstraint("run_id", "kind", "name", name="uq_checkpoints_run_kind_name"),
+        Index("ix_checkpoints_run_created", "run_id", "created_at", "id"),
+        Index("ix_checkpoints_org_base_model_created", "org_id", "base_model", "created_at", "id"),
+        Index("ix_checkpoints_org_creator_created", "org_id", "created_by", "created_at", "id"),
+        Index("ix_checkpoints_org_created", "org_id", "created_at", "id"),
+    )
+
+
+class CheckpointFile(Base):
+    __tablename__ = "checkpoint_files"
+    checkpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
+    )
+    relative_path: Mapped[str] = mapped_column(Text, primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    node_rank: Mapped[int] = mapped_column(Integer, default=0)
+    last_modified: Mapped[datetime] = _ts(server_default=func.now())
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    created_by: Mapped[str] = mapped_column(String(40))
+    base_model: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(32))
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    checkpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="SET NULL")
+    )
+    sampler_id: Mapped[str | None] = mapped_column(ForeignKey("samplers.id", ondelete="SET NULL"))
+    active_run_id: Mapped[str | None] = mapped_column(String(128))
+    latest_run_id: Mapped[str | None] = mapped_column(String(128))
+    availability_model: Mapped[str] = mapped_column(String(16), default="dedicated")
+    instance_type: Mapped[str | None] = mapped_column(String(100))
+    node_count: Mapped[int] = mapped_column(Integer, default=1)
+    scale_down_delay_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    last_request_at: Mapped[datetime | None] = _ts()
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    updated_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (
+        Index("ix_deployments_org_created", "org_id", "created_at", "id"),
+        Index("ix_deployments_status", "status"),
+    )
+
+
+class DeploymentRequestBucket(Base):
+    """Per-minute request counters of a deployment's serving route (source of /metrics)."""
+
+    __tablename__ = "deployment_request_buckets"
+    deployment_id: Mapped[str] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    bucket_start: Mapped[datetime] = _ts(primary_key=True)
+    count_2xx: Mapped[int] = mapped_column(Integer, default=0)
+    count_4xx: Mapped[int] = mapped_column(Integer, default=0)
+    count_5xx: Mapped[int] = mapped_column(Integer, default=0)
+    max_concurrent: Mapped[int] = mapped_column(Integer, default=0)
+    # latency histogram counts over LATENCY_BUCKETS_MS (+ overflow), for p50/p95/p99
+    latency_hist: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+
+
+class StatusHistory(Base):
+    __tablename__ = "status_history"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    resource_type: Mapped[str] = mapped_column(String(16))  # run | sampler | deployment
+    resource_id: Mapped[str] = mapped_column(String(128))
+    from_status: Mapped[str | None] = mapped_column(String(32))
+    to_status: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (
+        Index("ix_status_history_resource", "resource_type", "resource_id", "created_at", "id"),
+    )

@@ -1,0 +1,117 @@
+"""All configuration, loaded once at each process's entrypoint and passed down.
+
+Every field can be set from the environment with the ``OPENLOOPS_`` prefix (nested fields use
+``__``, e.g. ``OPENLOOPS_KUBERNETES__NAMESPACE``). Nothing else in the code reads environment
+variables for configuration.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from control_plane.scheduler.kubernetes_settings import KubernetesSettings
+
+
+class BackendKind(StrEnum):
+    LOCAL = "local"
+    KUBERNETES = "kubernetes"
+
+
+class StoreKind(StrEnum):
+    LOCAL = "local"
+    S3 = "s3"
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".openloops"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OPENLOOPS_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    # --- serving -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    public_base_url: str | None = Field(
+        None, description="Base URL clients use; defaults to http://{host}:{port}"
+    )
+    data_dir: Path = Field(default_factory=default_data_dir)
+    request_body_limit_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    log_level: str = "info"
+    log_json: bool = True
+    access_log: bool = True
+
+    # --- state -------------------------------------------------------------------------
+    database_url: str | None = Field(
+        None, description="postgresql+asyncpg://...; unset in local mode = embedded PostgreSQL"
+    )
+    redis_url: str | None = Field(
+        None, description="redis://...; unset in local mode = embedded Valkey"
+    )
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
+
+    # --- object store ------------------------------------------------------------------
+    store_kind: StoreKind = StoreKind.LOCAL
+    store_root: Path | None = Field(None, description="local store directory; default {data_dir}/objects")
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_prefix: str = ""
+    signing_secret: SecretStr | None = Field(
+        None, description="HMAC key for download URLs served by the API (local store)"
+    )
+    download_url_ttl_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
+
+    # --- auth, limits, caches ----------------------------------------------------------
+    key_cache_ttl_seconds: float = Field(
+        30.0, gt=0, description="API-key cache TTL; revocations invalidate immediately"
+    )
+    rate_limit_per_second: float = Field(50.0, gt=0, description="sustained requests/s per key")
+    rate_limit_burst: int = Field(200, ge=1, description="bucket size per key")
+    rate_limit_enabled: bool = True
+    last_seen_flush_seconds: float = Field(10.0, gt=0)
+
+    # --- models and workers ------------------------------------------------------------
+    model_catalog_path: Path | None = Field(
+        None, description="YAML model catalog; default {data_dir}/models/catalog.yaml"
+    )
+    backend: BackendKind = BackendKind.LOCAL
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    worker_python: str | None = Field(
+        None, description="python executable for local workers; default: this interpreter"
+    )
+    controller_interval_seconds: float = Field(1.0, gt=0)
+    session_expiry_seconds: float = Field(
+        300.0, gt=0, description="Tinker sessions without a heartbeat for this long expire"
+    )
+    future_poll_timeout_seconds: float = Field(30.0, gt=0, le=40)
+    trainer_microbatch_tokens: int = Field(8192, ge=16)
+    default_scale_down_delay_seconds: int = Field(3600, ge=1)
+
+    # --- local mode --------------------------------------------------------------------
+    dev_org_name: str = "dev"
+    dev_user_email: str = "dev@localhost"
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        return v.rstrip("/") if v else v
+
+    @property
+    def base_url(self) -> str:
+        return self.public_base_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def resolved_store_root(self) -> Path:
+        return self.store_root or self.data_dir / "objects"
+
+    @property
+    def resolved_catalog_path(self) -> Path:
+        return self.model_catalog_path or self.data_dir / "models" / "catalog.yaml"
