@@ -1,0 +1,19 @@
+"""Tenant and ownership filters applied by every query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from control_plane.auth.principal import Principal
+from control_plane.errors import InvalidInput
+
+
+def list_scope_filter(model: Any, principal: Principal, scope: str | None) -> list[Any]:
+    """``manage_own_user_or_service_account`` list routes: the caller's own rows by default,
+    every row of the caller's org with ``scope=org``."""
+    conds = [model.org_id == principal.org_id]
+    if scope is None or scope == "own":
+        conds.append(model.created_by == principal.principal_id)
+    elif scope != "org":
+        raise InvalidInput(f"invalid scope {scope!r}: expected 'org' or omit it", field="scope")
+    return conds

@@ -1,0 +1,78 @@
+"""Sessions (shared by the Loops and Tinker APIs)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.auth.principal import Principal
+from control_plane.db.models import Session, TrainingProject
+from control_plane.errors import InvalidInput, NotFound
+from control_plane.ids import new_id, new_session_id
+from control_plane.statuses import SessionStatus
+
+
+async def default_project(s: AsyncSession, principal: Principal) -> TrainingProject:
+    proj = (
+        await s.execute(
+            select(TrainingProject).where(
+                TrainingProject.org_id == principal.org_id, TrainingProject.name == "default"
+            )
+        )
+    ).scalars().first()
+    if proj is None:
+        proj = TrainingProject(
+            id=new_id("proj"), org_id=principal.org_id, name="default", created_by=principal.principal_id
+        )
+        s.add(proj)
+        await s.flush()
+    return proj
+
+
+async def create_session(
+    s: AsyncSession,
+    principal: Principal,
+    *,
+    origin: str,
+    training_project_id: str | None = None,
+    tags: list[str] | None = None,
+    user_metadata: dict[str, Any] | None = None,
+    sdk_version: str | None = None,
+    display_name: str | None = None,
+) -> Session:
+    if training_project_id is not None:
+        proj = await s.get(TrainingProject, training_project_id)
+        if proj is None or proj.org_id != principal.org_id:
+            raise InvalidInput(
+                f"training project {training_project_id!r} not found", field="training_project_id"
+            )
+    else:
+        proj = await default_project(s, principal)
+    now = datetime.now(UTC)
+    row = Session(
+        id=new_session_id(),
+        org_id=principal.org_id,
+        created_by=principal.principal_id,
+        training_project_id=proj.id,
+        origin=origin,
+        status=SessionStatus.ACTIVE.value,
+        tags=list(tags or []),
+        user_metadata=dict(user_metadata or {}),
+        sdk_version=sdk_version,
+        display_name=display_name,
+        last_heartbeat_at=now,
+        created_at=now,
+    )
+    s.add(row)
+    await s.flush()
+    return row
+
+
+async def get_session(s: AsyncSession, principal: Principal, session_id: str) -> Session:
+    row = await s.get(Session, session_id)
+    if row is None or row.org_id != principal.org_id:
+        raise NotFound("session", session_id)
+    return row
