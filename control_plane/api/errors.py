@@ -1,0 +1,90 @@
+"""The one table mapping errors to HTTP responses. Every 4xx/5xx body is JSON:
+``{"code": str, "detail": str, "field"?: str, "errors"?: [...], "request_id": str}``."""
+
+from __future__ import annotations
+
+import structlog
+from litestar import MediaType, Request, Response
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    ValidationException,
+)
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from control_plane import errors as e
+
+log = structlog.get_logger("openloops.api")
+
+STATUS_BY_ERROR: dict[type[e.DomainError], int] = {
+    e.InvalidInput: 400,
+    e.Unauthenticated: 401,
+    e.Forbidden: 403,
+    e.NotFound: 404,
+    e.Conflict: 409,
+    e.Gone: 410,
+    e.PayloadTooLarge: 413,
+    e.RateLimited: 429,
+    e.Unavailable: 503,
+}
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def error_response(
+    request: Request, status: int, code: str, detail: str, **extra: object
+) -> Response:
+    body: dict[str, object] = {"code": code, "detail": detail, "request_id": _request_id(request)}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    headers = {}
+    if status == 429 and "retry_after_s" in extra:
+        headers["Retry-After"] = str(max(1, int(float(extra["retry_after_s"]) + 0.999)))  # type: ignore[arg-type]
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="openloops"'
+    return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
+
+
+def domain_error_handler(request: Request, exc: e.DomainError) -> Response:
+    status = next((st for cls, st in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 500)
+    extra: dict[str, object] = {"field": exc.field}
+    if isinstance(exc, e.RateLimited):
+        extra["retry_after_s"] = round(exc.retry_after_s, 3)
+    return error_response(request, status, exc.code, exc.message, **extra)
+
+
+def validation_handler(request: Request, exc: ValidationException) -> Response:
+    errors = []
+    for item in exc.extra or []:
+        if isinstance(item, dict):
+            errors.append({"field": item.get("key"), "message": item.get("message"), "source": item.get("source")})
+    fields = [x["field"] for x in errors if x.get("field")]
+    detail = "; ".join(f"{x['field']}: {x['message']}" if x.get("field") else str(x["message"]) for x in errors)
+    return error_response(
+        request, 400, "invalid_input", detail or str(exc.detail), field=fields[0] if fields else None, errors=errors or None
+    )
+
+
+def http_exception_handler(request: Request, exc: HTTPException) -> Response:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+    detail = exc.detail
+    if isinstance(exc, NotFoundException):
+        detail = f"no route for {request.method} {request.url.path}"
+    elif isinstance(exc, MethodNotAllowedException):
+        detail = f"method {request.method} not allowed on {request.url.path}"
+    return error_response(request, exc.status_code, code, str(detail))
+
+
+def internal_error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", path=request.url.path, error=repr(exc))
+    return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "internal server error")
+
+
+EXCEPTION_HANDLERS = {
+    e.DomainError: domain_error_handler,
+    ValidationException: validation_handler,
+    HTTPException: http_exception_handler,
+    Exception: internal_error_handler,
+}

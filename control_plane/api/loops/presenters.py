@@ -1,0 +1,108 @@
+"""Row → Loops API JSON shapes (seeds/loops-get-run-openapi.md, reference/loops-api.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.db.models import Checkpoint, Deployment, Run, Sampler, ServiceAccount, User
+
+
+async def principal_names(s: AsyncSession, ids: set[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    users = [i for i in ids if i.startswith("usr-")]
+    sas = [i for i in ids if i.startswith("sa-")]
+    if users:
+        for u in (await s.execute(select(User.id, User.email).where(User.id.in_(users)))).all():
+            out[u.id] = {"id": u.id, "email": u.email}
+    if sas:
+        for sa in (await s.execute(select(ServiceAccount.id, ServiceAccount.name).where(ServiceAccount.id.in_(sas)))).all():
+            out[sa.id] = {"id": sa.id, "email": None, "service_account": sa.name}
+    return out
+
+
+def _user(users: dict[str, dict[str, Any]], pid: str) -> dict[str, Any]:
+    return users.get(pid, {"id": pid, "email": None})
+
+
+def sampler_json(smp: Sampler, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": smp.id,
+        "base_url": f"{base_url}/v1/loops/samplers/{smp.id}/openai/v1",
+        "base_model": smp.base_model,
+        "created_at": smp.created_at,
+        "model_id": smp.id,
+        "deployment_id": smp.id,
+        "status": {"name": smp.status, "reason": smp.status_reason},
+        "user": _user(users, smp.created_by),
+        "run_id": smp.run_id,
+        "session_id": smp.session_id,
+        "model_path": smp.model_path,
+        "node_count": 1,
+    }
+
+
+def run_json(run: Run, sampler: Sampler | None, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "session_id": run.session_id,
+        "base_model": run.base_model,
+        "base_url": base_url,
+        "created_at": run.created_at,
+        "sampler": sampler_json(sampler, base_url, users) if sampler else None,
+        "name": run.name,
+        "user": _user(users, run.created_by),
+        "status": {"name": run.status, "reason": run.status_reason},
+        "deployment_id": run.deployment_id,
+        "max_seq_len": run.max_seq_len,
+        "lora_rank": run.lora_rank,
+        "seed": run.seed,
+        "scale_down_delay_seconds": run.scale_down_delay_seconds,
+        "availability_model": run.availability_model,
+        "replicas": run.replicas,
+    }
+
+
+def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "checkpoint_id": c.name,
+        "checkpoint_type": "lora",
+        "created_at": c.created_at,
+        "base_model": c.base_model,
+        "lora_adapter_config": c.lora_config,
+        "size_bytes": c.size_bytes,
+        "sync_status": c.sync_status,
+        "run_id": c.run_id,
+        "target": "sampler" if c.kind == "sampler_weights" else "trainer",
+        "checkpoint_path": f"bt://loops:{c.run_id}/{c.kind}/{c.name}",
+        "tinker_path": f"tinker://{c.run_id}/{c.kind}/{c.name}",
+    }
+
+
+def deployment_json(
+    d: Deployment, sampler: Sampler | None, base_url: str, users: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "base_model": d.base_model,
+        "base_url": f"{base_url}/v1/loops/deployments/{d.id}/openai/v1",
+        "status": {"name": d.status, "reason": d.status_reason},
+        "sampler": sampler_json(sampler, base_url, users) if sampler else None,
+        "active_run_id": d.active_run_id,
+        "latest_run_id": d.latest_run_id,
+        "user": _user(users, d.created_by),
+        "created_at": d.created_at,
+        "availability_model": d.availability_model,
+        "instance_type": d.instance_type,
+        "node_count": d.node_count,
+        "name": d.name,
+        "checkpoint_id": d.checkpoint_id,
+    }
+
+
+def deactivated_json(row_id: str, base_model: str, users: dict[str, dict[str, Any]], pid: str) -> dict[str, Any]:
+    u = _user(users, pid)
+    return {"id": row_id, "base_model": base_model, "user": {"email": u.get("email")}}

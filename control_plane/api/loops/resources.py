@@ -1,0 +1,104 @@
+"""/v1/loops checkpoints, deployments and capabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.di import Provide
+
+from control_plane.api.auth import provide_principal
+from control_plane.api.loops import presenters as p
+from control_plane.api.loops.schemas import MetricsBody, ValidateCheckpointBody
+from control_plane.api.loops.training import ORG, OWN, rt
+from control_plane.auth.principal import Principal
+from control_plane.db.models import Sampler
+from control_plane.services import checkpoints as ckpt_svc
+from control_plane.services import deployments as dep_svc
+
+
+class LoopsResourcesController(Controller):
+    path = "/v1/loops"
+    dependencies = {"principal": Provide(provide_principal)}
+    tags = ["loops"]
+
+    @get("/checkpoints", opt=OWN)
+    async def list_checkpoints(
+        self, request: Request, principal: Principal, run_id: str | None = None,
+        base_model: str | None = None, checkpoint_path: str | None = None, scope: str | None = None,
+    ) -> dict[str, Any]:
+        async with rt(request).db.session() as s:
+            rows = await ckpt_svc.list_checkpoints(
+                s, principal, run_id=run_id, base_model=base_model, checkpoint_path=checkpoint_path, scope=scope
+            )
+        return {"checkpoints": [p.checkpoint_json(c) for c in rows]}
+
+    @post("/checkpoints/validate", opt=OWN, status_code=200)
+    async def validate_checkpoint(self, request: Request, principal: Principal, data: ValidateCheckpointBody) -> dict[str, Any]:
+        async with rt(request).db.session() as s:
+            await ckpt_svc.validate_checkpoint(s, principal, data.checkpoint_path)
+        return {}
+
+    @get("/checkpoints/{checkpoint_id:str}/files", opt=ORG)
+    async def checkpoint_files(
+        self, request: Request, principal: Principal, checkpoint_id: str, page_size: int = 1000, page_token: int = 0
+    ) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            ckpt = await ckpt_svc.get_checkpoint(s, principal, checkpoint_id)
+            page = await ckpt_svc.checkpoint_files(s, ckpt, page_size=page_size, page_token=page_token, url_for=r.download_url)
+        return {"presigned_urls": page.files, "total_count": page.total_count, "next_page_token": page.next_page_token}
+
+    @get("/deployments", opt=ORG)
+    async def list_deployments(self, request: Request, principal: Principal, scope: str | None = None) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            rows = await dep_svc.list_deployments(s, principal, scope=scope)
+            samplers = {x.sampler_id: await s.get(Sampler, x.sampler_id) for x in rows if x.sampler_id}
+            users = await p.principal_names(s, {x.created_by for x in rows})
+        return {"deployments": [p.deployment_json(x, samplers.get(x.sampler_id), r.settings.base_url, users) for x in rows]}
+
+    @get("/deployments/{deployment_id:str}", opt=ORG)
+    async def get_deployment(self, request: Request, principal: Principal, deployment_id: str) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            dep = await dep_svc.get_deployment(s, principal, deployment_id)
+            smp = await s.get(Sampler, dep.sampler_id) if dep.sampler_id else None
+            users = await p.principal_names(s, {dep.created_by})
+        return {"deployment": p.deployment_json(dep, smp, r.settings.base_url, users)}
+
+    @post("/deployments/{deployment_id:str}/deactivate", opt=ORG, status_code=200)
+    async def deactivate_deployment(self, request: Request, principal: Principal, deployment_id: str) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.transaction() as s:
+            dep = await dep_svc.deactivate_deployment(s, principal, deployment_id)
+            users = await p.principal_names(s, {dep.created_by})
+        await r.kick_controller()
+        return p.deactivated_json(dep.id, dep.base_model, users, dep.created_by)
+
+    @post("/deployments/{deployment_id:str}/metrics", opt=ORG, status_code=200)
+    async def deployment_metrics(
+        self, request: Request, principal: Principal, deployment_id: str, data: MetricsBody | None = None
+    ) -> dict[str, Any]:
+        body = data or MetricsBody()
+        async with rt(request).db.session() as s:
+            dep = await dep_svc.get_deployment(s, principal, deployment_id)
+            metrics = await dep_svc.deployment_metrics(
+                s, dep, start_ms=body.start_epoch_millis, end_ms=body.end_epoch_millis, step_seconds=body.step_seconds
+            )
+        return {"deployment_id": dep.id, "metrics": metrics}
+
+    @get("/capabilities", opt=OWN)
+    async def capabilities(self, request: Request, principal: Principal) -> dict[str, Any]:
+        return {
+            "supported_models": [
+                {
+                    "model_name": m.name,
+                    "max_context_length": m.max_context_length,
+                    "supports_vision_language": m.supports_vision_language,
+                    "trainable": m.trainable,
+                    "sampleable": m.sampleable,
+                }
+                for m in rt(request).catalog.models
+            ]
+        }

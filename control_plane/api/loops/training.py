@@ -1,0 +1,147 @@
+"""/v1/loops sessions, runs, trainers and samplers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.di import Provide
+
+from control_plane.api.auth import provide_principal
+from control_plane.api.loops import presenters as p
+from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
+from control_plane.auth.principal import Principal
+from control_plane.runtime import Runtime
+from control_plane.services import runs as runs_svc
+from control_plane.services import samplers as samplers_svc
+from control_plane.services import sessions as sessions_svc
+from control_plane.statuses import Scope
+from control_plane.training.initial_op import enqueue_initial_op
+
+ORG = {"scope": Scope.MANAGE_ORG_TRAINING_PROJECTS}
+OWN = {"scope": Scope.MANAGE_OWN}
+
+
+def rt(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+class LoopsTrainingController(Controller):
+    path = "/v1/loops"
+    dependencies = {"principal": Provide(provide_principal)}
+    tags = ["loops"]
+
+    @post("/sessions", opt=ORG, status_code=200)
+    async def create_session(self, request: Request, principal: Principal, data: CreateSessionBody | None = None) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.transaction() as s:
+            row = await sessions_svc.create_session(
+                s, principal, origin="loops", training_project_id=data.training_project_id if data else None
+            )
+        return {"session": {"id": row.id}}
+
+    @get("/sessions/{session_id:str}", opt=ORG)
+    async def get_session(self, request: Request, principal: Principal, session_id: str) -> dict[str, Any]:
+        async with rt(request).db.session() as s:
+            row = await sessions_svc.get_session(s, principal, session_id)
+        return {"session": {"id": row.id, "status": row.status, "created_at": row.created_at}}
+
+    async def _create_run(self, request: Request, principal: Principal, data: CreateRunBody, with_sampler: bool) -> dict[str, Any]:
+        r = rt(request)
+        req = runs_svc.RunRequest(
+            session_id=data.session_id,
+            base_model=data.base_model,
+            name=data.name,
+            max_seq_len=data.max_seq_len,
+            lora_rank=data.lora_rank,
+            seed=data.seed,
+            scale_down_delay_seconds=data.scale_down_delay_seconds,
+            availability_model=data.availability_model,
+            replicas=data.replicas,
+            path=data.path,
+            with_sampler=with_sampler,
+        )
+        async with r.db.transaction() as s:
+            run, sampler = await runs_svc.create_run(
+                s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds
+            )
+            await enqueue_initial_op(r, s, run)
+            users = await p.principal_names(s, {run.created_by})
+        await r.kick_controller()
+        return {"run": p.run_json(run, sampler, r.settings.base_url, users)}
+
+    @post("/runs", opt=ORG, status_code=200)
+    async def create_run(self, request: Request, principal: Principal, data: CreateRunBody) -> dict[str, Any]:
+        return await self._create_run(request, principal, data, with_sampler=True)
+
+    @post("/trainers", opt=ORG, status_code=200)
+    async def create_trainer(self, request: Request, principal: Principal, data: CreateRunBody) -> dict[str, Any]:
+        return await self._create_run(request, principal, data, with_sampler=False)
+
+    @get("/runs", opt=OWN)
+    async def list_runs(
+        self, request: Request, principal: Principal, run_id: str | None = None,
+        base_model: str | None = None, scope: str | None = None,
+    ) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            rows = await runs_svc.list_runs(s, principal, run_id=run_id, base_model=base_model, scope=scope)
+            samplers = await runs_svc.samplers_by_run(s, [x.id for x in rows])
+            users = await p.principal_names(s, {x.created_by for x in rows})
+        return {"runs": [p.run_json(x, samplers.get(x.id), r.settings.base_url, users) for x in rows]}
+
+    @get("/runs/{run_id:str}", opt=ORG)
+    async def get_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            run = await runs_svc.get_run(s, principal, run_id)
+            sampler = await runs_svc.paired_sampler(s, run.id)
+            users = await p.principal_names(s, {run.created_by})
+        return {"run": p.run_json(run, sampler, r.settings.base_url, users)}
+
+    @post("/runs/{run_id:str}/deactivate", opt=ORG, status_code=200)
+    async def deactivate_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.transaction() as s:
+            run = await runs_svc.deactivate_run(s, principal, run_id)
+            users = await p.principal_names(s, {run.created_by})
+        await r.kick_controller()
+        return p.deactivated_json(run.id, run.base_model, users, run.created_by)
+
+    @post("/samplers", opt=ORG, status_code=200)
+    async def create_sampler(self, request: Request, principal: Principal, data: CreateSamplerBody) -> dict[str, Any]:
+        r = rt(request)
+        req = samplers_svc.SamplerRequest(
+            session_id=data.session_id, base_model=data.base_model, run_id=data.run_id,
+            max_seq_length=data.max_seq_length, model_path=data.model_path,
+        )
+        async with r.db.transaction() as s:
+            smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
+            users = await p.principal_names(s, {smp.created_by})
+        await r.kick_controller()
+        return {"sampler": p.sampler_json(smp, r.settings.base_url, users)}
+
+    @get("/samplers", opt=OWN)
+    async def list_samplers(self, request: Request, principal: Principal, scope: str | None = None) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            rows = await samplers_svc.list_samplers(s, principal, scope=scope)
+            users = await p.principal_names(s, {x.created_by for x in rows})
+        return {"samplers": [p.sampler_json(x, r.settings.base_url, users) for x in rows]}
+
+    @get("/samplers/{sampler_id:str}", opt=ORG)
+    async def get_sampler(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            smp = await samplers_svc.get_sampler(s, principal, sampler_id)
+            users = await p.principal_names(s, {smp.created_by})
+        return {"sampler": p.sampler_json(smp, r.settings.base_url, users)}
+
+    @post("/samplers/{sampler_id:str}/deactivate", opt=ORG, status_code=200)
+    async def deactivate_sampler(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.transaction() as s:
+            smp = await samplers_svc.deactivate_sampler(s, principal, sampler_id)
+            users = await p.principal_names(s, {smp.created_by})
+        await r.kick_controller()
+        return p.deactivated_json(smp.id, smp.base_model, users, smp.created_by)

@@ -1,0 +1,75 @@
+"""Request ids, structured access logs and Prometheus metrics (an ASGI middleware)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+log = structlog.get_logger("openloops.access")
+
+
+class HttpMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "openloops_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "openloops_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+
+
+def observability_middleware(metrics: HttpMetrics, access_log: bool):  # type: ignore[no-untyped-def]
+    def factory(app: Any) -> Any:
+        async def middleware(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            rid = None
+            for k, v in scope.get("headers", []):
+                if k == b"x-request-id":
+                    rid = v.decode("latin-1")[:128]
+                    break
+            rid = rid or uuid.uuid4().hex
+            scope.setdefault("state", {})["request_id"] = rid
+            status = 500
+            start = time.perf_counter()
+
+            async def send_wrapper(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message.setdefault("headers", [])
+                    message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                await send(message)
+
+            try:
+                await app(scope, receive, send_wrapper)
+            finally:
+                elapsed = time.perf_counter() - start
+                route = scope.get("path_template") or "unmatched"
+                metrics.requests.labels(scope["method"], route, str(status)).inc()
+                metrics.latency.labels(scope["method"], route).observe(elapsed)
+                if access_log:
+                    log.info(
+                        "request",
+                        request_id=rid,
+                        method=scope["method"],
+                        path=scope["path"],
+                        route=route,
+                        status=status,
+                        duration_ms=round(elapsed * 1000, 2),
+                        principal=scope["state"].get("principal_id"),
+                    )
+
+        return middleware
+
+    return factory

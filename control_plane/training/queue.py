@@ -1,0 +1,85 @@
+"""Submitting ops to trainer workers and reading futures (control-plane side of
+data_plane/wire/queue.py)."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from control_plane.ids import new_request_id
+from data_plane.wire import queue as q
+
+# KEYS: seq claim, future, pending set, ops stream
+# ARGV: request_id, ttl, model_id, seq_id, kind, body
+_SUBMIT = """
+local prev = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'GET', 'EX', ARGV[2])
+if prev then return prev end
+redis.call('HSET', KEYS[2], 'state', 'pending')
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[1], 'model_id', ARGV[3], 'seq_id', ARGV[4], 'kind', ARGV[5], 'body', ARGV[6])
+return ARGV[1]
+"""
+
+
+class TrainerQueue:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._submit = redis.register_script(_SUBMIT)
+
+    async def submit(
+        self, run_id: str, model_id: str, seq_id: int, kind: q.OpKind, body: bytes
+    ) -> tuple[str, bool]:
+        """Enqueue an op once per ``(model_id, seq_id)``. Returns ``(request_id, is_new)``:
+        a repeated submission gets the first submission's request id back."""
+        rid = new_request_id()
+        got = await self._submit(
+            keys=[
+                q.seq_claim_key(model_id, seq_id),
+                q.future_key(rid),
+                q.run_pending_key(run_id),
+                q.ops_stream(run_id),
+            ],
+            args=[rid, q.FUTURE_TTL_SECONDS, model_id, seq_id, kind.value, body],
+        )
+        got = got.decode() if isinstance(got, bytes) else str(got)
+        return got, got == rid
+
+    async def complete(self, run_id: str | None, request_id: str, result: q.FutureResult) -> None:
+        key = q.future_key(request_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=result.to_fields())  # type: ignore[arg-type]
+            pipe.expire(key, q.FUTURE_TTL_SECONDS)
+            if run_id:
+                pipe.srem(q.run_pending_key(run_id), request_id)
+            pipe.publish(q.FUTURE_DONE_CHANNEL, request_id)
+            await pipe.execute()
+
+    async def create_future(self, request_id: str, run_id: str | None = None) -> None:
+        """A pending future not backed by a worker op (e.g. sampling)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(q.future_key(request_id), "state", q.FutureState.PENDING.value)
+            pipe.expire(q.future_key(request_id), q.FUTURE_TTL_SECONDS)
+            if run_id:
+                pipe.sadd(q.run_pending_key(run_id), request_id)
+            await pipe.execute()
+
+    async def read(self, request_id: str) -> q.FutureResult | None:
+        fields = await self._redis.hgetall(q.future_key(request_id))
+        if not fields:
+            return None
+        return q.FutureResult.from_fields(fields)
+
+    async def fail_pending(self, run_id: str, message: str) -> int:
+        """Resolve every pending future of a run with a server error (its worker is gone)."""
+        ids = await self._redis.smembers(q.run_pending_key(run_id))
+        failed = q.FutureResult.failed(message, q.ErrorCategory.SERVER)
+        n = 0
+        for raw in ids:
+            rid = raw.decode()
+            cur = await self.read(rid)
+            if cur is None or cur.state == q.FutureState.PENDING:
+                await self.complete(run_id, rid, failed)
+                n += 1
+            else:
+                await self._redis.srem(q.run_pending_key(run_id), rid)
+        return n
