@@ -99,3 +99,23 @@ def save_tokenizer(tok, out_dir: Path, max_length: int) -> None:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def make_portable(out_dir: Path, max_length: int) -> None:
+    """Rewrite a transformers-5 ``tokenizer_config.json`` so transformers 4.x and vLLM load it
+    too: a classic class name, the chat template inline, no machine-local flags."""
+    out = Path(out_dir)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    cfg["model_max_length"] = max_length
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list) and "additional_special_tokens" not in cfg:
+        cfg["additional_special_tokens"] = extra
+    template = out / "chat_template.jinja"
+    if "chat_template" not in cfg and template.is_file():
+        cfg["chat_template"] = template.read_text()
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
