@@ -1,0 +1,288 @@
+"""``openloops admin``: operator commands against the database, through the service layer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import typer
+
+from control_plane.auth.authenticator import invalidate_key
+from control_plane.auth.principal import Principal
+from control_plane.cli.context import Resolved, console, emit, emit_one, err_console
+from control_plane.db import migrate
+from control_plane.db.engine import Database
+from control_plane.errors import DomainError
+from control_plane.services import checkpoints as ckpt_svc
+from control_plane.services import deployments as dep_svc
+from control_plane.services import identity
+from control_plane.services import runs as runs_svc
+from control_plane.services import samplers as samplers_svc
+from control_plane.settings import Settings
+
+app = typer.Typer(help="Operator commands (orgs, users, keys, runs, deployments, database).", no_args_is_help=True)
+orgs = typer.Typer(help="Organizations.", no_args_is_help=True)
+users = typer.Typer(help="Users.", no_args_is_help=True)
+sas = typer.Typer(help="Service accounts.", no_args_is_help=True)
+keys = typer.Typer(help="API keys.", no_args_is_help=True)
+runs = typer.Typer(help="Runs (trainers).", no_args_is_help=True)
+samplers = typer.Typer(help="Samplers.", no_args_is_help=True)
+deployments = typer.Typer(help="Deployments.", no_args_is_help=True)
+checkpoints = typer.Typer(help="Checkpoints.", no_args_is_help=True)
+db = typer.Typer(help="Schema migrations.", no_args_is_help=True)
+for sub, name in ((orgs, "orgs"), (users, "users"), (sas, "service-accounts"), (keys, "keys"), (runs, "runs"),
+                  (samplers, "samplers"), (deployments, "deployments"), (checkpoints, "checkpoints"), (db, "db")):
+    app.add_typer(sub, name=name)
+
+T = TypeVar("T")
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+ORG = typer.Option(..., "--org", help="Org id or name.")
+
+
+def _run(fn: Callable[[Database, Resolved], Awaitable[T]], *, need_redis: bool = False) -> T:
+    resolved = Resolved(Settings(), need_redis=need_redis)
+    assert resolved.settings.database_url
+
+    async def main() -> T:
+        database = Database(resolved.settings.database_url)  # type: ignore[arg-type]
+        try:
+            return await fn(database, resolved)
+        finally:
+            await database.close()
+
+    try:
+        return asyncio.run(main())
+    except DomainError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from exc
+    finally:
+        resolved.close()
+
+
+# --- orgs / users / service accounts ---------------------------------------------------
+
+
+@orgs.command("create")
+def org_create(name: str, as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        async with d.transaction() as s:
+            o = await identity.create_org(s, name)
+            return {"id": o.id, "name": o.name, "created_at": o.created_at}
+
+    emit_one(_run(go), as_json=as_json)
+
+
+@orgs.command("list")
+def org_list(as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        async with d.session() as s:
+            return [{"id": o.id, "name": o.name, "created_at": o.created_at} for o in await identity.list_orgs(s)]
+
+    emit(_run(go), ["id", "name", "created_at"], as_json=as_json, title="orgs")
+
+
+@users.command("create")
+def user_create(org: str = ORG, email: str = typer.Option(..., "--email"), name: str | None = None, as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        async with d.transaction() as s:
+            u = await identity.create_user(s, await identity.get_org(s, org), email, name)
+            return {"id": u.id, "org_id": u.org_id, "email": u.email}
+
+    emit_one(_run(go), as_json=as_json)
+
+
+@sas.command("create")
+def sa_create(org: str = ORG, name: str = typer.Option(..., "--name"), as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        async with d.transaction() as s:
+            sa = await identity.create_service_account(s, await identity.get_org(s, org), name)
+            return {"id": sa.id, "org_id": sa.org_id, "name": sa.name}
+
+    emit_one(_run(go), as_json=as_json)
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+@keys.command("create")
+def key_create(
+    org: str = ORG,
+    owner: str = typer.Option(..., "--owner", help="User id/email or service account id/name."),
+    scope: list[str] = typer.Option(None, "--scope", help="Repeat for several; default: all scopes."),
+    name: str | None = typer.Option(None, "--name"),
+    as_json: bool = JSON,
+) -> None:
+    """Create an API key. The key itself is printed once and never stored."""
+
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        async with d.transaction() as s:
+            o = await identity.get_org(s, org)
+            created = await identity.create_api_key(s, await identity.find_owner(s, o, owner), scopes=scope, name=name)
+            r = created.row
+            return {"id": r.id, "key": created.plaintext, "prefix": r.display_prefix, "scopes": r.scopes, "org_id": r.org_id}
+
+    out = _run(go)
+    emit_one(out, as_json=as_json)
+    if not as_json:
+        console.print("[yellow]Store this key now: it cannot be shown again.[/yellow]")
+
+
+@keys.command("list")
+def key_list(org: str = ORG, include_revoked: bool = typer.Option(False, "--include-revoked"), as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        async with d.session() as s:
+            rows = await identity.list_api_keys(s, await identity.get_org(s, org), include_revoked)
+            return [
+                {"id": k.id, "prefix": k.display_prefix, "name": k.name, "owner": k.user_id or k.service_account_id,
+                 "scopes": ",".join(k.scopes), "created_at": k.created_at, "last_used_at": k.last_used_at,
+                 "revoked_at": k.revoked_at}
+                for k in rows
+            ]
+
+    emit(_run(go), ["id", "prefix", "name", "owner", "scopes", "created_at", "last_used_at", "revoked_at"], as_json=as_json, title="api keys")
+
+
+@keys.command("revoke")
+def key_revoke(key: str = typer.Argument(..., help="Key id or display prefix."), as_json: bool = JSON) -> None:
+    async def go(d: Database, r: Resolved) -> dict[str, Any]:
+        async with d.transaction() as s:
+            row = await identity.revoke_api_key(s, await identity.get_api_key(s, key))
+        redis = aioredis.Redis.from_url(r.settings.redis_url)  # type: ignore[arg-type]
+        try:
+            await invalidate_key(redis, row.key_hash)
+        finally:
+            await redis.aclose()
+        return {"id": row.id, "prefix": row.display_prefix, "revoked_at": row.revoked_at}
+
+    emit_one(_run(go, need_redis=True), as_json=as_json)
+
+
+# --- resources -----------------------------------------------------------------------------
+
+
+async def _admin(d: Database, org: str) -> Principal:
+    async with d.session() as s:
+        return Principal.admin((await identity.get_org(s, org)).id)
+
+
+@runs.command("list")
+def run_list(org: str = ORG, base_model: str | None = None, as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        p = await _admin(d, org)
+        async with d.session() as s:
+            return [
+                {"id": x.id, "session_id": x.session_id, "base_model": x.base_model, "status": x.status,
+                 "reason": x.status_reason, "created_by": x.created_by, "created_at": x.created_at}
+                for x in await runs_svc.list_runs(s, p, base_model=base_model, scope="org")
+            ]
+
+    emit(_run(go), ["id", "base_model", "status", "reason", "created_by", "created_at"], as_json=as_json, title="runs")
+
+
+@runs.command("deactivate")
+def run_deactivate(run_id: str, org: str = ORG, as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        p = await _admin(d, org)
+        async with d.transaction() as s:
+            x = await runs_svc.deactivate_run(s, p, run_id)
+            return {"id": x.id, "status": x.status}
+
+    emit_one(_run(go), as_json=as_json)
+
+
+@samplers.command("list")
+def sampler_list(org: str = ORG, as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        p = await _admin(d, org)
+        async with d.session() as s:
+            return [
+                {"id": x.id, "run_id": x.run_id, "base_model": x.base_model, "model_path": x.model_path,
+                 "status": x.status, "reason": x.status_reason, "created_at": x.created_at}
+                for x in await samplers_svc.list_samplers(s, p, scope="org")
+            ]
+
+    emit(_run(go), ["id", "run_id", "base_model", "model_path", "status", "reason", "created_at"], as_json=as_json, title="samplers")
+
+
+@deployments.command("list")
+def deployment_list(org: str = ORG, as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        p = await _admin(d, org)
+        async with d.session() as s:
+            return [
+                {"id": x.id, "name": x.name, "base_model": x.base_model, "status": x.status,
+                 "checkpoint_id": x.checkpoint_id, "created_at": x.created_at}
+                for x in await dep_svc.list_deployments(s, p)
+            ]
+
+    emit(_run(go), ["id", "name", "base_model", "status", "checkpoint_id", "created_at"], as_json=as_json, title="deployments")
+
+
+@deployments.command("create")
+def deployment_create(checkpoint_id: str, org: str = ORG, name: str | None = None, as_json: bool = JSON) -> None:
+    """Serve a sampler_weights checkpoint as a deployment."""
+
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        p = await _admin(d, org)
+        async with d.transaction() as s:
+            ckpt = await ckpt_svc.get_checkpoint(s, p, checkpoint_id)
+            x = await dep_svc.create_deployment(s, p, ckpt, name=name)
+            return {"id": x.id, "status": x.status, "base_model": x.base_model}
+
+    emit_one(_run(go), as_json=as_json)
+
+
+@deployments.command("deactivate")
+def deployment_deactivate(deployment_id: str, org: str = ORG, as_json: bool = JSON) -> None:
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        p = await _admin(d, org)
+        async with d.transaction() as s:
+            x = await dep_svc.deactivate_deployment(s, p, deployment_id)
+            return {"id": x.id, "status": x.status}
+
+    emit_one(_run(go), as_json=as_json)
+
+
+@checkpoints.command("list")
+def checkpoint_list(
+    org: str = ORG, run_id: str | None = typer.Option(None, "--run-id"),
+    base_model: str | None = typer.Option(None, "--base-model"), as_json: bool = JSON,
+) -> None:
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        p = await _admin(d, org)
+        async with d.session() as s:
+            return [
+                {"id": c.id, "run_id": c.run_id, "kind": c.kind, "name": c.name, "base_model": c.base_model,
+                 "size_bytes": c.size_bytes, "created_at": c.created_at}
+                for c in await ckpt_svc.list_checkpoints(
+                    s, p, run_id=run_id, base_model=base_model, checkpoint_path=None, scope="org"
+                )
+            ]
+
+    emit(_run(go), ["id", "run_id", "kind", "name", "base_model", "size_bytes", "created_at"], as_json=as_json, title="checkpoints")
+
+
+# --- database ------------------------------------------------------------------------------
+
+
+@db.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations up to REVISION (default head)."""
+    resolved = Resolved(Settings(), need_redis=False)
+    try:
+        migrate.upgrade(resolved.settings.database_url, revision)  # type: ignore[arg-type]
+        console.print(f"database at revision {migrate.current_revision_sync(resolved.settings.database_url)}")  # type: ignore[arg-type]
+    finally:
+        resolved.close()
+
+
+@db.command("current")
+def db_current(as_json: bool = JSON) -> None:
+    resolved = Resolved(Settings(), need_redis=False)
+    try:
+        cur = migrate.current_revision_sync(resolved.settings.database_url)  # type: ignore[arg-type]
+        emit_one({"current": cur, "head": migrate.head_revision(), "up_to_date": cur == migrate.head_revision()}, as_json=as_json)
+    finally:
+        resolved.close()

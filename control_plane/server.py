@@ -1,0 +1,67 @@
+"""One control-plane process: the API server plus the background tasks that belong to it
+(controller, completion consumer, futures notifier). Used by ``openloops serve`` and ``up``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+
+import structlog
+import uvicorn
+
+from control_plane.api.app import create_app
+from control_plane.controller.reconciler import Controller
+from control_plane.runtime import Runtime, build_runtime
+from control_plane.settings import Settings
+
+log = structlog.get_logger("openloops.server")
+
+
+def background_tasks(runtime: Runtime) -> list[Callable[[asyncio.Event], object]]:
+    """Long-running coroutines of a control-plane process, each taking the stop event."""
+    tasks: list[Callable[[asyncio.Event], object]] = []
+    if runtime.backend is not None:
+        tasks.append(Controller(runtime).run_forever)
+    tasks.extend(runtime.extras.get("background", []))
+    return tasks
+
+
+async def serve(settings: Settings, *, on_ready: Callable[[Runtime], None] | None = None,
+                install_signal_handlers: bool = True) -> None:
+    runtime = build_runtime(settings)
+    app = create_app(runtime)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        lifespan="off", timeout_keep_alive=75, loop="asyncio", http="h11",
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signal_handlers:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    bg = [asyncio.create_task(fn(stop)) for fn in background_tasks(runtime)]  # type: ignore[arg-type]
+    srv = asyncio.create_task(server.serve())
+    try:
+        while not server.started and not srv.done():
+            await asyncio.sleep(0.05)
+        if srv.done():
+            srv.result()
+        if on_ready is not None:
+            on_ready(runtime)
+        await stop.wait()
+    finally:
+        server.should_exit = True
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(srv, 15)
+        for t in bg:
+            t.cancel()
+        for t in bg:
+            with contextlib.suppress(BaseException):
+                await t
+        await runtime.close()
+        log.info("stopped")

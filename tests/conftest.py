@@ -1,0 +1,58 @@
+"""Shared fixtures: real PostgreSQL (schema by Alembic) and Redis/Valkey for the session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from tests.infra.services import TestServices, start_services
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServices]:
+    svc = start_services(tmp_path_factory.mktemp("services"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def migrated_db(services: TestServices) -> str:
+    from control_plane.db import migrate
+
+    migrate.downgrade(services.database_url, "base")
+    migrate.upgrade(services.database_url)
+    return services.database_url
+
+
+TABLES = (
+    "status_history, deployment_request_buckets, deployments, checkpoint_files, checkpoints, samplers, "
+    "runs, sessions, training_projects, api_keys, service_accounts, users, orgs"
+)
+
+
+@pytest.fixture
+async def clean_state(migrated_db: str, services: TestServices) -> AsyncIterator[None]:
+    """Empty tables and Redis before a test."""
+    engine = create_async_engine(migrated_db)
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {TABLES} CASCADE"))
+    await engine.dispose()
+    r = aioredis.Redis.from_url(services.redis_url)
+    await r.flushdb()
+    await r.aclose()
+    yield
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "openloops-data"
+    d.mkdir()
+    return d
