@@ -1,0 +1,176 @@
+"""One run's model and what each op does to it, independent of how ops arrive (Redis)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from google.protobuf.message import DecodeError
+
+from data_plane.storage.base import ObjectStore
+from data_plane.trainer import checkpoint as ckpt
+from data_plane.trainer.engine import Engine, prepare
+from data_plane.trainer.errors import UserError
+from data_plane.trainer.model import LoraSettings, attach_lora, vocab_size
+from data_plane.wire import tinker_wire_pb2 as pb
+from data_plane.wire.op_bodies import CreateBody, LoadWeightsBody, OptimStepBody, SaveBody
+from data_plane.wire.queue import CheckpointFile
+from data_plane.wire.tensors import forward_backward_output
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveOutcome:
+    files: list[CheckpointFile]
+    result: dict
+    lora: dict
+
+
+class TrainingModel:
+    """The frozen base model plus, once seq 0 ran, the LoRA adapter and its optimizer."""
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        base_model_name: str,
+        base,
+        device: torch.device,
+        store: ObjectStore,
+        max_seq_len: int,
+        microbatch_tokens: int,
+    ) -> None:
+        self.model_id = model_id
+        self.base_model_name = base_model_name
+        self.base = base
+        self.device = device
+        self.store = store
+        self.max_seq_len = max_seq_len
+        self.microbatch_tokens = microbatch_tokens
+        self.vocab_size = vocab_size(base)
+        self.lora: LoraSettings | None = None
+        self.peft = None
+        self.engine: Engine | None = None
+
+    @property
+    def created(self) -> bool:
+        return self.engine is not None
+
+    def _require(self) -> Engine:
+        if self.engine is None:
+            raise UserError("the model has not been created (its create/load op failed or never ran)")
+        return self.engine
+
+    def _attach(self, settings: LoraSettings) -> None:
+        if self.created:
+            raise UserError("the model already exists (create/load as seq 0 runs once)")
+        self.peft = attach_lora(self.base, settings)
+        self.lora = settings
+        self.engine = Engine(self.peft, self.device, self.microbatch_tokens)
+        n = sum(p.numel() for p in self.engine.params)
+        log.info("LoRA attached: rank=%d alpha=%g targets=%s trainable=%d", settings.rank, settings.alpha, settings.target_modules(), n)
+
+    # ---- seq 0 --------------------------------------------------------------------------
+    def create(self, body: CreateBody) -> dict:
+        self._attach(LoraSettings.resolve(body.lora))
+        return {"model_id": self.model_id, "type": "create_model"}
+
+    def create_from_checkpoint(self, body: LoadWeightsBody) -> dict:
+        loaded = ckpt.read_checkpoint(self.store, body.storage_prefix, body.tinker_path, body.optimizer)
+        if loaded.meta is not None and loaded.meta.base_model != self.base_model_name:
+            log.warning("checkpoint base model %r differs from this worker's %r", loaded.meta.base_model, self.base_model_name)
+        self._attach(loaded.lora)
+        try:
+            self._restore(loaded, body.optimizer)
+        except BaseException:
+            # Leave no half-initialised model behind: seq 0 failed, nothing exists.
+            self.engine = None
+            raise
+        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id}
+
+    def _restore(self, loaded: ckpt.LoadedCheckpoint, with_optimizer: bool) -> None:
+        eng = self._require()
+        ckpt.load_adapter_into(self.peft, loaded.adapter)
+        eng.clear_grads()
+        eng.reset_optimizer()
+        if with_optimizer and loaded.optimizer is not None:
+            ckpt.load_optimizer_into(eng.optimizer, eng.named_params, loaded.optimizer)
+        eng.optimizer_steps = loaded.meta.optimizer_step if loaded.meta is not None else 0
+
+    # ---- later ops ----------------------------------------------------------------------
+    def load(self, body: LoadWeightsBody) -> dict:
+        """Legacy ``load_state[_with_optimizer]`` on the live model: replaces the adapter (and
+        the optimizer state, or resets it) and drops accumulated gradients."""
+        eng = self._require()
+        loaded = ckpt.read_checkpoint(self.store, body.storage_prefix, body.tinker_path, body.optimizer)
+        assert self.lora is not None
+        mine, theirs = self.lora, loaded.lora
+        if (mine.rank, mine.target_modules(), mine.alpha) != (theirs.rank, theirs.target_modules(), theirs.alpha):
+            raise UserError(
+                f"checkpoint LoRA (rank {theirs.rank}, alpha {theirs.alpha:g}, {theirs.target_modules()}) does not "
+                f"match this model's (rank {mine.rank}, alpha {mine.alpha:g}, {mine.target_modules()})"
+            )
+        # Validate everything, then swap: on a bad optimizer state the old one stays in place.
+        snapshot = {n: p.detach().clone() for n, p in eng.named_params}
+        old_opt, old_steps = eng.optimizer, eng.optimizer_steps
+        try:
+            self._restore(loaded, body.optimizer)
+        except BaseException:
+            with torch.no_grad():
+                for n, p in eng.named_params:
+                    p.copy_(snapshot[n])
+            eng.optimizer, eng.optimizer_steps = old_opt, old_steps
+            raise
+        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id}
+
+    def forward_backward(self, raw: bytes) -> bytes:
+        eng = self._require()
+        try:
+            req = pb.ForwardBackwardRequest.FromString(raw)
+        except DecodeError as exc:
+            raise UserError(f"forward_backward body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
+        batch = prepare(req, self.vocab_size, self.max_seq_len)
+        res = eng.forward_backward(batch)
+        return forward_backward_output(res.per_datum, res.metrics).SerializeToString()
+
+    def optim_step(self, body: OptimStepBody) -> dict:
+        return {"metrics": self._require().optim_step(body.adam)}
+
+    def save(self, body: SaveBody, seq_id: int) -> SaveOutcome:
+        eng = self._require()
+        kind = body.checkpoint_kind
+        if kind not in ckpt.KINDS:
+            raise UserError(f"unknown checkpoint kind {kind!r}")
+        if kind == "weights" and not body.name:
+            raise UserError("save_weights needs a checkpoint name")
+        if body.name is not None and "/" in body.name:
+            raise UserError(f"checkpoint names may not contain '/': {body.name!r}")
+        assert self.lora is not None
+        meta = ckpt.CheckpointMeta(
+            kind=kind,
+            model_id=self.model_id,
+            base_model=self.base_model_name,
+            lora=self.lora.to_dict(),
+            target_modules=self.lora.target_modules(),
+            optimizer_step=eng.optimizer_steps,
+            has_optimizer=kind == "weights",
+            seq_id=seq_id,
+        )
+        files = ckpt.write_checkpoint(
+            self.store,
+            body.storage_prefix,
+            kind=kind,
+            peft_model=self.peft,
+            meta=meta,
+            optimizer=eng.optimizer if kind == "weights" else None,
+            named_params=eng.named_params,
+        )
+        if kind == "weights":
+            result = {"path": f"tinker://{self.model_id}/weights/{body.name}", "type": "save_weights"}
+        elif body.name is not None:
+            result = {"path": f"tinker://{self.model_id}/sampler_weights/{body.name}", "type": "save_weights_for_sampler"}
+        else:
+            result = {}  # unnamed sampler snapshot: the control plane fills in sampling_session_id
+        return SaveOutcome(files, result, self.lora.to_dict())
