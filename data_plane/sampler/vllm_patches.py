@@ -18,6 +18,9 @@ leaves vLLM alone.
    (``bgmv_shrink``) index the stacked adapter weights with ``-1`` for "no LoRA", which picks
    slot ``max_loras - 1``. The patch zeroes the shrink output of ``-1`` rows, so the expand step
    adds nothing to them.
+
+``OPENLOOPS_SAMPLER_DISABLE_PATCHES=prompt_logprobs,no_lora_rows`` (or ``all``) turns them off,
+to check whether a newer vLLM still needs them.
 """
 
 from __future__ import annotations
@@ -137,7 +140,13 @@ def apply() -> None:
             return
     except Exception:  # pragma: no cover
         return
-    for patch in (_patch_cpu_prompt_logprobs, _patch_cpu_no_lora_rows):
+    import os
+
+    disabled = {p.strip() for p in os.environ.get("OPENLOOPS_SAMPLER_DISABLE_PATCHES", "").split(",")}
+    for name, patch in (("prompt_logprobs", _patch_cpu_prompt_logprobs), ("no_lora_rows", _patch_cpu_no_lora_rows)):
+        if name in disabled or "all" in disabled:
+            logger.warning("openloops: vLLM patch %s disabled by OPENLOOPS_SAMPLER_DISABLE_PATCHES", name)
+            continue
         try:
             patch()
         except Exception:  # never take the sampler down because a patch no longer fits

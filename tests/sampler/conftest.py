@@ -1,0 +1,1 @@
+from tests.infra.vllm_server import vllm_server  # noqa: F401  (session fixture)
