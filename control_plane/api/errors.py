@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import (
@@ -30,8 +33,12 @@ STATUS_BY_ERROR: dict[type[e.DomainError], int] = {
 }
 
 
-def _request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
+def _request_id(request: Request) -> str:
+    # unmatched routes never reach the observability middleware: give them an id here
+    state = request.scope.setdefault("state", {})
+    if "request_id" not in state:
+        state["request_id"] = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return str(state["request_id"])
 
 
 def error_response(
@@ -55,11 +62,24 @@ def domain_error_handler(request: Request, exc: e.DomainError) -> Response:
     return error_response(request, status, exc.code, exc.message, **extra)
 
 
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+_AT = re.compile(r"at `\$\.([^`]+)`")
+
+
+def _field_of(key: object, message: str) -> object:
+    """Litestar reports body errors under key "data"; msgspec names the real field in the text."""
+    if key not in (None, "data"):
+        return key
+    m = _MISSING.search(message) or _AT.search(message)
+    return m.group(1) if m else key
+
+
 def validation_handler(request: Request, exc: ValidationException) -> Response:
     errors = []
     for item in exc.extra or []:
         if isinstance(item, dict):
-            errors.append({"field": item.get("key"), "message": item.get("message"), "source": item.get("source")})
+            msg = str(item.get("message"))
+            errors.append({"field": _field_of(item.get("key"), msg), "message": msg, "source": item.get("source")})
     fields = [x["field"] for x in errors if x.get("field")]
     detail = "; ".join(f"{x['field']}: {x['message']}" if x.get("field") else str(x["message"]) for x in errors)
     return error_response(

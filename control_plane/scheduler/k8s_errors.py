@@ -35,3 +35,7 @@ class KubernetesPermissionError(KubernetesApiError):
 class KubernetesUnavailableError(KubernetesBackendError):
     """The API server could not be reached or kept failing (5xx, 429, connection errors)
     after the retry budget was spent."""
+
+
+class WorkloadNotFoundError(KubernetesApiError):
+    """The workload's Deployment does not exist (e.g. ``scale`` before ``ensure``)."""

@@ -75,7 +75,7 @@ async def create_run(
     if session.status != SessionStatus.ACTIVE.value:
         raise InvalidInput(f"session {session.id!r} is {session.status}", field="session_id")
     model = catalog.trainable(req.base_model)
-    max_seq_len = req.max_seq_len or model.max_context_length
+    max_seq_len = req.max_seq_len if req.max_seq_len is not None else model.max_context_length
     if not 1 <= max_seq_len <= model.max_context_length:
         raise InvalidInput(
             f"max_seq_len must be between 1 and {model.max_context_length} for {model.name}",

@@ -68,7 +68,7 @@ async def create_sampler(
     model = catalog.get(base_model)
     if not model.sampleable:
         raise InvalidInput(f"base model {base_model!r} cannot be sampled", field="base_model")
-    max_len = req.max_seq_length or model.max_context_length
+    max_len = req.max_seq_length if req.max_seq_length is not None else model.max_context_length
     if not 1 <= max_len <= model.max_context_length:
         raise InvalidInput(
             f"max_seq_length must be between 1 and {model.max_context_length}", field="max_seq_length"

@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, get, post
 from litestar.di import Provide
+from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.loops import presenters as p
@@ -25,11 +26,11 @@ class LoopsResourcesController(Controller):
     @get("/checkpoints", opt=OWN)
     async def list_checkpoints(
         self, request: Request, principal: Principal, run_id: str | None = None,
-        base_model: str | None = None, checkpoint_path: str | None = None, scope: str | None = None,
+        base_model: str | None = None, checkpoint_path: str | None = None, visibility: str | None = Parameter(query="scope", default=None),
     ) -> dict[str, Any]:
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
-                s, principal, run_id=run_id, base_model=base_model, checkpoint_path=checkpoint_path, scope=scope
+                s, principal, run_id=run_id, base_model=base_model, checkpoint_path=checkpoint_path, scope=visibility
             )
         return {"checkpoints": [p.checkpoint_json(c) for c in rows]}
 
@@ -50,10 +51,10 @@ class LoopsResourcesController(Controller):
         return {"presigned_urls": page.files, "total_count": page.total_count, "next_page_token": page.next_page_token}
 
     @get("/deployments", opt=ORG)
-    async def list_deployments(self, request: Request, principal: Principal, scope: str | None = None) -> dict[str, Any]:
+    async def list_deployments(self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)) -> dict[str, Any]:
         r = rt(request)
         async with r.db.session() as s:
-            rows = await dep_svc.list_deployments(s, principal, scope=scope)
+            rows = await dep_svc.list_deployments(s, principal, scope=visibility)
             samplers = {x.sampler_id: await s.get(Sampler, x.sampler_id) for x in rows if x.sampler_id}
             users = await p.principal_names(s, {x.created_by for x in rows})
         return {"deployments": [p.deployment_json(x, samplers.get(x.sampler_id), r.settings.base_url, users) for x in rows]}

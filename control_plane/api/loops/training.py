@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, get, post
 from litestar.di import Provide
+from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.loops import presenters as p
@@ -81,11 +82,11 @@ class LoopsTrainingController(Controller):
     @get("/runs", opt=OWN)
     async def list_runs(
         self, request: Request, principal: Principal, run_id: str | None = None,
-        base_model: str | None = None, scope: str | None = None,
+        base_model: str | None = None, visibility: str | None = Parameter(query="scope", default=None),
     ) -> dict[str, Any]:
         r = rt(request)
         async with r.db.session() as s:
-            rows = await runs_svc.list_runs(s, principal, run_id=run_id, base_model=base_model, scope=scope)
+            rows = await runs_svc.list_runs(s, principal, run_id=run_id, base_model=base_model, scope=visibility)
             samplers = await runs_svc.samplers_by_run(s, [x.id for x in rows])
             users = await p.principal_names(s, {x.created_by for x in rows})
         return {"runs": [p.run_json(x, samplers.get(x.id), r.settings.base_url, users) for x in rows]}
@@ -122,10 +123,10 @@ class LoopsTrainingController(Controller):
         return {"sampler": p.sampler_json(smp, r.settings.base_url, users)}
 
     @get("/samplers", opt=OWN)
-    async def list_samplers(self, request: Request, principal: Principal, scope: str | None = None) -> dict[str, Any]:
+    async def list_samplers(self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)) -> dict[str, Any]:
         r = rt(request)
         async with r.db.session() as s:
-            rows = await samplers_svc.list_samplers(s, principal, scope=scope)
+            rows = await samplers_svc.list_samplers(s, principal, scope=visibility)
             users = await p.principal_names(s, {x.created_by for x in rows})
         return {"samplers": [p.sampler_json(x, r.settings.base_url, users) for x in rows]}
 

@@ -1,0 +1,579 @@
+"""KubernetesBackend: workloads as Deployments (+ a Service for HTTP workloads) in one namespace.
+
+* ``ensure``  creates the Deployment, then the Service owned by it (409 = already there).
+* ``remove``  deletes the Deployment (propagationPolicy Background: its ReplicaSet and pods go
+  too) and the Service (404 = already gone). The Service's ownerReference is the safety net.
+* ``scale``   merge-patches ``spec.replicas`` (0 = scaled to zero, the definition stays).
+* ``observe`` reads an in-memory cache of the namespace's Deployments and Pods that two
+  list+watch loops keep current (see ``_Informer``) and maps it with ``k8s_status``.
+* ``list_workloads`` lists Deployments labelled ``app.kubernetes.io/managed-by=openloops``.
+
+The official client is synchronous: every API call runs in this backend's own thread pool, the
+watches in their own threads; nothing blocks the event loop. Transient API failures (connection
+errors, 429, 5xx) are retried with exponential backoff and jitter; after
+``api_retry_attempts`` a ``KubernetesUnavailableError`` is raised. No ``kubernetes`` exception
+escapes this module: see ``k8s_errors``.
+
+This is the only module of the control plane that imports ``kubernetes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import structlog
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.watch.watch import iter_resp_lines
+
+from control_plane.scheduler.k8s_errors import (
+    KubernetesApiError,
+    KubernetesBackendError,
+    KubernetesConfigError,
+    KubernetesPermissionError,
+    KubernetesUnavailableError,
+    WorkloadNotFoundError,
+)
+from control_plane.scheduler.k8s_manifests import (
+    ANN_SPEC_HASH,
+    ANN_WORKLOAD_ID,
+    LABEL_MANAGED_BY,
+    LABEL_ROLE,
+    LABEL_WORKLOAD,
+    MANAGED_BY,
+    deployment_manifest,
+    scale_patch,
+    service_manifest,
+    workload_name,
+)
+from control_plane.scheduler.k8s_status import observe_workload
+from control_plane.scheduler.kubernetes_settings import KubernetesSettings
+from control_plane.scheduler.protocol import Observation, WorkloadRole, WorkloadSpec
+
+log = structlog.get_logger("openloops.scheduler.kubernetes")
+
+MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+_RETRYABLE_STATUS = frozenset({0, 408, 429, 500, 502, 503, 504})
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+def build_configuration(settings: KubernetesSettings) -> k8s_client.Configuration:
+    """API client configuration: ``api_url`` (tests, a proxy), else in-cluster service
+    account, else ``kubeconfig`` (or ``~/.kube/config``)."""
+    cfg = k8s_client.Configuration()
+    try:
+        if settings.api_url:
+            cfg.host = settings.api_url.rstrip("/")
+        elif settings.in_cluster:
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        else:
+            k8s_config.load_kube_config(config_file=settings.kubeconfig, client_configuration=cfg)
+    except (ConfigException, OSError, ValueError) as exc:
+        where = "in-cluster service account" if settings.in_cluster else f"kubeconfig {settings.kubeconfig or '~/.kube/config'}"
+        raise KubernetesConfigError(f"cannot configure the Kubernetes client from the {where}: {exc}") from exc
+    return cfg
+
+
+def _error_message(exc: ApiException) -> str:
+    body = exc.body
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str) and body:
+        try:
+            return str(json.loads(body).get("message") or body)
+        except (ValueError, AttributeError):
+            return body[:500]
+    return str(exc.reason or "")
+
+
+def _rv_int(obj: dict[str, Any]) -> int | None:
+    rv = (obj.get("metadata") or {}).get("resourceVersion")
+    try:
+        return int(rv) if rv is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old (HTTP 410): relist."""
+
+
+class _Informer:
+    """Keeps ``cache`` (name -> object dict) equal to one resource in one namespace.
+
+    Loop: LIST (remember its resourceVersion), then WATCH from that resourceVersion with
+    bookmarks; when a watch ends (server timeout, read timeout, dropped connection) it restarts
+    from the last resourceVersion seen, without a relist. A 410 Gone (as an ERROR event or an
+    HTTP status) or any other error leads to a full relist (errors with exponential backoff). A
+    full relist also happens every ``resync_seconds`` (checked on each event and each watch
+    restart), which repairs anything a watch could have missed.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        list_fn: Callable[..., Any],
+        namespace: str,
+        settings: KubernetesSettings,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.kind = kind
+        self._list_fn = list_fn
+        self._namespace = namespace
+        self._settings = settings
+        self._on_event = on_event
+        self.lock = threading.Lock()
+        self.cache: dict[str, dict[str, Any]] = {}
+        self.resource_version: str | None = None
+        self.synced = threading.Event()
+        self.relists = 0
+        self.watches = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._resp: Any = None
+        self._last_list = 0.0
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"openloops-k8s-{self.kind}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        resp = self._resp
+        if resp is not None:
+            try:  # unblock a read in progress
+                resp.shutdown()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- cache writes from our own API responses (read-your-writes) ----------------------
+    def upsert(self, obj: dict[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        if not name:
+            return
+        with self.lock:
+            old = self.cache.get(name)
+            if old is not None:
+                new_rv, old_rv = _rv_int(obj), _rv_int(old)
+                if new_rv is not None and old_rv is not None and new_rv < old_rv:
+                    return  # stale
+            self.cache[name] = obj
+        if self._on_event:
+            self._on_event("MODIFIED", obj)
+
+    def discard(self, name: str) -> None:
+        with self.lock:
+            obj = self.cache.pop(name, None)
+        if obj is not None and self._on_event:
+            self._on_event("DELETED", obj)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            return self.cache.get(name)
+
+    def values(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.cache.values())
+
+    # --- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        need_list = True
+        delay = self._settings.api_retry_base_delay_seconds or 0.1
+        while not self._stop.is_set():
+            try:
+                if need_list or self._resync_due():
+                    self._relist()
+                    need_list = False
+                self._watch_once()
+                delay = self._settings.api_retry_base_delay_seconds or 0.1
+            except _Gone:
+                log.info("k8s watch expired (410 Gone), relisting", kind=self.kind)
+                need_list = True
+            except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
+                continue  # the stream went quiet or was cut: resume from the last resourceVersion
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                if self._stop.is_set():
+                    break
+                if isinstance(exc, ApiException) and exc.status == 410:
+                    need_list = True
+                    continue
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("k8s list/watch failed, retrying", kind=self.kind, error=self.last_error, delay=delay)
+                need_list = True
+                self._stop.wait(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self._settings.api_retry_max_delay_seconds or 8.0)
+
+    def _resync_due(self) -> bool:
+        return time.monotonic() - self._last_list >= self._settings.resync_seconds
+
+    def _read_timeout(self) -> float:
+        return self._settings.watch_timeout_seconds * 1.2 + 0.5
+
+    def _relist(self) -> None:
+        resp = self._list_fn(
+            self._namespace,
+            label_selector=MANAGED_SELECTOR,
+            _preload_content=False,
+            _request_timeout=self._settings.api_timeout_seconds,
+        )
+        data = json.loads(resp.data or b"{}")
+        fresh: dict[str, dict[str, Any]] = {}
+        for item in data.get("items") or []:
+            meta = item.get("metadata") or {}
+            # the server filters by label; a server that does not (kmock) is filtered here
+            if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY:
+                continue
+            if meta.get("namespace") not in (None, self._namespace):
+                continue
+            fresh[meta["name"]] = item
+        with self.lock:
+            old = self.cache
+            self.cache = fresh
+        self.resource_version = (data.get("metadata") or {}).get("resourceVersion") or None
+        self._last_list = time.monotonic()
+        self.relists += 1
+        self.last_error = None
+        self.synced.set()
+        if self._on_event:
+            for name, obj in old.items():
+                if name not in fresh:
+                    self._on_event("DELETED", obj)
+            for obj in fresh.values():
+                self._on_event("ADDED", obj)
+
+    def _watch_once(self) -> None:
+        kwargs: dict[str, Any] = {
+            "label_selector": MANAGED_SELECTOR,
+            "watch": True,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": self._settings.watch_timeout_seconds,
+            "_preload_content": False,
+            "_request_timeout": (self._settings.api_timeout_seconds, self._read_timeout()),
+        }
+        if self.resource_version:
+            kwargs["resource_version"] = self.resource_version
+        resp = self._list_fn(self._namespace, **kwargs)
+        self._resp = resp
+        self.watches += 1
+        try:
+            for line in iter_resp_lines(resp):
+                if self._stop.is_set():
+                    return
+                if not line:
+                    continue
+                self._apply(json.loads(line))
+                if self._resync_due():
+                    return
+        finally:
+            self._resp = None
+            try:
+                resp.release_conn()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        etype = event.get("type")
+        obj = event.get("object") or {}
+        if etype == "ERROR":
+            if obj.get("code") == 410:
+                raise _Gone()
+            raise KubernetesApiError(
+                f"watch {self.kind}: {obj.get('reason')}: {obj.get('message')}",
+                status=obj.get("code"),
+                reason=obj.get("reason"),
+            )
+        meta = obj.get("metadata") or {}
+        rv = meta.get("resourceVersion")
+        if etype == "BOOKMARK":
+            if rv:
+                self.resource_version = rv
+            return
+        name = meta.get("name")
+        if not name:
+            return
+        if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY or meta.get("namespace") not in (None, self._namespace):
+            return
+        with self.lock:
+            if etype == "DELETED":
+                self.cache.pop(name, None)
+            elif etype in ("ADDED", "MODIFIED"):
+                old = self.cache.get(name)
+                new_rv, old_rv = _rv_int(obj), (_rv_int(old) if old is not None else None)
+                if not (new_rv is not None and old_rv is not None and new_rv < old_rv):
+                    self.cache[name] = obj
+        if rv:
+            self.resource_version = rv
+        if self._on_event:
+            self._on_event(etype or "", obj)
+
+
+class KubernetesBackend:
+    """``SchedulerBackend`` on Kubernetes. Build it with ``KubernetesBackend.from_settings``."""
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        settings: KubernetesSettings,
+        configuration: k8s_client.Configuration | None = None,
+        *,
+        max_workers: int = 8,
+    ) -> None:
+        self.settings = settings
+        self.namespace = settings.namespace
+        self._cfg = configuration if configuration is not None else build_configuration(settings)
+        self._api = k8s_client.ApiClient(self._cfg)
+        self._apps = k8s_client.AppsV1Api(self._api)
+        self._core = k8s_client.CoreV1Api(self._api)
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="openloops-k8s-api")
+        # the watches get their own connections
+        self._watch_api = k8s_client.ApiClient(self._cfg)
+        self.deployments = _Informer(
+            "deployments", k8s_client.AppsV1Api(self._watch_api).list_namespaced_deployment, self.namespace, settings
+        )
+        self.pods = _Informer(
+            "pods", k8s_client.CoreV1Api(self._watch_api).list_namespaced_pod, self.namespace, settings, self._on_pod_event
+        )
+        self._seen_ready: set[str] = set()  # pod uids/names that have been Ready at least once
+        self._started = False
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> KubernetesBackend:
+        """From ``Settings`` (uses ``settings.kubernetes``) or a ``KubernetesSettings``."""
+        ks = getattr(settings, "kubernetes", settings)
+        if not isinstance(ks, KubernetesSettings):
+            raise KubernetesConfigError(f"expected Settings or KubernetesSettings, got {type(settings).__name__}")
+        return cls(ks)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the watches (also done lazily by the first call)."""
+        if self._closed:
+            raise KubernetesBackendError("backend is closed")
+        if not self._started:
+            self._started = True
+            self.deployments.start()
+            self.pods.start()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.deployments.stop)
+        await loop.run_in_executor(None, self.pods.stop)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for api in (self._api, self._watch_api):
+            try:
+                api.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def wait_synced(self, timeout: float = 10.0) -> bool:
+        """True once both caches have completed a first LIST (False on timeout)."""
+        await self.start()
+        deadline = time.monotonic() + timeout
+        while not (self.deployments.synced.is_set() and self.pods.synced.is_set()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    # --- API calls -------------------------------------------------------------------------
+    async def _call(self, what: str, fn: Callable[..., Any], *args: Any, ok_status: tuple[int, ...] = (), **kwargs: Any) -> dict[str, Any] | int:
+        """Run ``fn`` in the pool, retrying transient failures. Returns the response body as a
+        dict, or the status code when it is one of ``ok_status`` (e.g. 404, 409)."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        call = partial(fn, *args, _preload_content=False, _request_timeout=s.api_timeout_seconds, **kwargs)
+        last = ""
+        for attempt in range(1, s.api_retry_attempts + 1):
+            try:
+                resp = await loop.run_in_executor(self._executor, call)
+                raw = resp.data
+                return json.loads(raw) if raw else {}
+            except ApiException as exc:
+                status = exc.status or 0
+                if status in ok_status:
+                    return status
+                message = _error_message(exc)
+                if status in (401, 403):
+                    raise KubernetesPermissionError(
+                        f"{what}: forbidden ({status}): {message}", status=status, reason=exc.reason
+                    ) from None
+                if status not in _RETRYABLE_STATUS:
+                    raise KubernetesApiError(f"{what}: {status} {exc.reason}: {message}", status=status, reason=exc.reason) from None
+                last = f"{status} {exc.reason}: {message}"
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            except ValueError as exc:  # the client's own validation of the request body
+                raise KubernetesApiError(f"{what}: request rejected by the client: {exc}") from None
+            except RuntimeError as exc:  # executor shut down
+                raise KubernetesBackendError(f"{what}: {exc}") from None
+            if attempt < s.api_retry_attempts:
+                delay = min(s.api_retry_max_delay_seconds, s.api_retry_base_delay_seconds * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+        raise KubernetesUnavailableError(
+            f"{what}: Kubernetes API unavailable after {s.api_retry_attempts} attempts: {last}"
+        )
+
+    # --- SchedulerBackend ------------------------------------------------------------------
+    async def ensure(self, spec: WorkloadSpec) -> None:
+        await self.start()
+        dep = deployment_manifest(spec, self.settings)
+        name = dep["metadata"]["name"]
+        created = await self._call(
+            f"create deployment {name}", self._apps.create_namespaced_deployment, self.namespace, dep, ok_status=(409,)
+        )
+        if created == 409:
+            existing = await self._call(
+                f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
+            )
+            if existing == 404:  # deleted in between: the next ensure creates it
+                log.info("k8s deployment vanished during ensure", name=name)
+                return
+            assert isinstance(existing, dict)
+            self.deployments.upsert(existing)
+            meta = existing.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                log.info("k8s deployment is being deleted; ensure again once it is gone", name=name)
+                return
+            if (meta.get("annotations") or {}).get(ANN_SPEC_HASH) != dep["metadata"]["annotations"][ANN_SPEC_HASH]:
+                log.warning("k8s deployment exists with a different spec; left unchanged (remove it to apply)", name=name)
+            owner = existing
+        else:
+            assert isinstance(created, dict)
+            self.deployments.upsert(created)
+            owner = created
+        uid = (owner.get("metadata") or {}).get("uid")
+        if not uid:
+            log.warning("k8s deployment has no uid; service created without owner reference", name=name)
+        svc = service_manifest(spec, self.settings, uid)
+        if svc is not None:
+            await self._call(
+                f"create service {name}", self._core.create_namespaced_service, self.namespace, svc, ok_status=(409,)
+            )
+
+    async def remove(self, workload_id: str, role: WorkloadRole) -> None:
+        await self.start()
+        name = workload_name(workload_id, role)
+        await self._call(
+            f"delete deployment {name}",
+            self._apps.delete_namespaced_deployment,
+            name,
+            self.namespace,
+            propagation_policy="Background",
+            ok_status=(404,),
+        )
+        self.deployments.discard(name)
+        await self._call(
+            f"delete service {name}", self._core.delete_namespaced_service, name, self.namespace, ok_status=(404,)
+        )
+
+    async def scale(self, workload_id: str, role: WorkloadRole, replicas: int) -> None:
+        if replicas < 0:
+            raise KubernetesApiError(f"replicas must be >= 0, got {replicas}")
+        await self.start()
+        name = workload_name(workload_id, role)
+        patched = await self._call(
+            f"scale deployment {name}",
+            self._apps.patch_namespaced_deployment,
+            name,
+            self.namespace,
+            scale_patch(replicas),
+            _content_type=_MERGE_PATCH,
+            ok_status=(404,),
+        )
+        if patched == 404:
+            raise WorkloadNotFoundError(f"cannot scale {role} {workload_id!r}: no deployment {name}", status=404)
+        assert isinstance(patched, dict)
+        self.deployments.upsert(patched)
+
+    async def observe(self, workload_id: str, role: WorkloadRole) -> Observation:
+        name = workload_name(workload_id, role)
+        if await self.wait_synced(timeout=min(5.0, self.settings.api_timeout_seconds)):
+            deployment = self.deployments.get(name)
+            pods = [p for p in self.pods.values() if _workload_of(p) == name]
+        else:  # the watches cannot list (yet): read directly so errors surface
+            got = await self._call(
+                f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
+            )
+            deployment = got if isinstance(got, dict) else None
+            listed = await self._call(
+                "list pods", self._core.list_namespaced_pod, self.namespace, label_selector=f"{LABEL_WORKLOAD}={name}"
+            )
+            assert isinstance(listed, dict)
+            pods = [p for p in listed.get("items") or [] if _workload_of(p) == name]
+        return observe_workload(
+            workload_id,
+            WorkloadRole(role),
+            deployment,
+            pods,
+            now=datetime.now(UTC),
+            unschedulable_grace=self.settings.unschedulable_grace_seconds,
+            cluster_domain=self.settings.cluster_domain,
+            was_ready=self._was_ready,
+        )
+
+    async def list_workloads(self) -> list[tuple[str, WorkloadRole]]:
+        await self.start()
+        listed = await self._call(
+            "list deployments", self._apps.list_namespaced_deployment, self.namespace, label_selector=MANAGED_SELECTOR
+        )
+        assert isinstance(listed, dict)
+        out: list[tuple[str, WorkloadRole]] = []
+        for item in listed.get("items") or []:
+            meta = item.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            if labels.get(LABEL_MANAGED_BY) != MANAGED_BY:  # selectors may be ignored (kmock)
+                continue
+            workload_id = (meta.get("annotations") or {}).get(ANN_WORKLOAD_ID)
+            try:
+                role = WorkloadRole(labels.get(LABEL_ROLE))
+            except ValueError:
+                continue
+            if workload_id:
+                out.append((workload_id, role))
+        return sorted(out)
+
+    # --- pod readiness memory (UNHEALTHY vs STARTING) ----------------------------------------
+    def _on_pod_event(self, etype: str, pod: dict[str, Any]) -> None:
+        key = _pod_key(pod)
+        if etype == "DELETED":
+            self._seen_ready.discard(key)
+            return
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "Ready" and c.get("status") == "True":
+                self._seen_ready.add(key)
+
+    def _was_ready(self, pod: dict[str, Any]) -> bool:
+        return _pod_key(pod) in self._seen_ready
+
+
+def _workload_of(obj: dict[str, Any]) -> str | None:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_WORKLOAD)
+
+
+def _pod_key(pod: dict[str, Any]) -> str:
+    meta = pod.get("metadata") or {}
+    return str(meta.get("uid") or meta.get("name"))
+
+
+__all__ = ["KubernetesBackend", "build_configuration"]
