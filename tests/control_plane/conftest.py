@@ -22,7 +22,7 @@ TEST_MODEL = "tiny/tiny-llm"
 OTHER_MODEL = "tiny/other-llm"
 
 
-def test_settings(services: TestServices, data_dir: Path, **overrides: object) -> Settings:
+def make_settings(services: TestServices, data_dir: Path, **overrides: object) -> Settings:
     catalog = data_dir / "catalog.yaml"
     cat = ModelCatalog(
         [
@@ -81,7 +81,7 @@ class Api:
 
 @pytest.fixture
 async def api(clean_state: None, services: TestServices, data_dir: Path) -> AsyncIterator[Api]:
-    settings = test_settings(services, data_dir)
+    settings = make_settings(services, data_dir)
     runtime = build_runtime(settings, with_backend=False)
     app = create_app(runtime)
     transport = httpx.ASGITransport(app=app)
