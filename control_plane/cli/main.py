@@ -126,3 +126,7 @@ def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
     cat = ModelCatalog.load(Settings().resolved_catalog_path)
     emit([m.model_dump() for m in cat.models], ["name", "max_context_length", "trainable", "sampleable", "source"],
          as_json=as_json, title="models")
+
+
+if __name__ == "__main__":
+    app()

@@ -57,6 +57,12 @@ class SampleSpec:
     def wants_prompt_logprobs(self) -> bool:
         return self.prompt_logprobs or self.topk_prompt_logprobs > 0
 
+    @property
+    def vllm_n(self) -> int:
+        """vLLM refuses n > 1 with greedy sampling; greedy samples are identical, so we ask
+        for one and repeat it."""
+        return 1 if self.temperature == 0.0 else self.num_samples
+
 
 # --------------------------------------------------------------------------- request
 
@@ -198,7 +204,7 @@ def build_completion_body(
     body: dict[str, Any] = {
         "model": model,
         "prompt": list(spec.prompt_tokens),
-        "n": spec.num_samples,
+        "n": spec.vllm_n,
         "temperature": spec.temperature,
         "top_p": spec.top_p,
         "top_k": spec.top_k if spec.top_k > 0 else 0,  # vLLM: 0 disables top-k
@@ -279,8 +285,10 @@ def build_sample_response(spec: SampleSpec, completion: Mapping[str, Any]) -> pb
         choices = sorted(completion["choices"], key=lambda c: c.get("index", 0))
     except (KeyError, TypeError) as e:
         raise SamplerFailed(f"malformed vLLM completion response: {e!r}") from e
-    if len(choices) != spec.num_samples:
-        raise SamplerFailed(f"vLLM returned {len(choices)} choices for num_samples={spec.num_samples}")
+    if len(choices) != spec.vllm_n:
+        raise SamplerFailed(f"vLLM returned {len(choices)} choices for n={spec.vllm_n}")
+    if spec.vllm_n != spec.num_samples:
+        choices = choices * spec.num_samples
     resp = pb.SampleResponse()
     drop_all = spec.max_tokens == 0
     for ch in choices:

