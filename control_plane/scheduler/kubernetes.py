@@ -272,6 +272,8 @@ class _Informer:
         self._resp = resp
         self.watches += 1
         try:
+            if self._stop.is_set():  # stop() ran before it could see this response
+                return
             for line in iter_resp_lines(resp):
                 if self._stop.is_set():
                     return
@@ -436,8 +438,9 @@ class KubernetesBackend:
 
     # --- SchedulerBackend ------------------------------------------------------------------
     async def ensure(self, spec: WorkloadSpec) -> None:
+        dep = deployment_manifest(spec, self.settings)  # invalid specs fail before any call
+        service_manifest(spec, self.settings, None)
         await self.start()
-        dep = deployment_manifest(spec, self.settings)
         name = dep["metadata"]["name"]
         created = await self._call(
             f"create deployment {name}", self._apps.create_namespaced_deployment, self.namespace, dep, ok_status=(409,)
