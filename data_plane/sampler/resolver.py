@@ -80,8 +80,10 @@ class StoreLoRAResolver(LoRAResolver):
             logger.info("LoRA %r not in the object store (%s)", lora_name, e)
             return None
         except StoreError as e:
+            # Not "no such adapter" (404): a store outage must read as a server error (vLLM
+            # answers 500), so the caller retries instead of reporting a missing checkpoint.
             logger.warning("LoRA %r: object store error: %s", lora_name, e)
-            return None
+            raise RuntimeError(f"object store error while fetching LoRA adapter {lora_name!r}: {e}") from e
         if path is None:
             return None
         # vLLM replaces lora_int_id with its own counter value before loading.
@@ -119,13 +121,8 @@ class StoreLoRAResolver(LoRAResolver):
 
 def build_resolver(launch: SamplerLaunch) -> StoreLoRAResolver:
     def open_launch_store() -> ObjectStore:
-        try:
-            from data_plane.storage.factory import open_store
-        except ImportError:  # TEMPORARY until storage/factory.py lands
-            from data_plane.storage.local import LocalDirStore
+        from data_plane.storage.factory import open_store
 
-            assert launch.store.kind == "local" and launch.store.root
-            return LocalDirStore(Path(launch.store.root))
         return open_store(launch.store)
 
     # The store is opened on first use: vLLM also calls register() in its engine processes.

@@ -118,10 +118,10 @@ def test_stop_variants():
 
 def test_sampling_params_mapping():
     spec = parse_sample_request(
-        req(num_samples=3, sampling_params={"seed": 2**64 - 1, "top_k": 5, "top_p": 0.5, "temperature": 0.0})
+        req(num_samples=3, sampling_params={"seed": 2**64 - 1, "top_k": 5, "top_p": 0.5, "temperature": 0.7})
     )
     b = build_completion_body(spec, model="m")
-    assert b["n"] == 3 and b["top_k"] == 5 and b["top_p"] == 0.5 and b["temperature"] == 0.0
+    assert b["n"] == 3 and b["top_k"] == 5 and b["top_p"] == 0.5 and b["temperature"] == 0.7
     assert 0 <= b["seed"] <= 2**63 - 1  # Tinker's uint64 seed folded into vLLM's int64
     spec = parse_sample_request(req(sampling_params={"max_tokens": None, "seed": None}))
     b = build_completion_body(spec, model="m", max_model_len=100)

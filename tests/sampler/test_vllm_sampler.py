@@ -23,9 +23,10 @@ from tests.infra.vllm_server import VLLMServer, write_test_adapter
 PROMPT = [17, 240, 31, 99, 512, 7, 1200, 64, 301, 88, 45, 1999]
 A1 = "ckpt/org-test/run-1:train:0/sampler_weights/a1"
 A2 = "ckpt/org-test/run-1:train:0/sampler_weights/a2"
-# fp32 on CPU: vLLM vs transformers logprobs for the same weights and tokens (measured max
-# abs difference is ~1e-5 for the base model and the adapters; see the report printed by -s).
-LOGPROB_ATOL = 2e-4
+# fp32 on CPU: vLLM vs transformers logprobs for the same weights and tokens. Measured max abs
+# difference: ~1e-6 for the base model and for adapters (prompt, sampled and top-k logprobs; see
+# the line printed with -s). The bound leaves room for other CPUs' kernels.
+LOGPROB_ATOL = 1e-4
 
 MEASURED: dict[str, float] = {}
 

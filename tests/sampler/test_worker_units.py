@@ -108,6 +108,23 @@ def test_resolver_fetches_from_store_and_refuses_escapes(tmp_path):
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".dl-")]
 
 
+def test_resolver_store_outage_is_an_error_not_a_missing_adapter(tmp_path):
+    pytest.importorskip("vllm")
+    from data_plane.sampler.resolver import StoreLoRAResolver
+    from data_plane.storage.base import StoreError
+
+    class DownStore:
+        def download_file(self, key, path):
+            raise StoreError("connection reset")
+
+    def factory():
+        return DownStore()
+
+    r = StoreLoRAResolver(factory, tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="object store error"):
+        asyncio.run(r.resolve_lora("base", "ckpt/a"))
+
+
 def _client(handler) -> VLLMClient:
     return VLLMClient("http://sampler", transport=httpx.MockTransport(handler))
 
