@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from data_plane.storage.base import StoreError
-from data_plane.trainer.errors import ServerError, UserError
+from data_plane.trainer.errors import UserError
 from data_plane.trainer.ordering import SeqBuffer
 from data_plane.wire import op_bodies
 from data_plane.wire.queue import (
@@ -46,7 +46,7 @@ from data_plane.wire.queue import (
     run_pending_key,
     worker_state_key,
 )
-from data_plane.wire.worker_config import StoreSpec, TrainerLaunch
+from data_plane.wire.worker_config import TrainerLaunch
 
 log = logging.getLogger("openloops.trainer")
 
@@ -57,22 +57,12 @@ REDIS_GIVE_UP_S = 120.0
 SAVE_KINDS = (OpKind.SAVE_WEIGHTS, OpKind.SAVE_WEIGHTS_FOR_SAMPLER)
 
 
-def open_store(spec: StoreSpec):
-    try:
-        from data_plane.storage.factory import open_store as factory_open
-    except ImportError:  # pragma: no cover - until the storage factory exists
-        factory_open = None
-    if factory_open is not None:
-        return factory_open(spec)
-    if spec.kind != "local" or not spec.root:
-        raise ServerError(f"cannot open a {spec.kind!r} store without data_plane.storage.factory")
-    from pathlib import Path
-
-    from data_plane.storage.local import LocalDirStore
-
-    if spec.prefix:
-        raise ServerError("store prefixes need data_plane.storage.factory")
-    return LocalDirStore(Path(spec.root))
+def redis_url(url: str) -> str:
+    """redis-py only knows ``redis://``/``rediss://``; Valkey's schemes mean the same."""
+    for scheme, replacement in (("valkey://", "redis://"), ("valkeys://", "rediss://")):
+        if url.startswith(scheme):
+            return replacement + url[len(scheme):]
+    return url
 
 
 def _classify(exc: BaseException) -> tuple[str, ErrorCategory]:
@@ -86,7 +76,7 @@ def _classify(exc: BaseException) -> tuple[str, ErrorCategory]:
 class Worker:
     def __init__(self, launch: TrainerLaunch, client: redis.Redis | None = None, store=None) -> None:
         self.launch = launch
-        self.r = client or redis.Redis.from_url(launch.redis_url)
+        self.r = client or redis.Redis.from_url(redis_url(launch.redis_url))
         self.store = store
         self.buffer: SeqBuffer[OpEnvelope] = SeqBuffer()
         self.model = None  # TrainingModel once the base is loaded
@@ -164,6 +154,8 @@ class Worker:
         from data_plane.trainer.training import TrainingModel
 
         if self.store is None:
+            from data_plane.storage.factory import open_store
+
             self.store = open_store(self.launch.store)
         device = pick_device(self.launch.device)
         base = load_base(self.launch.model_source, device, pick_dtype(device))
