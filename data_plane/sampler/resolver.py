@@ -134,11 +134,37 @@ def build_resolver(launch: SamplerLaunch) -> StoreLoRAResolver:
     )
 
 
+def _die_with_parent() -> None:
+    """In vLLM's child processes (engine core, workers): exit when the parent dies.
+
+    Stopping the sampler with SIGTERM lets vLLM shut its engine down, but a SIGKILL of the API
+    server alone (OOM killer, a scheduler that kills one pid) would otherwise leave the engine
+    and its workers running, holding (GPU) memory. Linux only; no-op in the API server."""
+    import multiprocessing
+    import signal
+    import sys
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover
+        logger.warning("could not set PR_SET_PDEATHSIG for %s", os.getpid())
+        return
+    if os.getppid() != parent.pid:  # the parent already died before prctl
+        os._exit(1)
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (idempotent; a no-op outside a sampler)."""
     raw = os.environ.get(ENV_VAR)
     if not raw:
         return
+    _die_with_parent()
     from data_plane.sampler import vllm_patches
 
     vllm_patches.apply()
