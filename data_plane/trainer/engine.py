@@ -208,7 +208,8 @@ class Engine:
     def new_optimizer(self) -> torch.optim.AdamW:
         d = AdamSpec()
         return torch.optim.AdamW(
-            self.params, lr=d.learning_rate, betas=(d.beta1, d.beta2), eps=d.eps, weight_decay=d.weight_decay
+            self.params, lr=d.learning_rate, betas=(d.beta1, d.beta2), eps=d.eps, weight_decay=d.weight_decay,
+            foreach=True,
         )
 
     def reset_optimizer(self) -> None:

@@ -47,7 +47,9 @@ class TrainingModel:
         self.base = base
         self.device = device
         self.store = store
-        self.max_seq_len = max_seq_len
+        # never beyond the positions the base model was built for
+        max_pos = getattr(base.config, "max_position_embeddings", None)
+        self.max_seq_len = min(max_seq_len, max_pos) if isinstance(max_pos, int) and max_pos > 0 else max_seq_len
         self.microbatch_tokens = microbatch_tokens
         self.vocab_size = vocab_size(base)
         self.lora: LoraSettings | None = None

@@ -4,8 +4,9 @@ Lifecycle in ``worker_state_key(run_id)`` (fields ``state``, ``pid``, ``updated_
 ``detail``, ``model_id``, ``next_seq``):
 
 - ``loading`` at start, while the base model loads;
-- ``ready`` once the base model is loaded (before seq 0 runs); ``updated_at`` is refreshed
-  about every :data:`HEARTBEAT_S` seconds while idle and after every op;
+- ``ready`` once the base model is loaded (before seq 0 runs); a background thread refreshes
+  ``updated_at`` every :data:`HEARTBEAT_S` seconds, also during long ops, and ``next_seq`` is
+  written after every op;
 - ``failed`` with ``detail`` if the base model cannot be loaded, if Redis stays unreachable, or
   if this run's state hash shows ops already executed by an earlier process (a restarted
   worker would train from a reset state: it refuses instead);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -83,7 +85,7 @@ class Worker:
         self.seq0_error: tuple[str, ErrorCategory] | None = None
         self.stopping = False
         self.last_id = "0"
-        self._last_beat = 0.0
+        self._beat_stop = threading.Event()
 
     # ---- redis helpers ------------------------------------------------------------------
     def set_state(self, state: WorkerState, detail: str | None = None) -> None:
@@ -101,26 +103,49 @@ class Worker:
             p.hdel(worker_state_key(self.launch.run_id), "detail")
         p.hset(worker_state_key(self.launch.run_id), mapping=fields)
         p.execute()
-        self._last_beat = time.monotonic()
 
-    def beat(self, force: bool = False) -> None:
-        if force or time.monotonic() - self._last_beat >= HEARTBEAT_S:
-            self.r.hset(
-                worker_state_key(self.launch.run_id),
-                mapping={"updated_at": f"{time.time():.3f}", "next_seq": self.buffer.next_seq},
-            )
-            self._last_beat = time.monotonic()
+    def progress(self) -> None:
+        """Record how far the sequence got (also what the restart check reads)."""
+        self.r.hset(
+            worker_state_key(self.launch.run_id),
+            mapping={"updated_at": f"{time.time():.3f}", "next_seq": self.buffer.next_seq},
+        )
+
+    def _heartbeat(self) -> None:
+        key = worker_state_key(self.launch.run_id)
+        while not self._beat_stop.wait(HEARTBEAT_S):
+            try:
+                self.r.hset(key, "updated_at", f"{time.time():.3f}")
+            except redis.RedisError as exc:  # the main loop handles outages
+                log.debug("heartbeat failed: %s", exc)
+
+    def _retrying(self, what: str, fn) -> None:
+        """Run a Redis write, retrying through an outage of up to :data:`REDIS_GIVE_UP_S`
+        (a result must not be lost because Redis blinked); then re-raise."""
+        deadline = time.monotonic() + REDIS_GIVE_UP_S
+        while True:
+            try:
+                fn()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("redis error writing %s (%s); retrying", what, exc)
+                time.sleep(1.0)
 
     def write_result(self, request_id: str, result: FutureResult) -> None:
-        p = self.r.pipeline(transaction=True)
-        p.hset(future_key(request_id), mapping=result.to_fields())
-        p.expire(future_key(request_id), FUTURE_TTL_SECONDS)
-        p.srem(run_pending_key(self.launch.run_id), request_id)
-        p.publish(FUTURE_DONE_CHANNEL, request_id)
-        p.execute()
+        def _write() -> None:
+            p = self.r.pipeline(transaction=True)
+            p.hset(future_key(request_id), mapping=result.to_fields())
+            p.expire(future_key(request_id), FUTURE_TTL_SECONDS)
+            p.srem(run_pending_key(self.launch.run_id), request_id)
+            p.publish(FUTURE_DONE_CHANNEL, request_id)
+            p.execute()
+
+        self._retrying(f"future {request_id}", _write)
 
     def complete(self, c: Completion) -> None:
-        self.r.xadd(COMPLETIONS_STREAM, c.to_fields())
+        self._retrying(f"completion {c.request_id}", lambda: self.r.xadd(COMPLETIONS_STREAM, c.to_fields()))
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> bool:
@@ -172,6 +197,14 @@ class Worker:
     def run(self) -> int:
         if not self.start():
             return 1
+        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            return self._loop()
+        finally:
+            self._beat_stop.set()
+
+    def _loop(self) -> int:
         stream = ops_stream(self.launch.run_id)
         down_since: float | None = None
         while not self.stopping:
@@ -195,7 +228,6 @@ class Worker:
                         break
             if not self.stopping:
                 self.drain()
-                self.beat()
         self.shutdown()
         return 0
 
@@ -219,6 +251,9 @@ class Worker:
             log.info("shutdown requested (entry %s)", self.last_id)
             self.stopping = True
             return
+        if env.seq_id < 0:
+            self._fail(env, f"invalid seq_id {env.seq_id}", ErrorCategory.SERVER)
+            return
         if env.model_id != self.launch.model_id:
             self._fail(env, f"op for model {env.model_id!r} reached the worker of {self.launch.model_id!r}", ErrorCategory.SERVER)
             return
@@ -230,7 +265,7 @@ class Worker:
             t0 = time.perf_counter()
             self.execute(seq, env)
             log.info("seq %d %s done in %.3fs", seq, env.kind.value, time.perf_counter() - t0)
-            self.beat(force=True)
+            self.progress()
             if self.stopping:
                 break
 
@@ -243,6 +278,8 @@ class Worker:
                 self._fail(env, f"the model was not created: {msg}", cat)
             else:
                 self._op(seq, env)
+        except redis.RedisError:
+            raise  # Redis itself is gone for good: exit (the control plane fails pending futures)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed future
             msg, cat = _classify(exc)
             if cat == ErrorCategory.SERVER:
