@@ -75,6 +75,7 @@ def vllm_argv(launch: SamplerLaunch, device: str) -> list[str]:
         "--max-lora-rank", str(launch.vllm_lora_rank()),
         "--max-loras", str(launch.max_loras),
         "--max-logprobs", str(launch.max_logprobs),
+        "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
     if launch.max_cpu_loras is not None:
@@ -124,10 +125,31 @@ def build_exec(launch: SamplerLaunch, environ: dict[str, str] | None = None) -> 
     return argv, env
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """``python -m data_plane.sampler [--host H] [--port P] [--dry-run] [extra vLLM args...]``.
+
+    ``--host``/``--port`` override the launch document; any other argument is passed to vLLM
+    after the generated ones; ``--dry-run`` prints the vLLM command instead of running it."""
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser(prog="python -m data_plane.sampler", add_help=True)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--dry-run", action="store_true")
+    opts, passthrough = parser.parse_known_args(sys.argv[1:] if args is None else args)
     launch = SamplerLaunch.from_env()
+    overrides: dict = {}
+    if opts.host:
+        overrides["host"] = opts.host
+    if opts.port:
+        overrides["port"] = opts.port
+    if passthrough:
+        overrides["extra_vllm_args"] = [*launch.extra_vllm_args, *passthrough]
+    if overrides:
+        launch = dataclasses.replace(launch, **overrides)
     argv, env = build_exec(launch)
-    if "--dry-run" in sys.argv[1:]:
+    if opts.dry_run:
         print(" ".join(argv))
         return
     sys.stdout.flush()

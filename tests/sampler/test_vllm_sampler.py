@@ -242,6 +242,14 @@ async def test_compute_logprobs_shape(client: VLLMClient, vllm_server: VLLMServe
     assert len(r.prompt_logprobs) == len(PROMPT) and r.prompt_logprobs[0] is None
 
 
+async def test_prompt_cache_hits_are_reported(client: VLLMClient, vllm_server: VLLMServer):
+    prompt = [(i * 37) % 2000 + 10 for i in range(300)]
+    first = await sample(client, vllm_server.served_model_name, prompt=prompt, max_tokens=2)
+    again = await sample(client, vllm_server.served_model_name, prompt=prompt, max_tokens=2)
+    assert first.prompt_cache_hit_tokens == 0
+    assert 0 < again.prompt_cache_hit_tokens < len(prompt)
+
+
 async def test_bad_requests_are_user_errors(client: VLLMClient, vllm_server: VLLMServer):
     m = vllm_server.served_model_name
     with pytest.raises(InvalidSampleRequest, match="context length|max_model_len|maximum"):

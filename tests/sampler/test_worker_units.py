@@ -188,3 +188,14 @@ def test_in_flight_limit_raises_busy():
         await c.aclose()
 
     asyncio.run(go())
+
+
+def test_cli_overrides_and_dry_run(tmp_path, capsys, monkeypatch):
+    from data_plane.sampler.launch import main
+
+    launch = SamplerLaunch(sampler_id="s1", model_source="/m", served_model_name="b",
+                           adapter_cache_dir=str(tmp_path / "cache"), port=1, device="cpu")
+    monkeypatch.setenv(ENV_VAR, launch.to_env()[ENV_VAR])
+    main(["--port", "8000", "--host", "0.0.0.0", "--dry-run", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert "--port 8000" in out and "--host 0.0.0.0" in out and out.strip().endswith("--seed 3")
