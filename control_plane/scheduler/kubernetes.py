@@ -6,7 +6,8 @@
 * ``scale``   merge-patches ``spec.replicas`` (0 = scaled to zero, the definition stays).
 * ``observe`` reads an in-memory cache of the namespace's Deployments and Pods that two
   list+watch loops keep current (see ``_Informer``) and maps it with ``k8s_status``.
-* ``list_workloads`` lists Deployments labelled ``app.kubernetes.io/managed-by=openloops``.
+* ``list_workloads`` returns the Deployments labelled ``app.kubernetes.io/managed-by=openloops``
+  (from the watch cache; a direct labelled LIST until the cache is synced).
 
 The official client is synchronous: every API call runs in this backend's own thread pool, the
 watches in their own threads; nothing blocks the event loop. Transient API failures (connection
@@ -392,9 +393,12 @@ class KubernetesBackend:
         """True once both caches have completed a first LIST (False on timeout)."""
         await self.start()
         deadline = time.monotonic() + timeout
-        while not (self.deployments.synced.is_set() and self.pods.synced.is_set()):
+        informers = (self.deployments, self.pods)
+        while not all(i.synced.is_set() for i in informers):
             if time.monotonic() >= deadline:
                 return False
+            if any(i.last_error and not i.synced.is_set() for i in informers):
+                return False  # failing to list: let the caller read directly and raise
             await asyncio.sleep(0.02)
         return True
 
@@ -536,13 +540,18 @@ class KubernetesBackend:
         )
 
     async def list_workloads(self) -> list[tuple[str, WorkloadRole]]:
-        await self.start()
-        listed = await self._call(
-            "list deployments", self._apps.list_namespaced_deployment, self.namespace, label_selector=MANAGED_SELECTOR
-        )
-        assert isinstance(listed, dict)
+        """From the watch cache (no API call per controller pass); a direct LIST (by the
+        managed-by label) while the cache is not synced."""
+        if await self.wait_synced(timeout=min(5.0, self.settings.api_timeout_seconds)):
+            items = self.deployments.values()
+        else:
+            listed = await self._call(
+                "list deployments", self._apps.list_namespaced_deployment, self.namespace, label_selector=MANAGED_SELECTOR
+            )
+            assert isinstance(listed, dict)
+            items = listed.get("items") or []
         out: list[tuple[str, WorkloadRole]] = []
-        for item in listed.get("items") or []:
+        for item in items:
             meta = item.get("metadata") or {}
             labels = meta.get("labels") or {}
             if labels.get(LABEL_MANAGED_BY) != MANAGED_BY:  # selectors may be ignored (kmock)

@@ -448,6 +448,16 @@ async def test_forbidden_is_not_retried(backend: KubernetesBackend, cluster: Clu
     assert cluster.count("POST", DEPLOYMENTS) == 1
 
 
+async def test_observe_surfaces_a_forbidden_watch_quickly(backend: KubernetesBackend, cluster: Cluster) -> None:
+    cluster.on_loop(lambda: cluster.emu["get", PODS] << 403)  # no list/watch pods permission
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(KubernetesPermissionError, match="list pods"):
+        await backend.observe("smp:1", WorkloadRole.SAMPLER)
+    assert loop.time() - t0 < 3.0
+    assert backend.pods.last_error and "403" in backend.pods.last_error
+
+
 async def test_unreachable_api_server_raises_our_error() -> None:
     b = KubernetesBackend.from_settings(backend_settings("http://127.0.0.1:9", api_timeout_seconds=1))
     try:
