@@ -10,7 +10,6 @@ Importing this package does not import torch (the functions import it lazily).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from data_plane.models.manifest import (
     MANIFEST_FILE,
@@ -21,9 +20,6 @@ from data_plane.models.manifest import (
     update_registry,
 )
 from data_plane.models.presets import PRESETS
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "MANIFEST_FILE",

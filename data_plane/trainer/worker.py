@@ -106,10 +106,8 @@ class Worker:
 
     def progress(self) -> None:
         """Record how far the sequence got (also what the restart check reads)."""
-        self.r.hset(
-            worker_state_key(self.launch.run_id),
-            mapping={"updated_at": f"{time.time():.3f}", "next_seq": self.buffer.next_seq},
-        )
+        fields = {"updated_at": f"{time.time():.3f}", "next_seq": self.buffer.next_seq}
+        self._retrying("worker state", lambda: self.r.hset(worker_state_key(self.launch.run_id), mapping=fields))
 
     def _heartbeat(self) -> None:
         key = worker_state_key(self.launch.run_id)
