@@ -67,6 +67,14 @@ def redis_url(url: str) -> str:
     return url
 
 
+def _redacted(url: str) -> str:
+    """The URL without a password (for logs)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
 def _classify(exc: BaseException) -> tuple[str, ErrorCategory]:
     if isinstance(exc, UserError):
         return str(exc), ErrorCategory.USER
@@ -193,12 +201,20 @@ class Worker:
         )
 
     def run(self) -> int:
-        if not self.start():
+        try:
+            self._retrying("startup ping", self.r.ping)
+            if not self.start():
+                return 1
+        except redis.RedisError as exc:
+            log.error("redis at %s is unusable, exiting: %s", _redacted(self.launch.redis_url), exc)
             return 1
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
         try:
             return self._loop()
+        except redis.RedisError as exc:
+            log.error("lost redis for good, exiting: %s", exc)
+            return 1
         finally:
             self._beat_stop.set()
 
