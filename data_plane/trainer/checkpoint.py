@@ -71,6 +71,8 @@ def adapter_config_json(peft_model, base_model_name: str, adapter_name: str = "d
         cfg.save_pretrained(tmp)  # PEFT's own serialisation (sets/lists, enums...)
         d = json.loads((Path(tmp) / ADAPTER_CONFIG).read_text())
     d["base_model_name_or_path"] = base_model_name
+    if isinstance(d.get("target_modules"), list):
+        d["target_modules"] = sorted(d["target_modules"])  # PEFT stores a set: make it stable
     d["inference_mode"] = True
     return (json.dumps(d, indent=2, sort_keys=True) + "\n").encode()
 
