@@ -14,7 +14,7 @@ from typing import Any
 @dataclass(frozen=True, slots=True)
 class LoraSpec:
     rank: int = 32
-    alpha: float | None = None  # None: alpha = rank
+    alpha: float | None = None  # None: the worker uses 32 at any rank (Tinker convention)
     seed: int | None = None
     train_attn: bool = True
     train_mlp: bool = True
