@@ -27,7 +27,13 @@ class ObjectInfo:
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    """Keys are ``/``-separated strings relative to the store's configured prefix."""
+    """Keys are ``/``-separated strings relative to the store's configured prefix.
+
+    A key is relative, with no empty, ``.`` or ``..`` segment (``StoreError`` otherwise), so
+    the same keys work on every store. A ``prefix`` is a plain string prefix of keys, as in
+    S3: ``"a/b/"`` selects the "directory" ``a/b``, while ``"a/b"`` also selects ``a/bc``.
+    Missing objects raise ``ObjectNotFound``; every other failure raises ``StoreError``.
+    """
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
 

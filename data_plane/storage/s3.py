@@ -24,6 +24,7 @@ from data_plane.storage.local import validate_key, validate_prefix
 MIB = 1 << 20
 # Files larger than the threshold go up and down in parallel parts of this size.
 TRANSFER = TransferConfig(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB, max_concurrency=8)
+MAX_ATTEMPTS = 5  # per request, "standard" retry mode (throttling, 5xx, connection errors)
 DELETE_BATCH = 1000  # the DeleteObjects limit
 MAX_PRESIGN_S = 7 * 24 * 3600  # the SigV4 limit
 
@@ -62,6 +63,14 @@ def _parse_code_from_text(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _drop_expect_on_empty_body(request, **_kwargs) -> None:
+    """botocore sends ``Expect: 100-continue`` on PutObject even for an empty body; SeaweedFS
+    then stalls the next request on that connection until the read timeout (60 s). Nothing
+    is gained by waiting for "100 Continue" before sending zero bytes, so drop the header."""
+    if "Expect" in request.headers and request.headers.get("Content-Length") in ("0", b"0"):
+        del request.headers["Expect"]
+
+
 class S3Store:
     """``ObjectStore`` over ``bucket``; keys are stored under ``prefix`` (``""`` = bucket root).
 
@@ -92,7 +101,7 @@ class S3Store:
         config = Config(
             s3={"addressing_style": "path"},
             signature_version="s3v4",
-            retries={"max_attempts": 5, "mode": "standard"},
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
             connect_timeout=10,
             read_timeout=60,
             # S3-compatible servers do not all accept the CRC checksums botocore >= 1.36
@@ -109,6 +118,7 @@ class S3Store:
             self._s3 = session.client("s3", endpoint_url=endpoint_url, config=config)
         except BotoCoreError as exc:
             raise StoreError(f"cannot configure S3 client for bucket {bucket!r}: {exc}") from exc
+        self._s3.meta.events.register("before-send.s3", _drop_expect_on_empty_body)
         if create_bucket:
             self._ensure_bucket()
 

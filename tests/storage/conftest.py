@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# ``tests.infra`` lives under the repo root, which plain ``pytest`` (unlike ``python -m
-# pytest``) does not put on sys.path.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from data_plane.storage import LocalDirStore, ObjectStore  # noqa: E402
-from tests.infra.s3_servers import S3Server, start_moto, start_seaweedfs  # noqa: E402
+from data_plane.storage import LocalDirStore, ObjectStore
+from tests.infra.s3_servers import S3Server, start_moto, start_seaweedfs
 
 STORE_KINDS = ["local", "moto", "seaweedfs"]
 
@@ -38,17 +31,10 @@ def seaweed_s3() -> Iterator[S3Server]:
     server.stop()
 
 
-def s3_store(server: S3Server, **kwargs) -> ObjectStore:
-    """An S3Store on a fresh bucket of ``server``."""
-    from data_plane.storage import S3Store
-
-    return S3Store(server.new_bucket(), create_bucket=True, **{**server.store_kwargs(), **kwargs})
-
-
 @pytest.fixture(params=STORE_KINDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
     """Each contract test runs against every store kind, each time on an empty store."""
     if request.param == "local":
         return LocalDirStore(tmp_path / "store")
     server = request.getfixturevalue("moto_s3" if request.param == "moto" else "seaweed_s3")
-    return s3_store(server)
+    return server.new_store()
