@@ -198,8 +198,14 @@ def _start_seaweedfs_once(timeout_s: float) -> S3Server:
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret}
     log_path = workdir / "weed.log"
     (workdir / "data").mkdir()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+    except OSError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
     def stop() -> None:
         _stop_process(proc)
