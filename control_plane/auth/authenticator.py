@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from control_plane.auth.keys import hash_key, looks_like_key
 from control_plane.auth.principal import Principal
 from control_plane.db.engine import Database
+from control_plane.last_seen import drain_hash
 from control_plane.db.models import ApiKey
 from control_plane.errors import RateLimited, Unauthenticated
 
@@ -133,10 +134,7 @@ async def invalidate_key(redis: aioredis.Redis, key_hash: str) -> None:
 
 async def flush_last_seen(db: Database, redis: aioredis.Redis) -> int:
     """Move recorded last-used times from Redis into api_keys.last_used_at."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(LAST_SEEN_KEYS)
-        pipe.delete(LAST_SEEN_KEYS)
-        seen, _ = await pipe.execute()
+    seen = await drain_hash(redis, LAST_SEEN_KEYS)
     if not seen:
         return 0
     async with db.transaction() as s:

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import select, update
 
 from control_plane.db.engine import Database
+from control_plane.last_seen import drain_hash
 from control_plane.db.models import Run, Session
 from control_plane.services import history
 from control_plane.statuses import TERMINAL, SessionStatus, Status
@@ -22,10 +23,7 @@ async def record_heartbeat(redis: aioredis.Redis, session_id: str) -> None:
 
 
 async def flush_session_heartbeats(db: Database, redis: aioredis.Redis) -> int:
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(LAST_SEEN_SESSIONS)
-        pipe.delete(LAST_SEEN_SESSIONS)
-        seen, _ = await pipe.execute()
+    seen = await drain_hash(redis, LAST_SEEN_SESSIONS)
     if not seen:
         return 0
     async with db.transaction() as s:

@@ -13,7 +13,7 @@ from control_plane.errors import InvalidInput, NotFound
 from control_plane.ids import new_id
 from control_plane.services import history
 from control_plane.services.scoping import list_scope_filter
-from control_plane.statuses import TERMINAL, Status
+from control_plane.statuses import Status
 
 # upper bounds (ms) of the latency histogram buckets; one overflow bucket follows
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
@@ -66,8 +66,7 @@ async def list_deployments(s: AsyncSession, principal: Principal, *, scope: str 
 
 async def deactivate_deployment(s: AsyncSession, principal: Principal, deployment_id: str) -> Deployment:
     dep = await get_deployment(s, principal, deployment_id)
-    if Status(dep.status) not in TERMINAL and dep.status != Status.DEACTIVATING.value:
-        history.transition(s, "deployment", dep, Status.DEACTIVATING, "deactivation requested")
+    if history.request_deactivation(s, "deployment", dep, "deactivation requested"):
         await s.flush()
     return dep
 

@@ -8,7 +8,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import StatusHistory
-from control_plane.statuses import Status
+from control_plane.statuses import TERMINAL, Status
 
 
 class HasStatus(Protocol):
@@ -52,3 +52,11 @@ def initial(s: AsyncSession, resource_type: str, row: HasStatus, reason: str | N
             reason=reason,
         )
     )
+
+
+def request_deactivation(s: AsyncSession, resource_type: str, row: HasStatus, reason: str) -> bool:
+    """Move a live row to DEACTIVATING (the controller finishes the teardown); False when it
+    is already deactivating or in a terminal status."""
+    if Status(row.status) in TERMINAL or row.status == Status.DEACTIVATING.value:
+        return False
+    return transition(s, resource_type, row, Status.DEACTIVATING, reason)

@@ -17,7 +17,7 @@ from control_plane.ids import new_id
 from control_plane.services import history
 from control_plane.services.scoping import list_scope_filter
 from control_plane.services.sessions import get_session
-from control_plane.statuses import TERMINAL, SessionStatus, Status
+from control_plane.statuses import SessionStatus, Status
 from data_plane.wire.paths import PathError, parse_checkpoint_path
 
 MAX_LORA_RANK = 512
@@ -196,11 +196,9 @@ async def samplers_by_run(s: AsyncSession, run_ids: list[str]) -> dict[str, Samp
 async def deactivate_run(s: AsyncSession, principal: Principal, run_id: str) -> Run:
     """Tear down the run and its paired sampler; checkpoints stay accessible."""
     run = await get_run(s, principal, run_id)
-    if Status(run.status) not in TERMINAL and run.status != Status.DEACTIVATING.value:
-        history.transition(s, "run", run, Status.DEACTIVATING, "deactivation requested")
+    if history.request_deactivation(s, "run", run, "deactivation requested"):
         run.deactivated_at = datetime.now(UTC)
     for smp in (await s.execute(select(Sampler).where(Sampler.run_id == run.id))).scalars():
-        if Status(smp.status) not in TERMINAL and smp.status != Status.DEACTIVATING.value:
-            history.transition(s, "sampler", smp, Status.DEACTIVATING, "run deactivated")
+        history.request_deactivation(s, "sampler", smp, "run deactivated")
     await s.flush()
     return run

@@ -17,7 +17,7 @@ from control_plane.services import history
 from control_plane.services.runs import get_run, resolve_weights_checkpoint
 from control_plane.services.scoping import list_scope_filter
 from control_plane.services.sessions import get_session
-from control_plane.statuses import TERMINAL, SessionStatus, Status
+from control_plane.statuses import SessionStatus, Status
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,6 @@ async def list_samplers(s: AsyncSession, principal: Principal, *, scope: str | N
 
 async def deactivate_sampler(s: AsyncSession, principal: Principal, sampler_id: str) -> Sampler:
     smp = await get_sampler(s, principal, sampler_id)
-    if Status(smp.status) not in TERMINAL and smp.status != Status.DEACTIVATING.value:
-        history.transition(s, "sampler", smp, Status.DEACTIVATING, "deactivation requested")
+    if history.request_deactivation(s, "sampler", smp, "deactivation requested"):
         await s.flush()
     return smp
