@@ -17,7 +17,7 @@ from sqlalchemy import select, text, update
 
 from control_plane.auth.authenticator import flush_last_seen
 from control_plane.controller.sessions import expire_sessions, flush_session_heartbeats
-from control_plane.controller.workloads import trainer_spec
+from control_plane.controller.workloads import is_sampler_workload_id, trainer_spec
 from control_plane.db.models import Deployment, Run, Sampler
 from control_plane.runtime import RECONCILE_CHANNEL, Runtime
 from control_plane.scheduler.protocol import Observation, Phase, WorkloadRole
@@ -174,21 +174,14 @@ class Controller:
             history.transition(s, "run", run, target, obs.reason)
 
     async def _samplers(self) -> None:
-        """Samplers are served by vLLM workloads; until a sampler program is wired for a
-        sampler row it keeps its status. Deactivation is honoured here."""
-        async with self.r.db.transaction() as s:
-            rows = list(
-                (
-                    await s.execute(
-                        select(Sampler).where(Sampler.status == Status.DEACTIVATING.value).with_for_update()
-                    )
-                ).scalars()
-            )
-            for smp in rows:
-                await self.backend.remove(smp.id, WorkloadRole.SAMPLER)
-                obs = await self.backend.observe(smp.id, WorkloadRole.SAMPLER)
-                if obs.phase == Phase.ABSENT:
-                    history.transition(s, "sampler", smp, Status.INACTIVE, "deactivated")
+        """Samplers are served by one shared vLLM workload per base model; see
+        control_plane/controller/samplers.py (statuses, deactivation, failures)."""
+        from control_plane.controller.samplers import SamplerReconciler
+
+        rec = self.__dict__.get("_sampler_reconciler")
+        if rec is None:
+            rec = self.__dict__["_sampler_reconciler"] = SamplerReconciler(self.r)
+        await rec.reconcile()
 
     async def _deployments(self) -> None:
         async with self.r.db.transaction() as s:
@@ -219,6 +212,8 @@ class Controller:
         tables = {WorkloadRole.TRAINER: Run, WorkloadRole.SAMPLER: Sampler, WorkloadRole.DEPLOYMENT: Deployment}
         async with self.r.db.session() as s:
             for wid, role in workloads:
+                if role == WorkloadRole.SAMPLER and is_sampler_workload_id(wid):
+                    continue  # shared per base model: SamplerReconciler owns its lifetime
                 model = tables[role]
                 row = await s.get(model, wid)
                 if row is None or (Status(row.status) in TERMINAL and row.status != Status.FAILED.value):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import socket
 from typing import TYPE_CHECKING
 
 from control_plane.db.models import Run
 from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
+from control_plane.settings import BackendKind
+from data_plane.sampler.config import SamplerLaunch
 from data_plane.wire.worker_config import TrainerLaunch
 
 if TYPE_CHECKING:
@@ -36,4 +40,76 @@ def trainer_spec(r: Runtime, run: Run) -> WorkloadSpec:
         env=launch.to_env(),
         secret_env=STORE_SECRET_ENV if r.store_spec.kind == "s3" else [],
         resources=model.resources.trainer.to_resources(),
+    )
+
+
+# --- samplers: one shared vLLM server per base model ------------------------------------
+
+SAMPLER_WORKLOAD_PREFIX = "vllm-"
+SAMPLER_HEALTH_PATH = "/health"
+SAMPLER_CLUSTER_PORT = 8000  # in a pod (Kubernetes): fixed, the Service targets it
+SAMPLER_MAX_LORA_RANK = 64  # covers the Loops (64) and Tinker (32) defaults; raise it per
+#                             model with `vllm_args: ["--max-lora-rank", "128"]` in the catalog
+SAMPLER_MAX_LORAS = 4  # adapters in one batch
+SAMPLER_MAX_CPU_LORAS = 32  # adapters kept loaded (LRU); evicted ones reload from the cache
+
+
+def sampler_workload_id(base_model: str) -> str:
+    """The id of the vLLM workload that serves ``base_model`` and every adapter trained on it."""
+    slug = "".join(c if c.isalnum() else "-" for c in base_model.lower()).strip("-")[:40].strip("-")
+    digest = hashlib.sha256(base_model.encode()).hexdigest()[:8]
+    return f"{SAMPLER_WORKLOAD_PREFIX}{slug}-{digest}"
+
+
+def is_sampler_workload_id(workload_id: str) -> bool:
+    return workload_id.startswith(SAMPLER_WORKLOAD_PREFIX)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sampler_spec(r: Runtime, base_model: str, *, port: int | None = None) -> WorkloadSpec:
+    """The shared vLLM sampler of ``base_model`` (``python -m data_plane.sampler``).
+
+    Locally it listens on 127.0.0.1 at ``port`` (a free port when not given: build the spec
+    once per workload and keep it); in a pod on 0.0.0.0:8000. Adapters are resolved by name
+    from the object store (never a client path)."""
+    model = r.catalog.get(base_model)
+    wid = sampler_workload_id(base_model)
+    local = r.settings.backend == BackendKind.LOCAL
+    if local:
+        host, port = "127.0.0.1", port or _free_port()
+        cache = str(r.settings.data_dir / "sampler-cache" / wid)
+    else:
+        host, port = "0.0.0.0", SAMPLER_CLUSTER_PORT  # noqa: S104 (pod network)
+        cache = "/tmp/openloops-adapters"  # noqa: S108 (pod-local emptyDir/tmp)
+    launch = SamplerLaunch(
+        sampler_id=wid,
+        model_source=model.source,
+        served_model_name=model.name,
+        store=r.store_spec,
+        adapter_cache_dir=cache,
+        host=host,
+        port=port,
+        max_model_len=model.max_context_length,
+        max_lora_rank=SAMPLER_MAX_LORA_RANK,
+        max_loras=SAMPLER_MAX_LORAS,
+        max_cpu_loras=SAMPLER_MAX_CPU_LORAS,
+        extra_vllm_args=list(model.vllm_args),
+    )
+    return WorkloadSpec(
+        workload_id=wid,
+        role=WorkloadRole.SAMPLER,
+        org_id="shared",  # serves every org's adapters of this base model
+        session_id=None,
+        base_model=model.name,
+        command=["python", "-m", "data_plane.sampler"],
+        env=launch.to_env(),
+        secret_env=STORE_SECRET_ENV if r.store_spec.kind == "s3" else [],
+        port=port,
+        health_path=SAMPLER_HEALTH_PATH,
+        resources=model.resources.sampler.to_resources(),
     )

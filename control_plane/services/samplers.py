@@ -10,14 +10,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
 from control_plane.catalog import ModelCatalog
-from control_plane.db.models import Sampler
-from control_plane.errors import InvalidInput, NotFound
+from control_plane.controller.workloads import sampler_workload_id
+from control_plane.db.models import Checkpoint, Sampler
+from control_plane.errors import Gone, InvalidInput, NotFound
 from control_plane.ids import new_id
 from control_plane.services import history
 from control_plane.services.runs import get_run, resolve_weights_checkpoint
 from control_plane.services.scoping import list_scope_filter
 from control_plane.services.sessions import get_session
-from control_plane.statuses import SessionStatus, Status
+from control_plane.statuses import TERMINAL, SessionStatus, Status
+from data_plane.sampler.names import adapter_name_for_prefix
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,67 @@ async def deactivate_sampler(s: AsyncSession, principal: Principal, sampler_id: 
     if history.request_deactivation(s, "sampler", smp, "deactivation requested"):
         await s.flush()
     return smp
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerTarget:
+    """Where and as what a sampler row is served right now."""
+
+    sampler_id: str
+    org_id: str
+    base_model: str
+    model: str  # the name sent to vLLM: the base model's served name or an adapter's LoRA name
+    status: Status
+    status_reason: str | None
+    endpoint: str | None
+    workload_id: str
+    follows_run: bool  # a run-paired sampler serving that run's latest sampler weights
+
+    @property
+    def serving(self) -> bool:
+        return self.status in (Status.ACTIVE, Status.UNHEALTHY) and self.endpoint is not None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL or self.status == Status.DEACTIVATING
+
+
+async def latest_sampler_checkpoint(s: AsyncSession, run_id: str) -> Checkpoint | None:
+    q = (
+        select(Checkpoint)
+        .where(Checkpoint.run_id == run_id, Checkpoint.kind == "sampler_weights")
+        .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+        .limit(1)
+    )
+    return (await s.execute(q)).scalar_one_or_none()
+
+
+async def sampler_target(s: AsyncSession, org_id: str, sampler_id: str) -> SamplerTarget:
+    """Resolve what ``sampler_id`` serves: a pinned checkpoint's adapter, its run's latest
+    sampler weights (Loops paired samplers follow training), or the base model."""
+    smp = await s.get(Sampler, sampler_id)
+    if smp is None or smp.org_id != org_id:
+        raise NotFound("sampler", sampler_id)
+    model = smp.base_model
+    follows = False
+    if smp.checkpoint_id is not None:
+        ckpt = await s.get(Checkpoint, smp.checkpoint_id)
+        if ckpt is None:
+            raise Gone(f"the checkpoint {smp.model_path or smp.checkpoint_id} of sampler {smp.id!r} was deleted")
+        model = adapter_name_for_prefix(ckpt.storage_prefix)
+    elif smp.run_id is not None and smp.model_path is None:
+        follows = True
+        latest = await latest_sampler_checkpoint(s, smp.run_id)
+        if latest is not None:
+            model = adapter_name_for_prefix(latest.storage_prefix)
+    return SamplerTarget(
+        sampler_id=smp.id,
+        org_id=smp.org_id,
+        base_model=smp.base_model,
+        model=model,
+        status=Status(smp.status),
+        status_reason=smp.status_reason,
+        endpoint=smp.endpoint,
+        workload_id=sampler_workload_id(smp.base_model),
+        follows_run=follows,
+    )

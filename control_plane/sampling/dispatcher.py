@@ -1,0 +1,180 @@
+"""Runs sampling requests of one API process against the shared vLLM servers.
+
+- :meth:`SamplingDispatcher.target` resolves a sampler row (org-scoped) to its vLLM model name
+  and endpoint, cached briefly (rows pinned to a checkpoint or a base model change only by the
+  controller; rows that follow a run's latest weights are resolved on every request).
+- :meth:`SamplingDispatcher.submit` admits a Tinker ``asample`` (bounded in-flight per shared
+  server: over the bound it raises :class:`SamplerBusy`, the API answers 429 and the SDK backs
+  off), creates its pending future in Redis (in the server's pending group, so the controller
+  fails it if the server dies) and runs it in a background task that waits for the server to be
+  serving, samples, and completes the future with the ``SampleResponse`` protobuf bytes or a
+  failure (``user`` / ``server`` category).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from control_plane.db.engine import Database
+from control_plane.errors import DomainError
+from control_plane.ids import new_request_id
+from control_plane.sampling.client import VLLMClient
+from control_plane.sampling.errors import SamplerBusy, SamplerUnavailable, SamplingError
+from control_plane.sampling.translate import SampleSpec
+from control_plane.services.samplers import SamplerTarget, sampler_target
+from control_plane.training.queue import TrainerQueue
+from data_plane.wire import queue as q
+
+log = structlog.get_logger("openloops.sampling")
+
+MAX_IN_FLIGHT_PER_SERVER = 256  # per API process; the SDK backs off on the 429 beyond it
+TARGET_CACHE_SECONDS = 1.0
+READY_POLL_SECONDS = 0.5
+READY_TIMEOUT_SECONDS = 1800.0  # a cold GPU start pulls images and weights
+
+
+@dataclass
+class _Cached:
+    target: SamplerTarget
+    at: float
+
+
+class SamplingDispatcher:
+    def __init__(self, db: Database, queue: TrainerQueue, *, max_in_flight: int = MAX_IN_FLIGHT_PER_SERVER) -> None:
+        self._db = db
+        self._queue = queue
+        self.max_in_flight = max_in_flight
+        self._clients: dict[str, VLLMClient] = {}
+        self._cache: dict[tuple[str, str], _Cached] = {}
+        self._in_flight: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lookups
+
+    async def target(self, org_id: str, sampler_id: str, *, max_age: float = TARGET_CACHE_SECONDS) -> SamplerTarget:
+        key = (org_id, sampler_id)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit.at <= max_age and not hit.target.follows_run:
+            return hit.target
+        async with self._db.session() as s:
+            t = await sampler_target(s, org_id, sampler_id)
+        self._cache[key] = _Cached(t, now)
+        if len(self._cache) > 10_000:
+            self._cache = {k: v for k, v in self._cache.items() if now - v.at <= max_age}
+        return t
+
+    def forget(self, org_id: str, sampler_id: str) -> None:
+        self._cache.pop((org_id, sampler_id), None)
+
+    def client(self, endpoint: str) -> VLLMClient:
+        c = self._clients.get(endpoint)
+        if c is None:
+            # admission is bounded here (per server), not by the client
+            c = self._clients[endpoint] = VLLMClient(endpoint, max_in_flight=None)
+        return c
+
+    async def wait_serving(self, org_id: str, sampler_id: str, timeout_s: float = READY_TIMEOUT_SECONDS) -> SamplerTarget:
+        """The target once its server serves; raises SamplerUnavailable when the sampler ended
+        (failed, deactivated) or did not come up in time."""
+        deadline = time.monotonic() + timeout_s
+        t = await self.target(org_id, sampler_id)
+        while not t.serving:
+            if t.ended:
+                raise SamplerUnavailable(
+                    f"sampler {sampler_id} is {t.status.value}" + (f": {t.status_reason}" if t.status_reason else "")
+                )
+            if time.monotonic() > deadline:
+                raise SamplerUnavailable(f"sampler {sampler_id} was not ready after {timeout_s:.0f} s ({t.status.value})")
+            await asyncio.sleep(READY_POLL_SECONDS)
+            t = await self.target(org_id, sampler_id, max_age=READY_POLL_SECONDS)
+        return t
+
+    # ------------------------------------------------------------------ sampling
+
+    def in_flight(self, workload_id: str) -> int:
+        return self._in_flight.get(workload_id, 0)
+
+    async def submit(self, target: SamplerTarget, spec: SampleSpec) -> tuple[str, list[str]]:
+        """Admit one asample; ``(request_id, sample_sequence_ids)``. Raises SamplerBusy."""
+        wid = target.workload_id
+        if self.in_flight(wid) >= self.max_in_flight:
+            raise SamplerBusy(f"the sampler for {target.base_model} has {self.in_flight(wid)} requests in flight")
+        rid = new_request_id()
+        self._in_flight[wid] = self.in_flight(wid) + 1
+        try:
+            await self._queue.create_future(rid, run_id=wid)
+        except BaseException:
+            self._in_flight[wid] -= 1
+            raise
+        self._spawn(wid, self._run(target, spec, rid))
+        return rid, [f"{rid}:{i}" for i in range(spec.num_samples)]
+
+    def _spawn(self, wid: str, coro: Awaitable[None]) -> None:
+        async def wrapped() -> None:
+            try:
+                await coro
+            finally:
+                self._in_flight[wid] -= 1
+
+        task = asyncio.get_running_loop().create_task(wrapped())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, target: SamplerTarget, spec: SampleSpec, rid: str) -> None:
+        wid = target.workload_id
+        try:
+            if not target.serving:
+                target = await self.wait_serving(target.org_id, target.sampler_id)
+            assert target.endpoint is not None
+            payload = await self.client(target.endpoint).sample(spec, model=target.model, request_id=rid)
+            result = q.FutureResult.ok_proto(payload)
+        except SamplingError as exc:
+            if isinstance(exc, SamplerUnavailable):
+                self.forget(target.org_id, target.sampler_id)
+            result = q.FutureResult.failed(exc.message, q.ErrorCategory(exc.category))
+        except DomainError as exc:  # e.g. the pinned checkpoint was deleted meanwhile
+            result = q.FutureResult.failed(exc.message, q.ErrorCategory.USER)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._queue.complete(wid, rid, q.FutureResult.failed("sampling was cancelled (server shutdown)", q.ErrorCategory.SERVER))
+                )
+            raise
+        except Exception as exc:  # never leave a future pending
+            log.exception("sampling failed", request_id=rid, error=repr(exc))
+            result = q.FutureResult.failed(f"internal error while sampling: {exc!r}", q.ErrorCategory.SERVER)
+        await self._queue.complete(wid, rid, result)
+
+    async def run_direct(self, target: SamplerTarget, call: Callable[[VLLMClient, SamplerTarget], Awaitable[object]]) -> object:
+        """Run ``call`` against the target's server now (the OpenAI-compatible proxy), under
+        the same in-flight bound."""
+        wid = target.workload_id
+        if not target.serving:
+            raise SamplerUnavailable(
+                f"sampler {target.sampler_id} is {target.status.value}; retry when it is ACTIVE"
+            )
+        if self.in_flight(wid) >= self.max_in_flight:
+            raise SamplerBusy(f"the sampler for {target.base_model} has {self.in_flight(wid)} requests in flight")
+        self._in_flight[wid] = self.in_flight(wid) + 1
+        try:
+            assert target.endpoint is not None
+            return await call(self.client(target.endpoint), target)
+        finally:
+            self._in_flight[wid] -= 1
+
+    async def aclose(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        for c in self._clients.values():
+            await c.aclose()
+        self._clients.clear()
