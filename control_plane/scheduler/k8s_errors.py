@@ -6,8 +6,10 @@ translates them into these. None of them import the ``kubernetes`` package.
 
 from __future__ import annotations
 
+from control_plane.scheduler.protocol import BackendError, TransientBackendError
 
-class KubernetesBackendError(RuntimeError):
+
+class KubernetesBackendError(BackendError):
     """Base class of everything the Kubernetes backend raises."""
 
     def __init__(self, message: str, *, status: int | None = None, reason: str | None = None):
@@ -32,7 +34,7 @@ class KubernetesPermissionError(KubernetesApiError):
     """401/403: the control plane's service account lacks a permission (check the Role)."""
 
 
-class KubernetesUnavailableError(KubernetesBackendError):
+class KubernetesUnavailableError(KubernetesBackendError, TransientBackendError):
     """The API server could not be reached or kept failing (5xx, 429, connection errors)
     after the retry budget was spent."""
 

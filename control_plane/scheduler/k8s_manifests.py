@@ -388,6 +388,7 @@ BACKEND_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         ("", "services", "delete"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
+        ("", "events", "list"),  # describe (admin CLI)
     }
 )
 

@@ -8,6 +8,8 @@
   list+watch loops keep current (see ``_Informer``) and maps it with ``k8s_status``.
 * ``list_workloads`` returns the Deployments labelled ``app.kubernetes.io/managed-by=openloops``
   (from the watch cache; a direct labelled LIST until the cache is synced).
+* ``describe`` reads directly (no watch): the Deployment, its pods and the namespace's events
+  about them (for ``openloops admin ... show``).
 
 The official client is synchronous: every API call runs in this backend's own thread pool, the
 watches in their own threads; nothing blocks the event loop. Transient API failures (connection
@@ -61,7 +63,13 @@ from control_plane.scheduler.k8s_manifests import (
 )
 from control_plane.scheduler.k8s_status import observe_workload
 from control_plane.scheduler.kubernetes_settings import KubernetesSettings
-from control_plane.scheduler.protocol import Observation, WorkloadRole, WorkloadSpec
+from control_plane.scheduler.protocol import (
+    Observation,
+    WorkloadDescription,
+    WorkloadEvent,
+    WorkloadRole,
+    WorkloadSpec,
+)
 
 log = structlog.get_logger("openloops.scheduler.kubernetes")
 
@@ -330,6 +338,7 @@ class KubernetesBackend:
     """``SchedulerBackend`` on Kubernetes. Build it with ``KubernetesBackend.from_settings``."""
 
     name = "kubernetes"
+    isolated_workloads = True  # every pod has its own address
 
     def __init__(
         self,
@@ -565,6 +574,33 @@ class KubernetesBackend:
                 out.append((workload_id, role))
         return sorted(out)
 
+    async def describe(self, workload_id: str, role: WorkloadRole, *, max_events: int = 20) -> WorkloadDescription:
+        """Direct reads (get deployment, list pods, list events): no watch is started, so the
+        admin CLI can call this from its own short-lived process."""
+        role = WorkloadRole(role)
+        name = workload_name(workload_id, role)
+        got = await self._call(
+            f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
+        )
+        deployment = got if isinstance(got, dict) else None
+        listed = await self._call(
+            "list pods", self._core.list_namespaced_pod, self.namespace, label_selector=f"{LABEL_WORKLOAD}={name}"
+        )
+        assert isinstance(listed, dict)
+        pods = [p for p in listed.get("items") or [] if _workload_of(p) == name]
+        obs = observe_workload(
+            workload_id, role, deployment, pods, now=datetime.now(UTC),
+            unschedulable_grace=self.settings.unschedulable_grace_seconds,
+            cluster_domain=self.settings.cluster_domain, was_ready=self._was_ready,
+        )
+        events: list[WorkloadEvent] = []
+        if max_events > 0:
+            raw = await self._call("list events", self._core.list_namespaced_event, self.namespace)
+            assert isinstance(raw, dict)
+            pod_names = {(p.get("metadata") or {}).get("name") for p in pods}
+            events = _events_about(raw.get("items") or [], name, pod_names)[-max_events:]
+        return WorkloadDescription(obs, _describe_details(self.namespace, name, deployment, pods), events)
+
     # --- pod readiness memory (UNHEALTHY vs STARTING) ----------------------------------------
     def _on_pod_event(self, etype: str, pod: dict[str, Any]) -> None:
         key = _pod_key(pod)
@@ -581,6 +617,56 @@ class KubernetesBackend:
 
 def _workload_of(obj: dict[str, Any]) -> str | None:
     return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_WORKLOAD)
+
+
+def _describe_details(namespace: str, name: str, deployment: dict[str, Any] | None, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    details: dict[str, Any] = {"namespace": namespace, "deployment": None, "service": None, "pods": []}
+    if deployment is not None:
+        spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+        containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+        details.update(
+            deployment=name,
+            replicas=spec.get("replicas"),
+            ready_replicas=status.get("readyReplicas") or 0,
+            service=name if any(c.get("ports") for c in containers) else None,
+        )
+    for p in pods:
+        meta, st = p.get("metadata") or {}, p.get("status") or {}
+        statuses = st.get("containerStatuses") or []
+        details["pods"].append(
+            {
+                "name": meta.get("name"),
+                "phase": st.get("phase"),
+                "node": (p.get("spec") or {}).get("nodeName"),
+                "ready": bool(statuses) and all(c.get("ready") for c in statuses),
+                "restarts": sum(int(c.get("restartCount") or 0) for c in statuses),
+            }
+        )
+    return details
+
+
+def _events_about(items: list[dict[str, Any]], name: str, pod_names: set[Any]) -> list[WorkloadEvent]:
+    """Events whose object is the Deployment, one of its ReplicaSets (``{name}-{hash}``) or
+    one of its pods, oldest first."""
+    out: list[tuple[str, WorkloadEvent]] = []
+    for ev in items:
+        obj = ev.get("involvedObject") or {}
+        oname, kind = obj.get("name") or "", obj.get("kind") or ""
+        mine = (
+            (kind == "Deployment" and oname == name)
+            or (kind == "ReplicaSet" and oname.startswith(name + "-") and "-" not in oname[len(name) + 1 :])
+            or (kind == "Pod" and oname in pod_names)
+        )
+        if not mine:
+            continue
+        when = ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp") or \
+            (ev.get("metadata") or {}).get("creationTimestamp") or ""
+        out.append((str(when), WorkloadEvent(
+            message=str(ev.get("message") or ""), reason=ev.get("reason"), type=ev.get("type"),
+            object=f"{kind}/{oname}", time=str(when) or None, count=ev.get("count"),
+        )))
+    out.sort(key=lambda x: x[0])
+    return [e for _, e in out]
 
 
 def _pod_key(pod: dict[str, Any]) -> str:

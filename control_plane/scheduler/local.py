@@ -1,13 +1,16 @@
 """Workloads as local subprocesses (local mode, and tests).
 
-Each workload is one process group; its output goes to ``{work_dir}/{workload_id}.log``. An
-exited process is reported FAILED (with its exit code and the tail of its log) and is never
-restarted behind the controller's back: only ``remove`` forgets it.
+Each workload is one process group; its output goes to ``{work_dir}/{role}-{workload_id}.log``
+and a small state file (``.state.json``: pid, port, scaled down or not) lets another process
+(the admin CLI) ``describe`` it. An exited process is reported FAILED (with its exit code and
+the tail of its log) and is never restarted behind the controller's back: only ``remove``
+forgets it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +20,15 @@ from pathlib import Path
 
 import httpx
 
-from control_plane.scheduler.protocol import Observation, Phase, WorkloadRole, WorkloadSpec
+from control_plane.scheduler.protocol import (
+    BackendError,
+    Observation,
+    Phase,
+    WorkloadDescription,
+    WorkloadEvent,
+    WorkloadRole,
+    WorkloadSpec,
+)
 
 _SIGNALS = {getattr(signal, n): n for n in ("SIGKILL", "SIGTERM", "SIGSEGV", "SIGABRT", "SIGINT", "SIGBUS")}
 
@@ -30,12 +41,25 @@ class _Proc:
     scaled_down: bool = False
 
 
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _safe_name(workload_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in workload_id)
 
 
 class LocalProcessBackend:
     name = "local"
+    isolated_workloads = False  # workloads share 127.0.0.1: each serving workload needs its own port
 
     def __init__(self, work_dir: Path, python: str | None = None, stop_timeout_s: float = 10.0) -> None:
         self._dir = work_dir
@@ -44,26 +68,56 @@ class LocalProcessBackend:
         self._procs: dict[tuple[str, WorkloadRole], _Proc] = {}
         self._http = httpx.AsyncClient(timeout=2.0)
 
+    def _base(self, workload_id: str, role: WorkloadRole) -> Path:
+        return self._dir / f"{WorkloadRole(role).value}-{_safe_name(workload_id)}"
+
     def _start(self, spec: WorkloadSpec, log_path: Path) -> subprocess.Popen[bytes]:
         self._dir.mkdir(parents=True, exist_ok=True)
         cmd = list(spec.command)
-        if cmd and cmd[0] == "python":
+        if not cmd:
+            raise BackendError(f"{spec.role} {spec.workload_id!r}: empty command")
+        if cmd[0] == "python":
             cmd[0] = self._python
         env = {**os.environ, **spec.env}
         if spec.port is not None:
             env["OPENLOOPS_PORT"] = str(spec.port)
-        with log_path.open("ab") as log:
-            return subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+        try:
+            with log_path.open("ab") as log:
+                return subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                )
+        except OSError as exc:  # no such executable, permissions: retrying will not help
+            raise BackendError(f"cannot start {spec.role} {spec.workload_id!r}: {exc}") from exc
+
+    def _write_state(self, proc: _Proc) -> None:
+        state = {
+            "workload_id": proc.spec.workload_id,
+            "role": proc.spec.role.value,
+            "pid": proc.popen.pid if proc.popen else None,
+            "port": proc.spec.port,
+            "health_path": proc.spec.health_path,
+            "scaled_down": proc.scaled_down,
+            "log": str(proc.log_path),
+        }
+        path = self._base(proc.spec.workload_id, proc.spec.role).with_suffix(".state.json")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+
+    def _read_state(self, workload_id: str, role: WorkloadRole) -> dict | None:
+        try:
+            return dict(json.loads(self._base(workload_id, role).with_suffix(".state.json").read_text()))
+        except (OSError, ValueError):
+            return None
 
     async def ensure(self, spec: WorkloadSpec) -> None:
         key = (spec.workload_id, spec.role)
         if key in self._procs:
             return
-        log_path = self._dir / f"{spec.role.value}-{_safe_name(spec.workload_id)}.log"
+        log_path = self._base(spec.workload_id, spec.role).with_suffix(".log")
         popen = await asyncio.to_thread(self._start, spec, log_path) if spec.replicas > 0 else None
-        self._procs[key] = _Proc(spec, popen, log_path, scaled_down=spec.replicas == 0)
+        self._procs[key] = proc = _Proc(spec, popen, log_path, scaled_down=spec.replicas == 0)
+        self._write_state(proc)
 
     async def _stop(self, proc: _Proc) -> None:
         p = proc.popen
@@ -86,24 +140,33 @@ class LocalProcessBackend:
         proc = self._procs.pop((workload_id, role), None)
         if proc is not None:
             await self._stop(proc)
+        self._base(workload_id, role).with_suffix(".state.json").unlink(missing_ok=True)
 
     async def scale(self, workload_id: str, role: WorkloadRole, replicas: int) -> None:
+        if replicas < 0:
+            raise BackendError(f"replicas must be >= 0, got {replicas}")
         proc = self._procs.get((workload_id, role))
         if proc is None:
-            return
+            raise BackendError(f"cannot scale {role} {workload_id!r}: no such workload (ensure it first)")
         if replicas == 0:
             await self._stop(proc)
             proc.popen, proc.scaled_down = None, True
         elif proc.popen is None or proc.popen.poll() is not None:
             proc.popen = await asyncio.to_thread(self._start, proc.spec, proc.log_path)
             proc.scaled_down = False
+        self._write_state(proc)
+
+    def _log_lines(self, path: Path, lines: int) -> list[str]:
+        try:
+            with path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - max(4000, 200 * lines)))
+                data = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [x.strip() for x in data if x.strip()][-lines:]
 
     def _log_tail(self, path: Path, lines: int = 5) -> str:
-        try:
-            data = path.read_bytes()[-4000:].decode(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(x.strip() for x in data[-lines:] if x.strip())
+        return " | ".join(self._log_lines(path, lines))
 
     async def observe(self, workload_id: str, role: WorkloadRole) -> Observation:
         proc = self._procs.get((workload_id, role))
@@ -119,11 +182,14 @@ class LocalProcessBackend:
             tail = self._log_tail(proc.log_path)
             reason = f"worker process {how}" + (f": {tail}" if tail else "")
             return Observation(workload_id, role, Phase.FAILED, reason=reason[:2000], exit_code=code)
-        if proc.spec.port is None:
+        return await self._observe_http(workload_id, role, proc.spec.port, proc.spec.health_path)
+
+    async def _observe_http(self, workload_id: str, role: WorkloadRole, port: int | None, health_path: str | None) -> Observation:
+        if port is None:
             return Observation(workload_id, role, Phase.STARTING)
-        endpoint = f"http://127.0.0.1:{proc.spec.port}"
+        endpoint = f"http://127.0.0.1:{port}"
         try:
-            r = await self._http.get(endpoint + (proc.spec.health_path or "/health"))
+            r = await self._http.get(endpoint + (health_path or "/health"))
             ok = r.status_code == 200
         except httpx.HTTPError:
             ok = False
@@ -131,6 +197,29 @@ class LocalProcessBackend:
 
     async def list_workloads(self) -> list[tuple[str, WorkloadRole]]:
         return list(self._procs)
+
+    async def describe(self, workload_id: str, role: WorkloadRole, *, max_events: int = 20) -> WorkloadDescription:
+        """From this backend's own processes, or (another process, e.g. the admin CLI) from
+        the state file the owning backend keeps; events are the last lines of the log."""
+        role = WorkloadRole(role)
+        state = self._read_state(workload_id, role)
+        log_path = self._base(workload_id, role).with_suffix(".log")
+        if (workload_id, role) in self._procs:
+            obs = await self.observe(workload_id, role)
+        elif state is None:
+            obs = Observation(workload_id, role, Phase.ABSENT)
+        elif state.get("scaled_down"):
+            obs = Observation(workload_id, role, Phase.SCALED_DOWN)
+        elif not _alive(state.get("pid")):
+            obs = Observation(workload_id, role, Phase.FAILED, reason="worker process is not running")
+        else:
+            obs = await self._observe_http(workload_id, role, state.get("port"), state.get("health_path"))
+        details: dict = {"work_dir": str(self._dir), "log": str(log_path)}
+        if state is not None:
+            details.update(pid=state.get("pid"), port=state.get("port"), scaled_down=state.get("scaled_down"))
+        lines = self._log_lines(log_path, max_events) if max_events > 0 else []
+        events = [WorkloadEvent(message=x, object=log_path.name) for x in lines]
+        return WorkloadDescription(obs, details, events)
 
     def pid(self, workload_id: str, role: WorkloadRole) -> int | None:
         proc = self._procs.get((workload_id, role))

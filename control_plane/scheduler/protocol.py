@@ -3,13 +3,28 @@
 A backend is told the *desired* state of each workload (``ensure`` / ``remove`` /
 ``scale``) and reports what it *observes* (``observe``). It never writes to Postgres: the
 controller turns observations into status transitions (with history rows).
+
+Errors: a backend raises :class:`BackendError` subclasses; :class:`TransientBackendError`
+means "try again later" (the controller retries with backoff), any other error is permanent.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+
+class BackendError(RuntimeError):
+    """A backend could not carry out a request. Permanent unless it is a
+    :class:`TransientBackendError`: retrying the same request will fail the same way (an
+    invalid spec, a missing permission, a rejected manifest)."""
+
+
+class TransientBackendError(BackendError):
+    """The request may succeed later (the API server is unreachable, overloaded or timing
+    out). The controller retries these with backoff and fails the resource only after a
+    bounded number of attempts or time."""
 
 
 class WorkloadRole(StrEnum):
@@ -70,9 +85,35 @@ class Observation:
     exit_code: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class WorkloadEvent:
+    """Something that happened to a workload (a Kubernetes event, a log line locally)."""
+
+    message: str
+    reason: str | None = None
+    type: str | None = None  # Normal | Warning (Kubernetes)
+    object: str | None = None  # e.g. "Pod/openloops-sampler-x-abc"
+    time: str | None = None  # ISO 8601
+    count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadDescription:
+    """What an operator needs to see about one workload (``openloops admin ... show``)."""
+
+    observation: Observation
+    # backend-specific facts: object names (deployment, service, pods), pid, log file, ...
+    details: dict[str, Any] = field(default_factory=dict)
+    events: list[WorkloadEvent] = field(default_factory=list)  # oldest first
+
+
 @runtime_checkable
 class SchedulerBackend(Protocol):
     name: str
+    # True when every workload runs in its own container (pods): its own network address (a
+    # fixed serving port is fine) and filesystem. False when workloads share the host (local
+    # processes): each needs its own port and directories.
+    isolated_workloads: bool
 
     async def ensure(self, spec: WorkloadSpec) -> None:
         """Create the workload if it does not exist (idempotent)."""
@@ -90,6 +131,11 @@ class SchedulerBackend(Protocol):
 
     async def list_workloads(self) -> list[tuple[str, WorkloadRole]]:
         """Every workload this backend manages (for garbage collection)."""
+        ...
+
+    async def describe(self, workload_id: str, role: WorkloadRole, *, max_events: int = 20) -> WorkloadDescription:
+        """Observation plus details and recent events, for operators. Works from a process
+        other than the one that started the workload (the admin CLI)."""
         ...
 
     async def close(self) -> None: ...

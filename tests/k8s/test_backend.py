@@ -32,7 +32,14 @@ from control_plane.scheduler.k8s_manifests import (
     workload_name,
 )
 from control_plane.scheduler.kubernetes import KubernetesBackend
-from control_plane.scheduler.protocol import Phase, Resources, SchedulerBackend, WorkloadRole
+from control_plane.scheduler.protocol import (
+    BackendError,
+    Phase,
+    Resources,
+    SchedulerBackend,
+    TransientBackendError,
+    WorkloadRole,
+)
 from control_plane.settings import Settings
 from tests.k8s.conftest import (
     DEPLOYMENTS,
@@ -520,3 +527,54 @@ async def test_errors_are_our_types(backend: KubernetesBackend, cluster: Cluster
     assert err.value.status == 422 and not isinstance(err.value, ApiException)
     assert issubclass(KubernetesApiError, KubernetesBackendError)
     _ = kmock  # the emulator library is what answers these
+
+
+def k8s_event(name: str, kind: str, obj: str, reason: str, message: str, at: str, etype: str = "Normal") -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "involvedObject": {"kind": kind, "name": obj, "namespace": NAMESPACE},
+        "reason": reason, "message": message, "type": etype, "count": 1,
+        "firstTimestamp": at, "lastTimestamp": at,
+    }
+
+
+async def test_describe_shows_objects_pods_and_their_events(backend: KubernetesBackend, cluster: Cluster, kubelet: Kubelet) -> None:
+    spec, other = sampler_spec(), sampler_spec("smp:other")
+    await backend.ensure(spec)
+    await backend.ensure(other)
+    name, other_name = (workload_name(x.workload_id, x.role) for x in (spec, other))
+    pod = kubelet.create_pod(name, "x1y2z")
+    kubelet.set_status(pod, waiting("sampler", "CrashLoopBackOff", restarts=3, last=terminated(137, "OOMKilled")))
+    for ev in (
+        k8s_event("e3", "Pod", pod, "BackOff", "Back-off restarting failed container", "2026-01-01T00:00:03Z", "Warning"),
+        k8s_event("e1", "Deployment", name, "ScalingReplicaSet", f"Scaled up replica set {name}-5d8f7 to 1", "2026-01-01T00:00:01Z"),
+        k8s_event("e2", "ReplicaSet", f"{name}-5d8f7", "SuccessfulCreate", f"Created pod: {pod}", "2026-01-01T00:00:02Z"),
+        k8s_event("x1", "Deployment", other_name, "ScalingReplicaSet", "not about this workload", "2026-01-01T00:00:00Z"),
+        k8s_event("x2", "Pod", f"{other_name}-aaaaa", "Pulled", "not about this workload", "2026-01-01T00:00:00Z"),
+    ):
+        cluster.core.create_namespaced_event(NAMESPACE, ev)
+
+    d = await backend.describe(spec.workload_id, spec.role)
+    assert d.observation.phase == Phase.FAILED
+    assert d.observation.reason == "OOMKilled (exit code 137), CrashLoopBackOff"
+    assert d.details["deployment"] == name and d.details["service"] == name and d.details["replicas"] == 1
+    assert d.details["pods"] == [{"name": pod, "phase": "Pending", "node": None, "ready": False, "restarts": 3}]
+    assert [(e.object, e.reason, e.type) for e in d.events] == [
+        (f"Deployment/{name}", "ScalingReplicaSet", "Normal"),
+        (f"ReplicaSet/{name}-5d8f7", "SuccessfulCreate", "Normal"),
+        (f"Pod/{pod}", "BackOff", "Warning"),
+    ]
+    assert (await backend.describe(spec.workload_id, spec.role, max_events=1)).events[0].reason == "BackOff"
+    # a trainer has no Service; a missing workload is ABSENT with no objects
+    await backend.ensure(trainer_spec())
+    t = await backend.describe(trainer_spec().workload_id, WorkloadRole.TRAINER)
+    assert t.details["service"] is None and t.details["pods"] == [] and t.observation.phase == Phase.PENDING
+    gone = await backend.describe("nope", WorkloadRole.DEPLOYMENT)
+    assert gone.observation.phase == Phase.ABSENT and gone.details["deployment"] is None and gone.events == []
+
+
+def test_transient_and_permanent_errors_for_the_controller() -> None:
+    assert issubclass(KubernetesUnavailableError, TransientBackendError)
+    for permanent in (KubernetesApiError, KubernetesPermissionError, WorkloadSpecError, WorkloadNotFoundError, KubernetesConfigError):
+        assert issubclass(permanent, BackendError) and not issubclass(permanent, TransientBackendError)

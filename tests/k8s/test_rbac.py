@@ -36,6 +36,7 @@ async def exercise_backend(cluster: Cluster) -> set[tuple[str, str, str]]:
         pod = kubelet.create_pod(workload_name(smp.workload_id, smp.role))
         kubelet.set_status(pod, running("sampler", ready=True, started=True))
         await wait_phase(b, smp, phase=Phase.READY)
+        assert (await b.describe(smp.workload_id, smp.role)).observation.phase == Phase.READY
         await b.scale(specs[2].workload_id, specs[2].role, 0)
         await b.scale(specs[2].workload_id, specs[2].role, 1)
         assert len(await b.list_workloads()) == 3
