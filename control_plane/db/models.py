@@ -165,6 +165,8 @@ class Sampler(Base):
     status: Mapped[str] = mapped_column(String(32))
     status_reason: Mapped[str | None] = mapped_column(Text)
     endpoint: Mapped[str | None] = mapped_column(Text)
+    scale_down_delay_seconds: Mapped[int] = mapped_column(Integer, default=3600, server_default="3600")
+    last_request_at: Mapped[datetime | None] = _ts()
     created_at: Mapped[datetime] = _ts(server_default=func.now())
     updated_at: Mapped[datetime] = _ts(server_default=func.now())
     __table_args__ = (
