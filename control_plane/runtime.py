@@ -14,6 +14,7 @@ from control_plane.db.engine import Database
 from control_plane.scheduler.protocol import SchedulerBackend
 from control_plane.settings import BackendKind, Settings, StoreKind
 from control_plane.signed_urls import UrlSigner
+from control_plane.training.futures import FutureWaiter
 from data_plane.storage.base import ObjectStore
 from data_plane.wire.worker_config import StoreSpec
 
@@ -30,6 +31,7 @@ class Runtime:
     store_spec: StoreSpec
     authenticator: Authenticator
     signer: UrlSigner
+    futures: FutureWaiter
     backend: SchedulerBackend | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -44,6 +46,7 @@ class Runtime:
     async def close(self) -> None:
         if self.backend is not None:
             await self.backend.close()
+        await self.futures.close()
         await self.redis.aclose()
         await self.db.close()
 
@@ -109,5 +112,6 @@ def build_runtime(settings: Settings, *, with_backend: bool = True) -> Runtime:
         store_spec=spec,
         authenticator=auth,
         signer=UrlSigner(signing_secret(settings), settings.base_url),
+        futures=FutureWaiter(redis),
         backend=build_backend(settings, redis) if with_backend else None,
     )

@@ -14,6 +14,7 @@ import uvicorn
 from control_plane.api.app import create_app
 from control_plane.controller.reconciler import Controller
 from control_plane.runtime import Runtime, build_runtime
+from control_plane.training.completions import CompletionConsumer
 from control_plane.settings import Settings
 
 log = structlog.get_logger("openloops.server")
@@ -21,7 +22,7 @@ log = structlog.get_logger("openloops.server")
 
 def background_tasks(runtime: Runtime) -> list[Callable[[asyncio.Event], object]]:
     """Long-running coroutines of a control-plane process, each taking the stop event."""
-    tasks: list[Callable[[asyncio.Event], object]] = []
+    tasks: list[Callable[[asyncio.Event], object]] = [CompletionConsumer(runtime).run_forever]
     if runtime.backend is not None:
         tasks.append(Controller(runtime).run_forever)
     tasks.extend(runtime.extras.get("background", []))

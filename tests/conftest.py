@@ -56,3 +56,23 @@ def data_dir(tmp_path: Path) -> Path:
     d = tmp_path / "openloops-data"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def live_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The tiny local model (built offline), as a catalog entry."""
+    from control_plane.local_mode.models import prepare
+
+    return prepare("tiny", tmp_path_factory.mktemp("live-models"), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def live_server(services: TestServices, live_model, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One live openloops server for the session (its own database and Redis db)."""
+    from tests.infra.live_server import start_live_server
+
+    server = start_live_server(
+        services.database_url, services.redis_url, tmp_path_factory.mktemp("live-data"), live_model
+    )
+    yield server
+    server.stop()

@@ -12,6 +12,7 @@ from control_plane.api.health import download, healthz, metrics, readyz
 from control_plane.api.legacy import LegacyController
 from control_plane.api.loops.resources import LoopsResourcesController
 from control_plane.api.loops.training import LoopsTrainingController
+from control_plane.api.tinker.routes import TINKER_HANDLERS
 from control_plane.api.observability import HttpMetrics, observability_middleware
 from control_plane.runtime import Runtime
 
@@ -26,6 +27,7 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         LoopsTrainingController,
         LoopsResourcesController,
         LegacyController,
+        *TINKER_HANDLERS,
         *runtime.extras.get("route_handlers", []),
         *(extra_handlers or []),
     ]

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from control_plane.db.engine import Database
 from control_plane.last_seen import drain_hash
 from control_plane.db.models import Run, Session
-from control_plane.services import history
+from control_plane.services.sessions import end_session_runs
 from control_plane.statuses import TERMINAL, SessionStatus, Status
 
 LAST_SEEN_SESSIONS = "openloops:lastseen:sessions"
@@ -57,14 +57,3 @@ async def expire_sessions(db: Database, max_idle: timedelta) -> list[str]:
             sess.finished_at = datetime.now(UTC)
             await end_session_runs(s, sess.id, "session expired (no heartbeat)")
     return [x.id for x in rows]
-
-
-async def end_session_runs(s, session_id: str, reason: str) -> None:  # type: ignore[no-untyped-def]
-    runs = (
-        await s.execute(
-            select(Run).where(Run.session_id == session_id, Run.status.notin_([x.value for x in TERMINAL]))
-        )
-    ).scalars()
-    for run in runs:
-        if run.status != Status.DEACTIVATING.value:
-            history.transition(s, "run", run, Status.DEACTIVATING, reason)

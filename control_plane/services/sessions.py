@@ -9,10 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
-from control_plane.db.models import Session, TrainingProject
+from control_plane.db.models import Run, Sampler, Session, TrainingProject
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.ids import new_id, new_session_id
-from control_plane.statuses import SessionStatus
+from control_plane.services import history
+from control_plane.statuses import TERMINAL, SessionStatus, Status
 
 
 async def default_project(s: AsyncSession, principal: Principal) -> TrainingProject:
@@ -76,3 +77,37 @@ async def get_session(s: AsyncSession, principal: Principal, session_id: str) ->
     if row is None or row.org_id != principal.org_id:
         raise NotFound("session", session_id)
     return row
+
+
+FINISH_REASONS = ("success", "errored", "interrupted")
+
+
+async def finish_session(
+    s: AsyncSession, principal: Principal, session_id: str, reason: str, detail: str | None
+) -> Session:
+    """End a session: the first reason wins, its live runs and samplers are torn down."""
+    if reason not in FINISH_REASONS:
+        raise InvalidInput(f"reason.type must be one of {list(FINISH_REASONS)}", field="reason.type")
+    row = await get_session(s, principal, session_id)
+    if row.status == SessionStatus.ACTIVE.value:
+        row.status = SessionStatus.FINISHED.value
+        row.finish_reason = reason
+        row.finish_detail = detail[:4000] if detail else None
+        row.finished_at = datetime.now(UTC)
+        await end_session_runs(s, row.id, f"session finished ({reason})")
+        for smp in (await s.execute(select(Sampler).where(Sampler.session_id == row.id))).scalars():
+            history.request_deactivation(s, "sampler", smp, f"session finished ({reason})")
+        await s.flush()
+    return row
+
+
+async def end_session_runs(s: AsyncSession, session_id: str, reason: str) -> None:
+    """Request teardown of a session's live runs (the controller finishes it)."""
+    runs = (
+        await s.execute(
+            select(Run).where(Run.session_id == session_id, Run.status.notin_([x.value for x in TERMINAL]))
+        )
+    ).scalars()
+    for run in runs:
+        if run.status != Status.DEACTIVATING.value:
+            history.transition(s, "run", run, Status.DEACTIVATING, reason)

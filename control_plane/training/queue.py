@@ -9,11 +9,11 @@ from control_plane.ids import new_request_id
 from data_plane.wire import queue as q
 
 # KEYS: seq claim, future, pending set, ops stream
-# ARGV: request_id, ttl, model_id, seq_id, kind, body
+# ARGV: request_id, ttl, model_id, seq_id, kind, body, org_id
 _SUBMIT = """
 local prev = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'GET', 'EX', ARGV[2])
 if prev then return prev end
-redis.call('HSET', KEYS[2], 'state', 'pending')
+redis.call('HSET', KEYS[2], 'state', 'pending', 'org', ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[1], 'model_id', ARGV[3], 'seq_id', ARGV[4], 'kind', ARGV[5], 'body', ARGV[6])
@@ -27,10 +27,11 @@ class TrainerQueue:
         self._submit = redis.register_script(_SUBMIT)
 
     async def submit(
-        self, run_id: str, model_id: str, seq_id: int, kind: q.OpKind, body: bytes
+        self, run_id: str, model_id: str, seq_id: int, kind: q.OpKind, body: bytes, *, org_id: str = ""
     ) -> tuple[str, bool]:
         """Enqueue an op once per ``(model_id, seq_id)``. Returns ``(request_id, is_new)``:
-        a repeated submission gets the first submission's request id back."""
+        a repeated submission gets the first submission's request id back. ``org_id`` is
+        recorded on the future so that only that org can retrieve it."""
         rid = new_request_id()
         got = await self._submit(
             keys=[
@@ -39,7 +40,7 @@ class TrainerQueue:
                 q.run_pending_key(run_id),
                 q.ops_stream(run_id),
             ],
-            args=[rid, q.FUTURE_TTL_SECONDS, model_id, seq_id, kind.value, body],
+            args=[rid, q.FUTURE_TTL_SECONDS, model_id, seq_id, kind.value, body, org_id],
         )
         got = got.decode() if isinstance(got, bytes) else str(got)
         return got, got == rid
@@ -54,10 +55,15 @@ class TrainerQueue:
             pipe.publish(q.FUTURE_DONE_CHANNEL, request_id)
             await pipe.execute()
 
-    async def create_future(self, request_id: str, run_id: str | None = None) -> None:
+    async def claimed(self, model_id: str, seq_id: int) -> str | None:
+        """The request id already holding ``(model_id, seq_id)``, if any."""
+        got = await self._redis.get(q.seq_claim_key(model_id, seq_id))
+        return got.decode() if got is not None else None
+
+    async def create_future(self, request_id: str, run_id: str | None = None, *, org_id: str = "") -> None:
         """A pending future not backed by a worker op (e.g. sampling)."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(q.future_key(request_id), "state", q.FutureState.PENDING.value)
+            pipe.hset(q.future_key(request_id), mapping={"state": q.FutureState.PENDING.value, "org": org_id})
             pipe.expire(q.future_key(request_id), q.FUTURE_TTL_SECONDS)
             if run_id:
                 pipe.sadd(q.run_pending_key(run_id), request_id)

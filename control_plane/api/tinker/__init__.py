@@ -1,0 +1,1 @@
+"""The Tinker service API under ``/api/v1`` (the contract is the official ``tinker`` SDK)."""

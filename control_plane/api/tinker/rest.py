@@ -1,0 +1,91 @@
+"""Tinker REST reads: training runs, checkpoints, weights info; checkpoint delete and TTL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, delete, get, post, put
+from litestar.di import Provide
+from litestar.params import Parameter
+
+from control_plane.api.auth import provide_principal
+from control_plane.api.tinker import presenters as p
+from control_plane.api.tinker.bootstrap import OWN, access_scope, page, rt
+from control_plane.api.tinker.schemas import CheckpointTtlBody, WeightsInfoBody
+from control_plane.auth.principal import Principal
+from control_plane.errors import NotFound
+from control_plane.services import runs as runs_svc
+from control_plane.services import training_runs as tr_svc
+from control_plane.training.ops import MAX_TTL_SECONDS
+
+
+class TinkerRestController(Controller):
+    path = "/api/v1"
+    dependencies = {"principal": Provide(provide_principal)}
+    tags = ["tinker"]
+
+    @post("/weights_info", opt=OWN, status_code=200)
+    async def weights_info(self, request: Request, principal: Principal, data: WeightsInfoBody) -> dict[str, Any]:
+        async with rt(request).db.session() as s:
+            ckpt = await tr_svc.checkpoint_by_path(s, principal, data.tinker_path)
+        return p.weights_info_json(ckpt)
+
+    @get("/training_runs", opt=OWN)
+    async def list_runs(self, request: Request, principal: Principal, limit: int = 20, offset: int = 0,
+                        scope_: str | None = Parameter(query="access_scope", default=None)) -> dict[str, Any]:
+        limit, offset = page(limit, offset)
+        async with rt(request).db.session() as s:
+            res = await tr_svc.list_training_runs(s, principal, limit=limit, offset=offset, scope=access_scope(scope_))
+        return {
+            "training_runs": [p.training_run_json(*row) for row in res.runs],
+            "cursor": {"offset": offset, "limit": limit, "total_count": res.total},
+        }
+
+    @get("/training_runs/{run_id:str}", opt=OWN)
+    async def get_run(self, request: Request, principal: Principal, run_id: str,
+                      scope_: str | None = Parameter(query="access_scope", default=None)) -> dict[str, Any]:
+        access_scope(scope_)
+        async with rt(request).db.session() as s:
+            run = await runs_svc.get_run(s, principal, run_id)
+            return p.training_run_json(*await tr_svc.with_last_checkpoints(s, run))
+
+    @get("/training_runs/{run_id:str}/checkpoints", opt=OWN)
+    async def run_checkpoints(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
+        async with rt(request).db.session() as s:
+            rows = await tr_svc.list_run_checkpoints(s, principal, run_id)
+        return {"checkpoints": [p.checkpoint_json(c) for c in rows]}
+
+    @delete("/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}", opt=OWN, status_code=200)
+    async def delete_checkpoint(self, request: Request, principal: Principal, run_id: str,
+                                checkpoint_id: str) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.transaction() as s:
+            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, checkpoint_id.lstrip("/"))
+            tinker_path = p.checkpoint_json(ckpt)["tinker_path"]
+            prefix = await tr_svc.delete_checkpoint_row(s, ckpt)
+        removed = await tr_svc.delete_checkpoint_files(r.store, prefix)
+        return {"deleted": tinker_path, "files_removed": removed}
+
+    @put("/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}", opt=OWN, status_code=200)
+    async def set_checkpoint_ttl(self, request: Request, principal: Principal, run_id: str, checkpoint_id: str,
+                                 data: CheckpointTtlBody) -> dict[str, Any]:
+        cid = checkpoint_id.lstrip("/")
+        if not cid.endswith("/ttl"):
+            raise NotFound("route", f"PUT {request.url.path}")
+        async with rt(request).db.transaction() as s:
+            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, cid[: -len("/ttl")])
+            tr_svc.set_ttl(ckpt, data.ttl_seconds, MAX_TTL_SECONDS)
+            return p.checkpoint_json(ckpt)
+
+    @get("/checkpoints", opt=OWN)
+    async def all_checkpoints(self, request: Request, principal: Principal, limit: int = 100, offset: int = 0,
+                              scope_: str | None = Parameter(query="access_scope", default=None)) -> dict[str, Any]:
+        limit, offset = page(limit, offset)
+        async with rt(request).db.session() as s:
+            rows, total = await tr_svc.list_all_checkpoints(
+                s, principal, limit=limit, offset=offset, scope=access_scope(scope_)
+            )
+        return {
+            "checkpoints": [p.checkpoint_json(c) for c in rows],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }

@@ -1,0 +1,175 @@
+"""Tinker training routes: thin handlers over :class:`TrainingOps` (each returns a future)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, post
+from litestar.di import Provide
+
+from control_plane.api.auth import provide_principal
+from control_plane.api.tinker.bootstrap import OWN, rt
+from control_plane.api.tinker.schemas import (
+    CreateModelBody,
+    LoadWeightsBody,
+    ModelIdBody,
+    OptimStepBody,
+    SaveWeightsBody,
+    SaveWeightsForSamplerBody,
+)
+from control_plane.auth.principal import Principal
+from control_plane.db.models import Run
+from control_plane.errors import InvalidInput, NotFound
+from control_plane.training.ops import LoraRequest, TrainingOps
+
+
+def ops(request: Request) -> TrainingOps:
+    return TrainingOps(rt(request))
+
+
+def _seq(seq_id: int | None) -> int:
+    if seq_id is None:
+        raise InvalidInput("seq_id is required", field="seq_id")
+    return seq_id
+
+
+class TinkerTrainingController(Controller):
+    path = "/api/v1"
+    dependencies = {"principal": Provide(provide_principal)}
+    tags = ["tinker"]
+
+    @post("/create_model", opt=OWN, status_code=200)
+    async def create_model(self, request: Request, principal: Principal, data: CreateModelBody) -> dict[str, Any]:
+        lc = data.lora_config
+        lora = LoraRequest() if lc is None else LoraRequest(
+            rank=lc.rank, seed=lc.seed, train_attn=lc.train_attn, train_mlp=lc.train_mlp, train_unembed=lc.train_unembed
+        )
+        sub = await ops(request).create_model(
+            principal,
+            session_id=data.session_id,
+            model_seq_id=data.model_seq_id,
+            base_model=data.base_model,
+            lora=lora,
+            optimizer_config=data.optimizer_config,
+            user_metadata=data.user_metadata,
+        )
+        return sub.future()
+
+    @post("/get_info", opt=OWN, status_code=200)
+    async def get_info(self, request: Request, principal: Principal, data: ModelIdBody) -> dict[str, Any]:
+        r = rt(request)
+        async with r.db.session() as s:
+            run = await s.get(Run, data.model_id)
+        if run is None or run.org_id != principal.org_id:
+            raise NotFound("model", data.model_id)
+        model = r.catalog.get(run.base_model)
+        lora = run.lora_config or {}
+        return {
+            "type": "get_info",
+            "model_id": run.id,
+            "model_data": {
+                "model_name": run.base_model,
+                "tokenizer_id": model.resolved_tokenizer_id,
+            },
+            "optimizer_config": {"type": "adamw"},
+            "is_lora": True,
+            "lora_rank": int(lora.get("rank") or run.lora_rank),
+            "model_name": run.base_model,
+        }
+
+    @post("/forward_backward", opt=OWN, status_code=200)
+    async def forward_backward(self, request: Request, principal: Principal) -> dict[str, Any]:
+        raw = await request.body()
+        sub = await ops(request).forward_backward(principal, raw, request.headers.get("content-encoding"))
+        return sub.future()
+
+    @post("/forward", opt=OWN, status_code=200)
+    async def forward(self, request: Request, principal: Principal) -> dict[str, Any]:
+        """Same body as forward_backward with ``forward_only`` set (older SDKs used this path)."""
+        raw = await request.body()
+        sub = await ops(request).forward_backward(principal, raw, request.headers.get("content-encoding"))
+        return sub.future()
+
+    @post("/optim_step", opt=OWN, status_code=200)
+    async def optim_step(self, request: Request, principal: Principal, data: OptimStepBody) -> dict[str, Any]:
+        sub = await ops(request).optim_step(
+            principal,
+            model_id=data.model_id,
+            seq_id=_seq(data.seq_id),
+            adam=data.adam_params if data.adam_params is not None else _adam_alias(data.optim_params),
+            optimizer_params=data.optimizer_params if data.optimizer_params is not None else _other_alias(data.optim_params),
+        )
+        return sub.future()
+
+    @post("/save_weights", opt=OWN, status_code=200)
+    async def save_weights(self, request: Request, principal: Principal, data: SaveWeightsBody) -> dict[str, Any]:
+        sub = await ops(request).save(
+            principal,
+            model_id=data.model_id,
+            seq_id=_seq(data.seq_id),
+            kind="weights",
+            name=data.path,
+            sampling_session_seq_id=None,
+            overwrite=data.overwrite,
+            ttl_seconds=data.ttl_seconds,
+            user_metadata=data.user_metadata,
+        )
+        return sub.future()
+
+    @post("/save_weights_for_sampler", opt=OWN, status_code=200)
+    async def save_weights_for_sampler(self, request: Request, principal: Principal,
+                                       data: SaveWeightsForSamplerBody) -> dict[str, Any]:
+        if data.kind != "snapshot":
+            raise InvalidInput(
+                f"sampling client kind {data.kind!r} is not supported by this server; use 'snapshot'", field="kind"
+            )
+        sub = await ops(request).save(
+            principal,
+            model_id=data.model_id,
+            seq_id=_seq(data.seq_id),
+            kind="sampler_weights",
+            name=data.path,
+            sampling_session_seq_id=data.sampling_session_seq_id,
+            overwrite=True,
+            ttl_seconds=data.ttl_seconds,
+            user_metadata=data.user_metadata,
+        )
+        return sub.future()
+
+    @post("/load_weights", opt=OWN, status_code=200)
+    async def load_weights(self, request: Request, principal: Principal, data: LoadWeightsBody) -> dict[str, Any]:
+        if data.weights_access_token:
+            raise InvalidInput("weights_access_token is not supported by this server", field="weights_access_token")
+        if data.session_id is not None or data.model_seq_id is not None:
+            if data.session_id is None or data.model_seq_id is None:
+                raise InvalidInput("create-via-load needs both session_id and model_seq_id", field="session_id")
+            sub = await ops(request).create_from_state(
+                principal,
+                session_id=data.session_id,
+                model_seq_id=data.model_seq_id,
+                path=data.path,
+                optimizer=data.optimizer,
+                base_model=data.base_model,
+                optimizer_config=data.optimizer_config,
+                user_metadata=data.user_metadata,
+            )
+            return sub.future()
+        if data.model_id is None:
+            raise InvalidInput("load_weights needs model_id and seq_id, or session_id and model_seq_id", field="model_id")
+        sub = await ops(request).load(
+            principal, model_id=data.model_id, seq_id=_seq(data.seq_id), path=data.path, optimizer=data.optimizer
+        )
+        return sub.future()
+
+
+def _adam_alias(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``optim_params`` (an accepted alias) holding Adam parameters."""
+    if params is None or params.get("type", "adamw") in ("adam", "adamw"):
+        return params
+    return None
+
+
+def _other_alias(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    if params is None or params.get("type", "adamw") in ("adam", "adamw"):
+        return None
+    return params

@@ -1,0 +1,122 @@
+"""Training runs and their checkpoints as the Tinker REST API lists them (offset pages with a
+total count), plus checkpoint deletion and TTL changes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control_plane.auth.principal import Principal
+from control_plane.db.models import Checkpoint, Run
+from control_plane.errors import InvalidInput, NotFound
+from control_plane.services.runs import get_run
+from control_plane.services.scoping import list_scope_filter
+from data_plane.storage.base import ObjectStore
+from data_plane.wire.paths import KINDS, PathError, parse_checkpoint_path, validate_name
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[tuple[Run, Checkpoint | None, Checkpoint | None]]
+    total: int
+
+
+async def _last(s: AsyncSession, run_id: str, kind: str) -> Checkpoint | None:
+    q = (
+        select(Checkpoint)
+        .where(Checkpoint.run_id == run_id, Checkpoint.kind == kind)
+        .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+        .limit(1)
+    )
+    return (await s.execute(q)).scalar_one_or_none()
+
+
+async def with_last_checkpoints(s: AsyncSession, run: Run) -> tuple[Run, Checkpoint | None, Checkpoint | None]:
+    return run, await _last(s, run.id, "weights"), await _last(s, run.id, "sampler_weights")
+
+
+async def list_training_runs(
+    s: AsyncSession, principal: Principal, *, limit: int, offset: int, scope: str | None
+) -> RunPage:
+    conds = list_scope_filter(Run, principal, scope)
+    total = (await s.execute(select(func.count()).select_from(Run).where(*conds))).scalar_one()
+    q = select(Run).where(*conds).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit).offset(offset)
+    rows = list((await s.execute(q)).scalars())
+    return RunPage([await with_last_checkpoints(s, r) for r in rows], int(total))
+
+
+async def list_run_checkpoints(s: AsyncSession, principal: Principal, run_id: str) -> list[Checkpoint]:
+    run = await get_run(s, principal, run_id)
+    q = select(Checkpoint).where(Checkpoint.run_id == run.id).order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+    return list((await s.execute(q)).scalars())
+
+
+async def list_all_checkpoints(
+    s: AsyncSession, principal: Principal, *, limit: int, offset: int, scope: str | None
+) -> tuple[list[Checkpoint], int]:
+    conds = list_scope_filter(Checkpoint, principal, scope)
+    total = (await s.execute(select(func.count()).select_from(Checkpoint).where(*conds))).scalar_one()
+    q = (
+        select(Checkpoint)
+        .where(*conds)
+        .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return list((await s.execute(q)).scalars()), int(total)
+
+
+async def find_run_checkpoint(s: AsyncSession, principal: Principal, run_id: str, checkpoint_id: str) -> Checkpoint:
+    """``checkpoint_id`` is Tinker's ``{kind}/{name}``."""
+    run = await get_run(s, principal, run_id)
+    kind, _, name = checkpoint_id.partition("/")
+    if kind not in KINDS or not name:
+        raise InvalidInput(
+            f"checkpoint id {checkpoint_id!r} must look like weights/<name> or sampler_weights/<name>",
+            field="checkpoint_id",
+        )
+    try:
+        validate_name(name)
+    except PathError as exc:
+        raise InvalidInput(str(exc), field="checkpoint_id") from exc
+    q = select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.kind == kind, Checkpoint.name == name)
+    ckpt = (await s.execute(q)).scalar_one_or_none()
+    if ckpt is None:
+        raise NotFound("checkpoint", f"{run_id}/{checkpoint_id}")
+    return ckpt
+
+
+async def checkpoint_by_path(s: AsyncSession, principal: Principal, path: str) -> Checkpoint:
+    try:
+        ref = parse_checkpoint_path(path)
+    except PathError as exc:
+        raise InvalidInput(str(exc), field="tinker_path") from exc
+    return await find_run_checkpoint(s, principal, ref.run_id, ref.checkpoint_id)
+
+
+async def delete_checkpoint_row(s: AsyncSession, ckpt: Checkpoint) -> str:
+    """Delete the row (nothing lists or loads it any more); returns the files' prefix, to be
+    removed with :func:`delete_checkpoint_files` once the transaction has committed."""
+    prefix = ckpt.storage_prefix
+    await s.execute(delete(Checkpoint).where(Checkpoint.id == ckpt.id))
+    await s.flush()
+    return prefix
+
+
+async def delete_checkpoint_files(store: ObjectStore, prefix: str) -> int:
+    if not prefix:
+        return 0
+    return await asyncio.to_thread(store.delete_prefix, prefix.rstrip("/") + "/")
+
+
+def set_ttl(ckpt: Checkpoint, ttl_seconds: int | None, max_ttl: int) -> None:
+    if ttl_seconds is None:
+        ckpt.expires_at = None
+        return
+    if not 1 <= ttl_seconds <= max_ttl:
+        raise InvalidInput(f"ttl_seconds must be between 1 and {max_ttl}, or null", field="ttl_seconds")
+    ckpt.expires_at = datetime.now(UTC) + timedelta(seconds=ttl_seconds)

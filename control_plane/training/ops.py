@@ -1,0 +1,354 @@
+"""Tinker training operations: validate a request, then hand it to the run's trainer worker.
+
+Every op of a training model is keyed by ``(model_id, seq_id)``; the first submission claims
+the pair and later ones get the same future back (see :class:`TrainerQueue`). A repeated
+submission is answered before any validation, so an HTTP retry of an op that already ran
+(a save whose name now exists, say) still gets its original future.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import zstandard
+from google.protobuf.message import DecodeError
+
+from control_plane.auth.principal import Principal
+from control_plane.db.models import Checkpoint, Run
+from control_plane.errors import Conflict, InvalidInput, NotFound
+from control_plane.ids import training_model_id
+from control_plane.services import checkpoints as ckpt_svc
+from control_plane.services import runs as runs_svc
+from control_plane.statuses import TERMINAL, Status
+from control_plane.training.queue import TrainerQueue
+from data_plane.wire import op_bodies
+from data_plane.wire import tinker_wire_pb2 as pb
+from data_plane.wire.paths import CheckpointRef, PathError, validate_name
+from data_plane.wire.queue import OpKind
+
+if TYPE_CHECKING:
+    from control_plane.runtime import Runtime
+
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+MAX_SEQ_ID = 2**31 - 1
+SUPPORTED_OPTIMIZERS = ("adamw",)
+ZSTD_MAX_OUTPUT = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Submitted:
+    request_id: str
+    model_id: str
+
+    def future(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "model_id": self.model_id}
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    rank: int = 32
+    seed: int | None = None
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+
+def _check_seq(seq_id: int, *, first: int = 1) -> None:
+    if not first <= seq_id <= MAX_SEQ_ID:
+        raise InvalidInput(f"seq_id must be between {first} and {MAX_SEQ_ID}, got {seq_id}", field="seq_id")
+
+
+def _check_optimizer(config: dict[str, Any] | None) -> None:
+    kind = (config or {}).get("type", "adamw")
+    if kind not in SUPPORTED_OPTIMIZERS:
+        raise InvalidInput(
+            f"optimizer {kind!r} is not supported by this server; supported: {list(SUPPORTED_OPTIMIZERS)}",
+            field="optimizer_config",
+        )
+
+
+def storage_prefix(run: Run, kind: str, name: str) -> str:
+    """Where a checkpoint's files go. Unique per save (a random suffix): an overwritten name
+    gets a new prefix, so an adapter name a sampler cached never changes content."""
+    return f"checkpoints/{run.org_id}/{run.id}/{kind}/{name}-{secrets.token_hex(4)}"
+
+
+class TrainingOps:
+    def __init__(self, runtime: Runtime) -> None:
+        self.r = runtime
+        self.queue = TrainerQueue(runtime.redis)
+
+    # ---- model lookup -------------------------------------------------------------------
+    async def live_run(self, principal: Principal, model_id: str) -> Run:
+        async with self.r.db.session() as s:
+            run = await s.get(Run, model_id)
+        if run is None or run.org_id != principal.org_id:
+            raise NotFound("model", model_id)
+        if Status(run.status) in TERMINAL:
+            reason = f": {run.status_reason}" if run.status_reason else ""
+            raise Conflict(f"model {model_id!r} is {run.status}{reason}; create a new training client")
+        return run
+
+    async def _submit(self, run: Run, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
+        rid, is_new = await self.queue.submit(run.id, run.id, seq_id, kind, body, org_id=run.org_id)
+        if is_new and seq_id == 0:
+            await self.r.kick_controller()
+        return Submitted(rid, run.id)
+
+    async def _repeat(self, principal: Principal, model_id: str, seq_id: int) -> Submitted | None:
+        rid = await self.queue.claimed(model_id, seq_id)
+        if rid is None:
+            return None
+        async with self.r.db.session() as s:
+            run = await s.get(Run, model_id)
+        if run is None or run.org_id != principal.org_id:
+            raise NotFound("model", model_id)
+        return Submitted(rid, model_id)
+
+    # ---- creating models ----------------------------------------------------------------
+    async def create_model(
+        self,
+        principal: Principal,
+        *,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        lora: LoraRequest,
+        optimizer_config: dict[str, Any] | None,
+        user_metadata: dict[str, Any] | None,
+    ) -> Submitted:
+        if model_seq_id < 0:
+            raise InvalidInput("model_seq_id must be >= 0", field="model_seq_id")
+        model_id = training_model_id(session_id, model_seq_id)
+        if (again := await self._repeat(principal, model_id, 0)) is not None:
+            return again
+        _check_optimizer(optimizer_config)
+        if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+            raise InvalidInput("at least one of train_attn, train_mlp, train_unembed must be true", field="lora_config")
+        lora_config = {
+            "rank": lora.rank,
+            "seed": lora.seed,
+            "train_attn": lora.train_attn,
+            "train_mlp": lora.train_mlp,
+            "train_unembed": lora.train_unembed,
+        }
+        run = await self._ensure_run(
+            principal,
+            runs_svc.RunRequest(
+                session_id=session_id,
+                base_model=base_model,
+                lora_rank=lora.rank,
+                seed=lora.seed,
+                with_sampler=False,
+                origin="tinker",
+                run_id=model_id,
+                model_seq_id=model_seq_id,
+                lora_config=lora_config,
+                user_metadata=user_metadata,
+            ),
+        )
+        body = op_bodies.CreateBody(
+            lora=op_bodies.LoraSpec(
+                rank=lora.rank,
+                seed=lora.seed,
+                train_attn=lora.train_attn,
+                train_mlp=lora.train_mlp,
+                train_unembed=lora.train_unembed,
+            )
+        )
+        return await self._submit(run, 0, OpKind.CREATE, op_bodies.encode(body))
+
+    async def create_from_state(
+        self,
+        principal: Principal,
+        *,
+        session_id: str,
+        model_seq_id: int,
+        path: str,
+        optimizer: bool,
+        base_model: str | None,
+        optimizer_config: dict[str, Any] | None,
+        user_metadata: dict[str, Any] | None,
+    ) -> Submitted:
+        """create-via-load: the new model's seq 0 restores a ``weights`` checkpoint."""
+        if model_seq_id < 0:
+            raise InvalidInput("model_seq_id must be >= 0", field="model_seq_id")
+        model_id = training_model_id(session_id, model_seq_id)
+        if (again := await self._repeat(principal, model_id, 0)) is not None:
+            return again
+        if not optimizer:
+            _check_optimizer(optimizer_config)
+        ckpt = await self._weights_checkpoint(principal, path)
+        if base_model is not None and base_model != ckpt.base_model:
+            raise InvalidInput(
+                f"checkpoint {path!r} was trained on {ckpt.base_model}, not {base_model}", field="base_model"
+            )
+        lora_config = dict(ckpt.lora_config or {})
+        run = await self._ensure_run(
+            principal,
+            runs_svc.RunRequest(
+                session_id=session_id,
+                base_model=ckpt.base_model,
+                lora_rank=int(lora_config.get("rank") or 32),
+                seed=lora_config.get("seed"),
+                with_sampler=False,
+                origin="tinker",
+                run_id=model_id,
+                model_seq_id=model_seq_id,
+                lora_config=lora_config,
+                user_metadata=user_metadata,
+                path=None,
+            ),
+            init_path=path,
+        )
+        body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
+        return await self._submit(run, 0, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
+
+    async def _ensure_run(self, principal: Principal, req: runs_svc.RunRequest, init_path: str | None = None) -> Run:
+        async with self.r.db.transaction() as s:
+            existing = await s.get(Run, req.run_id)
+            if existing is not None:
+                if existing.org_id != principal.org_id:
+                    raise NotFound("session", req.session_id)
+                return existing
+            run, _ = await runs_svc.create_run(
+                s, principal, self.r.catalog, req, self.r.settings.default_scale_down_delay_seconds
+            )
+            run.init_path = init_path
+        return run
+
+    async def _weights_checkpoint(self, principal: Principal, path: str) -> Checkpoint:
+        async with self.r.db.session() as s:
+            ckpt = await runs_svc.resolve_weights_checkpoint(s, principal, path, field="path")
+        return ckpt
+
+    # ---- ops on a live model ------------------------------------------------------------
+    async def forward_backward(self, principal: Principal, raw: bytes, content_encoding: str | None) -> Submitted:
+        body = decode_body(raw, content_encoding)
+        req = pb.ForwardBackwardRequest()
+        try:
+            req.ParseFromString(body)
+        except DecodeError as exc:
+            raise InvalidInput(f"body is not a ForwardBackwardRequest protobuf: {exc}") from exc
+        if not req.model_id:
+            raise InvalidInput("model_id is required", field="model_id")
+        _check_seq(req.seq_id)
+        if (again := await self._repeat(principal, req.model_id, req.seq_id)) is not None:
+            return again
+        if not req.loss_fn:
+            raise InvalidInput("loss_fn is required", field="loss_fn")
+        if len(req.data) == 0:
+            raise InvalidInput("data must contain at least one datum", field="data")
+        for i, datum in enumerate(req.data):
+            if len(datum.model_input) == 0:
+                raise InvalidInput(f"data[{i}].model_input is empty", field="data")
+        run = await self.live_run(principal, req.model_id)
+        return await self._submit(run, req.seq_id, OpKind.FORWARD_BACKWARD, body)
+
+    async def optim_step(self, principal: Principal, *, model_id: str, seq_id: int,
+                         adam: dict[str, Any] | None, optimizer_params: dict[str, Any] | None) -> Submitted:
+        _check_seq(seq_id)
+        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
+            return again
+        if optimizer_params is not None:
+            kind = optimizer_params.get("type", "?")
+            raise InvalidInput(
+                f"optimizer {kind!r} is not supported by this server; send adam_params (AdamW)",
+                field="optimizer_params",
+            )
+        spec = adam_spec(adam or {})
+        run = await self.live_run(principal, model_id)
+        return await self._submit(run, seq_id, OpKind.OPTIM_STEP, op_bodies.encode(op_bodies.OptimStepBody(adam=spec)))
+
+    async def save(self, principal: Principal, *, model_id: str, seq_id: int, kind: str, name: str | None,
+                   sampling_session_seq_id: int | None, overwrite: bool, ttl_seconds: int | None,
+                   user_metadata: dict[str, Any] | None) -> Submitted:
+        _check_seq(seq_id)
+        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
+            return again
+        if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidInput(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}", field="ttl_seconds")
+        if name is not None:
+            try:
+                validate_name(name)
+            except PathError as exc:
+                raise InvalidInput(str(exc), field="path") from exc
+        elif kind == "weights":
+            raise InvalidInput("save_weights needs a checkpoint name in 'path'", field="path")
+        elif sampling_session_seq_id is None or sampling_session_seq_id < 0:
+            raise InvalidInput(
+                "an unnamed save_weights_for_sampler needs sampling_session_seq_id >= 0",
+                field="sampling_session_seq_id",
+            )
+        run = await self.live_run(principal, model_id)
+        if name is not None and not overwrite:
+            async with self.r.db.session() as s:
+                exists = await ckpt_svc.find_by_ref(s, run.org_id, CheckpointRef(run.id, kind, name))
+            if exists is not None:
+                raise Conflict(
+                    f"checkpoint {CheckpointRef(run.id, kind, name).tinker_path} already exists "
+                    "(pass overwrite=true to replace it)"
+                )
+        label = name if name is not None else f"snapshot-{sampling_session_seq_id}"
+        body = op_bodies.SaveBody(
+            checkpoint_kind=kind,
+            storage_prefix=storage_prefix(run, kind, label),
+            name=name,
+            sampling_session_seq_id=sampling_session_seq_id if name is None else None,
+            ttl_seconds=ttl_seconds,
+            user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()} or None,
+        )
+        op = OpKind.SAVE_WEIGHTS if kind == "weights" else OpKind.SAVE_WEIGHTS_FOR_SAMPLER
+        return await self._submit(run, seq_id, op, op_bodies.encode(body))
+
+    async def load(self, principal: Principal, *, model_id: str, seq_id: int, path: str, optimizer: bool) -> Submitted:
+        _check_seq(seq_id)
+        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
+            return again
+        run = await self.live_run(principal, model_id)
+        ckpt = await self._weights_checkpoint(principal, path)
+        if ckpt.base_model != run.base_model:
+            raise InvalidInput(
+                f"checkpoint {path!r} was trained on {ckpt.base_model}, but model {model_id!r} is {run.base_model}",
+                field="path",
+            )
+        body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
+        return await self._submit(run, seq_id, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
+
+
+def adam_spec(p: dict[str, Any]) -> op_bodies.AdamSpec:
+    """AdamW hyper-parameters with the SDK's defaults, each checked for a sane range."""
+    d = op_bodies.AdamSpec()
+    vals: dict[str, float] = {}
+    for key in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+        raw = p.get(key, getattr(d, key))
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+            raise InvalidInput(f"adam_params.{key} must be a finite number", field=f"adam_params.{key}")
+        vals[key] = float(raw)
+    checks = (
+        ("learning_rate", vals["learning_rate"] >= 0, ">= 0"),
+        ("beta1", 0 <= vals["beta1"] < 1, "in [0, 1)"),
+        ("beta2", 0 <= vals["beta2"] < 1, "in [0, 1)"),
+        ("eps", vals["eps"] > 0, "> 0"),
+        ("weight_decay", vals["weight_decay"] >= 0, ">= 0"),
+        ("grad_clip_norm", vals["grad_clip_norm"] >= 0, ">= 0 (0 disables clipping)"),
+    )
+    for key, ok, rule in checks:
+        if not ok:
+            raise InvalidInput(f"adam_params.{key} must be {rule}, got {vals[key]}", field=f"adam_params.{key}")
+    return op_bodies.AdamSpec(**vals)
+
+
+def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
+    enc = (content_encoding or "").strip().lower()
+    if enc in ("", "identity"):
+        return raw
+    if enc != "zstd":
+        raise InvalidInput(f"unsupported Content-Encoding {content_encoding!r}; use zstd or none")
+    try:
+        return zstandard.ZstdDecompressor().decompress(raw, max_output_size=ZSTD_MAX_OUTPUT)
+    except zstandard.ZstdError as exc:
+        raise InvalidInput(f"body is not valid zstd: {exc}") from exc
