@@ -17,6 +17,7 @@ from litestar.exceptions import (
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from control_plane import errors as e
+from control_plane.sampling.errors import SamplingError
 
 log = structlog.get_logger("openloops.api")
 
@@ -62,6 +63,15 @@ def domain_error_handler(request: Request, exc: e.DomainError) -> Response:
     return error_response(request, status, exc.code, exc.message, **extra)
 
 
+def sampling_error_handler(request: Request, exc: SamplingError) -> Response:
+    """Errors of the sampling path carry their own status (400/404/429/500/503)."""
+    code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    extra: dict[str, object] = {"category": exc.category}
+    if exc.status_code == 429:
+        extra["retry_after_s"] = 1.0
+    return error_response(request, exc.status_code, code, exc.message, **extra)
+
+
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _AT = re.compile(r"at `\$\.([^`]+)`")
 
@@ -104,6 +114,7 @@ def internal_error_handler(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     e.DomainError: domain_error_handler,
+    SamplingError: sampling_error_handler,
     ValidationException: validation_handler,
     HTTPException: http_exception_handler,
     Exception: internal_error_handler,

@@ -52,6 +52,9 @@ SAMPLER_MAX_LORA_RANK = 64  # covers the Loops (64) and Tinker (32) defaults; ra
 #                             model with `vllm_args: ["--max-lora-rank", "128"]` in the catalog
 SAMPLER_MAX_LORAS = 4  # adapters in one batch
 SAMPLER_MAX_CPU_LORAS = 32  # adapters kept loaded (LRU); evicted ones reload from the cache
+# Checkpoint files live under this store prefix (control_plane.training.ops.storage_prefix): the
+# sampler's resolver loads nothing outside it.
+CHECKPOINT_KEY_PREFIX = "checkpoints/"
 
 
 def sampler_workload_id(base_model: str) -> str:
@@ -98,6 +101,7 @@ def sampler_spec(r: Runtime, base_model: str, *, port: int | None = None) -> Wor
         max_lora_rank=SAMPLER_MAX_LORA_RANK,
         max_loras=SAMPLER_MAX_LORAS,
         max_cpu_loras=SAMPLER_MAX_CPU_LORAS,
+        adapter_key_prefixes=[CHECKPOINT_KEY_PREFIX],
         extra_vllm_args=list(model.vllm_args),
     )
     return WorkloadSpec(

@@ -189,6 +189,22 @@ class VLLMClient:
             return False
         return True
 
+    async def forward_json(self, path: str, body: Mapping[str, Any]) -> tuple[int, Any]:
+        """POST ``body`` to an OpenAI-compatible route of the server and return its status and
+        JSON as they are (for the authenticated proxy). Only transport failures raise."""
+        try:
+            resp = await self._http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise SamplerUnavailable(f"sampler at {self.base_url} is not reachable: {e!r}") from e
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+            raise SamplerUnavailable(f"connection to sampler at {self.base_url} broke: {e!r}") from e
+        except httpx.HTTPError as e:
+            raise SamplerFailed(f"HTTP error talking to sampler at {self.base_url}: {e!r}") from e
+        try:
+            return resp.status_code, resp.json()
+        except ValueError:
+            return resp.status_code, {"error": {"message": resp.text[:500], "code": resp.status_code}}
+
     # ----------------------------------------------------------------- sampling
 
     async def completions(self, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,6 +31,9 @@ from control_plane.sampling.translate import SampleSpec
 from control_plane.services.samplers import SamplerTarget, sampler_target
 from control_plane.training.queue import TrainerQueue
 from data_plane.wire import queue as q
+
+if TYPE_CHECKING:
+    from control_plane.runtime import Runtime
 
 log = structlog.get_logger("openloops.sampling")
 
@@ -109,7 +113,7 @@ class SamplingDispatcher:
         rid = new_request_id()
         self._in_flight[wid] = self.in_flight(wid) + 1
         try:
-            await self._queue.create_future(rid, run_id=wid)
+            await self._queue.create_future(rid, run_id=wid, org_id=target.org_id)
         except BaseException:
             self._in_flight[wid] -= 1
             raise
@@ -178,3 +182,11 @@ class SamplingDispatcher:
         for c in self._clients.values():
             await c.aclose()
         self._clients.clear()
+
+
+def dispatcher_for(r: Runtime) -> SamplingDispatcher:
+    """The process's sampling dispatcher (one per runtime, created on first use)."""
+    d = r.extras.get("sampling_dispatcher")
+    if d is None:
+        d = r.extras["sampling_dispatcher"] = SamplingDispatcher(r.db, TrainerQueue(r.redis))
+    return d  # type: ignore[no-any-return]

@@ -19,6 +19,7 @@ ENV_VAR = "OPENLOOPS_SAMPLER_CONFIG"
 
 # vLLM accepts only these values for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DEFAULT_MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +35,7 @@ class SamplerLaunch:
     max_lora_rank: int = 16  # rounded up to a value vLLM accepts
     max_loras: int = 4  # adapters that can be in one batch
     max_cpu_loras: int | None = None  # adapters kept loaded in host memory (LRU); None = vLLM default
-    max_logprobs: int = 20  # largest top-k (sample or prompt) a request may ask for
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS  # largest top-k (sample or prompt) a request may ask for
     # Only adapters whose object-store key starts with one of these prefixes can be resolved
     # (e.g. ["ckpt/"]). Empty: any key of the store (still never outside it).
     adapter_key_prefixes: list[str] = field(default_factory=list)

@@ -63,6 +63,14 @@ def write_plugin_dist(root: Path) -> Path:
     return root
 
 
+def sampler_dtype(launch: SamplerLaunch, device: str) -> str:
+    """vLLM's ``auto`` serves float32 checkpoints in float16; on CPU we keep float32 (the
+    trainer's precision there, so sampled logprobs agree with its forward pass)."""
+    if launch.dtype == "auto" and device == "cpu":
+        return "float32"
+    return launch.dtype
+
+
 def vllm_argv(launch: SamplerLaunch, device: str) -> list[str]:
     args = [
         "--model", launch.model_source,
@@ -70,7 +78,7 @@ def vllm_argv(launch: SamplerLaunch, device: str) -> list[str]:
         "--host", launch.host,
         "--port", str(launch.port),
         "--max-model-len", str(launch.max_model_len),
-        "--dtype", launch.dtype,
+        "--dtype", sampler_dtype(launch, device),
         "--enable-lora",
         "--max-lora-rank", str(launch.vllm_lora_rank()),
         "--max-loras", str(launch.max_loras),

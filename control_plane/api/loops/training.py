@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import Provide
 from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.loops import openai_proxy
 from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
 from control_plane.auth.principal import Principal
 from control_plane.runtime import Runtime
+from control_plane.sampling.dispatcher import dispatcher_for
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
 from control_plane.services import sessions as sessions_svc
@@ -146,3 +148,23 @@ class LoopsTrainingController(Controller):
             users = await p.principal_names(s, {smp.created_by})
         await r.kick_controller()
         return p.deactivated_json(smp.id, smp.base_model, users, smp.created_by)
+
+    # --- the sampler's base_url: an authenticated OpenAI-compatible route ----------------
+
+    @get("/samplers/{sampler_id:str}/openai/v1/models", opt=ORG)
+    async def sampler_models(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+        target = await dispatcher_for(rt(request)).target(principal.org_id, sampler_id)
+        return openai_proxy.models_json(target)
+
+    @post("/samplers/{sampler_id:str}/openai/v1/completions", opt=ORG, status_code=200)
+    async def sampler_completions(
+        self, request: Request, principal: Principal, sampler_id: str, data: dict[str, Any]
+    ) -> Response[Any]:
+        return await openai_proxy.forward(dispatcher_for(rt(request)), principal, sampler_id, "/v1/completions", data)
+
+    @post("/samplers/{sampler_id:str}/openai/v1/chat/completions", opt=ORG, status_code=200)
+    async def sampler_chat_completions(
+        self, request: Request, principal: Principal, sampler_id: str, data: dict[str, Any]
+    ) -> Response[Any]:
+        return await openai_proxy.forward(dispatcher_for(rt(request)), principal, sampler_id, "/v1/chat/completions", data)
+

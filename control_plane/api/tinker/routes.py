@@ -5,6 +5,7 @@ from __future__ import annotations
 from control_plane.api.tinker.bootstrap import TinkerBootstrapController
 from control_plane.api.tinker.futures import TinkerFuturesController
 from control_plane.api.tinker.rest import TinkerRestController
+from control_plane.api.tinker.sampling import SAMPLING_HANDLERS
 from control_plane.api.tinker.training import TinkerTrainingController
 
 TINKER_HANDLERS: list[type] = [
@@ -12,4 +13,5 @@ TINKER_HANDLERS: list[type] = [
     TinkerTrainingController,
     TinkerFuturesController,
     TinkerRestController,
+    *SAMPLING_HANDLERS,
 ]
