@@ -88,6 +88,20 @@ class Settings(BaseSettings):
         None, description="python executable for local workers; default: this interpreter"
     )
     controller_interval_seconds: float = Field(1.0, gt=0)
+    controller_lock_retry_seconds: float = Field(
+        2.0, gt=0, description="how often a standby controller replica tries to become the leader"
+    )
+    backend_retry_attempts: int = Field(
+        8, ge=1, description="transient backend failures before a workload that cannot be started is DEPLOY_FAILED"
+    )
+    backend_retry_max_seconds: float = Field(
+        600.0, gt=0, description="... or after failing transiently for this long, whichever comes first"
+    )
+    backend_retry_base_delay_seconds: float = Field(1.0, ge=0, description="backoff after the first failure")
+    backend_retry_max_delay_seconds: float = Field(60.0, ge=0, description="backoff cap")
+    wake_timeout_seconds: float = Field(
+        120.0, gt=0, description="how long a request waits for a scaled-to-zero sampler/deployment to wake up (then 503)"
+    )
     session_expiry_seconds: float = Field(
         300.0, gt=0, description="Tinker sessions without a heartbeat for this long expire"
     )

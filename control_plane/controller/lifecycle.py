@@ -1,0 +1,264 @@
+"""Rows that own exactly one workload each: runs (a trainer) and deployments (a vLLM server).
+
+One pass over one row reads it without a lock, talks to the backend, and then writes any
+transition with a compare-and-set (row locked, status still the one it acted on), so no row
+lock is held while the backend is slow and a concurrent API write (deactivation, a wake-up)
+always wins. Per status:
+
+* DEPLOYING / WAKING_UP: ensure the workload (idempotent; every pass until it is up, so a
+  half-created one is completed), scale it up when it is scaled down; a permanent backend
+  error, or transient ones beyond the retry budget (:mod:`.retry`), make it DEPLOY_FAILED with
+  the error as the reason. Rows past that are only observed (no API write per pass).
+* LOADING_MODEL / ACTIVE / UNHEALTHY / UPDATING: observe and map (FAILED with the reason, a
+  vanished trainer is FAILED since its state is gone, a vanished deployment is recreated).
+  A run is ACTIVE only once its worker reports READY through Redis.
+* ACTIVE deployments idle for ``scale_down_delay_seconds`` become SCALED_TO_ZERO (history
+  row), then the workload is scaled to 0 replicas; SCALED_TO_ZERO keeps it there.
+* WAKING_UP (set by a request, :mod:`control_plane.scaling.wake`) becomes ACTIVE once the
+  workload is ready again; waiting requests are notified.
+* DEACTIVATING: remove the workload, INACTIVE once it is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+
+from control_plane.controller.retry import BackendRetry
+from control_plane.controller.deployment_spec import deployment_spec
+from control_plane.controller.workloads import trainer_spec
+from control_plane.db.models import Checkpoint, Deployment, Run, Sampler
+from control_plane.runtime import Runtime
+from control_plane.scaling.idle import scale_down_if_idle
+from control_plane.scaling.kinds import DEPLOYMENT, RUN, Kind
+from control_plane.scaling.wake import notify_woken
+from control_plane.scheduler.protocol import Observation, Phase, TransientBackendError, WorkloadSpec
+from control_plane.services import history
+from control_plane.statuses import LIVE, TERMINAL, Status
+from control_plane.training.queue import TrainerQueue
+from data_plane.wire import queue as q
+
+log = structlog.get_logger("openloops.controller")
+
+PHASE_STATUS = {
+    Phase.PENDING: Status.DEPLOYING,
+    Phase.STARTING: Status.LOADING_MODEL,
+    Phase.READY: Status.ACTIVE,
+    Phase.UNHEALTHY: Status.UNHEALTHY,
+    Phase.SCALED_DOWN: Status.SCALED_TO_ZERO,
+}
+STARTING_UP = frozenset({Status.DEPLOYING, Status.WAKING_UP})
+
+
+class RowReconciler:
+    def __init__(self, runtime: Runtime, retry: BackendRetry) -> None:
+        assert runtime.backend is not None
+        self.r = runtime
+        self.backend = runtime.backend
+        self.retry = retry
+        self.queue = TrainerQueue(runtime.redis)
+        self._specs: dict[tuple[str, str], WorkloadSpec] = {}
+
+    async def reconcile_all(self, kind: Kind) -> None:
+        async with self.r.db.session() as s:
+            ids = list(
+                (
+                    await s.execute(
+                        select(kind.model.id).where(kind.model.status.notin_([x.value for x in TERMINAL]))
+                    )
+                ).scalars()
+            )
+        for rid in ids:
+            try:
+                await self.reconcile(kind, rid)
+            except Exception as exc:  # one row must not stop the others
+                log.exception("reconcile failed", kind=kind.name, id=rid, error=str(exc))
+
+    async def reconcile(self, kind: Kind, rid: str) -> None:
+        async with self.r.db.session() as s:
+            row = await s.get(kind.model, rid)
+        if row is None or Status(row.status) in TERMINAL:
+            return
+        status = Status(row.status)
+        key = (kind.name, rid)
+        if not self.retry.due(key):
+            return  # backing off after a transient backend error
+        if status == Status.DEACTIVATING:
+            await self._teardown(kind, row)
+        elif status == Status.SCALED_TO_ZERO:
+            await self._keep_scaled_down(kind, row)
+        elif status in LIVE:
+            await self._live(kind, row, status)
+
+    # --- live rows ----------------------------------------------------------------------
+
+    async def _live(self, kind: Kind, row: Any, status: Status) -> None:
+        key = (kind.name, row.id)
+        try:
+            obs = await self.backend.observe(row.id, kind.role)
+        except TransientBackendError as exc:
+            self.retry.failed(key, exc)  # observing never fails the row: only back off
+            log.warning("observe failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
+            return
+        acted = False
+        if status in STARTING_UP or (obs.phase == Phase.ABSENT and kind is DEPLOYMENT):
+            # ensure on every pass while starting: it also completes a half-created workload
+            # (e.g. a Deployment whose Service a crashed controller never made)
+            if not await self._attempt(kind, row, status, f"start the {kind.role.value}", lambda: self._ensure(kind, row)):
+                return
+            acted = True
+        if status == Status.WAKING_UP and obs.phase == Phase.SCALED_DOWN:
+            wake = lambda: self.backend.scale(row.id, kind.role, 1)  # noqa: E731
+            if not await self._attempt(kind, row, status, f"wake the {kind.role.value}", wake):
+                return
+            acted = True
+        if acted:
+            obs = await self.backend.observe(row.id, kind.role)
+        target = await self._target(kind, row, status, obs)
+        if target is not None:
+            to, reason = target
+            await self._transition(kind, row.id, status, to, reason)
+            status = to
+        if status == Status.ACTIVE and kind.scales_to_zero:
+            await self._maybe_scale_down(kind, row.id)
+
+    async def _ensure(self, kind: Kind, row: Any) -> None:
+        spec_key = (kind.name, row.id)
+        spec = self._specs.get(spec_key)
+        if spec is None:
+            spec = self._specs[spec_key] = await self._spec(kind, row)
+        await self.backend.ensure(spec)
+
+    async def _spec(self, kind: Kind, row: Any) -> WorkloadSpec:
+        if kind is RUN:
+            return trainer_spec(self.r, row)
+        async with self.r.db.session() as s:
+            ckpt = await s.get(Checkpoint, row.checkpoint_id) if row.checkpoint_id else None
+        return deployment_spec(self.r, row, ckpt)
+
+    async def _attempt(self, kind: Kind, row: Any, status: Status, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
+        """Run a backend action that a starting row needs; False when it did not happen
+        (retried on a later pass, or the row is now DEPLOY_FAILED)."""
+        key = (kind.name, row.id)
+        try:
+            await fn()
+        except TransientBackendError as exc:
+            give_up = self.retry.failed(key, exc)
+            if give_up is None:
+                log.warning("backend unavailable; retrying later", kind=kind.name, id=row.id, action=what,
+                            attempt=self.retry.attempts_of(key), error=str(exc))
+                return False
+            await self._fail(kind, row.id, status, Status.DEPLOY_FAILED, f"could not {what}: {give_up}")
+            return False
+        except Exception as exc:  # invalid spec, forbidden, unknown model: retrying cannot help
+            self.retry.succeeded(key)
+            await self._fail(kind, row.id, status, Status.DEPLOY_FAILED, f"could not {what}: {exc}")
+            return False
+        self.retry.succeeded(key)
+        return True
+
+    async def _target(self, kind: Kind, row: Any, status: Status, obs: Observation) -> tuple[Status, str | None] | None:
+        """The status ``obs`` calls for, or None to keep the current one."""
+        if obs.phase == Phase.FAILED:
+            return Status.FAILED, await self._failure_reason(kind, row, obs)
+        if obs.phase == Phase.ABSENT:
+            if status in STARTING_UP:
+                return None  # just ensured; the next observation will see it
+            if kind is RUN:  # its LoRA weights and optimizer state are gone with it
+                return Status.FAILED, await self._failure_reason(kind, row, obs)
+            return Status.DEPLOYING, "workload disappeared; recreating it"
+        if status == Status.WAKING_UP:
+            return (Status.ACTIVE, "woke up") if obs.phase == Phase.READY else None
+        if kind is RUN and obs.phase in (Phase.STARTING, Phase.READY):
+            # a trainer has no HTTP endpoint: it reports its own readiness through Redis
+            state = await self._worker_state(row.id)
+            ready = state.get("state") == q.WorkerState.READY.value
+            return (Status.ACTIVE if ready else Status.LOADING_MODEL), obs.reason
+        return PHASE_STATUS[obs.phase], obs.reason
+
+    async def _failure_reason(self, kind: Kind, row: Any, obs: Observation) -> str:
+        reason = obs.reason or f"{kind.role.value} workload disappeared"
+        if kind is RUN:
+            state = await self._worker_state(row.id)
+            if state.get("state") == q.WorkerState.FAILED.value and state.get("detail"):
+                reason = f"{state['detail']} ({reason})"
+        return reason[:2000]
+
+    async def _worker_state(self, run_id: str) -> dict[str, str]:
+        raw = await self.r.redis.hgetall(q.worker_state_key(run_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    # --- writes (compare-and-set) ---------------------------------------------------------
+
+    async def _transition(self, kind: Kind, rid: str, expected: Status, to: Status, reason: str | None) -> bool:
+        async with self.r.db.transaction() as s:
+            row = (await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())).scalar_one_or_none()
+            if row is None or row.status != expected.value:
+                return False  # changed under us (deactivated, woken): the next pass decides
+            changed = history.transition(s, kind.name, row, to, reason)
+        if to in TERMINAL:
+            self._specs.pop((kind.name, rid), None)
+        if changed and expected == Status.WAKING_UP:
+            await notify_woken(self.r.redis, kind, rid)
+        return changed
+
+    async def _fail(self, kind: Kind, rid: str, expected: Status, to: Status, reason: str) -> None:
+        reason = reason[:2000]
+        if await self._transition(kind, rid, expected, to, reason):
+            log.warning("workload failed", kind=kind.name, id=rid, status=to.value, reason=reason)
+            if kind is RUN:
+                await self.queue.fail_pending(rid, f"trainer could not be started: {reason}")
+
+    # --- scale to zero ---------------------------------------------------------------------
+
+    async def _maybe_scale_down(self, kind: Kind, rid: str) -> None:
+        async with self.r.db.transaction() as s:
+            row = (await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())).scalar_one_or_none()
+            if row is None or not await scale_down_if_idle(s, self.r.redis, kind, row, datetime.now(UTC)):
+                return
+        log.info("scaling to zero", kind=kind.name, id=rid, reason=row.status_reason)
+        await self._keep_scaled_down(kind, row)
+
+    async def _keep_scaled_down(self, kind: Kind, row: Any) -> None:
+        """SCALED_TO_ZERO: make sure nothing runs (also finishes a scale-down that failed)."""
+        key = (kind.name, row.id)
+        try:
+            obs = await self.backend.observe(row.id, kind.role)
+            if obs.phase not in (Phase.SCALED_DOWN, Phase.ABSENT):
+                await self.backend.scale(row.id, kind.role, 0)
+        except TransientBackendError as exc:
+            self.retry.failed(key, exc)  # keep trying: the row already says SCALED_TO_ZERO
+            log.warning("scale to zero failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
+            return
+        self.retry.succeeded(key)
+
+    # --- deactivation --------------------------------------------------------------------
+
+    async def _teardown(self, kind: Kind, row: Any) -> None:
+        key = (kind.name, row.id)
+        try:
+            await self.backend.remove(row.id, kind.role)
+            obs = await self.backend.observe(row.id, kind.role)
+        except TransientBackendError as exc:
+            self.retry.failed(key, exc)  # keep trying: deactivation must finish eventually
+            log.warning("remove failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
+            return
+        self.retry.succeeded(key)
+        if obs.phase != Phase.ABSENT:
+            return
+        self._specs.pop(key, None)
+        async with self.r.db.transaction() as s:
+            locked = (await s.execute(select(kind.model).where(kind.model.id == row.id).with_for_update())).scalar_one_or_none()
+            if locked is None or locked.status != Status.DEACTIVATING.value:
+                return
+            history.transition(s, kind.name, locked, Status.INACTIVE, "deactivated")
+            if isinstance(locked, Deployment) and locked.sampler_id:
+                smp = await s.get(Sampler, locked.sampler_id, with_for_update=True)
+                if smp is not None:
+                    history.request_deactivation(s, "sampler", smp, f"deployment {locked.id} deactivated")
+        if isinstance(row, Run):
+            await self.queue.fail_pending(row.id, f"run {row.id} was deactivated")

@@ -1,0 +1,1 @@
+"""Scale to zero and wake-up: request activity, idleness, and the request path's wait."""

@@ -1,0 +1,125 @@
+"""The request path of scale to zero: record activity, wake what sleeps, wait for it.
+
+Route handlers that carry traffic to a run, sampler or deployment call::
+
+    await touch_and_wake(runtime, "deployment", deployment_id)
+
+after their tenant check and before they use the workload. It costs one Redis HSET and one
+primary-key SELECT when the resource is awake. When it is SCALED_TO_ZERO it moves the row to
+WAKING_UP (history row), kicks the controller and waits (bounded by
+``settings.wake_timeout_seconds``) until the controller has seen the workload ready and made
+the row ACTIVE; it then returns and the request proceeds. If the wake-up fails it raises
+:class:`~control_plane.errors.Unavailable`; if it takes too long, :class:`WakeTimeout`
+(both 503 with a JSON body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+import structlog
+from sqlalchemy import select
+
+from control_plane.errors import NotFound, Unavailable
+from control_plane.scaling.activity import record_activity
+from control_plane.scaling.kinds import Kind, KindName, kind_of
+from control_plane.services import history
+from control_plane.statuses import TERMINAL, Status
+
+if TYPE_CHECKING:
+    from control_plane.runtime import Runtime
+
+log = structlog.get_logger("openloops.scaling")
+
+WOKEN_CHANNEL = "openloops:woken"
+ASLEEP = frozenset({Status.SCALED_TO_ZERO, Status.WAKING_UP})
+RECHECK_SECONDS = 1.0  # re-read the row this often while waiting, even without a notification
+
+
+class WakeTimeout(Unavailable):
+    """A scaled-to-zero resource did not become ready within ``wake_timeout_seconds``."""
+
+    code = "waking_up"
+
+
+async def notify_woken(redis: aioredis.Redis, kind: Kind, resource_id: str) -> None:
+    """The controller's side: a WAKING_UP row changed status (ACTIVE, or failed)."""
+    await redis.publish(WOKEN_CHANNEL, f"{kind.name}:{resource_id}".encode())
+
+
+async def touch_and_wake(runtime: Runtime, kind: KindName, resource_id: str, *, timeout_s: float | None = None) -> None:
+    k = kind_of(kind)
+    await record_activity(runtime.redis, k, resource_id)
+    status = await _status(runtime, k, resource_id)
+    if status not in ASLEEP:
+        return
+    timeout = runtime.settings.wake_timeout_seconds if timeout_s is None else timeout_s
+    started = time.monotonic()
+    pubsub = runtime.redis.pubsub()
+    try:
+        await pubsub.subscribe(WOKEN_CHANNEL)  # before waking, so no notification is missed
+        if status == Status.SCALED_TO_ZERO:
+            await _request_wake(runtime, k, resource_id)
+        await runtime.kick_controller()
+        await _wait_active(runtime, k, resource_id, pubsub, started + timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.unsubscribe()
+            await pubsub.aclose()
+    log.info("woke up", kind=k.name, id=resource_id, waited_s=round(time.monotonic() - started, 3))
+
+
+async def _status(runtime: Runtime, k: Kind, resource_id: str) -> Status:
+    async with runtime.db.session() as s:
+        raw = (await s.execute(select(k.model.status).where(k.model.id == resource_id))).scalar_one_or_none()
+    if raw is None:
+        raise NotFound(k.name, resource_id)
+    return Status(raw)
+
+
+async def _request_wake(runtime: Runtime, k: Kind, resource_id: str) -> None:
+    async with runtime.db.transaction() as s:
+        row = (await s.execute(select(k.model).where(k.model.id == resource_id).with_for_update())).scalar_one_or_none()
+        if row is not None and row.status == Status.SCALED_TO_ZERO.value:
+            history.transition(s, k.name, row, Status.WAKING_UP, "woken by a request")
+
+
+async def _wait_active(runtime: Runtime, k: Kind, resource_id: str, pubsub: object, deadline: float) -> None:
+    me = f"{k.name}:{resource_id}".encode()
+    while True:
+        status = await _status(runtime, k, resource_id)
+        if status == Status.ACTIVE:
+            return
+        if status in TERMINAL or status == Status.DEACTIVATING:
+            reason = await _reason(runtime, k, resource_id)
+            raise Unavailable(f"{k.name} {resource_id!r} could not be woken up: {status.value}" + (f" ({reason})" if reason else ""))
+        if status == Status.SCALED_TO_ZERO:  # scaled down again before it woke (or never woken)
+            await _request_wake(runtime, k, resource_id)
+            await runtime.kick_controller()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WakeTimeout(
+                f"{k.name} {resource_id!r} was scaled to zero and is still waking up "
+                f"(status {status.value}); retry shortly"
+            )
+        await _next_message(pubsub, me, min(RECHECK_SECONDS, remaining))
+
+
+async def _next_message(pubsub: object, me: bytes, timeout: float) -> None:
+    """Wait up to ``timeout`` for a notification about ``me`` (others are skipped)."""
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)  # type: ignore[attr-defined]
+        if msg is not None and msg.get("data") == me:
+            return
+        if msg is None:  # get_message may return early without a message: do not spin
+            await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
+async def _reason(runtime: Runtime, k: Kind, resource_id: str) -> str | None:
+    async with runtime.db.session() as s:
+        return (await s.execute(select(k.model.status_reason).where(k.model.id == resource_id))).scalar_one_or_none()

@@ -1,0 +1,229 @@
+"""The controller with the Kubernetes backend against kmock, on real Postgres and Redis:
+workloads created from rows, statuses from pods (with history rows), transient API errors
+retried with backoff, permanent ones failing at once, restarts without duplicates.
+
+Nothing of ours is patched: the emulator answers (or refuses) requests, ``Kubelet`` plays the
+cluster, ``trainer_reports`` writes what a trainer worker writes to Redis.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from control_plane.controller.reconciler import Controller
+from control_plane.db.models import Deployment, Run
+from control_plane.scheduler.k8s_manifests import workload_name
+from control_plane.scheduler.protocol import WorkloadRole
+from data_plane.wire import queue as q
+from tests.k8s.conftest import DEPLOYMENTS, PODS, SERVICES, Cluster, Kubelet, eventually, running, terminated, waiting
+from tests.k8s.controller_env import (
+    FlakyProxy,
+    history,
+    k8s_runtime,
+    k8s_settings,
+    new_deployment,
+    new_run,
+    status,
+    tenant,
+    trainer_reports,
+)
+
+pytestmark = pytest.mark.usefixtures("clean_state")
+
+
+def collapse(statuses: list[str]) -> list[str]:
+    """Consecutive repeats (same status, new reason) folded."""
+    return [x for i, x in enumerate(statuses) if i == 0 or statuses[i - 1] != x]
+
+
+def trainer_name(run_id: str) -> str:
+    return workload_name(run_id, WorkloadRole.TRAINER)
+
+
+async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path, cluster: Cluster, kubelet: Kubelet) -> None:
+    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
+        ctl = Controller(rt)
+        t = await tenant(rt)
+        run = await new_run(rt, t)
+        await ctl.reconcile_once()
+        name = trainer_name(run.id)
+        dep = cluster.get(DEPLOYMENTS, name)
+        assert dep is not None and dep["metadata"]["labels"]["openloops.dev/org"]
+        assert await status(rt, Run, run.id) == "DEPLOYING"
+
+        pod = kubelet.create_pod(name)
+        kubelet.set_status(pod, running("trainer", ready=False, started=True))
+
+        async def is_(want: str) -> bool:
+            await ctl.reconcile_once()
+            return await status(rt, Run, run.id) == want
+
+        await eventually(lambda: is_("LOADING_MODEL"), what="LOADING_MODEL")
+        await trainer_reports(rt, run.id, q.WorkerState.READY)  # the worker loaded the model
+        await eventually(lambda: is_("ACTIVE"), what="ACTIVE")
+
+        kubelet.set_status(pod, waiting("trainer", "CrashLoopBackOff", restarts=1, last=terminated(137, "OOMKilled")))
+        await eventually(lambda: is_("FAILED"), what="FAILED")
+        hist = await history(rt, run.id)
+        assert collapse([h[1] for h in hist]) == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "FAILED"], hist
+        assert hist[-1][2] == "OOMKilled (exit code 137), CrashLoopBackOff"
+        # a failed run's workload is garbage-collected (its pods go with it)
+        async def collected() -> bool:
+            await ctl.reconcile_once()
+            return cluster.get(DEPLOYMENTS, name) is None
+
+        await eventually(collected, what="GC")
+        assert cluster.objects(PODS) == {}
+
+
+def write_outage(cluster: Cluster) -> dict[str, bool]:
+    """Until ``outage["on"]`` is False the API server fails creating Deployments with 503 (it
+    stores the object anyway, as when a write commits but its response is lost, so a retry
+    gets 409) and reading one by name with 503: ``ensure`` keeps failing transiently. The
+    watches (LIST/WATCH) are not affected, so observing works."""
+    outage = {"on": True}
+
+    def install() -> None:
+        cluster.emu["post", DEPLOYMENTS][lambda _: outage["on"]] << 503
+        cluster.emu["get", DEPLOYMENTS][lambda r: outage["on"] and bool(r.name)] << 503
+
+    cluster.on_loop(install)
+    return outage
+
+
+async def test_transient_api_errors_are_retried_on_later_passes(services, data_dir: Path, cluster: Cluster) -> None:
+    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url, backend_retry_attempts=5)) as rt:
+        ctl = Controller(rt)
+        run = await new_run(rt, await tenant(rt))
+        outage = write_outage(cluster)
+        for attempt in (1, 2):  # two whole passes fail (the backend itself tries 4 times per call)
+            await eventually(lambda: ctl.retry.due(("run", run.id)), what="backoff to expire")
+            await ctl.reconcile_once()
+            assert await status(rt, Run, run.id) == "DEPLOYING"
+            assert ctl.retry.attempts_of(("run", run.id)) == attempt
+        skipped = cluster.count("POST", DEPLOYMENTS)
+        await ctl.reconcile_once()  # still backing off: no API call for this run
+        assert cluster.count("POST", DEPLOYMENTS) == skipped or ctl.retry.attempts_of(("run", run.id)) == 3
+        outage["on"] = False
+
+        async def settled() -> bool:
+            await ctl.reconcile_once()
+            return ctl.retry.attempts_of(("run", run.id)) == 0
+
+        await eventually(settled, what="a successful ensure once the API recovered")
+        assert list(cluster.objects(DEPLOYMENTS)) == [trainer_name(run.id)]
+        assert await status(rt, Run, run.id) == "DEPLOYING"
+        assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.id)]
+
+
+async def test_unreachable_api_server_then_recovery(services, data_dir: Path, cluster: Cluster) -> None:
+    proxy = FlakyProxy(cluster.url)
+    proxy.set_down(True)
+    settings = k8s_settings(services, data_dir, proxy.url, kube={"api_timeout_seconds": 1})
+    try:
+        async with k8s_runtime(settings) as rt:
+            ctl = Controller(rt)
+            run = await new_run(rt, await tenant(rt))
+            for _ in range(3):
+                await ctl.reconcile_once()
+                assert await status(rt, Run, run.id) == "DEPLOYING"  # waiting, not failed
+            assert cluster.objects(DEPLOYMENTS) == {}
+            proxy.set_down(False)
+
+            async def created() -> bool:
+                await ctl.reconcile_once()
+                return cluster.get(DEPLOYMENTS, trainer_name(run.id)) is not None
+
+            await eventually(created, timeout=20, what="the trainer Deployment once the API server is back")
+            assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.id)]
+    finally:
+        proxy.close()
+
+
+async def test_transient_errors_beyond_the_budget_fail_the_run(services, data_dir: Path, cluster: Cluster) -> None:
+    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url, backend_retry_attempts=3)) as rt:
+        ctl = Controller(rt)
+        run = await new_run(rt, await tenant(rt))
+        write_outage(cluster)
+
+        async def failed() -> bool:
+            await ctl.reconcile_once()
+            return await status(rt, Run, run.id) == "DEPLOY_FAILED"
+
+        await eventually(failed, what="DEPLOY_FAILED after the retry budget")
+        # 3 controller attempts, each: POST (503 or 409) then 4 GETs by name (503)
+        gets = [r for r in cluster.requests() if r.resource == DEPLOYMENTS and r.method.value == "GET" and r.name]
+        assert len(gets) == 3 * 4
+        (_, to, reason) = (await history(rt, run.id))[-1]
+        assert to == "DEPLOY_FAILED"
+        assert reason.startswith("could not start the trainer: gave up after 3 attempts") and "503" in reason
+        # the Deployment that did land is garbage-collected with the failed run
+        await eventually(lambda: cluster.get(DEPLOYMENTS, trainer_name(run.id)) is None, what="GC")
+
+
+async def test_permanent_errors_fail_at_once(services, data_dir: Path, cluster: Cluster) -> None:
+    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
+        ctl = Controller(rt)
+        run = await new_run(rt, await tenant(rt))
+        cluster.on_loop(lambda: cluster.emu["post", DEPLOYMENTS] << 403)
+        await ctl.reconcile_once()
+        assert await status(rt, Run, run.id) == "DEPLOY_FAILED"
+        assert cluster.count("POST", DEPLOYMENTS) == 1
+        reason = (await history(rt, run.id))[-1][2]
+        assert reason.startswith("could not start the trainer:") and "forbidden (403)" in reason
+
+
+async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_nothing(
+    services, data_dir: Path, cluster: Cluster, kubelet: Kubelet
+) -> None:
+    settings = k8s_settings(services, data_dir, cluster.url)
+    before = {t.name for t in threading.enumerate()}
+    async with k8s_runtime(settings) as rt:
+        t = await tenant(rt)
+        dep = await new_deployment(rt, t)
+        run = await new_run(rt, t)
+        # the first controller creates the Deployments but "dies" before the Service exists
+        outage = write_outage(cluster)  # ensure fails after the Deployment landed: no Service yet
+        await Controller(rt).reconcile_once()
+        outage["on"] = False
+        name = workload_name(dep.id, WorkloadRole.DEPLOYMENT)
+        expected = {name, trainer_name(run.id), trainer_name(dep.latest_run_id)}
+        assert set(cluster.objects(DEPLOYMENTS)) == expected
+        assert cluster.objects(SERVICES) == {}
+        assert await status(rt, Deployment, dep.id) == "DEPLOYING"
+    # a new process: fresh backend (empty caches), same database and cluster
+    async with k8s_runtime(settings) as rt:
+        ctl = Controller(rt)
+        await ctl.reconcile_once()
+        assert set(cluster.objects(DEPLOYMENTS)) == expected  # no duplicates
+        assert set(cluster.objects(SERVICES)) == {name}  # the half-made workload was completed
+        pod = kubelet.create_pod(name)
+        kubelet.set_status(pod, running("deployment", ready=True, started=True))
+
+        async def active() -> bool:
+            await ctl.reconcile_once()
+            return await status(rt, Deployment, dep.id) == "ACTIVE"
+
+        await eventually(active, what="deployment ACTIVE")
+        # deactivation removes everything; nothing is left in the cluster afterwards
+        async with rt.db.transaction() as s:
+            for model, rid, kind in ((Deployment, dep.id, "deployment"), (Run, run.id, "run"), (Run, dep.latest_run_id, "run")):
+                from control_plane.services.history import request_deactivation
+
+                request_deactivation(s, kind, await s.get(model, rid), "test")
+
+        async def all_gone() -> bool:
+            await ctl.reconcile_once()
+            got = {await status(rt, Deployment, dep.id), await status(rt, Run, run.id), await status(rt, Run, dep.latest_run_id)}
+            return got == {"INACTIVE"}
+
+        await eventually(all_gone, what="both INACTIVE")
+    assert cluster.objects(DEPLOYMENTS) == {} and cluster.objects(SERVICES) == {} and cluster.objects(PODS) == {}
+    # every Deployment was created once (the first controller); the second only got 409s
+    posts = [r for r in cluster.requests() if r.method.value.upper() == "POST" and r.resource == DEPLOYMENTS]
+    assert {r.data["metadata"]["name"] for r in posts} == expected
+    leaked = {t.name for t in threading.enumerate() if t.is_alive()} - before
+    assert not [n for n in leaked if n.startswith("openloops-k8s")], leaked
