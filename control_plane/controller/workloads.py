@@ -10,7 +10,7 @@ from control_plane.db.models import Run
 from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
 from control_plane.settings import BackendKind
 from data_plane.sampler.config import SamplerLaunch
-from data_plane.wire.worker_config import TrainerLaunch
+from data_plane.wire.worker_config import REDIS_URL_ENV, TrainerLaunch
 
 if TYPE_CHECKING:
     from control_plane.runtime import Runtime
@@ -20,12 +20,15 @@ STORE_SECRET_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
 
 def trainer_spec(r: Runtime, run: Run) -> WorkloadSpec:
     model = r.catalog.get(run.base_model)
+    # on Kubernetes the Redis URL (it may hold a password) reaches the worker from the worker
+    # Secret, never as a plain value in the Deployment
+    redis_from_secret = r.settings.backend == BackendKind.KUBERNETES
     launch = TrainerLaunch(
         run_id=run.id,
         model_id=run.id,
         base_model=run.base_model,
         model_source=model.source,
-        redis_url=r.settings.redis_url or "",
+        redis_url="" if redis_from_secret else (r.settings.redis_url or ""),
         store=r.store_spec,
         max_seq_len=run.max_seq_len,
         microbatch_tokens=r.settings.trainer_microbatch_tokens,
@@ -38,7 +41,7 @@ def trainer_spec(r: Runtime, run: Run) -> WorkloadSpec:
         base_model=run.base_model,
         command=["python", "-m", "data_plane.trainer"],
         env=launch.to_env(),
-        secret_env=STORE_SECRET_ENV if r.store_spec.kind == "s3" else [],
+        secret_env=[*(STORE_SECRET_ENV if r.store_spec.kind == "s3" else []), *([REDIS_URL_ENV] if redis_from_secret else [])],
         resources=model.resources.trainer.to_resources(),
     )
 

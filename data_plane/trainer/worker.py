@@ -93,6 +93,7 @@ class Worker:
         self.seq0_error: tuple[str, ErrorCategory] | None = None
         self.stopping = False
         self.last_id = "0"
+        self.entry_ids: dict[int, str] = {}  # seq -> stream entry id, deleted once executed
         self._beat_stop = threading.Event()
 
     # ---- redis helpers ------------------------------------------------------------------
@@ -138,6 +139,14 @@ class Worker:
                     raise
                 log.warning("redis error writing %s (%s); retrying", what, exc)
                 time.sleep(1.0)
+
+    def _trim(self, entry_id: str) -> None:
+        """Delete an executed (or duplicate) op from the stream: forward_backward bodies are
+        megabytes, and a restarted worker never replays a run's ops anyway."""
+        try:
+            self.r.xdel(ops_stream(self.launch.run_id), entry_id)
+        except redis.RedisError as exc:  # best effort: the stream only grows until the next trim
+            log.warning("could not trim op %s: %s", entry_id, exc)
 
     def write_result(self, request_id: str, result: FutureResult) -> None:
         def _write() -> None:
@@ -273,6 +282,9 @@ class Worker:
             return
         if not self.buffer.add(env.seq_id, env):
             log.info("ignoring duplicate seq %d (%s, request %s)", env.seq_id, env.kind.value, env.request_id)
+            self._trim(self.last_id)
+        else:
+            self.entry_ids[env.seq_id] = self.last_id
 
     def drain(self) -> None:
         for seq, env in self.buffer.ready():
@@ -280,6 +292,9 @@ class Worker:
             self.execute(seq, env)
             log.info("seq %d %s done in %.3fs", seq, env.kind.value, time.perf_counter() - t0)
             self.progress()
+            entry = self.entry_ids.pop(seq, None)
+            if entry is not None:
+                self._trim(entry)
             if self.stopping:
                 break
 

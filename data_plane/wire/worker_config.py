@@ -12,6 +12,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 ENV_VAR = "OPENLOOPS_WORKER_CONFIG"
+# When ``TrainerLaunch.redis_url`` is empty the worker reads the URL from this variable (set
+# from a Secret on Kubernetes, since the URL may carry a password).
+REDIS_URL_ENV = "OPENLOOPS_REDIS_URL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,7 @@ class TrainerLaunch:
     model_id: str
     base_model: str
     model_source: str  # local directory with config.json + weights + tokenizer (or an HF id)
-    redis_url: str
+    redis_url: str  # "" = read it from the REDIS_URL_ENV environment variable
     store: StoreSpec = field(default_factory=StoreSpec)
     max_seq_len: int = 2048
     microbatch_tokens: int = 8192
@@ -46,4 +49,8 @@ class TrainerLaunch:
         env = os.environ if environ is None else environ
         d = json.loads(env[ENV_VAR])
         d["store"] = StoreSpec(**d.get("store", {}))
+        if not d.get("redis_url"):
+            d["redis_url"] = env.get(REDIS_URL_ENV, "")
+            if not d["redis_url"]:
+                raise ValueError(f"no Redis URL: the worker config has none and {REDIS_URL_ENV} is unset")
         return cls(**d)

@@ -199,6 +199,13 @@ def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> 
     assert results["create"]["model_id"] == f0["model_id"]
     assert results["save"]["path"] == f"tinker://{f0['model_id']}/weights/before"
     assert "metrics" in results["optim"]
+    # executed ops leave the run's stream (forward_backward bodies are large)
+    from data_plane.wire.queue import ops_stream
+
+    deadline = time.monotonic() + 30
+    while live_server.call(live_server.runtime.redis.xlen(ops_stream(f0["model_id"]))) != 0:
+        assert time.monotonic() < deadline, "executed ops were never trimmed from the stream"
+        time.sleep(0.1)
     # results can be fetched again
     again = _post(live_server, "retrieve_future", {"request_id": f1["request_id"]}).json()
     assert again == results["save"]
