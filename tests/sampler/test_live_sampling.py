@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from control_plane.db.models import Sampler, StatusHistory
 from control_plane.sampling.dispatcher import dispatcher_for
+from tests.control_plane.conftest import make_tenant
 from tests.infra.vllm_server import VLLMServer
 from tests.sampler.live import LiveStack, wait_status
 
@@ -25,7 +26,7 @@ PROMPT = [17, 240, 31, 99, 512, 7, 1200, 64, 301, 88, 45, 1999]
 
 @pytest.fixture(scope="module")
 def service(live_stack: LiveStack, vllm_server: VLLMServer) -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=live_stack.base_url, api_key=live_stack.tenant.key)
+    return tinker.ServiceClient(base_url=live_stack.base_url, api_key=live_stack.api_key)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_loops_base_url_serves_openai_completions(live_stack: LiveStack, vllm_se
         assert c.post(f"{base}/completions", json={"prompt": "x", "stream": True}).status_code == 400
     # no key: 401; another org's key: 404
     assert httpx.post(f"{base}/completions", json={"prompt": "x"}).status_code == 401
-    other = live_stack.call(__import__("tests.control_plane.conftest", fromlist=["x"]).make_tenant(live_stack.runtime, "other-org"))
+    other = live_stack.call(make_tenant(live_stack.runtime, "other-org"))
     r = httpx.post(f"{base}/completions", json={"prompt": "x"}, headers={"X-API-Key": other.key})
     assert r.status_code == 404
 

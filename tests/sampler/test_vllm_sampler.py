@@ -256,7 +256,7 @@ async def test_prompt_cache_hits_are_reported(client: VLLMClient, vllm_server: V
 async def test_bad_requests_are_user_errors(client: VLLMClient, vllm_server: VLLMServer):
     m = vllm_server.served_model_name
     with pytest.raises(InvalidSampleRequest, match="context length|max_model_len|maximum"):
-        await client.sample(body(prompt=list(range(1, 600))), model=m)
+        await client.sample(body(prompt=[1 + i % 500 for i in range(vllm_server.max_model_len + 10)]), model=m)
     with pytest.raises(InvalidSampleRequest):
         await client.sample(body(prompt=[1, 2, 50_000]), model=m)  # beyond the vocabulary
     with pytest.raises(InvalidSampleRequest):
