@@ -145,6 +145,7 @@ class Run(Base):
         Index("ix_runs_org_created", "org_id", "created_at", "id"),
         Index("ix_runs_org_creator_created", "org_id", "created_by", "created_at", "id"),
         Index("ix_runs_org_base_model_created", "org_id", "base_model", "created_at", "id"),
+        Index("ix_runs_org_creator_base_model_created", "org_id", "created_by", "base_model", "created_at", "id"),
         Index("ix_runs_session", "session_id", "created_at"),
         Index("ix_runs_status", "status"),
     )
@@ -198,6 +199,9 @@ class Checkpoint(Base):
         Index("ix_checkpoints_run_created", "run_id", "created_at", "id"),
         Index("ix_checkpoints_org_base_model_created", "org_id", "base_model", "created_at", "id"),
         Index("ix_checkpoints_org_creator_created", "org_id", "created_by", "created_at", "id"),
+        Index(
+            "ix_checkpoints_org_creator_base_model_created", "org_id", "created_by", "base_model", "created_at", "id"
+        ),
         Index("ix_checkpoints_org_created", "org_id", "created_at", "id"),
     )
 

@@ -37,9 +37,16 @@ async def list_checkpoints(
             field="run_id" if not given else given[1],
         )
     conds = list_scope_filter(Checkpoint, principal, scope)
+    order = (Checkpoint.created_at.desc(), Checkpoint.id.desc())
     if run_id:
-        conds.append(Checkpoint.run_id == run_id)
-    elif base_model:
+        # Tenancy is checked on the run row; the checkpoints are then read by run_id alone
+        # (a checkpoint's org and creator are its run's, see record_checkpoint). Filtering
+        # on the checkpoint's org and creator as well lets Postgres AND in a bitmap of every
+        # checkpoint the caller owns, which grows with the caller's other runs.
+        run_conds = list_scope_filter(Run, principal, scope)
+        q = select(Checkpoint).join(Run, Run.id == Checkpoint.run_id).where(Checkpoint.run_id == run_id, *run_conds)
+        return list((await s.execute(q.order_by(*order))).scalars())
+    if base_model:
         conds.append(Checkpoint.base_model == base_model)
     else:
         assert checkpoint_path is not None
@@ -48,8 +55,7 @@ async def list_checkpoints(
         except PathError as exc:
             raise InvalidInput(str(exc), field="checkpoint_path") from exc
         conds += [Checkpoint.run_id == ref.run_id, Checkpoint.kind == ref.kind, Checkpoint.name == ref.name]
-    q = select(Checkpoint).where(*conds).order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
-    return list((await s.execute(q)).scalars())
+    return list((await s.execute(select(Checkpoint).where(*conds).order_by(*order))).scalars())
 
 
 async def find_by_ref(s: AsyncSession, org_id: str, ref: CheckpointRef) -> Checkpoint | None:
