@@ -1,0 +1,63 @@
+"""``python -m bench.serve real|bare``: one API server process under load.
+
+``real`` is the openloops API exactly as ``openloops serve`` builds it (settings from the
+``OPENLOOPS_*`` environment, logging, middleware, auth), without the controller: a benchmark
+must not start workers. ``bare`` is a Litestar app with one route returning static JSON: the
+ceiling. Both run under the same uvicorn settings as ``control_plane.server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import uvicorn
+from litestar import Litestar, get
+
+BARE_BODY = {"run": {"id": "run-static", "status": {"name": "ACTIVE"}, "base_model": "bench/model"}}
+
+
+@get("/static")
+async def static_json() -> dict[str, object]:
+    return BARE_BODY
+
+
+def server_config(app: object, port: int) -> uvicorn.Config:
+    # the same options control_plane.server.serve uses
+    return uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+        lifespan="off", timeout_keep_alive=75, loop="asyncio", http="h11",
+    )
+
+
+async def _serve(kind: str, port: int) -> None:
+    runtime = None
+    if kind == "bare":
+        app: object = Litestar(route_handlers=[static_json], logging_config=None, debug=False)
+    else:
+        from control_plane.api.app import create_app
+        from control_plane.cli.main import configure_logging
+        from control_plane.runtime import build_runtime
+        from control_plane.settings import Settings
+
+        settings = Settings(port=port)
+        configure_logging(settings)
+        runtime = build_runtime(settings, with_backend=False)
+        app = create_app(runtime)
+    try:
+        await uvicorn.Server(server_config(app, port)).serve()
+    finally:
+        if runtime is not None:
+            await runtime.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("real", "bare"):
+        print("usage: python -m bench.serve real|bare PORT", file=sys.stderr)
+        return 2
+    asyncio.run(_serve(argv[0], int(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
