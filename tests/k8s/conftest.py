@@ -24,6 +24,7 @@ import kmock
 import pytest
 from kubernetes import client
 
+from control_plane.scheduler.k8s_manifests import LABEL_ROLE, LABEL_WORKLOAD
 from control_plane.scheduler.kubernetes import KubernetesBackend
 from control_plane.scheduler.kubernetes_settings import KubernetesSettings
 from control_plane.scheduler.protocol import Observation, Phase, Resources, WorkloadRole, WorkloadSpec
@@ -217,6 +218,49 @@ class Kubelet:
 
     def delete_pod(self, pod: str) -> None:
         self.c.core.delete_namespaced_pod(pod, NAMESPACE)
+
+
+class ReplicaSetPlayer:
+    """Plays the ReplicaSet controller and the kubelet continuously, in its own thread: every
+    managed Deployment gets as many pods as ``spec.replicas`` asks for (extra ones deleted),
+    each Running and Ready when ``ready`` is set (Pending otherwise)."""
+
+    def __init__(self, cluster: Cluster, *, ready: bool = True, interval: float = 0.02) -> None:
+        self.c, self.kubelet, self.ready, self.interval = cluster, Kubelet(cluster), ready, interval
+        self._stop = threading.Event()
+        self._n = 0
+        self.thread = threading.Thread(target=self._run, name="replicaset-player", daemon=True)
+
+    def __enter__(self) -> ReplicaSetPlayer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - objects come and go under us; next round
+                pass
+
+    def step(self) -> None:
+        pods = self.c.objects(PODS)
+        for name, dep in self.c.objects(DEPLOYMENTS).items():
+            want = int((dep.get("spec") or {}).get("replicas", 1))
+            mine = sorted(p for p, obj in pods.items() if obj["metadata"]["labels"].get(LABEL_WORKLOAD) == name)
+            for extra in mine[want:]:
+                self.kubelet.delete_pod(extra)
+            role = dep["metadata"]["labels"][LABEL_ROLE]
+            status = running(role, ready=True, started=True) if self.ready else {"phase": "Pending"}
+            for pod in mine[:want]:
+                if (pods[pod].get("status") or {}).get("phase") != status["phase"]:
+                    self.kubelet.set_status(pod, status)
+            for _ in range(want - len(mine)):
+                self._n += 1
+                self.kubelet.create_pod(name, f"p{self._n:04d}", status=status)
 
 
 # --- pod statuses as a kubelet writes them -------------------------------------------------
