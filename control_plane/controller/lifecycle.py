@@ -122,6 +122,9 @@ class RowReconciler:
         if target is not None:
             to, reason = target
             await self._transition(kind, row.id, status, to, reason)
+            if kind is RUN and to == Status.FAILED:
+                # the worker is gone: nothing will ever complete the run's waiting ops
+                await self.queue.fail_pending(row.id, f"trainer worker failed: {reason}")
             status = to
         if status == Status.ACTIVE and kind.scales_to_zero:
             await self._maybe_scale_down(kind, row.id)
