@@ -1,0 +1,202 @@
+"""The Tinker API's validation, sessions and REST listing through the real app (real Postgres and
+Redis, no worker): what must be answered before anything reaches a trainer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import zstandard
+from sqlalchemy import select, update
+
+from control_plane.controller.sessions import expire_sessions, flush_session_heartbeats
+from control_plane.db.models import Run, Session
+from data_plane.wire import tinker_wire_pb2 as pb
+from data_plane.wire.queue import ops_stream
+from tests.control_plane.conftest import TEST_MODEL, Api
+
+
+async def _session(api: Api, headers: dict[str, str]) -> str:
+    res = await api.client.post("/api/v1/create_session", json={"tags": ["t"], "user_metadata": {"a": 1},
+                                                                "sdk_version": "0.38.0", "type": "create_session"},
+                                headers=headers)
+    assert res.status_code == 200, res.text
+    return res.json()["session_id"]
+
+
+def _fwd(model_id: str, seq_id: int, tokens: list[int]) -> bytes:
+    req = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
+    d = req.data.add()
+    d.model_input.add().encoded_text.tokens = b"".join(t.to_bytes(4, "little") for t in tokens)
+    return req.SerializeToString()
+
+
+async def test_bootstrap_routes(api: Api) -> None:
+    t = await api.tenant("acme")
+    cfg = await api.client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}, headers=t.headers)
+    assert cfg.status_code == 200 and cfg.json()["proto_compress_fwdbwd"] is True
+    dyn = await api.client.post("/api/v1/client/dynamic_config", json={"sdk_version": "0.38.0"}, headers=t.headers)
+    assert dyn.json()["refresh_interval_sec"] == 300
+    tel = await api.client.post("/api/v1/telemetry", json={"events": [], "session_id": "x"}, headers=t.headers)
+    assert tel.json() == {"status": "accepted"}
+    bad_tel = await api.client.post("/api/v1/telemetry", json={"events": "nope"}, headers=t.headers)
+    assert bad_tel.status_code == 400 and bad_tel.json()["field"] == "events"
+    caps = await api.client.get("/api/v1/get_server_capabilities", headers=t.headers)
+    assert TEST_MODEL in [m["model_name"] for m in caps.json()["supported_models"]]
+    assert (await api.client.post("/api/v1/client/config", json={})).status_code == 401
+
+
+async def test_create_model_validation_and_rows(api: Api) -> None:
+    t = await api.tenant("acme")
+    sid = await _session(api, t.headers)
+    body = {"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL, "lora_config": {"rank": 8}}
+    cases = [
+        ({**body, "base_model": "nope/nope"}, "base_model"),
+        ({**body, "lora_config": {"rank": 0}}, "lora_rank"),
+        ({**body, "lora_config": {"rank": 8, "train_attn": False, "train_mlp": False, "train_unembed": False}}, "lora_config"),
+        ({**body, "optimizer_config": {"type": "dimuon", "version": 1}}, "optimizer_config"),
+        ({**body, "model_seq_id": -1}, "model_seq_id"),
+        ({**body, "session_id": "no-such-session"}, None),
+    ]
+    for bad, field in cases:
+        res = await api.client.post("/api/v1/create_model", json=bad, headers=t.headers)
+        assert res.status_code in (400, 404), (bad, res.text)
+        if field:
+            assert res.json().get("field") == field, res.text
+    # nothing half-written: no run rows from the rejected requests
+    async with api.runtime.db.session() as s:
+        assert (await s.execute(select(Run))).scalars().first() is None
+    ok = await api.client.post("/api/v1/create_model", json=body, headers=t.headers)
+    assert ok.status_code == 200
+    fut = ok.json()
+    assert fut["model_id"] == f"{sid}:train:0" and fut["request_id"].startswith("req-")
+    async with api.runtime.db.session() as s:
+        run = await s.get(Run, fut["model_id"])
+    assert (run.origin, run.session_id, run.lora_rank, run.status) == ("tinker", sid, 8, "DEPLOYING")
+    assert await api.runtime.redis.xlen(ops_stream(run.id)) == 1
+    info = await api.client.post("/api/v1/get_info", json={"model_id": run.id}, headers=t.headers)
+    assert info.json()["model_data"]["model_name"] == TEST_MODEL and info.json()["lora_rank"] == 8
+
+
+async def test_training_op_validation(api: Api) -> None:
+    t = await api.tenant("acme")
+    sid = await _session(api, t.headers)
+    mid = (await api.client.post("/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0,
+                                                               "base_model": TEST_MODEL}, headers=t.headers)).json()["model_id"]
+    h = {**t.headers, "Content-Type": "application/x-protobuf"}
+    garbage = await api.client.post("/api/v1/forward_backward", content=b"\xff\xff\xff", headers=h)
+    assert garbage.status_code == 400 and "ForwardBackwardRequest" in garbage.json()["detail"]
+    seq0 = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, 0, [1, 2, 3]), headers=h)
+    assert seq0.status_code == 400 and seq0.json()["field"] == "seq_id"
+    unknown = await api.client.post("/api/v1/forward_backward", content=_fwd("nope:train:0", 1, [1, 2]), headers=h)
+    assert unknown.status_code == 404
+    bad_zstd = await api.client.post("/api/v1/forward_backward", content=b"not zstd",
+                                     headers={**h, "Content-Encoding": "zstd"})
+    assert bad_zstd.status_code == 400 and "zstd" in bad_zstd.json()["detail"]
+    packed = zstandard.ZstdCompressor().compress(_fwd(mid, 1, [1, 2, 3]))
+    ok = await api.client.post("/api/v1/forward_backward", content=packed, headers={**h, "Content-Encoding": "zstd"})
+    assert ok.status_code == 200 and ok.json()["model_id"] == mid
+    again = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, 1, [9, 9]), headers=h)
+    assert again.json()["request_id"] == ok.json()["request_id"]  # the same (model_id, seq_id)
+    for adam, field in (({"learning_rate": "x"}, "adam_params.learning_rate"), ({"eps": 0}, "adam_params.eps"),
+                        ({"grad_clip_norm": -1}, "adam_params.grad_clip_norm")):
+        res = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 2, "adam_params": adam},
+                                    headers=t.headers)
+        assert res.status_code == 400 and res.json()["field"] == field, res.text
+    muon = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 2,
+                                                             "optimizer_params": {"type": "dimuon"}}, headers=t.headers)
+    assert muon.status_code == 400 and "dimuon" in muon.json()["detail"]
+    for body, field in (({"model_id": mid, "seq_id": 2, "path": "a/b"}, "path"),
+                        ({"model_id": mid, "seq_id": 2}, "path"),
+                        ({"model_id": mid, "path": "ok"}, "seq_id"),
+                        ({"model_id": mid, "seq_id": 2, "path": "ok", "ttl_seconds": 0}, "ttl_seconds")):
+        res = await api.client.post("/api/v1/save_weights", json=body, headers=t.headers)
+        assert res.status_code == 400 and res.json()["field"] == field, res.text
+    inflight = await api.client.post("/api/v1/save_weights_for_sampler",
+                                     json={"model_id": mid, "seq_id": 2, "kind": "inflight"}, headers=t.headers)
+    assert inflight.status_code == 400 and inflight.json()["field"] == "kind"
+    unnamed = await api.client.post("/api/v1/save_weights_for_sampler", json={"model_id": mid, "seq_id": 2},
+                                    headers=t.headers)
+    assert unnamed.status_code == 400 and unnamed.json()["field"] == "sampling_session_seq_id"
+    for path in ("s3://x/y", f"tinker://{mid}/weights/missing"):
+        res = await api.client.post("/api/v1/load_weights", json={"model_id": mid, "seq_id": 2, "path": path,
+                                                                  "optimizer": True}, headers=t.headers)
+        assert res.status_code == 400 and res.json()["field"] == "path", res.text
+    # nothing but seq 0 and seq 1 reached the worker's stream
+    assert await api.runtime.redis.xlen(ops_stream(mid)) == 2
+    # another org cannot touch the model
+    other = await api.tenant("other-org")
+    res = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 2}, headers=other.headers)
+    assert res.status_code == 404
+
+
+async def test_heartbeats_expiry_and_finish(api: Api) -> None:
+    t = await api.tenant("acme")
+    sid = await _session(api, t.headers)
+    hb = await api.client.post("/api/v1/session_heartbeat", json={"session_id": sid}, headers=t.headers)
+    assert hb.status_code == 200
+    old = datetime.now(UTC) - timedelta(hours=1)
+    async with api.runtime.db.transaction() as s:
+        await s.execute(update(Session).where(Session.id == sid).values(last_heartbeat_at=old))
+    # the heartbeat recorded in Redis is flushed to Postgres, so the session is not idle
+    assert await flush_session_heartbeats(api.runtime.db, api.runtime.redis) == 1
+    assert await expire_sessions(api.runtime.db, timedelta(minutes=5)) == []
+    async with api.runtime.db.transaction() as s:
+        await s.execute(update(Session).where(Session.id == sid).values(last_heartbeat_at=old))
+    assert await expire_sessions(api.runtime.db, timedelta(minutes=5)) == [sid]
+    gone = await api.client.post("/api/v1/session_heartbeat", json={"session_id": sid}, headers=t.headers)
+    assert gone.status_code == 410 and "expired" in gone.json()["detail"]
+    create = await api.client.post("/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0,
+                                                                 "base_model": TEST_MODEL}, headers=t.headers)
+    assert create.status_code == 400 and create.json()["field"] == "session_id"
+
+    sid2 = await _session(api, t.headers)
+    await api.client.post("/api/v1/create_model", json={"session_id": sid2, "model_seq_id": 0,
+                                                        "base_model": TEST_MODEL}, headers=t.headers)
+    fin = await api.client.post(f"/api/v1/sessions/{sid2}/finish", json={"reason": {"type": "errored"}, "detail": "boom"},
+                                headers=t.headers)
+    assert fin.status_code == 200
+    again = await api.client.post(f"/api/v1/sessions/{sid2}/finish", json={"reason": {"type": "success"}},
+                                  headers=t.headers)
+    assert again.json()["reason"] == "errored"  # the first reason wins
+    async with api.runtime.db.session() as s:
+        run = await s.get(Run, f"{sid2}:train:0")
+    assert run.status == "DEACTIVATING"
+    bad = await api.client.post(f"/api/v1/sessions/{sid2}/finish", json={"reason": {"type": "meh"}}, headers=t.headers)
+    assert bad.status_code == 400
+
+
+async def test_rest_listing_pages_and_scopes(api: Api) -> None:
+    t = await api.tenant("acme")
+    mate = await api.tenant("acme", email="mate@example.com")
+    sid = await _session(api, t.headers)
+    for n in range(3):
+        res = await api.client.post("/api/v1/create_model", json={"session_id": sid, "model_seq_id": n,
+                                                                  "base_model": TEST_MODEL,
+                                                                  "user_metadata": {"renderer_name": "qwen3", "n": n}},
+                                    headers=t.headers)
+        assert res.status_code == 200
+    page = (await api.client.get("/api/v1/training_runs", params={"limit": 2, "offset": 0}, headers=t.headers)).json()
+    assert page["cursor"] == {"offset": 0, "limit": 2, "total_count": 3}
+    assert [r["training_run_id"] for r in page["training_runs"]] == [f"{sid}:train:2", f"{sid}:train:1"]
+    rest = (await api.client.get("/api/v1/training_runs", params={"limit": 2, "offset": 2}, headers=t.headers)).json()
+    assert [r["training_run_id"] for r in rest["training_runs"]] == [f"{sid}:train:0"]
+    one = (await api.client.get(f"/api/v1/training_runs/{sid}:train:0", headers=t.headers)).json()
+    assert one["user_metadata"] == {"renderer_name": "qwen3", "n": "0"} and one["last_checkpoint"] is None
+    # a teammate sees them only with access_scope=accessible
+    own = (await api.client.get("/api/v1/training_runs", headers=mate.headers)).json()
+    assert own["cursor"]["total_count"] == 0
+    org = (await api.client.get("/api/v1/training_runs", params={"access_scope": "accessible"}, headers=mate.headers)).json()
+    assert org["cursor"]["total_count"] == 3
+    bad = await api.client.get("/api/v1/training_runs", params={"limit": 0}, headers=t.headers)
+    assert bad.status_code == 400 and bad.json()["field"] == "limit"
+    bad_scope = await api.client.get("/api/v1/training_runs", params={"access_scope": "all"}, headers=t.headers)
+    assert bad_scope.status_code == 400
+    sess = (await api.client.get(f"/api/v1/sessions/{sid}", headers=t.headers)).json()
+    assert len(sess["training_run_ids"]) == 3 and sess["user_metadata"] == {"a": 1}
+    assert sid in (await api.client.get("/api/v1/sessions", headers=t.headers)).json()["sessions"]
+    missing = await api.client.delete(f"/api/v1/training_runs/{sid}:train:0/checkpoints/weights/nope", headers=t.headers)
+    assert missing.status_code == 404
+    bad_id = await api.client.delete(f"/api/v1/training_runs/{sid}:train:0/checkpoints/other/x", headers=t.headers)
+    assert bad_id.status_code == 400
+    wi = await api.client.post("/api/v1/weights_info", json={"tinker_path": "tinker://bad"}, headers=t.headers)
+    assert wi.status_code == 400 and wi.json()["field"] == "tinker_path"
