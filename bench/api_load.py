@@ -63,10 +63,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(kind: str, stack: Stack, probe: str) -> Server:
+def start_server(kind: str, stack: Stack, probe: str, **settings: str) -> Server:
     port = _free_port()
     log = stack.data_dir / f"server-{kind}.log"
-    env = {**os.environ, **stack.server_env(), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **stack.server_env(**settings), "PYTHONPATH": str(REPO)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.serve", kind, str(port)], cwd=REPO, env=env,
@@ -135,8 +135,13 @@ def throughput(real: Server, bare: Server, tenant: Tenant, headers: dict[str, st
         rows.append(
             f"| {name} | {res.rps:,.0f} | {res.p50_ms:.1f} | {res.p99_ms:.1f} | {100 * res.rps / ceiling:.0f}% | {res.errors} |"
         )
+    log = "off" if args.no_access_log else "on (the default)"
+    if client_name() != "wrk":
+        rows.append("")
+        rows.append("(no wrk on PATH: the Python load generator limits these numbers; `apt-get install wrk`)")
     return [
-        f"Throughput, {args.connections} connections, {args.seconds:g} s per target after {args.warmup:g} s warm-up:",
+        f"Throughput, {args.connections} connections, {args.seconds:g} s per target after {args.warmup:g} s warm-up; "
+        f"access log of the real app {log}:",
         "",
         "| target | req/s | p50 ms | p99 ms | vs bare | errors |",
         "|---|---:|---:|---:|---:|---:|",
@@ -166,17 +171,29 @@ def list_routes(tenant: Tenant) -> list[tuple[str, str, str, dict[str, str | Non
 
 async def list_latency(db: Database, real: Server, tenant: Tenant, headers: dict[str, str], args: argparse.Namespace) -> list[str]:
     rows = []
+    by_route: dict[str, list[tuple[int, float, float]]] = {}  # label -> [(rows, p50 ms, SQL ms)]
     for size in args.sizes:
         n = await grow_checkpoints(db, tenant, size)
         for label, path, call, kwargs in list_routes(tenant):
             res: LoadResult = await asyncio.to_thread(
                 run_load, real.base + path, headers, connections=1, seconds=args.list_seconds
             )
-            plan = await explain_service_call(db, tenant, call, kwargs)
+            plan, sql_ms = await explain_service_call(db, tenant, call, kwargs)
             print(f"  {n:>7} rows  {label}: p50 {res.p50_ms:.2f} ms, p99 {res.p99_ms:.2f} ms, {plan}")
             rows.append(f"| {n:,} | {label} | {res.p50_ms:.2f} | {res.p99_ms:.2f} | {res.errors} | {plan} |")
+            by_route.setdefault(label, []).append((n, res.p50_ms, sql_ms))
+    first, last = args.sizes[0], args.sizes[-1]
+    summary = [
+        f"| {label} | {pts[0][1]:.2f} → {pts[-1][1]:.2f} | {pts[0][2]:.2f} → {pts[-1][2]:.2f} |"
+        for label, pts in by_route.items()
+    ]
     return [
-        f"List latency, 1 connection, {args.list_seconds:g} s per route and size:",
+        f"List latency, 1 connection, {args.list_seconds:g} s per route and size "
+        f"(summary: smallest → largest table, {first:,} → {last:,} checkpoint rows):",
+        "",
+        "| route | HTTP p50 ms | SQL ms (EXPLAIN ANALYZE) |",
+        "|---|---:|---:|",
+        *summary,
         "",
         "| checkpoints rows | route | p50 ms | p99 ms | errors | plan: scans (SQL time, all statements) |",
         "|---:|---|---:|---:|---:|---|",
@@ -195,7 +212,8 @@ async def main_async(args: argparse.Namespace) -> int:
         await grow_checkpoints(db, tenant, args.sizes[0])
         headers = {"Authorization": f"Bearer {tenant.key}"}
         servers.append(start_server("bare", stack, "/static"))
-        servers.append(start_server("real", stack, "/healthz"))
+        access_log = {"OPENLOOPS_ACCESS_LOG": "false"} if args.no_access_log else {}
+        servers.append(start_server("real", stack, "/healthz", **access_log))
         bare, real = servers
         check_responses(real, tenant, headers)
         print("throughput:")
@@ -221,6 +239,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=None, help="measurement time per throughput target")
     ap.add_argument("--list-seconds", type=float, default=None, help="measurement time per list route and size")
     ap.add_argument("--sizes", default=None, help="checkpoint table sizes, e.g. 100,1000,10000,100000")
+    ap.add_argument("--no-access-log", action="store_true", help="real app without its JSON access log (on by default)")
     args = ap.parse_args(argv)
     args.seconds = args.seconds or (3.0 if args.quick else 15.0)
     args.warmup = 1.0 if args.quick else 3.0

@@ -46,9 +46,9 @@ def _scans(node: dict[str, Any]) -> list[str]:
     return out
 
 
-async def explain_service_call(db: Database, tenant: Tenant, call: str, kwargs: dict[str, Any]) -> str:
-    """Scan nodes of the plans of every statement the call runs, and their summed
-    execution time."""
+async def explain_service_call(db: Database, tenant: Tenant, call: str, kwargs: dict[str, Any]) -> tuple[str, float]:
+    """Scan nodes of the plans of every statement the call runs, and their summed execution
+    time in ms (also returned as a number)."""
     principal = Principal(tenant.org_id, tenant.user_id, "bench", frozenset(s.value for s in ALL_SCOPES))
     captured: list[tuple[str, Any]] = []
 
@@ -69,4 +69,4 @@ async def explain_service_call(db: Database, tenant: Tenant, call: str, kwargs: 
             scans.update(dict.fromkeys(_scans(plan["Plan"])))
             total_ms += plan["Execution Time"]
     n = f"{len(captured)} statements: " if len(captured) > 1 else ""
-    return f"{n}{', '.join(scans)} ({total_ms:.2f} ms)"
+    return f"{n}{', '.join(scans)} ({total_ms:.2f} ms)", total_ms

@@ -63,7 +63,10 @@ def _run_wrk(url: str, headers: dict[str, str], *, connections: int, seconds: fl
                "--timeout", "10s", "-s", script]
         for k, v in headers.items():
             cmd += ["-H", f"{k}: {v}"]
-        out = subprocess.run([*cmd, url], check=True, capture_output=True, text=True).stdout
+        proc = subprocess.run([*cmd, url], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+        out = proc.stdout
     finally:
         Path(script).unlink(missing_ok=True)
     line = next(x for x in out.splitlines() if x.startswith("BENCH_JSON "))
