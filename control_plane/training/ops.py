@@ -20,6 +20,8 @@ from control_plane.auth.principal import Principal
 from control_plane.db.models import Checkpoint, Run
 from control_plane.errors import Conflict, InvalidInput, NotFound
 from control_plane.ids import training_model_id
+from control_plane.scaling.activity import record_activity
+from control_plane.scaling.kinds import RUN
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import runs as runs_svc
 from control_plane.statuses import TERMINAL, Status
@@ -94,6 +96,7 @@ class TrainingOps:
 
     async def _submit(self, run: Run, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
         rid, is_new = await self.queue.submit(run.id, run.id, seq_id, kind, body, org_id=run.org_id)
+        await record_activity(self.r.redis, RUN, run.id)  # -> runs.last_request_at (flushed by the controller)
         if is_new and seq_id == 0:
             await self.r.kick_controller()
         return Submitted(rid, run.id)

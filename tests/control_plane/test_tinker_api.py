@@ -10,6 +10,8 @@ from sqlalchemy import select, update
 
 from control_plane.controller.sessions import expire_sessions, flush_session_heartbeats
 from control_plane.db.models import Run, Session
+from control_plane.scaling.activity import activity_key
+from control_plane.scaling.kinds import RUN
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.queue import ops_stream
 from tests.control_plane.conftest import TEST_MODEL, Api
@@ -73,6 +75,8 @@ async def test_create_model_validation_and_rows(api: Api) -> None:
         run = await s.get(Run, fut["model_id"])
     assert (run.origin, run.session_id, run.lora_rank, run.status) == ("tinker", sid, 8, "DEPLOYING")
     assert await api.runtime.redis.xlen(ops_stream(run.id)) == 1
+    # the op counts as activity of the run (flushed into last_request_at by the controller)
+    assert await api.runtime.redis.hget(activity_key(RUN), run.id) is not None
     info = await api.client.post("/api/v1/get_info", json={"model_id": run.id}, headers=t.headers)
     assert info.json()["model_data"]["model_name"] == TEST_MODEL and info.json()["lora_rank"] == 8
 
