@@ -389,7 +389,8 @@ def _free_accelerator_memory() -> None:
 
 def main() -> int:
     logging.basicConfig(
-        level=os.environ.get("OPENLOOPS_LOG_LEVEL", "INFO"),
+        # the same variable the control plane reads (any case: "info", "WARNING", ...)
+        level=os.environ.get("OPENLOOPS_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
