@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -11,6 +12,7 @@ import typer
 
 from control_plane.auth.authenticator import invalidate_key
 from control_plane.auth.principal import Principal
+from control_plane.cli import admin_show
 from control_plane.cli.context import Resolved, console, emit, emit_one, err_console
 from control_plane.db import migrate
 from control_plane.db.engine import Database
@@ -262,6 +264,40 @@ def checkpoint_list(
             ]
 
     emit(_run(go), ["id", "run_id", "kind", "name", "base_model", "size_bytes", "created_at"], as_json=as_json, title="checkpoints")
+
+
+def _show(kind: str, rid: str, org: str | None, history: int, events: int, as_json: bool) -> None:
+    async def go(d: Database, r: Resolved) -> dict[str, Any]:
+        return await admin_show.gather(d, r.settings, kind, rid, org=org, history=history, events=events)
+
+    data = _run(go)
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        admin_show.render(kind, data)
+
+
+SHOW_ORG = typer.Option(None, "--org", help="Only if it belongs to this org (id or name).")
+HISTORY = typer.Option(20, "--history", min=0, help="Most recent status history rows to show.")
+EVENTS = typer.Option(20, "--events", min=0, help="Most recent workload events to show.")
+
+
+@runs.command("show")
+def run_show(run_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+    """A run, its trainer workload as the backend sees it, and its status history."""
+    _show("run", run_id, org, history, events, as_json)
+
+
+@samplers.command("show")
+def sampler_show(sampler_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+    """A sampler, the shared vLLM workload of its base model, and its status history."""
+    _show("sampler", sampler_id, org, history, events, as_json)
+
+
+@deployments.command("show")
+def deployment_show(deployment_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+    """A deployment, its vLLM workload as the backend sees it, and its status history."""
+    _show("deployment", deployment_id, org, history, events, as_json)
 
 
 # --- database ------------------------------------------------------------------------------

@@ -50,7 +50,11 @@ def _alive(pid: object) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # an exited child its parent has not reaped yet is a zombie: not running
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] != "Z"
+    except (OSError, ValueError):
+        return True
 
 
 def _safe_name(workload_id: str) -> str:
