@@ -215,7 +215,9 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
             device="cpu",
         )
         log_path = tmp_path / f"worker-{run_id}-{len(started)}.log"
-        env = {**os.environ, **launch.to_env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+        # a lower-case level, as the control plane spells it, must not break the worker
+        env = {**os.environ, **launch.to_env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2",
+               "OPENLOOPS_LOG_LEVEL": "info"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "data_plane.trainer"], cwd=REPO, env=env,
             stdout=log_path.open("w"), stderr=subprocess.STDOUT,
