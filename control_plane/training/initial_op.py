@@ -37,5 +37,5 @@ async def enqueue_initial_op(r: Runtime, s: AsyncSession, run: Run) -> str:
             op_bodies.CreateBody(lora=op_bodies.LoraSpec(rank=run.lora_rank, seed=run.seed))
         )
         kind = OpKind.CREATE
-    rid, _ = await queue.submit(run.id, run.id, 0, kind, body)
+    rid, _ = await queue.submit(run.id, run.id, 0, kind, body, org_id=run.org_id)
     return rid
