@@ -4,8 +4,9 @@ Route handlers that carry traffic to a run, sampler or deployment call::
 
     await touch_and_wake(runtime, "deployment", deployment_id)
 
-after their tenant check and before they use the workload. It costs one Redis HSET and one
-primary-key SELECT when the resource is awake. When it is SCALED_TO_ZERO it moves the row to
+after their tenant check and before they use the workload (it returns True when it had to
+wait, so cached endpoints can be refreshed). It costs one Redis HSET and one primary-key
+SELECT when the resource is awake. When it is SCALED_TO_ZERO it moves the row to
 WAKING_UP (history row), kicks the controller and waits (bounded by
 ``settings.wake_timeout_seconds``) until the controller has seen the workload ready and made
 the row ACTIVE; it then returns and the request proceeds. If the wake-up fails it raises
@@ -51,12 +52,14 @@ async def notify_woken(redis: aioredis.Redis, kind: Kind, resource_id: str) -> N
     await redis.publish(WOKEN_CHANNEL, f"{kind.name}:{resource_id}".encode())
 
 
-async def touch_and_wake(runtime: Runtime, kind: KindName, resource_id: str, *, timeout_s: float | None = None) -> None:
+async def touch_and_wake(runtime: Runtime, kind: KindName, resource_id: str, *, timeout_s: float | None = None) -> bool:
+    """Record a request for ``resource_id``; if it is scaled to zero, wake it and wait until it
+    is ACTIVE. Returns True when it had to wait (callers may refresh cached endpoints)."""
     k = kind_of(kind)
     await record_activity(runtime.redis, k, resource_id)
     status = await _status(runtime, k, resource_id)
     if status not in ASLEEP:
-        return
+        return False
     timeout = runtime.settings.wake_timeout_seconds if timeout_s is None else timeout_s
     started = time.monotonic()
     pubsub = runtime.redis.pubsub()
@@ -71,6 +74,7 @@ async def touch_and_wake(runtime: Runtime, kind: KindName, resource_id: str, *, 
             await pubsub.unsubscribe()
             await pubsub.aclose()
     log.info("woke up", kind=k.name, id=resource_id, waited_s=round(time.monotonic() - started, 3))
+    return True
 
 
 async def _status(runtime: Runtime, k: Kind, resource_id: str) -> Status:

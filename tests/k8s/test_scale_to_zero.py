@@ -164,3 +164,40 @@ async def test_touch_records_activity_without_writing_postgres(services, data_di
         assert type(err.value).__name__ == "NotFound"
         with pytest.raises(ValueError):
             await touch_and_wake(rt, "checkpoint", dep.id)  # type: ignore[arg-type]
+
+
+async def test_the_loops_sampler_route_wakes_its_sampler(services, data_dir: Path, cluster: Cluster) -> None:
+    import httpx
+
+    from control_plane.api.app import create_app
+    from control_plane.sampling.dispatcher import dispatcher_for
+
+    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
+        t = await tenant(rt)
+        async with rt.db.transaction() as s:
+            smp = await samplers_svc.create_sampler(
+                s, t.principal, rt.catalog, samplers_svc.SamplerRequest(session_id=None, base_model=TEST_MODEL)
+            )
+            smp.scale_down_delay_seconds = 1
+        transport = httpx.ASGITransport(app=create_app(rt))
+        with ReplicaSetPlayer(cluster):
+            ctl = start(rt)
+            try:
+                await wait_status(rt, Sampler, smp.id, "SCALED_TO_ZERO")
+                await set_delay(rt, Sampler, smp.id, 3600)
+                async with httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=t.headers) as c:
+                    other = await tenant(rt, "other-org")
+                    r = await c.post(f"/v1/loops/samplers/{smp.id}/openai/v1/completions",
+                                     json={"prompt": "hi", "max_tokens": 1}, headers=other.headers)
+                    assert r.status_code == 404  # another org's sampler is neither found nor woken
+                    assert await status(rt, Sampler, smp.id) == "SCALED_TO_ZERO"
+                    r = await c.post(f"/v1/loops/samplers/{smp.id}/openai/v1/completions",
+                                     json={"prompt": "hi", "max_tokens": 1})
+                # the request waited for the wake-up and was then forwarded to the (emulated,
+                # unreachable) vLLM Service: not refused as "not ACTIVE"
+                assert await status(rt, Sampler, smp.id) == "ACTIVE"
+                assert "retry when it is ACTIVE" not in r.text, r.text
+                assert [h[1] for h in (await history(rt, smp.id))[-2:]] == ["WAKING_UP", "ACTIVE"]
+            finally:
+                await ctl.halt()
+                await dispatcher_for(rt).aclose()

@@ -14,7 +14,8 @@ from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
 from control_plane.auth.principal import Principal
 from control_plane.runtime import Runtime
-from control_plane.sampling.dispatcher import dispatcher_for
+from control_plane.sampling.dispatcher import SamplingDispatcher, dispatcher_for
+from control_plane.scaling.wake import touch_and_wake
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
 from control_plane.services import sessions as sessions_svc
@@ -160,11 +161,23 @@ class LoopsTrainingController(Controller):
     async def sampler_completions(
         self, request: Request, principal: Principal, sampler_id: str, data: dict[str, Any]
     ) -> Response[Any]:
-        return await openai_proxy.forward(dispatcher_for(rt(request)), principal, sampler_id, "/v1/completions", data)
+        d = await _awake(request, principal, sampler_id)
+        return await openai_proxy.forward(d, principal, sampler_id, "/v1/completions", data)
 
     @post("/samplers/{sampler_id:str}/openai/v1/chat/completions", opt=ORG, status_code=200)
     async def sampler_chat_completions(
         self, request: Request, principal: Principal, sampler_id: str, data: dict[str, Any]
     ) -> Response[Any]:
-        return await openai_proxy.forward(dispatcher_for(rt(request)), principal, sampler_id, "/v1/chat/completions", data)
+        d = await _awake(request, principal, sampler_id)
+        return await openai_proxy.forward(d, principal, sampler_id, "/v1/chat/completions", data)
 
+
+async def _awake(request: Request, principal: Principal, sampler_id: str) -> SamplingDispatcher:
+    """Traffic to a sampler: after the tenant check, record it and wake the sampler if it was
+    scaled to zero (the request waits, see control_plane/scaling/wake.py)."""
+    r = rt(request)
+    d = dispatcher_for(r)
+    target = await d.target(principal.org_id, sampler_id)  # 404 for another org's sampler
+    if await touch_and_wake(r, "sampler", sampler_id) or not target.serving:
+        d.forget(principal.org_id, sampler_id)  # the cached status/endpoint may be stale
+    return d
