@@ -1,0 +1,226 @@
+"""Training step through openloops vs plain peft: ``python -m bench.trainer_sdk [--quick]``.
+
+Both sides train the same LoRA (rank 32 on attention, MLP and lm_head, AdamW) on the ``bench``
+local model with the same batch (32 sequences x 256 tokens, cross-entropy):
+
+- **openloops**: the unmodified tinker SDK against a real ``openloops serve`` process (its
+  controller starts a trainer worker subprocess); one step = ``forward_backward`` +
+  ``optim_step``, submitted back to back (the SDK pipelines them) and waited for.
+- **plain peft**: the same step in this process with transformers + peft + torch.optim.AdamW,
+  no server, no queue, no serialization.
+
+They run one after the other, never at the same time. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.stack import Stack, start_stack
+from control_plane.catalog import CatalogModel, ModelCatalog
+from control_plane.local_mode.models import prepare
+
+BATCH, SEQ, RANK, LR = 32, 256, 32, 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _batch(vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(BATCH, SEQ + 1), dtype=np.int64)
+
+
+async def _make_key(stack: Stack) -> str:
+    from control_plane.db.engine import Database
+    from control_plane.services import identity
+
+    db = Database(stack.database_url)
+    try:
+        async with db.transaction() as s:
+            org = await identity.create_org(s, f"bench-{time.time_ns()}")
+            user = await identity.create_user(s, org, "bench@localhost")
+            key = await identity.create_api_key(s, user)
+        return key.plaintext
+    finally:
+        await db.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def _worker_peak_rss_mib(stack: Stack, run_id: str) -> float | None:
+    """VmHWM (peak resident set) of the run's trainer worker process, from /proc."""
+    import redis
+
+    from data_plane.wire.queue import worker_state_key
+
+    r = redis.Redis.from_url(stack.redis_url.replace("valkey://", "redis://", 1))
+    pid = r.hget(worker_state_key(run_id), "pid")
+    r.close()
+    if not pid:
+        return None
+    try:
+        for line in Path(f"/proc/{int(pid)}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class SdkResult:
+    step_times: list[float]
+    first_step_s: float  # create_lora_training_client -> first completed step
+    worker_peak_rss_mib: float | None
+
+
+def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int, warmup: int) -> SdkResult:
+    import tinker
+    from tinker import types
+
+    port = _free_port()
+    log = stack.data_dir / "server.log"
+    env = {**os.environ, **stack.server_env(OPENLOOPS_PORT=str(port), OPENLOOPS_LOG_LEVEL="warning")}
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "control_plane.cli.main", "serve"], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(f"{base}/healthz", proc)
+        key = asyncio.run(_make_key(stack))
+        service = tinker.ServiceClient(base_url=base, api_key=key)
+        t0 = time.perf_counter()
+        first_step: float | None = None
+        tc = service.create_lora_training_client(model.name, rank=RANK, seed=0).result()
+        print(f"  training client ready in {time.perf_counter() - t0:.1f}s (worker start + base model load)")
+        data = [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData(data=row[1:].tolist(), dtype="int64", shape=[SEQ]),
+                    "weights": types.TensorData(data=[1.0] * SEQ, dtype="float32", shape=[SEQ]),
+                },
+            )
+            for row in tokens
+        ]
+        times = []
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            fb = tc.forward_backward(data, "cross_entropy")
+            opt = tc.optim_step(types.AdamParams(learning_rate=LR))
+            loss = fb.result().metrics["loss:sum"]
+            opt.result()
+            dt = time.perf_counter() - t
+            if first_step is None:
+                first_step = time.perf_counter() - t0
+            print(f"  openloops step {i}: {dt:.3f}s loss:sum={loss:.1f}{' (warm-up)' if i < warmup else ''}")
+            if i >= warmup:
+                times.append(dt)
+        rss = _worker_peak_rss_mib(stack, tc.model_id)
+        service.close("success").result()
+        assert first_step is not None
+        return SdkResult(times, first_step, rss)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_peft(model: CatalogModel, tokens: np.ndarray, steps: int, warmup: int) -> list[float]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32)
+    cfg = LoraConfig(r=RANK, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
+    m = get_peft_model(base, cfg)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    x = torch.from_numpy(tokens[:, :-1])
+    y = torch.from_numpy(tokens[:, 1:])
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        logits = m(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t
+        print(f"  plain peft step {i}: {dt:.3f}s loss:sum={loss.item():.1f}{' (warm-up)' if i < warmup else ''}")
+        if i >= warmup:
+            times.append(dt)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 measured steps instead of 6")
+    args = ap.parse_args(argv)
+    steps, warmup = (2, 1) if args.quick else (6, 2)
+    stack = start_stack()
+    try:
+        print("preparing the bench model ...")
+        model = prepare("bench", stack.data_dir / "models", quiet=True)
+        ModelCatalog([model]).dump(stack.data_dir / "catalog.yaml")
+        import json
+
+        vocab = int(json.loads((Path(model.source) / "config.json").read_text())["vocab_size"])
+        tokens = _batch(vocab)
+        print(f"openloops (tinker SDK -> API -> Redis -> trainer worker), batch {BATCH}x{SEQ}, rank {RANK}")
+        sdk = bench_sdk(model, stack, tokens, steps, warmup)
+        print("plain peft (in process)")
+        peft = bench_peft(model, tokens, steps, warmup)
+    finally:
+        stack.stop()
+    s_med, p_med = statistics.median(sdk.step_times), statistics.median(peft)
+    tok = BATCH * SEQ
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, CPU float32")
+    print("| path | median step (s) | tokens/s | vs plain peft |")
+    print("|---|---|---|---|")
+    print(f"| plain peft, in process | {p_med:.3f} | {tok / p_med:,.0f} | 1.00 |")
+    print(f"| openloops via tinker SDK | {s_med:.3f} | {tok / s_med:,.0f} | {p_med / s_med:.2f} |")
+    print()
+    print(f"overhead vs plain peft: {100 * (s_med / p_med - 1):+.1f}% (target <= +10%)")
+    print(f"create_lora_training_client -> first completed step: {sdk.first_step_s:.1f}s")
+    rss = f"{sdk.worker_peak_rss_mib:.0f} MiB" if sdk.worker_peak_rss_mib is not None else "n/a"
+    print(f"trainer worker peak RSS (VmHWM): {rss}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
