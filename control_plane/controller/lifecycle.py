@@ -9,8 +9,9 @@ always wins. Per status:
   half-created one is completed), scale it up when it is scaled down; a permanent backend
   error, or transient ones beyond the retry budget (:mod:`.retry`), make it DEPLOY_FAILED with
   the error as the reason. Rows past that are only observed (no API write per pass).
-* LOADING_MODEL / ACTIVE / UNHEALTHY / UPDATING: observe and map (FAILED with the reason, a
-  vanished trainer is FAILED since its state is gone, a vanished deployment is recreated).
+* LOADING_MODEL / ACTIVE / UNHEALTHY / UPDATING: observe and map (FAILED with the reason). A
+  vanished workload is recreated (back to DEPLOYING) when nothing is lost with it: always for a
+  deployment, for a trainer only if it executed no op yet; otherwise the run is FAILED.
   A run is ACTIVE only once its worker reports READY through Redis.
 * ACTIVE deployments idle for ``scale_down_delay_seconds`` become SCALED_TO_ZERO (history
   row), then the workload is scaled to 0 replicas; SCALED_TO_ZERO keeps it there.
@@ -34,7 +35,7 @@ from control_plane.controller.workloads import trainer_spec
 from control_plane.db.models import Checkpoint, Deployment, Run, Sampler
 from control_plane.runtime import Runtime
 from control_plane.scaling.idle import scale_down_if_idle
-from control_plane.scaling.kinds import DEPLOYMENT, RUN, Kind
+from control_plane.scaling.kinds import RUN, Kind
 from control_plane.scaling.wake import notify_woken
 from control_plane.scheduler.protocol import Observation, Phase, TransientBackendError, WorkloadSpec
 from control_plane.services import history
@@ -105,7 +106,12 @@ class RowReconciler:
             log.warning("observe failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
             return
         acted = False
-        if status in STARTING_UP or (obs.phase == Phase.ABSENT and kind is DEPLOYMENT):
+        if obs.phase == Phase.ABSENT and status not in STARTING_UP and await self._restartable(kind, row):
+            # gone (a node lost, a local control plane restarted) with nothing lost: recreate
+            if not await self._transition(kind, row.id, status, Status.DEPLOYING, "workload disappeared; recreating it"):
+                return
+            status = Status.DEPLOYING
+        if status in STARTING_UP:
             # ensure on every pass while starting: it also completes a half-created workload
             # (e.g. a Deployment whose Service a crashed controller never made)
             if not await self._attempt(kind, row, status, f"start the {kind.role.value}", lambda: self._ensure(kind, row)):
@@ -128,6 +134,14 @@ class RowReconciler:
             status = to
         if status == Status.ACTIVE and kind.scales_to_zero:
             await self._maybe_scale_down(kind, row.id)
+
+    async def _restartable(self, kind: Kind, row: Any) -> bool:
+        """A deployment is stateless; a trainer only while it has executed no op (a new worker
+        refuses to continue a run whose Redis state says ``next_seq > 0``)."""
+        if kind is not RUN:
+            return True
+        state = await self._worker_state(row.id)
+        return int(state.get("next_seq") or 0) == 0 and state.get("state") != q.WorkerState.FAILED.value
 
     async def _ensure(self, kind: Kind, row: Any) -> None:
         spec_key = (kind.name, row.id)
@@ -171,9 +185,8 @@ class RowReconciler:
         if obs.phase == Phase.ABSENT:
             if status in STARTING_UP:
                 return None  # just ensured; the next observation will see it
-            if kind is RUN:  # its LoRA weights and optimizer state are gone with it
-                return Status.FAILED, await self._failure_reason(kind, row, obs)
-            return Status.DEPLOYING, "workload disappeared; recreating it"
+            # a trainer that executed ops took its LoRA weights and optimizer state with it
+            return Status.FAILED, await self._failure_reason(kind, row, obs)
         if status == Status.WAKING_UP:
             return (Status.ACTIVE, "woke up") if obs.phase == Phase.READY else None
         if kind is RUN and obs.phase in (Phase.STARTING, Phase.READY):

@@ -18,7 +18,7 @@ from control_plane.db.models import Deployment, Run
 from control_plane.scheduler.k8s_manifests import workload_name
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.wire import queue as q
-from tests.k8s.conftest import DEPLOYMENTS, PODS, SERVICES, Cluster, Kubelet, eventually, running, terminated, waiting
+from tests.k8s.conftest import DEPLOYMENTS, NAMESPACE, PODS, SERVICES, Cluster, Kubelet, eventually, running, terminated, waiting
 from tests.k8s.controller_env import (
     FlakyProxy,
     history,
@@ -227,3 +227,36 @@ async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_noth
     assert {r.data["metadata"]["name"] for r in posts} == expected
     leaked = {t.name for t in threading.enumerate() if t.is_alive()} - before
     assert not [n for n in leaked if n.startswith("openloops-k8s")], leaked
+
+
+@pytest.mark.parametrize(("next_seq", "expect"), [(0, "DEPLOYING"), (5, "FAILED")])
+async def test_a_vanished_trainer_is_recreated_only_if_nothing_was_lost(
+    services, data_dir: Path, cluster: Cluster, kubelet: Kubelet, next_seq: int, expect: str
+) -> None:
+    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
+        ctl = Controller(rt)
+        run = await new_run(rt, await tenant(rt))
+        await ctl.reconcile_once()
+        name = trainer_name(run.id)
+        kubelet.set_status(kubelet.create_pod(name), running("trainer", ready=True, started=True))
+        await trainer_reports(rt, run.id, q.WorkerState.READY)
+        await rt.redis.hset(q.worker_state_key(run.id), "next_seq", str(next_seq))
+
+        async def is_(want: str) -> bool:
+            await ctl.reconcile_once()
+            return await status(rt, Run, run.id) == want
+
+        await eventually(lambda: is_("ACTIVE"), what="ACTIVE")
+        uid = cluster.get(DEPLOYMENTS, name)["metadata"]["uid"]
+        cluster.apps.delete_namespaced_deployment(name, NAMESPACE)  # someone deletes it
+        await eventually(lambda: is_(expect), what=expect)
+        hist = await history(rt, run.id)
+        after = hist[[h[1] for h in hist].index("ACTIVE") + 1 :]
+        (_, to, reason) = after[0]
+        assert to == expect
+        if expect == "DEPLOYING":
+            assert reason == "workload disappeared; recreating it"
+            again = cluster.get(DEPLOYMENTS, name)
+            assert again is not None and again["metadata"]["uid"] != uid
+        else:
+            assert reason == "trainer workload disappeared"
