@@ -112,11 +112,15 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{os.cpu_count()} CPU cores ({cpu}), load average {load:.1f} at start; Python {platform.python_version()}; "
-        f"servers, Postgres, Valkey and the load generator ({client_name()}) share these cores"
+        f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}; the servers, Postgres, Valkey "
+        f"and the load generator ({client_name()}) share these cores"
     )
+
+
+def load_average() -> float:
+    """1-minute load average: anything above 0 here was not this benchmark's doing at start."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def throughput(real: Server, bare: Server, tenant: Tenant, headers: dict[str, str], args: argparse.Namespace) -> list[str]:
@@ -202,7 +206,8 @@ async def list_latency(db: Database, real: Server, tenant: Tenant, headers: dict
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    print("machine:", machine_line())
+    machine, start_load = machine_line(), load_average()
+    print(f"machine: {machine}; load average {start_load:.1f}")
     stack = start_stack()
     servers: list[Server] = []
     db = Database(stack.database_url)
@@ -221,7 +226,7 @@ async def main_async(args: argparse.Namespace) -> int:
         print("list latency:")
         report += ["", *await list_latency(db, real, tenant, headers, args)]
         print()
-        print(f"Machine: {machine_line()}.")
+        print(f"Machine: {machine}. Load average {start_load:.1f} at start, {load_average():.1f} at the end.")
         print()
         print("\n".join(report))
     finally:
