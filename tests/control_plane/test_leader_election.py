@@ -24,7 +24,7 @@ from tests.k8s.conftest import DEPLOYMENTS, Cluster, ReplicaSetPlayer, cluster, 
 from tests.k8s.controller_env import Running, history, k8s_runtime, k8s_settings, new_run, start, status, tenant
 
 pytestmark = pytest.mark.usefixtures("clean_state")
-T = 15.0
+T = 30.0
 
 
 async def lock_holder(rt: Runtime) -> int | None:

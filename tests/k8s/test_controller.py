@@ -32,6 +32,7 @@ from tests.k8s.controller_env import (
 )
 
 pytestmark = pytest.mark.usefixtures("clean_state")
+T = 30.0  # deadline for what the controller does (generous: CI machines are slow and shared)
 
 
 def collapse(statuses: list[str]) -> list[str]:
@@ -61,12 +62,12 @@ async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path
             await ctl.reconcile_once()
             return await status(rt, Run, run.id) == want
 
-        await eventually(lambda: is_("LOADING_MODEL"), what="LOADING_MODEL")
+        await eventually(lambda: is_("LOADING_MODEL"), T, what="LOADING_MODEL")
         await trainer_reports(rt, run.id, q.WorkerState.READY)  # the worker loaded the model
-        await eventually(lambda: is_("ACTIVE"), what="ACTIVE")
+        await eventually(lambda: is_("ACTIVE"), T, what="ACTIVE")
 
         kubelet.set_status(pod, waiting("trainer", "CrashLoopBackOff", restarts=1, last=terminated(137, "OOMKilled")))
-        await eventually(lambda: is_("FAILED"), what="FAILED")
+        await eventually(lambda: is_("FAILED"), T, what="FAILED")
         hist = await history(rt, run.id)
         assert collapse([h[1] for h in hist]) == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "FAILED"], hist
         assert hist[-1][2] == "OOMKilled (exit code 137), CrashLoopBackOff"
@@ -75,7 +76,7 @@ async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path
             await ctl.reconcile_once()
             return cluster.get(DEPLOYMENTS, name) is None
 
-        await eventually(collected, what="GC")
+        await eventually(collected, T, what="GC")
         assert cluster.objects(PODS) == {}
 
 
@@ -100,7 +101,7 @@ async def test_transient_api_errors_are_retried_on_later_passes(services, data_d
         run = await new_run(rt, await tenant(rt))
         outage = write_outage(cluster)
         for attempt in (1, 2):  # two whole passes fail (the backend itself tries 4 times per call)
-            await eventually(lambda: ctl.retry.due(("run", run.id)), what="backoff to expire")
+            await eventually(lambda: ctl.retry.due(("run", run.id)), T, what="backoff to expire")
             await ctl.reconcile_once()
             assert await status(rt, Run, run.id) == "DEPLOYING"
             assert ctl.retry.attempts_of(("run", run.id)) == attempt
@@ -113,7 +114,7 @@ async def test_transient_api_errors_are_retried_on_later_passes(services, data_d
             await ctl.reconcile_once()
             return ctl.retry.attempts_of(("run", run.id)) == 0
 
-        await eventually(settled, what="a successful ensure once the API recovered")
+        await eventually(settled, T, what="a successful ensure once the API recovered")
         assert list(cluster.objects(DEPLOYMENTS)) == [trainer_name(run.id)]
         assert await status(rt, Run, run.id) == "DEPLOYING"
         assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.id)]
@@ -137,7 +138,7 @@ async def test_unreachable_api_server_then_recovery(services, data_dir: Path, cl
                 await ctl.reconcile_once()
                 return cluster.get(DEPLOYMENTS, trainer_name(run.id)) is not None
 
-            await eventually(created, timeout=20, what="the trainer Deployment once the API server is back")
+            await eventually(created, T, what="the trainer Deployment once the API server is back")
             assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.id)]
     finally:
         proxy.close()
@@ -153,7 +154,7 @@ async def test_transient_errors_beyond_the_budget_fail_the_run(services, data_di
             await ctl.reconcile_once()
             return await status(rt, Run, run.id) == "DEPLOY_FAILED"
 
-        await eventually(failed, what="DEPLOY_FAILED after the retry budget")
+        await eventually(failed, T, what="DEPLOY_FAILED after the retry budget")
         # 3 controller attempts, each: POST (503 or 409) then 4 GETs by name (503)
         gets = [r for r in cluster.requests() if r.resource == DEPLOYMENTS and r.method.value == "GET" and r.name]
         assert len(gets) == 3 * 4
@@ -161,7 +162,7 @@ async def test_transient_errors_beyond_the_budget_fail_the_run(services, data_di
         assert to == "DEPLOY_FAILED"
         assert reason.startswith("could not start the trainer: gave up after 3 attempts") and "503" in reason
         # the Deployment that did land is garbage-collected with the failed run
-        await eventually(lambda: cluster.get(DEPLOYMENTS, trainer_name(run.id)) is None, what="GC")
+        await eventually(lambda: cluster.get(DEPLOYMENTS, trainer_name(run.id)) is None, T, what="GC")
 
 
 async def test_permanent_errors_fail_at_once(services, data_dir: Path, cluster: Cluster) -> None:
@@ -207,7 +208,7 @@ async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_noth
             await ctl.reconcile_once()
             return await status(rt, Deployment, dep.id) == "ACTIVE"
 
-        await eventually(active, what="deployment ACTIVE")
+        await eventually(active, T, what="deployment ACTIVE")
         # deactivation removes everything; nothing is left in the cluster afterwards
         async with rt.db.transaction() as s:
             for model, rid, kind in ((Deployment, dep.id, "deployment"), (Run, run.id, "run"), (Run, dep.latest_run_id, "run")):
@@ -220,7 +221,7 @@ async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_noth
             got = {await status(rt, Deployment, dep.id), await status(rt, Run, run.id), await status(rt, Run, dep.latest_run_id)}
             return got == {"INACTIVE"}
 
-        await eventually(all_gone, what="both INACTIVE")
+        await eventually(all_gone, T, what="both INACTIVE")
     assert cluster.objects(DEPLOYMENTS) == {} and cluster.objects(SERVICES) == {} and cluster.objects(PODS) == {}
     # every Deployment was created once (the first controller); the second only got 409s
     posts = [r for r in cluster.requests() if r.method.value.upper() == "POST" and r.resource == DEPLOYMENTS]
@@ -246,10 +247,10 @@ async def test_a_vanished_trainer_is_recreated_only_if_nothing_was_lost(
             await ctl.reconcile_once()
             return await status(rt, Run, run.id) == want
 
-        await eventually(lambda: is_("ACTIVE"), what="ACTIVE")
+        await eventually(lambda: is_("ACTIVE"), T, what="ACTIVE")
         uid = cluster.get(DEPLOYMENTS, name)["metadata"]["uid"]
         cluster.apps.delete_namespaced_deployment(name, NAMESPACE)  # someone deletes it
-        await eventually(lambda: is_(expect), what=expect)
+        await eventually(lambda: is_(expect), T, what=expect)
         hist = await history(rt, run.id)
         after = hist[[h[1] for h in hist].index("ACTIVE") + 1 :]
         (_, to, reason) = after[0]
