@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import msgspec
 
 from control_plane.sampling.errors import (
     AdapterLoadFailed,
@@ -126,7 +127,7 @@ class VLLMClient:
                        model: str | None = None) -> httpx.Response:
         kw: dict[str, Any] = {}
         if json_body is not None:
-            kw["content"] = json.dumps(json_body)
+            kw["content"] = msgspec.json.encode(json_body)
             kw["headers"] = {"content-type": "application/json"}
         if timeout is not None:
             kw["timeout"] = timeout
@@ -217,8 +218,8 @@ class VLLMClient:
         finally:
             self._in_flight -= 1
         try:
-            return resp.json()
-        except ValueError as e:
+            return msgspec.json.decode(resp.content)  # type: ignore[no-any-return]
+        except msgspec.DecodeError as e:
             raise SamplerFailed(f"sampler answered non-JSON: {resp.text[:200]!r}") from e
 
     async def sample(self, request: Mapping[str, Any] | SampleSpec, *, model: str,

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 from control_plane.db.engine import Database
-from control_plane.errors import DomainError
+from control_plane.errors import DomainError, Unavailable
 from control_plane.ids import new_request_id
 from control_plane.sampling.client import VLLMClient
 from control_plane.sampling.errors import SamplerBusy, SamplerUnavailable, SamplingError
 from control_plane.sampling.translate import SampleSpec
+from control_plane.scaling.activity import record_activity
+from control_plane.scaling.kinds import SAMPLER
+from control_plane.scaling.wake import ASLEEP, touch_and_wake
 from control_plane.services.samplers import SamplerTarget, sampler_target
 from control_plane.training.queue import TrainerQueue
 from data_plane.wire import queue as q
@@ -50,14 +53,23 @@ class _Cached:
 
 
 class SamplingDispatcher:
-    def __init__(self, db: Database, queue: TrainerQueue, *, max_in_flight: int = MAX_IN_FLIGHT_PER_SERVER) -> None:
+    def __init__(
+        self,
+        db: Database,
+        queue: TrainerQueue,
+        *,
+        max_in_flight: int = MAX_IN_FLIGHT_PER_SERVER,
+        runtime: Runtime | None = None,
+    ) -> None:
         self._db = db
+        self._runtime = runtime  # for scale to zero (activity, wake-ups); None in unit use
         self._queue = queue
         self.max_in_flight = max_in_flight
         self._clients: dict[str, VLLMClient] = {}
         self._cache: dict[tuple[str, str], _Cached] = {}
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._touched: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lookups
 
@@ -134,6 +146,7 @@ class SamplingDispatcher:
     async def _run(self, target: SamplerTarget, spec: SampleSpec, rid: str) -> None:
         wid = target.workload_id
         try:
+            await self._touch(target)
             if not target.serving:
                 target = await self.wait_serving(target.org_id, target.sampler_id)
             assert target.endpoint is not None
@@ -143,8 +156,9 @@ class SamplingDispatcher:
             if isinstance(exc, SamplerUnavailable):
                 self.forget(target.org_id, target.sampler_id)
             result = q.FutureResult.failed(exc.message, q.ErrorCategory(exc.category))
-        except DomainError as exc:  # e.g. the pinned checkpoint was deleted meanwhile
-            result = q.FutureResult.failed(exc.message, q.ErrorCategory.USER)
+        except DomainError as exc:  # the pinned checkpoint was deleted meanwhile; a wake-up failed
+            category = q.ErrorCategory.SERVER if isinstance(exc, Unavailable) else q.ErrorCategory.USER
+            result = q.FutureResult.failed(exc.message, category)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(
@@ -155,6 +169,22 @@ class SamplingDispatcher:
             log.exception("sampling failed", request_id=rid, error=repr(exc))
             result = q.FutureResult.failed(f"internal error while sampling: {exc!r}", q.ErrorCategory.SERVER)
         await self._queue.complete(wid, rid, result)
+
+    async def _touch(self, target: SamplerTarget) -> None:
+        """Scale to zero: record the request; a sampler that was scaled to zero is woken and
+        this waits until it is ACTIVE again (control_plane/scaling/wake.py)."""
+        if self._runtime is None:
+            return
+        if target.status in ASLEEP:
+            await touch_and_wake(self._runtime, "sampler", target.sampler_id)
+            self.forget(target.org_id, target.sampler_id)
+        else:
+            now = time.monotonic()
+            # at most one activity write per sampler per second and process: idleness is
+            # measured in minutes, and every Redis round trip costs the sampler CPU
+            if now - self._touched.get(target.sampler_id, 0.0) >= 1.0:
+                self._touched[target.sampler_id] = now
+                await record_activity(self._runtime.redis, SAMPLER, target.sampler_id)
 
     async def run_direct(self, target: SamplerTarget, call: Callable[[VLLMClient, SamplerTarget], Awaitable[object]]) -> object:
         """Run ``call`` against the target's server now (the OpenAI-compatible proxy), under
@@ -188,5 +218,5 @@ def dispatcher_for(r: Runtime) -> SamplingDispatcher:
     """The process's sampling dispatcher (one per runtime, created on first use)."""
     d = r.extras.get("sampling_dispatcher")
     if d is None:
-        d = r.extras["sampling_dispatcher"] = SamplingDispatcher(r.db, TrainerQueue(r.redis))
+        d = r.extras["sampling_dispatcher"] = SamplingDispatcher(r.db, TrainerQueue(r.redis), runtime=r)
     return d  # type: ignore[no-any-return]
