@@ -106,6 +106,9 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Tinker sessions without a heartbeat for this long expire"
     )
     future_poll_timeout_seconds: float = Field(30.0, gt=0, le=40)
+    tinker_fwdbwd_max_chunk_len: int = Field(
+        1024, ge=1, description="most datums per forward_backward request the SDK sends (client/config)"
+    )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
     default_scale_down_delay_seconds: int = Field(3600, ge=1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Checkpoint, Run
-from control_plane.errors import Conflict, InvalidInput, NotFound
+from control_plane.errors import Conflict, DomainError, InvalidInput, NotFound
 from control_plane.ids import training_model_id
 from control_plane.scaling.activity import record_activity
 from control_plane.scaling.kinds import RUN
@@ -29,7 +30,7 @@ from control_plane.training.queue import TrainerQueue
 from data_plane.wire import op_bodies
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.paths import CheckpointRef, PathError, validate_name
-from data_plane.wire.queue import OpKind
+from data_plane.wire.queue import ErrorCategory, FutureResult, OpKind
 
 if TYPE_CHECKING:
     from control_plane.runtime import Runtime
@@ -229,6 +230,34 @@ class TrainingOps:
         return ckpt
 
     # ---- ops on a live model ------------------------------------------------------------
+    async def _op(self, principal: Principal, model_id: str, seq_id: int,
+                  build: Callable[[Run], Awaitable[tuple[OpKind, bytes]]]) -> Submitted:
+        """Claim ``(model_id, seq_id)`` and enqueue what ``build`` validates and encodes.
+
+        The SDK numbers ops itself and never re-uses a number, and the worker runs them
+        strictly in order: an op rejected here must still fill its slot, or every later op of
+        the model would wait for it forever. So a rejection is enqueued as a ``rejected`` op
+        (the worker skips it), its future fails with the same message, and the client gets
+        the 4xx.
+        """
+        _check_seq(seq_id)
+        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
+            return again
+        run = await self.live_run(principal, model_id)
+        try:
+            kind, body = await build(run)
+        except (InvalidInput, Conflict) as exc:
+            await self._reject(run, seq_id, exc)
+            raise
+        return await self._submit(run, seq_id, kind, body)
+
+    async def _reject(self, run: Run, seq_id: int, exc: DomainError) -> None:
+        rid, is_new = await self.queue.submit(
+            run.id, run.id, seq_id, OpKind.REJECTED, exc.message.encode(), org_id=run.org_id
+        )
+        if is_new:
+            await self.queue.complete(run.id, rid, FutureResult.failed(exc.message, ErrorCategory.USER))
+
     async def forward_backward(self, principal: Principal, raw: bytes, content_encoding: str | None) -> Submitted:
         body = decode_body(raw, content_encoding)
         req = pb.ForwardBackwardRequest()
@@ -238,88 +267,83 @@ class TrainingOps:
             raise InvalidInput(f"body is not a ForwardBackwardRequest protobuf: {exc}") from exc
         if not req.model_id:
             raise InvalidInput("model_id is required", field="model_id")
-        _check_seq(req.seq_id)
-        if (again := await self._repeat(principal, req.model_id, req.seq_id)) is not None:
-            return again
-        if not req.loss_fn:
-            raise InvalidInput("loss_fn is required", field="loss_fn")
-        if len(req.data) == 0:
-            raise InvalidInput("data must contain at least one datum", field="data")
-        for i, datum in enumerate(req.data):
-            if len(datum.model_input) == 0:
-                raise InvalidInput(f"data[{i}].model_input is empty", field="data")
-        run = await self.live_run(principal, req.model_id)
-        return await self._submit(run, req.seq_id, OpKind.FORWARD_BACKWARD, body)
+
+        async def build(_run: Run) -> tuple[OpKind, bytes]:
+            if not req.loss_fn:
+                raise InvalidInput("loss_fn is required", field="loss_fn")
+            if len(req.data) == 0:
+                raise InvalidInput("data must contain at least one datum", field="data")
+            for i, datum in enumerate(req.data):
+                if len(datum.model_input) == 0:
+                    raise InvalidInput(f"data[{i}].model_input is empty", field="data")
+            return OpKind.FORWARD_BACKWARD, body
+
+        return await self._op(principal, req.model_id, req.seq_id, build)
 
     async def optim_step(self, principal: Principal, *, model_id: str, seq_id: int,
                          adam: dict[str, Any] | None, optimizer_params: dict[str, Any] | None) -> Submitted:
-        _check_seq(seq_id)
-        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
-            return again
-        if optimizer_params is not None:
-            kind = optimizer_params.get("type", "?")
-            raise InvalidInput(
-                f"optimizer {kind!r} is not supported by this server; send adam_params (AdamW)",
-                field="optimizer_params",
-            )
-        spec = adam_spec(adam or {})
-        run = await self.live_run(principal, model_id)
-        return await self._submit(run, seq_id, OpKind.OPTIM_STEP, op_bodies.encode(op_bodies.OptimStepBody(adam=spec)))
+        async def build(_run: Run) -> tuple[OpKind, bytes]:
+            if optimizer_params is not None:
+                kind = optimizer_params.get("type", "?")
+                raise InvalidInput(
+                    f"optimizer {kind!r} is not supported by this server; send adam_params (AdamW)",
+                    field="optimizer_params",
+                )
+            spec = adam_spec(adam or {})
+            return OpKind.OPTIM_STEP, op_bodies.encode(op_bodies.OptimStepBody(adam=spec))
+
+        return await self._op(principal, model_id, seq_id, build)
 
     async def save(self, principal: Principal, *, model_id: str, seq_id: int, kind: str, name: str | None,
                    sampling_session_seq_id: int | None, overwrite: bool, ttl_seconds: int | None,
                    user_metadata: dict[str, Any] | None) -> Submitted:
-        _check_seq(seq_id)
-        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
-            return again
-        if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
-            raise InvalidInput(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}", field="ttl_seconds")
-        if name is not None:
-            try:
-                validate_name(name)
-            except PathError as exc:
-                raise InvalidInput(str(exc), field="path") from exc
-        elif kind == "weights":
-            raise InvalidInput("save_weights needs a checkpoint name in 'path'", field="path")
-        elif sampling_session_seq_id is None or sampling_session_seq_id < 0:
-            raise InvalidInput(
-                "an unnamed save_weights_for_sampler needs sampling_session_seq_id >= 0",
-                field="sampling_session_seq_id",
-            )
-        run = await self.live_run(principal, model_id)
-        if name is not None and not overwrite:
-            async with self.r.db.session() as s:
-                exists = await ckpt_svc.find_by_ref(s, run.org_id, CheckpointRef(run.id, kind, name))
-            if exists is not None:
-                raise Conflict(
-                    f"checkpoint {CheckpointRef(run.id, kind, name).tinker_path} already exists "
-                    "(pass overwrite=true to replace it)"
+        async def build(run: Run) -> tuple[OpKind, bytes]:
+            if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+                raise InvalidInput(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}", field="ttl_seconds")
+            if name is not None:
+                try:
+                    validate_name(name)
+                except PathError as exc:
+                    raise InvalidInput(str(exc), field="path") from exc
+            elif kind == "weights":
+                raise InvalidInput("save_weights needs a checkpoint name in 'path'", field="path")
+            elif sampling_session_seq_id is None or sampling_session_seq_id < 0:
+                raise InvalidInput(
+                    "an unnamed save_weights_for_sampler needs sampling_session_seq_id >= 0",
+                    field="sampling_session_seq_id",
                 )
-        label = name if name is not None else f"snapshot-{sampling_session_seq_id}"
-        body = op_bodies.SaveBody(
-            checkpoint_kind=kind,
-            storage_prefix=storage_prefix(run, kind, label),
-            name=name,
-            sampling_session_seq_id=sampling_session_seq_id if name is None else None,
-            ttl_seconds=ttl_seconds,
-            user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()} or None,
-        )
-        op = OpKind.SAVE_WEIGHTS if kind == "weights" else OpKind.SAVE_WEIGHTS_FOR_SAMPLER
-        return await self._submit(run, seq_id, op, op_bodies.encode(body))
+            if name is not None and not overwrite:
+                ref = CheckpointRef(run.id, kind, name)
+                async with self.r.db.session() as s:
+                    exists = await ckpt_svc.find_by_ref(s, run.org_id, ref)
+                if exists is not None:
+                    raise Conflict(f"checkpoint {ref.tinker_path} already exists (pass overwrite=true to replace it)")
+            label = name if name is not None else f"snapshot-{sampling_session_seq_id}"
+            body = op_bodies.SaveBody(
+                checkpoint_kind=kind,
+                storage_prefix=storage_prefix(run, kind, label),
+                name=name,
+                sampling_session_seq_id=sampling_session_seq_id if name is None else None,
+                ttl_seconds=ttl_seconds,
+                user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()} or None,
+            )
+            op = OpKind.SAVE_WEIGHTS if kind == "weights" else OpKind.SAVE_WEIGHTS_FOR_SAMPLER
+            return op, op_bodies.encode(body)
+
+        return await self._op(principal, model_id, seq_id, build)
 
     async def load(self, principal: Principal, *, model_id: str, seq_id: int, path: str, optimizer: bool) -> Submitted:
-        _check_seq(seq_id)
-        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
-            return again
-        run = await self.live_run(principal, model_id)
-        ckpt = await self._weights_checkpoint(principal, path)
-        if ckpt.base_model != run.base_model:
-            raise InvalidInput(
-                f"checkpoint {path!r} was trained on {ckpt.base_model}, but model {model_id!r} is {run.base_model}",
-                field="path",
-            )
-        body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
-        return await self._submit(run, seq_id, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
+        async def build(run: Run) -> tuple[OpKind, bytes]:
+            ckpt = await self._weights_checkpoint(principal, path)
+            if ckpt.base_model != run.base_model:
+                raise InvalidInput(
+                    f"checkpoint {path!r} was trained on {ckpt.base_model}, but model {model_id!r} is {run.base_model}",
+                    field="path",
+                )
+            body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
+            return OpKind.LOAD_WEIGHTS, op_bodies.encode(body)
+
+        return await self._op(principal, model_id, seq_id, build)
 
 
 def adam_spec(p: dict[str, Any]) -> op_bodies.AdamSpec:

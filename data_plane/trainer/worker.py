@@ -339,7 +339,9 @@ class Worker:
     def _op(self, seq: int, env: OpEnvelope) -> None:
         m = self.model
         kind = env.kind
-        if kind == OpKind.FORWARD_BACKWARD:
+        if kind == OpKind.REJECTED:
+            log.info("seq %d was rejected by the control plane: %s", seq, env.body[:200].decode(errors="replace"))
+        elif kind == OpKind.FORWARD_BACKWARD:
             self.write_result(env.request_id, FutureResult.ok_proto(m.forward_backward(env.body)))
         elif kind == OpKind.OPTIM_STEP:
             self.write_result(env.request_id, FutureResult.ok_json(m.optim_step(_body(op_bodies.decode_optim, env.body))))

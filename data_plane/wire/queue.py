@@ -63,6 +63,9 @@ class OpKind(StrEnum):
     SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
     LOAD_WEIGHTS = "load_weights"
     SHUTDOWN = "shutdown"
+    # an op the control plane refused (bad input): it only fills its seq_id so that later
+    # ops are not held back by the gap; the control plane already failed its future
+    REJECTED = "rejected"
 
 
 class FutureState(StrEnum):

@@ -101,32 +101,39 @@ async def test_training_op_validation(api: Api) -> None:
     assert ok.status_code == 200 and ok.json()["model_id"] == mid
     again = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, 1, [9, 9]), headers=h)
     assert again.json()["request_id"] == ok.json()["request_id"]  # the same (model_id, seq_id)
+    # each rejected op (model and seq known) still fills its seq slot, or later ops would wait
+    seq = iter(range(2, 100))
+    rejected: list[str] = []
+
+    async def expect_400(route: str, body: dict, field: str) -> None:
+        res = await api.client.post(f"/api/v1/{route}", json=body, headers=t.headers)
+        assert res.status_code == 400 and res.json().get("field") == field, (route, body, res.text)
+
     for adam, field in (({"learning_rate": "x"}, "adam_params.learning_rate"), ({"eps": 0}, "adam_params.eps"),
                         ({"grad_clip_norm": -1}, "adam_params.grad_clip_norm")):
-        res = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 2, "adam_params": adam},
-                                    headers=t.headers)
-        assert res.status_code == 400 and res.json()["field"] == field, res.text
-    muon = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 2,
-                                                             "optimizer_params": {"type": "dimuon"}}, headers=t.headers)
-    assert muon.status_code == 400 and "dimuon" in muon.json()["detail"]
-    for body, field in (({"model_id": mid, "seq_id": 2, "path": "a/b"}, "path"),
-                        ({"model_id": mid, "seq_id": 2}, "path"),
-                        ({"model_id": mid, "path": "ok"}, "seq_id"),
-                        ({"model_id": mid, "seq_id": 2, "path": "ok", "ttl_seconds": 0}, "ttl_seconds")):
-        res = await api.client.post("/api/v1/save_weights", json=body, headers=t.headers)
-        assert res.status_code == 400 and res.json()["field"] == field, res.text
-    inflight = await api.client.post("/api/v1/save_weights_for_sampler",
-                                     json={"model_id": mid, "seq_id": 2, "kind": "inflight"}, headers=t.headers)
-    assert inflight.status_code == 400 and inflight.json()["field"] == "kind"
-    unnamed = await api.client.post("/api/v1/save_weights_for_sampler", json={"model_id": mid, "seq_id": 2},
-                                    headers=t.headers)
-    assert unnamed.status_code == 400 and unnamed.json()["field"] == "sampling_session_seq_id"
+        await expect_400("optim_step", {"model_id": mid, "seq_id": next(seq), "adam_params": adam}, field)
+    await expect_400("optim_step", {"model_id": mid, "seq_id": next(seq), "optimizer_params": {"type": "dimuon"}},
+                     "optimizer_params")
+    for body, field in (({"path": "a/b"}, "path"), ({}, "path"), ({"path": "ok", "ttl_seconds": 0}, "ttl_seconds")):
+        await expect_400("save_weights", {"model_id": mid, "seq_id": next(seq), **body}, field)
+    await expect_400("save_weights_for_sampler", {"model_id": mid, "seq_id": next(seq)}, "sampling_session_seq_id")
     for path in ("s3://x/y", f"tinker://{mid}/weights/missing"):
-        res = await api.client.post("/api/v1/load_weights", json={"model_id": mid, "seq_id": 2, "path": path,
-                                                                  "optimizer": True}, headers=t.headers)
-        assert res.status_code == 400 and res.json()["field"] == "path", res.text
-    # nothing but seq 0 and seq 1 reached the worker's stream
-    assert await api.runtime.redis.xlen(ops_stream(mid)) == 2
+        await expect_400("load_weights", {"model_id": mid, "seq_id": next(seq), "path": path, "optimizer": True}, "path")
+    last = next(seq) - 1
+    # refused before the seq_id is known: nothing is enqueued
+    await expect_400("save_weights", {"model_id": mid, "path": "ok"}, "seq_id")
+    inflight = await api.client.post("/api/v1/save_weights_for_sampler",
+                                     json={"model_id": mid, "seq_id": 99, "kind": "inflight"}, headers=t.headers)
+    assert inflight.status_code == 400 and inflight.json()["field"] == "kind"
+    # seq 0 (create), seq 1 (forward_backward) and one "rejected" filler per refused op
+    assert await api.runtime.redis.xlen(ops_stream(mid)) == 2 + (last - 1)
+    # a retry of a refused op gets its future, failed with the same message (category user)
+    retry = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 3, "adam_params": {"eps": 0}},
+                                  headers=t.headers)
+    assert retry.status_code == 200
+    failed = await api.client.post("/api/v1/retrieve_future", json={"request_id": retry.json()["request_id"]},
+                                   headers=t.headers)
+    assert failed.json()["category"] == "user" and "eps" in failed.json()["error"]
     # another org cannot touch the model
     other = await api.tenant("other-org")
     res = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 2}, headers=other.headers)

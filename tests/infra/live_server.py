@@ -133,6 +133,9 @@ def start_live_server(database_url: str, redis_url: str, data_dir: Path, model: 
         rate_limit_enabled=False,
         controller_interval_seconds=0.5,
         future_poll_timeout_seconds=10.0,
+        # small chunks: a forward_backward of a few datums becomes several requests that the
+        # SDK sends concurrently (the first one last), exercising seq_id buffering
+        tinker_fwdbwd_max_chunk_len=2,
     )
     base.update(overrides)
     settings = Settings(**base)

@@ -161,6 +161,66 @@ def test_user_errors_are_reported(service, live_server: LiveServer) -> None:
     assert _loss(tc.forward_backward(data, "cross_entropy").result()) > 0
     with pytest.raises(Exception, match="learning_rate"):
         tc.optim_step(types.AdamParams(learning_rate=-1.0)).result()
+    far = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 10**6]),
+        loss_fn_inputs={"target_tokens": types.TensorData(data=[2, 3], dtype="int64", shape=[2]),
+                        "weights": types.TensorData(data=[1.0, 1.0], dtype="float32", shape=[2])},
+    )
+    with pytest.raises(tinker.RequestFailedError, match="vocab|token"):
+        tc.forward_backward([far], "cross_entropy").result()
+    # refused ops filled their seq slots: the model still trains
+    assert _loss(tc.forward_backward(data, "cross_entropy").result()) > 0
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+
+
+def test_importance_sampling_matches_hand_computation(service, live_server: LiveServer) -> None:
+    """With the sampler's logprobs equal to the learner's, every ratio is 1 and the summed
+    importance-sampling loss is -sum(advantages)."""
+    tc = service.create_lora_training_client(live_server.model.name, rank=4, seed=3).result()
+    tok = tc.get_tokenizer()
+    plain = _datums(tok, TEXTS)
+    fwd = tc.forward(plain, "cross_entropy").result()
+    rl, adv_total = [], 0.0
+    for i, (d, out) in enumerate(zip(plain, fwd.loss_fn_outputs, strict=True)):
+        lp = out["logprobs"].to_numpy().astype(np.float32)
+        adv = np.full(lp.shape, 0.5 * (i + 1), dtype=np.float32)
+        adv_total += float(adv.sum())
+        rl.append(types.Datum(model_input=d.model_input, loss_fn_inputs={
+            "target_tokens": d.loss_fn_inputs["target_tokens"],
+            "logprobs": types.TensorData(data=lp.tolist(), dtype="float32", shape=list(lp.shape)),
+            "advantages": types.TensorData(data=adv.tolist(), dtype="float32", shape=list(adv.shape)),
+        }))
+    out = tc.forward_backward(rl, "importance_sampling").result()
+    assert _loss(out) == pytest.approx(-adv_total, rel=1e-4)
+    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = tc.forward(plain, "cross_entropy").result()
+    assert _loss(after) != pytest.approx(_loss(fwd), rel=1e-6)  # positive advantages moved the weights
+
+
+def test_killed_worker_fails_the_model(service, live_server: LiveServer) -> None:
+    import os
+    import signal
+
+    from data_plane.wire.queue import run_pending_key, worker_state_key
+
+    tc = service.create_lora_training_client(live_server.model.name, rank=4, seed=4).result()
+    tok = tc.get_tokenizer()
+    data = _datums(tok, [" ".join(TEXTS * 8)] * 2)  # one request per call, a few hundred tokens each
+    redis = live_server.runtime.redis
+    pid = int(live_server.call(redis.hget(worker_state_key(tc.model_id), "pid")))
+    futs = [tc.forward_backward(data, "cross_entropy") for _ in range(6)]
+    deadline = time.monotonic() + 60
+    while live_server.call(redis.scard(run_pending_key(tc.model_id))) < 1:
+        assert time.monotonic() < deadline, "ops were never submitted"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(tinker.RequestFailedError, match="trainer worker failed"):
+        for f in futs:
+            f.result()
+    row = _run_row(live_server, tc.model_id)
+    assert row.status == "FAILED" and row.status_reason
+    with pytest.raises(Exception, match="FAILED"):
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
 
 
 def _post(live_server: LiveServer, path: str, body: dict, key: str | None = None) -> httpx.Response:
@@ -212,18 +272,27 @@ def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> 
     # unknown futures are 410 with a JSON body
     gone = _post(live_server, "retrieve_future", {"request_id": "req-does-not-exist"})
     assert gone.status_code == 410 and "req-does-not-exist" in gone.json()["detail"]
+    # an unnamed sampler save opens a sampling session pinned to that snapshot
+    snap = _post(live_server, "save_weights_for_sampler",
+                 {"model_id": f0["model_id"], "seq_id": 3, "sampling_session_seq_id": 5}).json()
+    deadline = time.monotonic() + 120
+    while (res := _post(live_server, "retrieve_future", {"request_id": snap["request_id"]}).json()).get("type") == "try_again":
+        assert time.monotonic() < deadline
+    assert res["sampling_session_id"] == f"{sid}:sample:5"
+    smp = live_server.call(_sampler_row(live_server, res["sampling_session_id"]))
+    assert smp is not None and smp.checkpoint_id is not None and smp.base_model == live_server.model.name
     # a save over an existing name without overwrite is refused before it is queued
-    dup = _post(live_server, "save_weights", {"model_id": f0["model_id"], "seq_id": 3, "path": "before"})
+    dup = _post(live_server, "save_weights", {"model_id": f0["model_id"], "seq_id": 4, "path": "before"})
     assert dup.status_code == 409 and "already exists" in dup.json()["detail"]
     # bad input: a 400 naming the field
-    bad = _post(live_server, "optim_step", {"model_id": f0["model_id"], "seq_id": 3, "adam_params": {"beta1": 1.5}})
+    bad = _post(live_server, "optim_step", {"model_id": f0["model_id"], "seq_id": 4, "adam_params": {"beta1": 1.5}})
     assert bad.status_code == 400 and "beta1" in bad.text
 
     # another org sees none of it
     other_key = live_server.call(_other_tenant_key(live_server))
     assert _post(live_server, "retrieve_future", {"request_id": f1["request_id"]}, key=other_key).status_code == 410
     assert _post(live_server, "get_info", {"model_id": f0["model_id"]}, key=other_key).status_code == 404
-    assert _post(live_server, "optim_step", {**opt, "seq_id": 3}, key=other_key).status_code == 404
+    assert _post(live_server, "optim_step", {**opt, "seq_id": 4}, key=other_key).status_code == 404
 
     # finishing the session: heartbeats answer 410 and the run is torn down
     fin = _post(live_server, f"sessions/{sid}/finish", {"reason": {"type": "success"}})
@@ -234,6 +303,13 @@ def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> 
     while _run_row(live_server, f0["model_id"]).status != "INACTIVE":
         assert time.monotonic() < deadline, _run_row(live_server, f0["model_id"]).status
         time.sleep(0.5)
+
+
+async def _sampler_row(live_server: LiveServer, sampler_id: str):
+    from control_plane.db.models import Sampler
+
+    async with live_server.runtime.db.session() as s:
+        return await s.get(Sampler, sampler_id)
 
 
 async def _other_tenant_key(live_server: LiveServer) -> str:

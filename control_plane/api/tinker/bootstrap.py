@@ -71,8 +71,9 @@ class TinkerBootstrapController(Controller):
     tags = ["tinker"]
 
     @post("/client/config", opt=OWN, status_code=200)
-    async def client_config(self, principal: Principal, data: ClientConfigBody | None = None) -> dict[str, Any]:
-        return dict(CLIENT_CONFIG)
+    async def client_config(self, request: Request, principal: Principal,
+                            data: ClientConfigBody | None = None) -> dict[str, Any]:
+        return {**CLIENT_CONFIG, "fwdbwd_max_chunk_len": rt(request).settings.tinker_fwdbwd_max_chunk_len}
 
     @post("/client/dynamic_config", opt=OWN, status_code=200)
     async def dynamic_config(self, principal: Principal, data: ClientConfigBody | None = None) -> dict[str, Any]:
