@@ -11,7 +11,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
-from control_plane.db.models import Checkpoint, Run
+from control_plane.db.models import Checkpoint, Run, Session
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.services.runs import get_run
 from control_plane.services.scoping import list_scope_filter
@@ -39,14 +39,31 @@ async def with_last_checkpoints(s: AsyncSession, run: Run) -> tuple[Run, Checkpo
     return run, await _last(s, run.id, "weights"), await _last(s, run.id, "sampler_weights")
 
 
+async def _last_of_runs(s: AsyncSession, run_ids: list[str]) -> dict[tuple[str, str], Checkpoint]:
+    """The newest checkpoint of each kind for many runs in one query (DISTINCT ON)."""
+    if not run_ids:
+        return {}
+    q = (
+        select(Checkpoint)
+        .where(Checkpoint.run_id.in_(run_ids))
+        .distinct(Checkpoint.run_id, Checkpoint.kind)
+        .order_by(Checkpoint.run_id, Checkpoint.kind, Checkpoint.created_at.desc(), Checkpoint.id.desc())
+    )
+    return {(c.run_id, c.kind): c for c in (await s.execute(q)).scalars()}
+
+
 async def list_training_runs(
-    s: AsyncSession, principal: Principal, *, limit: int, offset: int, scope: str | None
+    s: AsyncSession, principal: Principal, *, limit: int, offset: int, scope: str | None,
+    project_id: str | None = None,
 ) -> RunPage:
     conds = list_scope_filter(Run, principal, scope)
+    if project_id is not None:
+        conds.append(Run.session_id.in_(select(Session.id).where(Session.training_project_id == project_id)))
     total = (await s.execute(select(func.count()).select_from(Run).where(*conds))).scalar_one()
     q = select(Run).where(*conds).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit).offset(offset)
     rows = list((await s.execute(q)).scalars())
-    return RunPage([await with_last_checkpoints(s, r) for r in rows], int(total))
+    last = await _last_of_runs(s, [r.id for r in rows])
+    return RunPage([(r, last.get((r.id, "weights")), last.get((r.id, "sampler_weights"))) for r in rows], int(total))
 
 
 async def list_run_checkpoints(s: AsyncSession, principal: Principal, run_id: str) -> list[Checkpoint]:

@@ -198,6 +198,12 @@ async def test_rest_listing_pages_and_scopes(api: Api) -> None:
     assert own["cursor"]["total_count"] == 0
     org = (await api.client.get("/api/v1/training_runs", params={"access_scope": "accessible"}, headers=mate.headers)).json()
     assert org["cursor"]["total_count"] == 3
+    async with api.runtime.db.session() as s:
+        project = (await s.get(Session, sid)).training_project_id
+    in_project = (await api.client.get("/api/v1/training_runs", params={"project_id": project}, headers=t.headers)).json()
+    assert in_project["cursor"]["total_count"] == 3
+    elsewhere = (await api.client.get("/api/v1/training_runs", params={"project_id": "proj-none"}, headers=t.headers)).json()
+    assert elsewhere["cursor"]["total_count"] == 0
     bad = await api.client.get("/api/v1/training_runs", params={"limit": 0}, headers=t.headers)
     assert bad.status_code == 400 and bad.json()["field"] == "limit"
     bad_scope = await api.client.get("/api/v1/training_runs", params={"access_scope": "all"}, headers=t.headers)

@@ -134,8 +134,11 @@ def test_train_save_resume(service, live_server: LiveServer) -> None:
     assert {c.checkpoint_id for c in ckpts} == {"weights/state-1", "sampler_weights/adapter-1"}
     info = rest.get_weights_info_by_tinker_path(state.path).result()
     assert info.base_model == live_server.model.name and info.lora_rank == 8
-    runs = rest.list_training_runs().result()
-    assert model_id in {r.training_run_id for r in runs.training_runs}
+    runs = {r.training_run_id: r for r in rest.list_training_runs(limit=100).result().training_runs}
+    listed = runs[model_id]
+    assert listed.last_checkpoint is not None and listed.last_checkpoint.tinker_path == state.path
+    assert listed.last_sampler_checkpoint is not None
+    assert listed.last_sampler_checkpoint.tinker_path == sampler_ckpt.path
     loops = httpx.get(
         f"{live_server.base_url}/v1/loops/checkpoints",
         params={"run_id": model_id},

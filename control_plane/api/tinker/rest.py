@@ -32,10 +32,13 @@ class TinkerRestController(Controller):
 
     @get("/training_runs", opt=OWN)
     async def list_runs(self, request: Request, principal: Principal, limit: int = 20, offset: int = 0,
-                        scope_: str | None = Parameter(query="access_scope", default=None)) -> dict[str, Any]:
+                        scope_: str | None = Parameter(query="access_scope", default=None),
+                        project_id: str | None = None) -> dict[str, Any]:
         limit, offset = page(limit, offset)
         async with rt(request).db.session() as s:
-            res = await tr_svc.list_training_runs(s, principal, limit=limit, offset=offset, scope=access_scope(scope_))
+            res = await tr_svc.list_training_runs(
+                s, principal, limit=limit, offset=offset, scope=access_scope(scope_), project_id=project_id
+            )
         return {
             "training_runs": [p.training_run_json(*row) for row in res.runs],
             "cursor": {"offset": offset, "limit": limit, "total_count": res.total},
