@@ -16,7 +16,7 @@ import contextlib
 from datetime import timedelta
 
 import structlog
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.auth.authenticator import flush_last_seen
@@ -34,6 +34,7 @@ from control_plane.statuses import TERMINAL, Status
 log = structlog.get_logger("openloops.controller")
 LOCK_KEY = 0x6F6C6F6F  # "oloo"
 KIND_OF_ROLE = {k.role: k for k in KINDS.values()}
+WAKING_INTERVAL_SECONDS = 0.25  # pass interval while something is WAKING_UP (a request waits)
 
 
 class Controller:
@@ -79,13 +80,27 @@ class Controller:
             try:
                 while not stop.is_set() and await self._still_leader(conn):
                     await self.reconcile_once()
-                    await self._sleep(stop, self.r.settings.controller_interval_seconds)
+                    await self._sleep(stop, await self._interval())
             finally:
                 self.is_leader = False
                 with contextlib.suppress(Exception):
                     await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
                     await conn.commit()
                 log.info("controller stepped down")
+
+    async def _interval(self) -> float:
+        """The pass interval; shorter while a request waits for something to wake up."""
+        interval = self.r.settings.controller_interval_seconds
+        try:
+            async with self.r.db.session() as s:
+                for kind in KINDS.values():
+                    if kind.scales_to_zero and (
+                        await s.execute(select(kind.model.id).where(kind.model.status == Status.WAKING_UP.value).limit(1))
+                    ).first():
+                        return min(interval, WAKING_INTERVAL_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - the next pass reports database trouble
+            log.warning("could not check for waking resources", error=str(exc))
+        return interval
 
     async def _still_leader(self, conn: AsyncConnection) -> bool:
         """The lock lives and dies with ``conn``: a pass starts only while it answers."""
