@@ -99,6 +99,8 @@ class VLLMClient:
         limits = httpx.Limits(
             max_connections=max_in_flight or 256,
             max_keepalive_connections=min(max_in_flight or 256, 64),
+            # below uvicorn's 5 s keep-alive in vLLM: never reuse a connection it is closing
+            keepalive_expiry=2.0,
         )
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -132,7 +134,12 @@ class VLLMClient:
         if timeout is not None:
             kw["timeout"] = timeout
         try:
-            resp = await self._http.request(method, path, **kw)
+            try:
+                resp = await self._http.request(method, path, **kw)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                # a pooled keep-alive connection the server closed at the same moment: once
+                # more on a fresh one (sampling is stateless); a dead server fails again
+                resp = await self._http.request(method, path, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             raise SamplerUnavailable(f"sampler at {self.base_url} is not reachable: {e!r}") from e
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
