@@ -67,6 +67,7 @@ class SamplingDispatcher:
         self.max_in_flight = max_in_flight
         self._clients: dict[str, VLLMClient] = {}
         self._cache: dict[tuple[str, str], _Cached] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[SamplerTarget]] = {}
         self._in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._touched: dict[str, float] = {}
@@ -79,8 +80,31 @@ class SamplingDispatcher:
         now = time.monotonic()
         if hit is not None and now - hit.at <= max_age and not hit.target.follows_run:
             return hit.target
-        async with self._db.session() as s:
-            t = await sampler_target(s, org_id, sampler_id)
+        loading = self._loading.get(key)
+        if loading is not None and not (hit is not None and hit.target.follows_run):
+            # many requests arrive together when an entry expires: one query serves them all
+            try:
+                return await asyncio.shield(loading)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not loading.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                return await self.target(org_id, sampler_id, max_age=max_age)  # the loader was cancelled
+        fut: asyncio.Future[SamplerTarget] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            async with self._db.session() as s:
+                t = await sampler_target(s, org_id, sampler_id)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: waiters re-raise it, nobody logs "never retrieved"
+            raise
+        finally:
+            self._loading.pop(key, None)
+        fut.set_result(t)
         self._cache[key] = _Cached(t, now)
         if len(self._cache) > 10_000:
             self._cache = {k: v for k, v in self._cache.items() if now - v.at <= max_age}
