@@ -288,14 +288,14 @@ def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> 
     dup = _post(live_server, "save_weights", {"model_id": f0["model_id"], "seq_id": 4, "path": "before"})
     assert dup.status_code == 409 and "already exists" in dup.json()["detail"]
     # bad input: a 400 naming the field
-    bad = _post(live_server, "optim_step", {"model_id": f0["model_id"], "seq_id": 4, "adam_params": {"beta1": 1.5}})
+    bad = _post(live_server, "optim_step", {"model_id": f0["model_id"], "seq_id": 5, "adam_params": {"beta1": 1.5}})
     assert bad.status_code == 400 and "beta1" in bad.text
 
     # another org sees none of it
     other_key = live_server.call(_other_tenant_key(live_server))
     assert _post(live_server, "retrieve_future", {"request_id": f1["request_id"]}, key=other_key).status_code == 410
     assert _post(live_server, "get_info", {"model_id": f0["model_id"]}, key=other_key).status_code == 404
-    assert _post(live_server, "optim_step", {**opt, "seq_id": 4}, key=other_key).status_code == 404
+    assert _post(live_server, "optim_step", {**opt, "seq_id": 6}, key=other_key).status_code == 404
 
     # finishing the session: heartbeats answer 410 and the run is torn down
     fin = _post(live_server, f"sessions/{sid}/finish", {"reason": {"type": "success"}})
