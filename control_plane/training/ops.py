@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Checkpoint, Run
-from control_plane.errors import Conflict, DomainError, InvalidInput, NotFound
+from control_plane.errors import DomainError, Gone, InvalidInput, NotFound
 from control_plane.ids import training_model_id
 from control_plane.scaling.activity import record_activity
 from control_plane.scaling.kinds import RUN
@@ -92,7 +92,8 @@ class TrainingOps:
             raise NotFound("model", model_id)
         if Status(run.status) in TERMINAL:
             reason = f": {run.status_reason}" if run.status_reason else ""
-            raise Conflict(f"model {model_id!r} is {run.status}{reason}; create a new training client")
+            # 410, not 409: the SDK retries 409s, and a dead model does not come back
+            raise Gone(f"model {model_id!r} is {run.status}{reason}; create a new training client")
         return run
 
     async def _submit(self, run: Run, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
@@ -246,7 +247,7 @@ class TrainingOps:
         run = await self.live_run(principal, model_id)
         try:
             kind, body = await build(run)
-        except (InvalidInput, Conflict) as exc:
+        except InvalidInput as exc:
             await self._reject(run, seq_id, exc)
             raise
         return await self._submit(run, seq_id, kind, body)
@@ -316,8 +317,10 @@ class TrainingOps:
                 ref = CheckpointRef(run.id, kind, name)
                 async with self.r.db.session() as s:
                     exists = await ckpt_svc.find_by_ref(s, run.org_id, ref)
-                if exists is not None:
-                    raise Conflict(f"checkpoint {ref.tinker_path} already exists (pass overwrite=true to replace it)")
+                if exists is not None:  # a 400 (the SDK would retry a 409)
+                    raise InvalidInput(
+                        f"checkpoint {ref.tinker_path} already exists (pass overwrite=true to replace it)", field="path"
+                    )
             label = name if name is not None else f"snapshot-{sampling_session_seq_id}"
             body = op_bodies.SaveBody(
                 checkpoint_kind=kind,

@@ -286,7 +286,7 @@ def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> 
     assert smp is not None and smp.checkpoint_id is not None and smp.base_model == live_server.model.name
     # a save over an existing name without overwrite is refused before it is queued
     dup = _post(live_server, "save_weights", {"model_id": f0["model_id"], "seq_id": 4, "path": "before"})
-    assert dup.status_code == 409 and "already exists" in dup.json()["detail"]
+    assert dup.status_code == 400 and "already exists" in dup.json()["detail"] and dup.json()["field"] == "path"
     # bad input: a 400 naming the field
     bad = _post(live_server, "optim_step", {"model_id": f0["model_id"], "seq_id": 5, "adam_params": {"beta1": 1.5}})
     assert bad.status_code == 400 and "beta1" in bad.text
