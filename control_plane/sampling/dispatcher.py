@@ -227,6 +227,29 @@ class SamplingDispatcher:
         finally:
             self._in_flight[wid] -= 1
 
+    async def unload_deleted_adapter(self, base_model: str, storage_prefix: str) -> bool:
+        """Best effort, after a checkpoint row and files were deleted: drop its adapter from the
+        base model's running server (if any) so it stops holding a LoRA slot. Storage prefixes
+        are unique per save, so nothing will ask for that name again; False if not loaded."""
+        from sqlalchemy import select
+
+        from control_plane.db.models import Sampler
+        from data_plane.sampler.names import adapter_name_for_prefix
+
+        async with self._db.session() as s:
+            endpoint = (
+                await s.execute(
+                    select(Sampler.endpoint).where(Sampler.base_model == base_model, Sampler.endpoint.is_not(None)).limit(1)
+                )
+            ).scalar_one_or_none()
+        if endpoint is None:
+            return False
+        try:
+            return await self.client(endpoint).unload_adapter(adapter_name_for_prefix(storage_prefix))
+        except SamplingError as exc:
+            log.info("could not unload a deleted checkpoint's adapter", error=exc.message)
+            return False
+
     async def aclose(self) -> None:
         for t in list(self._tasks):
             t.cancel()

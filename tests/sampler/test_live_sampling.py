@@ -185,6 +185,26 @@ def test_saturated_server_answers_429(live_stack: LiveStack, base_sampler: tinke
     assert r.status_code == 429 and r.json()["code"] == "sampler_busy"
 
 
+def test_deleted_checkpoint_adapter_is_unloaded(live_stack: LiveStack, vllm_server: VLLMServer):
+    from control_plane.sampling import VLLMClient
+    from tests.infra.vllm_server import write_test_adapter
+
+    prefix = write_test_adapter(vllm_server, None, "checkpoints/org-x/run-9:train:0/sampler_weights/gone-1", seed=7)
+
+    async def load_then_unload() -> tuple[bool, bool, bool]:
+        async with VLLMClient(vllm_server.base_url) as c:
+            body = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+                    "sampling_params": {"max_tokens": 2, "temperature": 0.0}}
+            await c.sample(body, model=prefix)
+            loaded = prefix in {m.id for m in await c.list_models()}
+            d = dispatcher_for(live_stack.runtime)
+            dropped = await d.unload_deleted_adapter(live_stack.base_model, prefix)
+            still = prefix in {m.id for m in await c.list_models()}
+            return loaded, dropped, still
+
+    assert live_stack.call(load_then_unload()) == (True, True, False)
+
+
 @pytest.mark.kills_sampler
 def test_killed_sampler_fails_rows_and_pending_futures(live_stack: LiveStack, vllm_server: VLLMServer, base_sampler):
     sid = base_sampler._sampling_session_id  # noqa: SLF001
