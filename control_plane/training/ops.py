@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import zstandard
@@ -125,45 +125,16 @@ class TrainingOps:
         optimizer_config: dict[str, Any] | None,
         user_metadata: dict[str, Any] | None,
     ) -> Submitted:
-        if model_seq_id < 0:
-            raise InvalidInput("model_seq_id must be >= 0", field="model_seq_id")
-        model_id = training_model_id(session_id, model_seq_id)
-        if (again := await self._repeat(principal, model_id, 0)) is not None:
+        model_id, again = await self._claim_model_id(principal, session_id, model_seq_id)
+        if again is not None:
             return again
         _check_optimizer(optimizer_config)
         if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
             raise InvalidInput("at least one of train_attn, train_mlp, train_unembed must be true", field="lora_config")
-        lora_config = {
-            "rank": lora.rank,
-            "seed": lora.seed,
-            "train_attn": lora.train_attn,
-            "train_mlp": lora.train_mlp,
-            "train_unembed": lora.train_unembed,
-        }
         run = await self._ensure_run(
-            principal,
-            runs_svc.RunRequest(
-                session_id=session_id,
-                base_model=base_model,
-                lora_rank=lora.rank,
-                seed=lora.seed,
-                with_sampler=False,
-                origin="tinker",
-                run_id=model_id,
-                model_seq_id=model_seq_id,
-                lora_config=lora_config,
-                user_metadata=user_metadata,
-            ),
+            principal, model_id, session_id, model_seq_id, base_model, asdict(lora), user_metadata
         )
-        body = op_bodies.CreateBody(
-            lora=op_bodies.LoraSpec(
-                rank=lora.rank,
-                seed=lora.seed,
-                train_attn=lora.train_attn,
-                train_mlp=lora.train_mlp,
-                train_unembed=lora.train_unembed,
-            )
-        )
+        body = op_bodies.CreateBody(lora=op_bodies.LoraSpec(**asdict(lora)))
         return await self._submit(run, 0, OpKind.CREATE, op_bodies.encode(body))
 
     async def create_from_state(
@@ -179,10 +150,8 @@ class TrainingOps:
         user_metadata: dict[str, Any] | None,
     ) -> Submitted:
         """create-via-load: the new model's seq 0 restores a ``weights`` checkpoint."""
-        if model_seq_id < 0:
-            raise InvalidInput("model_seq_id must be >= 0", field="model_seq_id")
-        model_id = training_model_id(session_id, model_seq_id)
-        if (again := await self._repeat(principal, model_id, 0)) is not None:
+        model_id, again = await self._claim_model_id(principal, session_id, model_seq_id)
+        if again is not None:
             return again
         if not optimizer:
             _check_optimizer(optimizer_config)
@@ -191,33 +160,43 @@ class TrainingOps:
             raise InvalidInput(
                 f"checkpoint {path!r} was trained on {ckpt.base_model}, not {base_model}", field="base_model"
             )
-        lora_config = dict(ckpt.lora_config or {})
         run = await self._ensure_run(
-            principal,
-            runs_svc.RunRequest(
-                session_id=session_id,
-                base_model=ckpt.base_model,
-                lora_rank=int(lora_config.get("rank") or 32),
-                seed=lora_config.get("seed"),
-                with_sampler=False,
-                origin="tinker",
-                run_id=model_id,
-                model_seq_id=model_seq_id,
-                lora_config=lora_config,
-                user_metadata=user_metadata,
-                path=None,
-            ),
-            init_path=path,
+            principal, model_id, session_id, model_seq_id, ckpt.base_model, dict(ckpt.lora_config or {}),
+            user_metadata, init_path=path,
         )
         body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
         return await self._submit(run, 0, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
 
-    async def _ensure_run(self, principal: Principal, req: runs_svc.RunRequest, init_path: str | None = None) -> Run:
+    async def _claim_model_id(self, principal: Principal, session_id: str, model_seq_id: int) -> tuple[str, Submitted | None]:
+        """The model id the SDK also computes itself, and the existing future if seq 0 of that
+        model was already submitted (a retried create)."""
+        if model_seq_id < 0:
+            raise InvalidInput("model_seq_id must be >= 0", field="model_seq_id")
+        model_id = training_model_id(session_id, model_seq_id)
+        return model_id, await self._repeat(principal, model_id, 0)
+
+    async def _ensure_run(
+        self, principal: Principal, model_id: str, session_id: str, model_seq_id: int, base_model: str,
+        lora_config: dict[str, Any], user_metadata: dict[str, Any] | None, init_path: str | None = None,
+    ) -> Run:
+        """The run row of a Tinker training model (created once; a retry finds it)."""
+        req = runs_svc.RunRequest(
+            session_id=session_id,
+            base_model=base_model,
+            lora_rank=int(lora_config.get("rank", 32)),
+            seed=lora_config.get("seed"),
+            with_sampler=False,
+            origin="tinker",
+            run_id=model_id,
+            model_seq_id=model_seq_id,
+            lora_config=lora_config,
+            user_metadata=user_metadata,
+        )
         async with self.r.db.transaction() as s:
-            existing = await s.get(Run, req.run_id)
+            existing = await s.get(Run, model_id)
             if existing is not None:
                 if existing.org_id != principal.org_id:
-                    raise NotFound("session", req.session_id)
+                    raise NotFound("session", session_id)
                 return existing
             run, _ = await runs_svc.create_run(
                 s, principal, self.r.catalog, req, self.r.settings.default_scale_down_delay_seconds

@@ -77,15 +77,10 @@ class TinkerTrainingController(Controller):
             "model_name": run.base_model,
         }
 
-    @post("/forward_backward", opt=OWN, status_code=200)
+    @post(["/forward_backward", "/forward"], opt=OWN, status_code=200)
     async def forward_backward(self, request: Request, principal: Principal) -> dict[str, Any]:
-        raw = await request.body()
-        sub = await ops(request).forward_backward(principal, raw, request.headers.get("content-encoding"))
-        return sub.future()
-
-    @post("/forward", opt=OWN, status_code=200)
-    async def forward(self, request: Request, principal: Principal) -> dict[str, Any]:
-        """Same body as forward_backward with ``forward_only`` set (older SDKs used this path)."""
+        """Protobuf ForwardBackwardRequest (zstd when Content-Encoding says so). ``/forward``
+        takes the same body with ``forward_only`` set (older SDKs used that path)."""
         raw = await request.body()
         sub = await ops(request).forward_backward(principal, raw, request.headers.get("content-encoding"))
         return sub.future()
