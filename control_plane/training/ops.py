@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import zstandard
+from sqlalchemy import select
 from google.protobuf.message import DecodeError
 
 from control_plane.auth.principal import Principal
@@ -99,9 +100,21 @@ class TrainingOps:
     async def _submit(self, run: Run, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
         rid, is_new = await self.queue.submit(run.id, run.id, seq_id, kind, body, org_id=run.org_id)
         await record_activity(self.r.redis, RUN, run.id)  # -> runs.last_request_at (flushed by the controller)
+        if is_new:
+            await self._fail_if_ended(run.id, rid)
         if is_new and seq_id == 0:
             await self.r.kick_controller()
         return Submitted(rid, run.id)
+
+    async def _fail_if_ended(self, run_id: str, request_id: str) -> None:
+        """Close the race with a dying worker: the controller commits FAILED/INACTIVE and only
+        then fails the run's pending futures, so an op added to the pending set after that
+        sweep sees the final status here and fails itself instead of waiting forever."""
+        async with self.r.db.session() as s:
+            status, reason = (await s.execute(select(Run.status, Run.status_reason).where(Run.id == run_id))).one()
+        if Status(status) in TERMINAL:
+            msg = f"model {run_id!r} is {status}" + (f": {reason}" if reason else "")
+            await self.queue.complete(run_id, request_id, FutureResult.failed(msg, ErrorCategory.SERVER))
 
     async def _repeat(self, principal: Principal, model_id: str, seq_id: int) -> Submitted | None:
         rid = await self.queue.claimed(model_id, seq_id)

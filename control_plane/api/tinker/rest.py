@@ -14,6 +14,7 @@ from control_plane.api.tinker.bootstrap import OWN, access_scope, page, rt
 from control_plane.api.tinker.schemas import CheckpointTtlBody, WeightsInfoBody
 from control_plane.auth.principal import Principal
 from control_plane.errors import NotFound
+from control_plane.sampling.dispatcher import dispatcher_for
 from control_plane.services import runs as runs_svc
 from control_plane.services import training_runs as tr_svc
 from control_plane.training.ops import MAX_TTL_SECONDS
@@ -65,8 +66,11 @@ class TinkerRestController(Controller):
         async with r.db.transaction() as s:
             ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, checkpoint_id.lstrip("/"))
             tinker_path = p.checkpoint_json(ckpt)["tinker_path"]
+            base_model = ckpt.base_model
             prefix = await tr_svc.delete_checkpoint_row(s, ckpt)
         removed = await tr_svc.delete_checkpoint_files(r.store, prefix)
+        # best effort: the base model's vLLM drops the adapter so it stops holding a LoRA slot
+        await dispatcher_for(r).unload_deleted_adapter(base_model, prefix)
         return {"deleted": tinker_path, "files_removed": removed}
 
     @put("/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}", opt=OWN, status_code=200)
