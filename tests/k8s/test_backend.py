@@ -7,6 +7,7 @@ Nothing of ours is patched: the emulator (tests/k8s/conftest.py) stands in for t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import kmock
 import pytest
@@ -247,12 +248,12 @@ FAILURES = [
         Phase.FAILED, 'CreateContainerConfigError: secret "openloops-worker" not found', None, id="missing-secret",
     ),
     pytest.param(
-        unschedulable(ago=3600),
+        lambda: unschedulable(ago=3600),
         Phase.FAILED, "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.", None,
         id="unschedulable-past-grace",
     ),
     pytest.param(
-        unschedulable(ago=5),
+        lambda: unschedulable(ago=5),  # built when the test runs, not at collection
         Phase.PENDING, "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.", None,
         id="unschedulable-within-grace",
     ),
@@ -277,13 +278,15 @@ FAILURES = [
 
 @pytest.mark.parametrize(("status", "phase", "reason", "exit_code"), FAILURES)
 async def test_pod_failure_reasons(
-    backend: KubernetesBackend, kubelet: Kubelet, status: dict, phase: Phase, reason: str, exit_code: int | None
+    backend: KubernetesBackend, kubelet: Kubelet, status: dict | Callable[[], dict], phase: Phase, reason: str, exit_code: int | None
 ) -> None:
     spec = sampler_spec()
     await backend.ensure(spec)
     pod = kubelet.create_pod(workload_name(spec.workload_id, spec.role))
     await wait_phase(backend, spec, phase=Phase.PENDING)
-    kubelet.set_status(pod, status)
+    # time-relative statuses are callables: a timestamp taken at collection would be minutes
+    # old by the time this runs in a full suite (and "within grace" would be past it)
+    kubelet.set_status(pod, status() if callable(status) else status)
     obs = await wait_phase(backend, spec, phase=phase, reason=reason)
     assert (obs.phase, obs.reason) == (phase, reason)
     assert obs.exit_code == exit_code
