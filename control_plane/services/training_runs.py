@@ -13,30 +13,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Checkpoint, Run, Session
 from control_plane.errors import InvalidInput, NotFound
+from control_plane.services.checkpoints import find_by_ref
 from control_plane.services.runs import get_run
 from control_plane.services.scoping import list_scope_filter
 from data_plane.storage.base import ObjectStore
-from data_plane.wire.paths import KINDS, PathError, parse_checkpoint_path, validate_name
+from data_plane.wire.paths import KINDS, CheckpointRef, PathError, parse_checkpoint_path, validate_name
 
 
 @dataclass(frozen=True)
 class RunPage:
     runs: list[tuple[Run, Checkpoint | None, Checkpoint | None]]
     total: int
-
-
-async def _last(s: AsyncSession, run_id: str, kind: str) -> Checkpoint | None:
-    q = (
-        select(Checkpoint)
-        .where(Checkpoint.run_id == run_id, Checkpoint.kind == kind)
-        .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
-        .limit(1)
-    )
-    return (await s.execute(q)).scalar_one_or_none()
-
-
-async def with_last_checkpoints(s: AsyncSession, run: Run) -> tuple[Run, Checkpoint | None, Checkpoint | None]:
-    return run, await _last(s, run.id, "weights"), await _last(s, run.id, "sampler_weights")
 
 
 async def _last_of_runs(s: AsyncSession, run_ids: list[str]) -> dict[tuple[str, str], Checkpoint]:
@@ -62,8 +49,15 @@ async def list_training_runs(
     total = (await s.execute(select(func.count()).select_from(Run).where(*conds))).scalar_one()
     q = select(Run).where(*conds).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit).offset(offset)
     rows = list((await s.execute(q)).scalars())
-    last = await _last_of_runs(s, [r.id for r in rows])
-    return RunPage([(r, last.get((r.id, "weights")), last.get((r.id, "sampler_weights"))) for r in rows], int(total))
+    return RunPage(await with_last_checkpoints(s, rows), int(total))
+
+
+async def with_last_checkpoints(
+    s: AsyncSession, runs: list[Run]
+) -> list[tuple[Run, Checkpoint | None, Checkpoint | None]]:
+    """Each run with its newest ``weights`` and ``sampler_weights`` checkpoint."""
+    last = await _last_of_runs(s, [r.id for r in runs])
+    return [(r, last.get((r.id, "weights")), last.get((r.id, "sampler_weights"))) for r in runs]
 
 
 async def list_run_checkpoints(s: AsyncSession, principal: Principal, run_id: str) -> list[Checkpoint]:
@@ -89,7 +83,6 @@ async def list_all_checkpoints(
 
 async def find_run_checkpoint(s: AsyncSession, principal: Principal, run_id: str, checkpoint_id: str) -> Checkpoint:
     """``checkpoint_id`` is Tinker's ``{kind}/{name}``."""
-    run = await get_run(s, principal, run_id)
     kind, _, name = checkpoint_id.partition("/")
     if kind not in KINDS or not name:
         raise InvalidInput(
@@ -100,11 +93,7 @@ async def find_run_checkpoint(s: AsyncSession, principal: Principal, run_id: str
         validate_name(name)
     except PathError as exc:
         raise InvalidInput(str(exc), field="checkpoint_id") from exc
-    q = select(Checkpoint).where(Checkpoint.run_id == run.id, Checkpoint.kind == kind, Checkpoint.name == name)
-    ckpt = (await s.execute(q)).scalar_one_or_none()
-    if ckpt is None:
-        raise NotFound("checkpoint", f"{run_id}/{checkpoint_id}")
-    return ckpt
+    return await _find(s, principal, CheckpointRef(run_id, kind, name))
 
 
 async def checkpoint_by_path(s: AsyncSession, principal: Principal, path: str) -> Checkpoint:
@@ -112,7 +101,15 @@ async def checkpoint_by_path(s: AsyncSession, principal: Principal, path: str) -
         ref = parse_checkpoint_path(path)
     except PathError as exc:
         raise InvalidInput(str(exc), field="tinker_path") from exc
-    return await find_run_checkpoint(s, principal, ref.run_id, ref.checkpoint_id)
+    return await _find(s, principal, ref)
+
+
+async def _find(s: AsyncSession, principal: Principal, ref: CheckpointRef) -> Checkpoint:
+    run = await get_run(s, principal, ref.run_id)  # 404 for an unknown or another org's run
+    ckpt = await find_by_ref(s, run.org_id, ref)
+    if ckpt is None:
+        raise NotFound("checkpoint", ref.tinker_path)
+    return ckpt
 
 
 async def delete_checkpoint_row(s: AsyncSession, ckpt: Checkpoint) -> str:

@@ -35,6 +35,7 @@ READ_COUNT = 16
 
 
 def snapshot_name(seq: int | None) -> str:
+    """The checkpoint name of an unnamed sampler save (one per sampling session seq id)."""
     return f"snapshot-{seq}"
 
 

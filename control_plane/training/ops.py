@@ -27,6 +27,7 @@ from control_plane.scaling.kinds import RUN
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import runs as runs_svc
 from control_plane.statuses import TERMINAL, Status
+from control_plane.training.completions import snapshot_name
 from control_plane.training.queue import TrainerQueue
 from data_plane.wire import op_bodies
 from data_plane.wire import tinker_wire_pb2 as pb
@@ -86,11 +87,16 @@ class TrainingOps:
         self.queue = TrainerQueue(runtime.redis)
 
     # ---- model lookup -------------------------------------------------------------------
-    async def live_run(self, principal: Principal, model_id: str) -> Run:
+    async def owned_run(self, principal: Principal, model_id: str) -> Run:
+        """The training model's run row; 404 when unknown or another org's."""
         async with self.r.db.session() as s:
             run = await s.get(Run, model_id)
         if run is None or run.org_id != principal.org_id:
             raise NotFound("model", model_id)
+        return run
+
+    async def live_run(self, principal: Principal, model_id: str) -> Run:
+        run = await self.owned_run(principal, model_id)
         if Status(run.status) in TERMINAL:
             reason = f": {run.status_reason}" if run.status_reason else ""
             # 410, not 409: the SDK retries 409s, and a dead model does not come back
@@ -120,10 +126,7 @@ class TrainingOps:
         rid = await self.queue.claimed(model_id, seq_id)
         if rid is None:
             return None
-        async with self.r.db.session() as s:
-            run = await s.get(Run, model_id)
-        if run is None or run.org_id != principal.org_id:
-            raise NotFound("model", model_id)
+        await self.owned_run(principal, model_id)
         return Submitted(rid, model_id)
 
     # ---- creating models ----------------------------------------------------------------
@@ -313,7 +316,7 @@ class TrainingOps:
                     raise InvalidInput(
                         f"checkpoint {ref.tinker_path} already exists (pass overwrite=true to replace it)", field="path"
                     )
-            label = name if name is not None else f"snapshot-{sampling_session_seq_id}"
+            label = name if name is not None else snapshot_name(sampling_session_seq_id)
             body = op_bodies.SaveBody(
                 checkpoint_kind=kind,
                 storage_prefix=storage_prefix(run, kind, label),

@@ -25,14 +25,13 @@ def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
 
 
 def training_run_json(run: Run, last: Checkpoint | None, last_sampler: Checkpoint | None) -> dict[str, Any]:
-    lora = run.lora_config or {}
     return {
         "training_run_id": run.id,
         "base_model": run.base_model,
         "model_owner": run.created_by,
         "is_lora": True,
         "corrupted": False,
-        "lora_rank": int(lora.get("rank") or run.lora_rank),
+        "lora_rank": run.lora_rank,
         "last_request_time": (run.last_request_at or run.created_at).isoformat(),
         "last_checkpoint": checkpoint_json(last) if last else None,
         "last_sampler_checkpoint": checkpoint_json(last_sampler) if last_sampler else None,

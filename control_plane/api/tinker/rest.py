@@ -51,7 +51,8 @@ class TinkerRestController(Controller):
         access_scope(scope_)
         async with rt(request).db.session() as s:
             run = await runs_svc.get_run(s, principal, run_id)
-            return p.training_run_json(*await tr_svc.with_last_checkpoints(s, run))
+            [row] = await tr_svc.with_last_checkpoints(s, [run])
+            return p.training_run_json(*row)
 
     @get("/training_runs/{run_id:str}/checkpoints", opt=OWN)
     async def run_checkpoints(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:

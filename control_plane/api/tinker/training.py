@@ -18,8 +18,7 @@ from control_plane.api.tinker.schemas import (
     SaveWeightsForSamplerBody,
 )
 from control_plane.auth.principal import Principal
-from control_plane.db.models import Run
-from control_plane.errors import InvalidInput, NotFound
+from control_plane.errors import InvalidInput
 from control_plane.training.ops import LoraRequest, TrainingOps
 
 
@@ -57,13 +56,8 @@ class TinkerTrainingController(Controller):
 
     @post("/get_info", opt=OWN, status_code=200)
     async def get_info(self, request: Request, principal: Principal, data: ModelIdBody) -> dict[str, Any]:
-        r = rt(request)
-        async with r.db.session() as s:
-            run = await s.get(Run, data.model_id)
-        if run is None or run.org_id != principal.org_id:
-            raise NotFound("model", data.model_id)
-        model = r.catalog.get(run.base_model)
-        lora = run.lora_config or {}
+        run = await ops(request).owned_run(principal, data.model_id)
+        model = rt(request).catalog.get(run.base_model)
         return {
             "type": "get_info",
             "model_id": run.id,
@@ -73,7 +67,7 @@ class TinkerTrainingController(Controller):
             },
             "optimizer_config": {"type": "adamw"},
             "is_lora": True,
-            "lora_rank": int(lora.get("rank") or run.lora_rank),
+            "lora_rank": run.lora_rank,
             "model_name": run.base_model,
         }
 
