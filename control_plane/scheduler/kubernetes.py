@@ -522,21 +522,25 @@ class KubernetesBackend:
         assert isinstance(patched, dict)
         self.deployments.upsert(patched)
 
+    async def _read_workload(self, name: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """A workload's Deployment (None if absent) and pods, read directly (not from the watch cache)."""
+        got = await self._call(
+            f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
+        )
+        listed = await self._call(
+            "list pods", self._core.list_namespaced_pod, self.namespace, label_selector=f"{LABEL_WORKLOAD}={name}"
+        )
+        assert isinstance(listed, dict)
+        pods = [p for p in listed.get("items") or [] if _workload_of(p) == name]
+        return (got if isinstance(got, dict) else None), pods
+
     async def observe(self, workload_id: str, role: WorkloadRole) -> Observation:
         name = workload_name(workload_id, role)
         if await self.wait_synced(timeout=min(5.0, self.settings.api_timeout_seconds)):
             deployment = self.deployments.get(name)
             pods = [p for p in self.pods.values() if _workload_of(p) == name]
         else:  # the watches cannot list (yet): read directly so errors surface
-            got = await self._call(
-                f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
-            )
-            deployment = got if isinstance(got, dict) else None
-            listed = await self._call(
-                "list pods", self._core.list_namespaced_pod, self.namespace, label_selector=f"{LABEL_WORKLOAD}={name}"
-            )
-            assert isinstance(listed, dict)
-            pods = [p for p in listed.get("items") or [] if _workload_of(p) == name]
+            deployment, pods = await self._read_workload(name)
         return observe_workload(
             workload_id,
             WorkloadRole(role),
@@ -579,15 +583,7 @@ class KubernetesBackend:
         admin CLI can call this from its own short-lived process."""
         role = WorkloadRole(role)
         name = workload_name(workload_id, role)
-        got = await self._call(
-            f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
-        )
-        deployment = got if isinstance(got, dict) else None
-        listed = await self._call(
-            "list pods", self._core.list_namespaced_pod, self.namespace, label_selector=f"{LABEL_WORKLOAD}={name}"
-        )
-        assert isinstance(listed, dict)
-        pods = [p for p in listed.get("items") or [] if _workload_of(p) == name]
+        deployment, pods = await self._read_workload(name)
         obs = observe_workload(
             workload_id, role, deployment, pods, now=datetime.now(UTC),
             unschedulable_grace=self.settings.unschedulable_grace_seconds,
