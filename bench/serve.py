@@ -8,11 +8,13 @@ ceiling. Both run under the same uvicorn settings as ``control_plane.server``.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import uvicorn
 from litestar import Litestar, get
+
+from control_plane import event_loop
+from control_plane.server import uvicorn_config
 
 BARE_BODY = {"run": {"id": "run-static", "status": {"name": "ACTIVE"}, "base_model": "bench/model"}}
 
@@ -20,14 +22,6 @@ BARE_BODY = {"run": {"id": "run-static", "status": {"name": "ACTIVE"}, "base_mod
 @get("/static")
 async def static_json() -> dict[str, object]:
     return BARE_BODY
-
-
-def server_config(app: object, port: int) -> uvicorn.Config:
-    # the same options control_plane.server.serve uses
-    return uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-        lifespan="off", timeout_keep_alive=75, loop="asyncio", http="h11",
-    )
 
 
 async def _serve(kind: str, port: int) -> None:
@@ -45,7 +39,7 @@ async def _serve(kind: str, port: int) -> None:
         runtime = build_runtime(settings, with_backend=False)
         app = create_app(runtime)
     try:
-        await uvicorn.Server(server_config(app, port)).serve()
+        await uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).serve()
     finally:
         if runtime is not None:
             await runtime.close()
@@ -55,7 +49,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("real", "bare"):
         print("usage: python -m bench.serve real|bare PORT", file=sys.stderr)
         return 2
-    asyncio.run(_serve(argv[0], int(argv[1])))
+    event_loop.run(_serve(argv[0], int(argv[1])))
     return 0
 
 

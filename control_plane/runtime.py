@@ -47,6 +47,7 @@ class Runtime:
         if self.backend is not None:
             await self.backend.close()
         await self.futures.close()
+        await self.authenticator.close()
         await self.redis.aclose()
         await self.db.close()
 
@@ -94,7 +95,10 @@ def build_runtime(settings: Settings, *, with_backend: bool = True) -> Runtime:
         raise ValueError("database_url and redis_url must be resolved before building the runtime")
     from data_plane.storage.factory import open_store
 
-    db = Database(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+    db = Database(
+        settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+        read_pool_size=settings.db_read_pool_size,
+    )
     redis = aioredis.Redis.from_url(settings.redis_url)
     spec = store_spec(settings)
     auth = Authenticator(
@@ -102,6 +106,7 @@ def build_runtime(settings: Settings, *, with_backend: bool = True) -> Runtime:
         redis,
         RateLimit(settings.rate_limit_enabled, settings.rate_limit_per_second, settings.rate_limit_burst),
         settings.key_cache_ttl_seconds,
+        local_ttl_s=settings.key_local_cache_seconds,
     )
     return Runtime(
         settings=settings,

@@ -13,6 +13,7 @@ import uvicorn
 
 from control_plane.api.app import create_app
 from control_plane.controller.reconciler import Controller
+from control_plane.event_loop import http_implementation
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.training.completions import CompletionConsumer
 from control_plane.settings import Settings
@@ -29,15 +30,20 @@ def background_tasks(runtime: Runtime) -> list[Callable[[asyncio.Event], object]
     return tasks
 
 
+def uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
+    """The HTTP server settings of every API process (the benchmark's bare app uses them too).
+    The event loop is the caller's (``control_plane.event_loop.run``)."""
+    return uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False,  # type: ignore[arg-type]
+        lifespan="off", timeout_keep_alive=75, http=http_implementation(),
+    )
+
+
 async def serve(settings: Settings, *, on_ready: Callable[[Runtime], None] | None = None,
                 install_signal_handlers: bool = True) -> None:
     runtime = build_runtime(settings)
     app = create_app(runtime)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        lifespan="off", timeout_keep_alive=75, loop="asyncio", http="h11",
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings.host, settings.port))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(10, ge=0)
+    db_read_pool_size: int = Field(10, ge=1, description="connections of the asyncpg pool behind the hottest reads")
 
     # --- object store ------------------------------------------------------------------
     store_kind: StoreKind = StoreKind.LOCAL
@@ -72,6 +73,11 @@ class Settings(BaseSettings):
     # --- auth, limits, caches ----------------------------------------------------------
     key_cache_ttl_seconds: float = Field(
         30.0, gt=0, description="API-key cache TTL; revocations invalidate immediately"
+    )
+    key_local_cache_seconds: float = Field(
+        0.5, ge=0, lt=1.0,
+        description="how long one API process reuses a key lookup (and its leased rate-limit tokens) "
+        "before asking Redis again; bounds how long a revoked key keeps working there (0: every request asks)",
     )
     rate_limit_per_second: float = Field(50.0, gt=0, description="sustained requests/s per key")
     rate_limit_burst: int = Field(200, ge=1, description="bucket size per key")

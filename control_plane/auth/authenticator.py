@@ -1,50 +1,69 @@
 """Turns a presented API key into a Principal.
 
-Redis earns its place here: the key lookup is cached (shared by all replicas, so a revocation
-that deletes the cache entry takes effect everywhere at once), the per-key token bucket lives
-in the same Lua round trip, and last-used times are recorded in a Redis hash and flushed to
-Postgres periodically instead of a write per request.
+Two layers, so that a request usually costs no network round trip for its key:
+
+- **Redis** (shared by all replicas) holds the key lookup cache (filled from Postgres; a
+  revocation deletes the entry), the per-key token bucket, and the last-used times that the
+  controller flushes to Postgres — one Lua round trip reads the key, takes tokens and records
+  the use.
+- **In process**, each replica keeps what that round trip returned for at most
+  ``key_local_cache_seconds`` (< 1 s, which bounds how long a revoked key keeps working on a
+  replica) together with a *lease* of tokens taken from the shared bucket: a lease is at most
+  ``rate * LEASE_SECONDS`` tokens, so a replica never holds more than a tenth of a second's
+  allowance, and a key below ten requests per second takes one token per round trip — exactly
+  the shared bucket. Leased tokens unused when the entry expires are dropped, never returned
+  twice. Last-used times are buffered and written to the Redis hash about once a second.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+import structlog
 from sqlalchemy import select, update
 
 from control_plane.auth.keys import hash_key, looks_like_key
 from control_plane.auth.principal import Principal
 from control_plane.db.engine import Database
-from control_plane.last_seen import drain_hash
 from control_plane.db.models import ApiKey
 from control_plane.errors import RateLimited, Unauthenticated
+from control_plane.last_seen import drain_hash
+
+log = structlog.get_logger("openloops.auth")
 
 CACHE_PREFIX = "openloops:apikey:"
 BUCKET_PREFIX = "openloops:ratelimit:"
 LAST_SEEN_KEYS = "openloops:lastseen:keys"
+LEASE_SECONDS = 0.1  # a lease is at most this much of a key's sustained rate
+SEEN_FLUSH_SECONDS = 1.0  # buffered last-used times reach Redis this often
+MAX_LOCAL_ENTRIES = 10_000
 
-# KEYS: cache, bucket, lastseen; ARGV: now_s, rate, burst, key_hash, limit_enabled
+# KEYS: cache, bucket, lastseen; ARGV: now_s, rate, burst, key_hash, limit_enabled, want
+# -> {0} unknown to the cache | {1, payload, granted_tokens, wait_ms}
 _LUA = """
 local p = redis.call('GET', KEYS[1])
 if not p then return {0} end
 local now = tonumber(ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[1])
-if ARGV[5] ~= '1' then return {1, p, 1, 0} end
-local rate = tonumber(ARGV[2]); local burst = tonumber(ARGV[3])
+if ARGV[5] ~= '1' or p == 'null' then return {1, p, 0, 0} end
+local rate = tonumber(ARGV[2]); local burst = tonumber(ARGV[3]); local want = tonumber(ARGV[6])
 local b = redis.call('HMGET', KEYS[2], 't', 'ts')
 local tokens = tonumber(b[1]); local ts = tonumber(b[2])
 if tokens == nil then tokens = burst; ts = now end
-tokens = math.min(burst, tokens + (now - ts) * rate)
-local allowed = 0; local wait_ms = 0
-if tokens >= 1 then tokens = tokens - 1; allowed = 1
-else wait_ms = math.ceil((1 - tokens) / rate * 1000) end
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local granted = math.min(want, math.floor(tokens)); local wait_ms = 0
+if granted >= 1 then tokens = tokens - granted
+else granted = 0; wait_ms = math.ceil((1 - tokens) / rate * 1000) end
 redis.call('HSET', KEYS[2], 't', tokens, 'ts', now)
 redis.call('PEXPIRE', KEYS[2], math.ceil(burst / rate * 1000) + 1000)
-return {1, p, allowed, wait_ms}
+return {1, p, granted, wait_ms}
 """
 
 
@@ -54,16 +73,41 @@ class RateLimit:
     per_second: float
     burst: int
 
+    @property
+    def lease(self) -> int:
+        """Tokens taken from the shared bucket per round trip."""
+        return max(1, min(self.burst, int(self.per_second * LEASE_SECONDS)))
+
+
+@dataclass(slots=True)
+class _Entry:
+    principal: Principal | None  # None: unknown or revoked key
+    expires: float  # time.monotonic() after which the entry is read again
+    tokens: int = 0  # leased tokens left
+    denied_until: float = 0.0  # the shared bucket was empty: 429 locally until then
+
 
 class Authenticator:
     def __init__(
-        self, db: Database, redis: aioredis.Redis, rate_limit: RateLimit, cache_ttl_s: float
+        self,
+        db: Database,
+        redis: aioredis.Redis,
+        rate_limit: RateLimit,
+        cache_ttl_s: float,
+        *,
+        local_ttl_s: float = 0.5,
     ) -> None:
         self._db = db
         self._redis = redis
         self._rate = rate_limit
         self._ttl_ms = int(cache_ttl_s * 1000)
+        self._local_ttl = local_ttl_s
         self._script = redis.register_script(_LUA)
+        self._entries: dict[str, _Entry] = {}
+        self._refreshing: dict[str, asyncio.Future[_Entry]] = {}
+        self._seen: dict[str, float] = {}
+        self._seen_flushed_at = time.monotonic()
+        self._flush_task: asyncio.Task[None] | None = None
 
     async def authenticate(self, presented: str | None) -> Principal:
         if not presented:
@@ -74,29 +118,86 @@ class Authenticator:
         if not looks_like_key(presented):
             raise Unauthenticated("invalid API key")
         key_hash = hash_key(presented)
+        limited = self._rate.enabled
+        while True:
+            now = time.monotonic()
+            e = self._entries.get(key_hash)
+            if e is None or now >= e.expires or (limited and e.tokens <= 0 and now >= e.denied_until):
+                e = await self._refresh(key_hash)
+                now = time.monotonic()
+            if e.principal is None:
+                raise Unauthenticated("invalid or revoked API key")
+            if not limited:
+                break
+            if e.tokens > 0:
+                e.tokens -= 1
+                break
+            if now < e.denied_until:
+                raise self._limited(e.denied_until - now)
+            # the lease went to concurrent requests of this key: take another (each round
+            # trip either grants a token to someone or answers 429, so this ends)
+        self._record_seen(key_hash, now)
+        return e.principal
+
+    def _limited(self, wait_s: float) -> RateLimited:
+        return RateLimited(
+            f"rate limit of {self._rate.per_second:g} requests/s (burst {self._rate.burst}) "
+            f"exceeded for this API key",
+            retry_after_s=max(wait_s, 0.001),
+        )
+
+    # ------------------------------------------------------------------ shared state
+
+    async def _refresh(self, key_hash: str) -> _Entry:
+        """One round trip for the key (single flight: concurrent requests share it)."""
+        pending = self._refreshing.get(key_hash)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
+        self._refreshing[key_hash] = fut
+        try:
+            entry = await self._fetch(key_hash)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: waiters re-raise it
+            raise
+        finally:
+            self._refreshing.pop(key_hash, None)
+        fut.set_result(entry)
+        return entry
+
+    async def _fetch(self, key_hash: str) -> _Entry:
         result = await self._run(key_hash)
         if result[0] == 0:
             await self._load_into_cache(key_hash)
             result = await self._run(key_hash)
             if result[0] == 0:  # evicted in between: extremely unlikely, fail closed
                 raise Unauthenticated("invalid API key")
+        now = time.monotonic()
         payload = json.loads(result[1])
-        if payload is None:
-            raise Unauthenticated("invalid or revoked API key")
-        if not int(result[2]):
-            retry = int(result[3]) / 1000
-            raise RateLimited(
-                f"rate limit of {self._rate.per_second:g} requests/s (burst {self._rate.burst}) "
-                f"exceeded for this API key",
-                retry_after_s=retry,
+        principal = None
+        if payload is not None:
+            principal = Principal(
+                org_id=payload["org_id"],
+                principal_id=payload["principal_id"],
+                key_id=payload["key_id"],
+                scopes=frozenset(payload["scopes"]),
+                key_hash=key_hash,
             )
-        return Principal(
-            org_id=payload["org_id"],
-            principal_id=payload["principal_id"],
-            key_id=payload["key_id"],
-            scopes=frozenset(payload["scopes"]),
-            key_hash=key_hash,
+        granted, wait_s = int(result[2]), int(result[3]) / 1000
+        old = self._entries.get(key_hash)
+        tokens = granted + (old.tokens if old is not None and now < old.expires and old.tokens > 0 else 0)
+        entry = _Entry(
+            principal, now + self._local_ttl, tokens, denied_until=now + wait_s if granted == 0 else 0.0
         )
+        if len(self._entries) >= MAX_LOCAL_ENTRIES:
+            self._entries = {k: v for k, v in self._entries.items() if now < v.expires}
+        if self._local_ttl > 0:
+            self._entries[key_hash] = entry
+        return entry
 
     async def _run(self, key_hash: str) -> list:  # type: ignore[type-arg]
         return await self._script(
@@ -107,6 +208,7 @@ class Authenticator:
                 self._rate.burst,
                 key_hash,
                 "1" if self._rate.enabled else "0",
+                self._rate.lease,
             ],
         )
 
@@ -125,6 +227,33 @@ class Authenticator:
             }
             ttl = self._ttl_ms
         await self._redis.set(CACHE_PREFIX + key_hash, json.dumps(payload), px=ttl)
+
+    # ------------------------------------------------------------------ last used
+
+    def _record_seen(self, key_hash: str, now: float) -> None:
+        self._seen[key_hash] = time.time()
+        if now - self._seen_flushed_at >= SEEN_FLUSH_SECONDS and (
+            self._flush_task is None or self._flush_task.done()
+        ):
+            self._seen_flushed_at = now
+            self._flush_task = asyncio.create_task(self.flush_seen())
+
+    async def flush_seen(self) -> None:
+        """Write the buffered last-used times to the shared hash (a newer time wins there
+        too: it is the later write)."""
+        seen, self._seen = self._seen, {}
+        if not seen:
+            return
+        try:
+            await self._redis.hset(LAST_SEEN_KEYS, mapping={k: f"{v:.6f}" for k, v in seen.items()})
+        except Exception as exc:  # noqa: BLE001 - last-used is best effort; never fail a request
+            log.warning("could not record API key last-used times", error=str(exc), keys=len(seen))
+
+    async def close(self) -> None:
+        if self._flush_task is not None:
+            with contextlib.suppress(Exception):
+                await self._flush_task
+        await self.flush_seen()
 
 
 async def invalidate_key(redis: aioredis.Redis, key_hash: str) -> None:

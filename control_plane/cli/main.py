@@ -9,6 +9,7 @@ from pathlib import Path
 import structlog
 import typer
 
+from control_plane import event_loop
 from control_plane.cli.admin import app as admin_app
 from control_plane.cli.context import Resolved, console, emit, err_console
 from control_plane.local_mode import runtime_file
@@ -81,7 +82,7 @@ def up(
             console.print(f"  export TINKER_BASE_URL={s.base_url}\n  export TINKER_API_KEY={api_key}")
             console.print("[dim]Ctrl-C to stop[/dim]", highlight=False)
 
-        asyncio.run(serve(s, on_ready=ready))
+        event_loop.run(serve(s, on_ready=ready))
     except ModelPrepError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -102,7 +103,7 @@ def serve_cmd(
     if not settings.database_url or not settings.redis_url:
         err_console.print("[red]error:[/red] OPENLOOPS_DATABASE_URL and OPENLOOPS_REDIS_URL must be set (or use `openloops up`)")
         raise typer.Exit(2)
-    asyncio.run(serve(settings))
+    event_loop.run(serve(settings))
 
 
 @models_app.command("prepare")

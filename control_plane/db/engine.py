@@ -1,25 +1,47 @@
-"""Async engine and session factory."""
+"""Async engine, session factories and the hot-path reader of one process."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+
+from control_plane.db.reader import Reader
+
+
+class ReadOnlySessionError(RuntimeError):
+    pass
+
+
+def _refuse_flush(session: Session, *_: Any) -> None:
+    raise ReadOnlySessionError(
+        "Database.session() is a read-only autocommit session: write through Database.transaction()"
+    )
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 10, read_pool_size: int = 10) -> None:
         self.url = url
         self.engine: AsyncEngine = create_async_engine(
             url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
         )
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        # reads: each statement in its own snapshot (what READ COMMITTED gives a multi-statement
+        # read anyway) without the BEGIN/ROLLBACK round trips of a transaction
+        self._read_sessions = async_sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
+        )
+        self.reader = Reader(url, max_size=read_pool_size)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessionmaker() as s:
+        """A read-only session (autocommit; a flush raises :class:`ReadOnlySessionError`)."""
+        async with self._read_sessions() as s:
+            event.listen(s.sync_session, "before_flush", _refuse_flush)
             yield s
 
     @asynccontextmanager
@@ -32,4 +54,5 @@ class Database:
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
+        await self.reader.close()
         await self.engine.dispose()

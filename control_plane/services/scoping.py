@@ -12,8 +12,15 @@ def list_scope_filter(model: Any, principal: Principal, scope: str | None) -> li
     """``manage_own_user_or_service_account`` list routes: the caller's own rows by default,
     every row of the caller's org with ``scope=org``."""
     conds = [model.org_id == principal.org_id]
-    if scope is None or scope == "own":
+    if own_only(scope):
         conds.append(model.created_by == principal.principal_id)
-    elif scope != "org":
-        raise InvalidInput(f"invalid scope {scope!r}: expected 'org' or omit it", field="scope")
     return conds
+
+
+def own_only(scope: str | None) -> bool:
+    """Whether a list's ``scope`` parameter asks for the caller's own rows (the default)."""
+    if scope is None or scope == "own":
+        return True
+    if scope != "org":
+        raise InvalidInput(f"invalid scope {scope!r}: expected 'org' or omit it", field="scope")
+    return False

@@ -197,6 +197,8 @@ async def test_last_used_recorded_without_per_request_writes(api):
         await api.client.get("/v1/loops/capabilities", headers=t.headers)
     async with api.runtime.db.session() as s:
         assert (await identity.get_api_key(s, t.principal.key_id)).last_used_at is None
+    # each API process buffers last-used times and writes them to Redis about once a second
+    await api.runtime.authenticator.flush_seen()
     assert await flush_last_seen(api.runtime.db, api.runtime.redis) == 1
     async with api.runtime.db.session() as s:
         assert (await identity.get_api_key(s, t.principal.key_id)).last_used_at is not None

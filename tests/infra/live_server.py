@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.db import migrate
+from control_plane.event_loop import loop_factory
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.server import serve
 from control_plane.services import identity
@@ -76,7 +77,7 @@ class LiveServer:
             ready.set()
 
         def _main() -> None:
-            loop = asyncio.new_event_loop()
+            loop = loop_factory()()
             self._loop = loop
             asyncio.set_event_loop(loop)
             self._stop = asyncio.Event()

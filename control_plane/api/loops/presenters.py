@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane.db.reader import Row
 from control_plane.db.models import Checkpoint, Deployment, Run, Sampler, ServiceAccount, User
 
 
@@ -27,7 +28,7 @@ def _user(users: dict[str, dict[str, Any]], pid: str) -> dict[str, Any]:
     return users.get(pid, {"id": pid, "email": None})
 
 
-def sampler_json(smp: Sampler, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def sampler_json(smp: Sampler | Row, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": smp.id,
         "base_url": f"{base_url}/v1/loops/samplers/{smp.id}/openai/v1",
@@ -44,7 +45,7 @@ def sampler_json(smp: Sampler, base_url: str, users: dict[str, dict[str, Any]]) 
     }
 
 
-def run_json(run: Run, sampler: Sampler | None, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_json(run: Run | Row, sampler: Sampler | Row | None, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": run.id,
         "session_id": run.session_id,
@@ -65,7 +66,7 @@ def run_json(run: Run, sampler: Sampler | None, base_url: str, users: dict[str, 
     }
 
 
-def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
+def checkpoint_json(c: Checkpoint | Row) -> dict[str, Any]:
     return {
         "id": c.id,
         "checkpoint_id": c.name,

@@ -16,6 +16,7 @@ from control_plane.auth.principal import Principal
 from control_plane.db.models import Sampler
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import deployments as dep_svc
+from control_plane.services import hot_reads
 
 
 class LoopsResourcesController(Controller):
@@ -28,6 +29,9 @@ class LoopsResourcesController(Controller):
         self, request: Request, principal: Principal, run_id: str | None = None,
         base_model: str | None = None, checkpoint_path: str | None = None, visibility: str | None = Parameter(query="scope", default=None),
     ) -> dict[str, Any]:
+        if run_id and not base_model and not checkpoint_path:  # what training loops poll
+            rows = await hot_reads.run_checkpoints(rt(request).db.reader, principal, run_id, visibility)
+            return {"checkpoints": [p.checkpoint_json(c) for c in rows]}
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
                 s, principal, run_id=run_id, base_model=base_model, checkpoint_path=checkpoint_path, scope=visibility

@@ -16,6 +16,7 @@ from control_plane.auth.principal import Principal
 from control_plane.runtime import Runtime
 from control_plane.sampling.dispatcher import SamplingDispatcher, dispatcher_for
 from control_plane.scaling.wake import touch_and_wake
+from control_plane.services import hot_reads
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
 from control_plane.services import sessions as sessions_svc
@@ -97,11 +98,8 @@ class LoopsTrainingController(Controller):
     @get("/runs/{run_id:str}", opt=ORG)
     async def get_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
         r = rt(request)
-        async with r.db.session() as s:
-            run = await runs_svc.get_run(s, principal, run_id)
-            sampler = await runs_svc.paired_sampler(s, run.id)
-            users = await p.principal_names(s, {run.created_by})
-        return {"run": p.run_json(run, sampler, r.settings.base_url, users)}
+        view = await hot_reads.get_run(r.db.reader, principal, run_id)
+        return {"run": p.run_json(view.run, view.sampler, r.settings.base_url, view.users)}
 
     @post("/runs/{run_id:str}/deactivate", opt=ORG, status_code=200)
     async def deactivate_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
