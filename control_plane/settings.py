@@ -116,6 +116,17 @@ class Settings(BaseSettings):
         1024, ge=1, description="most datums per forward_backward request the SDK sends (client/config)"
     )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
+    sampler_max_lora_rank: int = Field(
+        64, ge=1, le=512,
+        description="largest adapter rank a shared vLLM sampler accepts (covers the Loops 64 and Tinker 32 defaults)",
+    )
+    sampler_max_loras: int = Field(4, ge=1, description="adapters one vLLM batch can mix")
+    sampler_max_cpu_loras: int = Field(
+        32, ge=1, description="adapters a shared sampler keeps loaded (LRU); evicted ones reload from its disk cache"
+    )
+    sampler_max_in_flight: int = Field(
+        256, ge=1, description="sampling requests one API process keeps in flight per vLLM server; beyond it 429 (the SDK backs off)"
+    )
     default_scale_down_delay_seconds: int = Field(3600, ge=1)
 
     # --- local mode --------------------------------------------------------------------

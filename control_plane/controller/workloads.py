@@ -51,10 +51,6 @@ def trainer_spec(r: Runtime, run: Run) -> WorkloadSpec:
 SAMPLER_WORKLOAD_PREFIX = "vllm-"
 SAMPLER_HEALTH_PATH = "/health"
 SAMPLER_CLUSTER_PORT = 8000  # in a pod (Kubernetes): fixed, the Service targets it
-SAMPLER_MAX_LORA_RANK = 64  # covers the Loops (64) and Tinker (32) defaults; raise it per
-#                             model with `vllm_args: ["--max-lora-rank", "128"]` in the catalog
-SAMPLER_MAX_LORAS = 4  # adapters in one batch
-SAMPLER_MAX_CPU_LORAS = 32  # adapters kept loaded (LRU); evicted ones reload from the cache
 # Checkpoint files live under this store prefix (control_plane.training.ops.storage_prefix): the
 # sampler's resolver loads nothing outside it.
 CHECKPOINT_KEY_PREFIX = "checkpoints/"
@@ -77,23 +73,34 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def sampler_spec(r: Runtime, base_model: str, *, port: int | None = None) -> WorkloadSpec:
-    """The shared vLLM sampler of ``base_model`` (``python -m data_plane.sampler``).
+def vllm_spec(
+    r: Runtime,
+    *,
+    workload_id: str,
+    role: WorkloadRole,
+    org_id: str,
+    base_model: str,
+    adapter_key_prefixes: list[str],
+    max_lora_rank: int,
+    max_loras: int,
+    max_cpu_loras: int | None = None,
+    port: int | None = None,
+) -> WorkloadSpec:
+    """A vLLM server (``python -m data_plane.sampler``) for ``base_model`` that loads adapters
+    only from the object store under ``adapter_key_prefixes`` (never a client path).
 
     Locally it listens on 127.0.0.1 at ``port`` (a free port when not given: build the spec
-    once per workload and keep it); in a pod on 0.0.0.0:8000. Adapters are resolved by name
-    from the object store (never a client path)."""
+    once per workload and keep it) with its adapter cache under the data dir; in a pod on
+    0.0.0.0:8000 with a pod-local cache."""
     model = r.catalog.get(base_model)
-    wid = sampler_workload_id(base_model)
-    local = r.settings.backend == BackendKind.LOCAL
-    if local:
+    if r.settings.backend == BackendKind.LOCAL:
         host, port = "127.0.0.1", port or _free_port()
-        cache = str(r.settings.data_dir / "sampler-cache" / wid)
+        cache = str(r.settings.data_dir / "sampler-cache" / workload_id)
     else:
         host, port = "0.0.0.0", SAMPLER_CLUSTER_PORT  # noqa: S104 (pod network)
         cache = "/tmp/openloops-adapters"  # noqa: S108 (pod-local emptyDir/tmp)
     launch = SamplerLaunch(
-        sampler_id=wid,
+        sampler_id=workload_id,
         model_source=model.source,
         served_model_name=model.name,
         store=r.store_spec,
@@ -101,16 +108,16 @@ def sampler_spec(r: Runtime, base_model: str, *, port: int | None = None) -> Wor
         host=host,
         port=port,
         max_model_len=model.max_context_length,
-        max_lora_rank=SAMPLER_MAX_LORA_RANK,
-        max_loras=SAMPLER_MAX_LORAS,
-        max_cpu_loras=SAMPLER_MAX_CPU_LORAS,
-        adapter_key_prefixes=[CHECKPOINT_KEY_PREFIX],
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        adapter_key_prefixes=adapter_key_prefixes,
         extra_vllm_args=list(model.vllm_args),
     )
     return WorkloadSpec(
-        workload_id=wid,
-        role=WorkloadRole.SAMPLER,
-        org_id="shared",  # serves every org's adapters of this base model
+        workload_id=workload_id,
+        role=role,
+        org_id=org_id,
         session_id=None,
         base_model=model.name,
         command=["python", "-m", "data_plane.sampler"],
@@ -119,4 +126,22 @@ def sampler_spec(r: Runtime, base_model: str, *, port: int | None = None) -> Wor
         port=port,
         health_path=SAMPLER_HEALTH_PATH,
         resources=model.resources.sampler.to_resources(),
+    )
+
+
+def sampler_spec(r: Runtime, base_model: str, *, port: int | None = None) -> WorkloadSpec:
+    """The shared vLLM sampler of ``base_model``: every org's adapters of that model, limits
+    from the ``sampler_*`` settings (a model's catalog ``vllm_args`` can raise them)."""
+    st = r.settings
+    return vllm_spec(
+        r,
+        workload_id=sampler_workload_id(base_model),
+        role=WorkloadRole.SAMPLER,
+        org_id="shared",  # serves every org's adapters of this base model
+        base_model=base_model,
+        adapter_key_prefixes=[CHECKPOINT_KEY_PREFIX],
+        max_lora_rank=st.sampler_max_lora_rank,
+        max_loras=st.sampler_max_loras,
+        max_cpu_loras=st.sampler_max_cpu_loras,
+        port=port,
     )

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("openloops.sampling")
 
-MAX_IN_FLIGHT_PER_SERVER = 256  # per API process; the SDK backs off on the 429 beyond it
+MAX_IN_FLIGHT_PER_SERVER = 256  # per API process (settings.sampler_max_in_flight); the SDK backs off on the 429 beyond it
 TARGET_CACHE_SECONDS = 1.0
 READY_POLL_SECONDS = 0.5
 READY_TIMEOUT_SECONDS = 1800.0  # a cold GPU start pulls images and weights
@@ -265,5 +265,7 @@ def dispatcher_for(r: Runtime) -> SamplingDispatcher:
     """The process's sampling dispatcher (one per runtime, created on first use)."""
     d = r.extras.get("sampling_dispatcher")
     if d is None:
-        d = r.extras["sampling_dispatcher"] = SamplingDispatcher(r.db, TrainerQueue(r.redis), runtime=r)
+        d = r.extras["sampling_dispatcher"] = SamplingDispatcher(
+            r.db, TrainerQueue(r.redis), max_in_flight=r.settings.sampler_max_in_flight, runtime=r
+        )
     return d  # type: ignore[no-any-return]

@@ -16,7 +16,7 @@ from control_plane.auth.keys import hash_key
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.services import identity
 from control_plane.settings import Settings
-from tests.control_plane.conftest import make_settings, make_tenant
+from tests.control_plane.conftest import Tenant, make_settings, make_tenant
 
 ROUTE = "/v1/loops/capabilities"
 
@@ -71,25 +71,27 @@ async def test_replicas_share_one_budget(clean_state, services, data_dir) -> Non
         assert r.status_code == 429 and r.json()["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
 
 
+async def used_then_revoked(rt: Runtime, client: httpx.AsyncClient) -> Tenant:
+    """A key that has just served a request (cached), then revoked as the admin CLI does."""
+    t = await make_tenant(rt, "acme")
+    assert (await client.get(ROUTE, headers=t.headers)).status_code == 200
+    async with rt.db.transaction() as s:
+        key = await identity.revoke_api_key(s, await identity.get_api_key(s, t.principal.key_id))
+    await invalidate_key(rt.redis, key.key_hash)
+    return t
+
+
 async def test_without_the_local_cache_every_request_asks_redis(clean_state, services, data_dir) -> None:
     settings = make_settings(services, data_dir, key_local_cache_seconds=0.0)
     async with replica(settings) as (rt, client):
-        t = await make_tenant(rt, "acme")
-        assert (await client.get(ROUTE, headers=t.headers)).status_code == 200
-        async with rt.db.transaction() as s:
-            key = await identity.revoke_api_key(s, await identity.get_api_key(s, t.principal.key_id))
-        await invalidate_key(rt.redis, key.key_hash)
+        t = await used_then_revoked(rt, client)
         assert (await client.get(ROUTE, headers=t.headers)).status_code == 401  # at once
 
 
 async def test_local_cache_holds_a_revoked_key_at_most_its_ttl(clean_state, services, data_dir) -> None:
     settings = make_settings(services, data_dir, key_local_cache_seconds=0.9)
     async with replica(settings) as (rt, client):
-        t = await make_tenant(rt, "acme")
-        assert (await client.get(ROUTE, headers=t.headers)).status_code == 200
-        async with rt.db.transaction() as s:
-            key = await identity.revoke_api_key(s, await identity.get_api_key(s, t.principal.key_id))
-        await invalidate_key(rt.redis, key.key_hash)
+        t = await used_then_revoked(rt, client)
         # still served from this process's entry (the TTL is the documented bound) ...
         assert (await client.get(ROUTE, headers=t.headers)).status_code == 200
         await asyncio.sleep(0.95)
