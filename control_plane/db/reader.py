@@ -79,7 +79,11 @@ async def _release(conn: asyncpg.Connection) -> None:
 class Reader:
     def __init__(self, url: str, *, max_size: int) -> None:
         _args, kwargs = _DIALECT.create_connect_args(make_url(url))
-        self._connect_kwargs = {k: v for k, v in kwargs.items() if k in ("host", "port", "user", "password", "database")}
+        # the URL's driver options (ssl, server_settings, ...) apply here too; the
+        # prepared_statement_* ones belong to SQLAlchemy's adapter, not to asyncpg
+        self._connect_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("prepared_statement_")}
+        if "command_timeout" in self._connect_kwargs:
+            self._connect_kwargs["command_timeout"] = float(self._connect_kwargs["command_timeout"])
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()

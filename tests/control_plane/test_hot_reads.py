@@ -107,3 +107,13 @@ async def test_read_sessions_refuse_writes(api) -> None:
         s.add(Org(id="org-x", name="x"))
         with pytest.raises(ReadOnlySessionError):
             await s.flush()
+
+
+def test_reader_connects_with_the_urls_driver_options() -> None:
+    from control_plane.db.reader import Reader
+
+    r = Reader("postgresql+asyncpg://u:p@db.internal:5433/ol?ssl=require&prepared_statement_cache_size=10&command_timeout=5", max_size=2)
+    assert r._connect_kwargs == {
+        "host": "db.internal", "port": 5433, "user": "u", "password": "p", "database": "ol",
+        "ssl": "require", "command_timeout": 5.0,
+    }
