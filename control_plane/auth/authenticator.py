@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime

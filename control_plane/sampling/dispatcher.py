@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("openloops.sampling")
 
-MAX_IN_FLIGHT_PER_SERVER = 256  # per API process (settings.sampler_max_in_flight); the SDK backs off on the 429 beyond it
 TARGET_CACHE_SECONDS = 1.0
 READY_POLL_SECONDS = 0.5
 READY_TIMEOUT_SECONDS = 1800.0  # a cold GPU start pulls images and weights
@@ -58,7 +57,7 @@ class SamplingDispatcher:
         db: Database,
         queue: TrainerQueue,
         *,
-        max_in_flight: int = MAX_IN_FLIGHT_PER_SERVER,
+        max_in_flight: int,
         runtime: Runtime | None = None,
     ) -> None:
         self._db = db

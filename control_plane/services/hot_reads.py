@@ -7,7 +7,6 @@ for ``run_id``; the tests compare the two paths."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import and_, bindparam, select, true
 
@@ -63,21 +62,16 @@ _RUN_CHECKPOINTS = {True: _run_checkpoints(True), False: _run_checkpoints(False)
 class RunView:
     run: Row
     sampler: Row | None
-    users: dict[str, dict[str, Any]]  # presenters.principal_names' shape, for the run's creator
+    creator_email: str | None  # the run's creator is a user ...
+    creator_service_account: str | None  # ... or a service account (both None: row gone)
 
 
 async def get_run(reader: Reader, principal: Principal, run_id: str) -> RunView:
     rec = await reader.one(_GET_RUN, run_id=run_id, org_id=principal.org_id)
     if rec is None:
         raise NotFound("run", run_id)
-    creator = rec["created_by"]
-    users: dict[str, dict[str, Any]] = {}
-    if rec["creator_email"] is not None:
-        users[creator] = {"id": creator, "email": rec["creator_email"]}
-    elif rec["creator_sa_name"] is not None:
-        users[creator] = {"id": creator, "email": None, "service_account": rec["creator_sa_name"]}
     sampler = Row(rec, SAMPLER_PREFIX) if rec[SAMPLER_PREFIX + "id"] is not None else None
-    return RunView(Row(rec), sampler, users)
+    return RunView(Row(rec), sampler, rec["creator_email"], rec["creator_sa_name"])
 
 
 async def run_checkpoints(reader: Reader, principal: Principal, run_id: str, scope: str | None) -> list[Row]:

@@ -29,8 +29,7 @@ async def orm_run_json(api, principal: Principal, run_id: str) -> dict:  # type:
 
 
 async def hot_run_json(api, principal: Principal, run_id: str) -> dict:  # type: ignore[no-untyped-def]
-    view = await hot_reads.get_run(api.runtime.db.reader, principal, run_id)
-    return p.run_json(view.run, view.sampler, BASE, view.users)
+    return p.run_view_json(await hot_reads.get_run(api.runtime.db.reader, principal, run_id), BASE)
 
 
 async def new_run(api, headers: dict[str, str], *, trainer_only: bool = False) -> str:  # type: ignore[no-untyped-def]

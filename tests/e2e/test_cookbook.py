@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tinker
@@ -28,32 +29,42 @@ def _checkpoints(stack: LiveStack) -> list[str]:
     return out
 
 
+def _chat_recipe(stack: LiveStack, tmp_path: Path, name: str) -> dict[str, Any]:
+    """What the supervised and DPO recipes' configs share here: logs under ``tmp_path/name``,
+    the live server, a rank-8 LoRA, no intermediate saves or evals."""
+    return {
+        "log_path": str(tmp_path / name),
+        "model_name": stack.base_model,
+        "recipe_name": f"test_{name}",
+        "renderer_name": RENDERER,
+        "lora_rank": 8,
+        "base_url": stack.base_url,
+        "save_every": 0,
+        "eval_every": 0,
+        "infrequent_eval_every": 0,
+    }
+
+
+def _chat_data(stack: LiveStack) -> Any:
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+    return ChatDatasetBuilderCommonConfig(
+        model_name_for_tokenizer=stack.base_model, renderer_name=RENDERER, max_length=256, batch_size=4
+    )
+
+
 def test_supervised_from_conversation_file(cookbook_env, stack: LiveStack, tmp_path: Path):
     from tinker_cookbook.supervised import train
     from tinker_cookbook.supervised.data import FromConversationFileBuilder
-    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 
     conv = Path(cookbook_env.__file__).parent / "example_data" / "conversations.jsonl"
     lines = conv.read_text().splitlines()[:8]
     small = tmp_path / "conversations.jsonl"
     small.write_text("\n".join(lines) + "\n")
     cfg = train.Config(
-        log_path=str(tmp_path / "sl"),
-        model_name=stack.base_model,
-        recipe_name="test_sl",
-        renderer_name=RENDERER,
-        dataset_builder=FromConversationFileBuilder(
-            common_config=ChatDatasetBuilderCommonConfig(
-                model_name_for_tokenizer=stack.base_model, renderer_name=RENDERER, max_length=256, batch_size=4
-            ),
-            file_path=str(small),
-        ),
+        **_chat_recipe(stack, tmp_path, "sl"),
+        dataset_builder=FromConversationFileBuilder(common_config=_chat_data(stack), file_path=str(small)),
         learning_rate=1e-3,
-        lora_rank=8,
-        base_url=stack.base_url,
-        save_every=0,
-        eval_every=0,
-        infrequent_eval_every=0,
     )
     asyncio.run(train.main(cfg))
     metrics = [json.loads(x) for x in (tmp_path / "sl" / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -97,7 +108,6 @@ def test_dpo_from_local_comparisons(cookbook_env, stack: LiveStack, tmp_path: Pa
     from tinker_cookbook.preference import train_dpo
     from tinker_cookbook.preference.dpo_datasets import DPODatasetBuilderFromComparisons
     from tinker_cookbook.preference.preference_datasets import ComparisonBuilderFromJsonl
-    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 
     rows = []
     for i in range(8):
@@ -113,22 +123,11 @@ def test_dpo_from_local_comparisons(cookbook_env, stack: LiveStack, tmp_path: Pa
     path = tmp_path / "comparisons.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = train_dpo.Config(
-        log_path=str(tmp_path / "dpo"),
-        model_name=stack.base_model,
-        recipe_name="test_dpo",
-        renderer_name=RENDERER,
+        **_chat_recipe(stack, tmp_path, "dpo"),
         dataset_builder=DPODatasetBuilderFromComparisons(
-            common_config=ChatDatasetBuilderCommonConfig(
-                model_name_for_tokenizer=stack.base_model, renderer_name=RENDERER, max_length=256, batch_size=4
-            ),
-            comparison_builder=ComparisonBuilderFromJsonl(train_path=str(path)),
+            common_config=_chat_data(stack), comparison_builder=ComparisonBuilderFromJsonl(train_path=str(path))
         ),
         learning_rate=1e-4,
-        lora_rank=8,
-        base_url=stack.base_url,
-        save_every=0,
-        eval_every=0,
-        infrequent_eval_every=0,
     )
     train_dpo.main(cfg)
     metrics = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines() if x.strip()]

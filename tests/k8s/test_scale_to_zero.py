@@ -25,7 +25,7 @@ from control_plane.scaling.wake import WakeTimeout, touch_and_wake
 from control_plane.scheduler.k8s_manifests import LABEL_WORKLOAD, workload_name
 from control_plane.scheduler.protocol import WorkloadRole
 from control_plane.services import samplers as samplers_svc
-from tests.control_plane.conftest import TEST_MODEL
+from tests.control_plane.conftest import TEST_MODEL, Tenant
 from tests.k8s.conftest import DEPLOYMENTS, PODS, Cluster, ReplicaSetPlayer, eventually
 from tests.k8s.controller_env import history, k8s_runtime, k8s_settings, new_deployment, row, start, status, tenant
 
@@ -52,6 +52,16 @@ async def wait_status(rt: Runtime, model: Any, rid: str, want: str, timeout: flo
         return await status(rt, model, rid) == want
 
     await eventually(check, timeout, what=f"{model.__name__} {rid} {want}")
+
+
+async def new_idle_sampler(rt: Runtime, t: Tenant) -> Sampler:
+    """A standalone sampler of TEST_MODEL that scales to zero after one idle second."""
+    async with rt.db.transaction() as s:
+        smp = await samplers_svc.create_sampler(
+            s, t.principal, rt.catalog, samplers_svc.SamplerRequest(session_id=None, base_model=TEST_MODEL)
+        )
+        smp.scale_down_delay_seconds = 1
+    return smp
 
 
 async def test_idle_deployment_scales_to_zero_and_a_request_wakes_it(services, data_dir: Path, cluster: Cluster) -> None:
@@ -129,11 +139,7 @@ async def test_a_wake_that_takes_too_long_is_a_503_and_a_later_request_succeeds(
 async def test_shared_sampler_scales_to_zero_when_all_its_rows_sleep(services, data_dir: Path, cluster: Cluster) -> None:
     async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
         t = await tenant(rt)
-        async with rt.db.transaction() as s:
-            smp = await samplers_svc.create_sampler(
-                s, t.principal, rt.catalog, samplers_svc.SamplerRequest(session_id=None, base_model=TEST_MODEL)
-            )
-            smp.scale_down_delay_seconds = 1
+        smp = await new_idle_sampler(rt, t)
         name = workload_name(sampler_workload_id(TEST_MODEL), WorkloadRole.SAMPLER)
         with ReplicaSetPlayer(cluster):
             ctl = start(rt)
@@ -174,11 +180,7 @@ async def test_the_loops_sampler_route_wakes_its_sampler(services, data_dir: Pat
 
     async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
         t = await tenant(rt)
-        async with rt.db.transaction() as s:
-            smp = await samplers_svc.create_sampler(
-                s, t.principal, rt.catalog, samplers_svc.SamplerRequest(session_id=None, base_model=TEST_MODEL)
-            )
-            smp.scale_down_delay_seconds = 1
+        smp = await new_idle_sampler(rt, t)
         transport = httpx.ASGITransport(app=create_app(rt))
         with ReplicaSetPlayer(cluster):
             ctl = start(rt)

@@ -99,7 +99,7 @@ class LoopsTrainingController(Controller):
     async def get_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
         r = rt(request)
         view = await hot_reads.get_run(r.db.reader, principal, run_id)
-        return {"run": p.run_json(view.run, view.sampler, r.settings.base_url, view.users)}
+        return {"run": p.run_view_json(view, r.settings.base_url)}
 
     @post("/runs/{run_id:str}/deactivate", opt=ORG, status_code=200)
     async def deactivate_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
