@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from bench.seed import TENANT_CHECKPOINTS, Tenant, grow_checkpoints, reset, seed
 from bench.stack import BENCH_MODEL, Stack, start_stack
 from control_plane.catalog import ModelCatalog
 from control_plane.db.engine import Database
+from control_plane.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,14 +57,8 @@ class Server:
                 self.proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(kind: str, stack: Stack, probe: str, **settings: str) -> Server:
-    port = _free_port()
+    port = free_port()
     log = stack.data_dir / f"server-{kind}.log"
     env = {**os.environ, **stack.server_env(**settings), "PYTHONPATH": str(REPO)}
     with log.open("wb") as out:

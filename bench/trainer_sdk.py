@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,9 @@ import numpy as np
 from bench.stack import Stack, start_stack
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.local_mode.models import prepare
+from control_plane.ports import free_port
 
 BATCH, SEQ, RANK, LR = 32, 256, 32, 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _batch(vocab: int, seed: int = 0) -> np.ndarray:
@@ -107,7 +101,7 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
     import tinker
     from tinker import types
 
-    port = _free_port()
+    port = free_port()
     log = stack.data_dir / "server.log"
     env = {**os.environ, **stack.server_env(OPENLOOPS_PORT=str(port), OPENLOOPS_LOG_LEVEL="warning")}
     with log.open("wb") as fh:

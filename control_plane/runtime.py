@@ -44,6 +44,9 @@ class Runtime:
         await self.redis.publish(RECONCILE_CHANNEL, b"1")
 
     async def close(self) -> None:
+        dispatcher = self.extras.pop("sampling_dispatcher", None)  # sampling/dispatcher.dispatcher_for
+        if dispatcher is not None:
+            await dispatcher.aclose()  # fails in-flight samples' futures, closes its HTTP pools
         if self.backend is not None:
             await self.backend.close()
         await self.futures.close()

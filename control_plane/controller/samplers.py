@@ -24,7 +24,6 @@ retried with backoff (:mod:`.retry`) before rows are DEPLOY_FAILED.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import UTC, datetime
 
 import structlog

@@ -11,9 +11,9 @@ from sqlalchemy import select, update
 
 from control_plane.db.engine import Database
 from control_plane.last_seen import drain_hash
-from control_plane.db.models import Run, Session
+from control_plane.db.models import Session
 from control_plane.services.sessions import end_session_runs
-from control_plane.statuses import TERMINAL, SessionStatus, Status
+from control_plane.statuses import SessionStatus
 
 LAST_SEEN_SESSIONS = "openloops:lastseen:sessions"
 

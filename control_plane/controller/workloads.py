@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 from typing import TYPE_CHECKING
 
 from control_plane.db.models import Run
 from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
 from control_plane.settings import BackendKind
+from control_plane.ports import free_port
 from data_plane.sampler.config import SamplerLaunch
 from data_plane.wire.worker_config import REDIS_URL_ENV, TrainerLaunch
 
@@ -67,12 +67,6 @@ def is_sampler_workload_id(workload_id: str) -> bool:
     return workload_id.startswith(SAMPLER_WORKLOAD_PREFIX)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def vllm_spec(
     r: Runtime,
     *,
@@ -94,7 +88,7 @@ def vllm_spec(
     0.0.0.0:8000 with a pod-local cache."""
     model = r.catalog.get(base_model)
     if r.settings.backend == BackendKind.LOCAL:
-        host, port = "127.0.0.1", port or _free_port()
+        host, port = "127.0.0.1", port or free_port()
         cache = str(r.settings.data_dir / "sampler-cache" / workload_id)
     else:
         host, port = "0.0.0.0", SAMPLER_CLUSTER_PORT  # noqa: S104 (pod network)

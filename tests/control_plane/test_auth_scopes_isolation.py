@@ -7,13 +7,12 @@ import asyncio
 import time
 
 import httpx
-import pytest
 
 from control_plane.api.app import create_app
 from control_plane.auth.authenticator import invalidate_key
 from control_plane.runtime import build_runtime
 from control_plane.services import identity
-from tests.control_plane.conftest import ALL, ORG_ONLY, OWN_ONLY, TEST_MODEL, make_settings
+from tests.control_plane.conftest import ORG_ONLY, OWN_ONLY, TEST_MODEL, make_settings
 from tests.control_plane.seed import add_checkpoint, add_deployment
 
 ORG = "manage_org_training_projects"
@@ -190,7 +189,7 @@ async def test_rate_limit_429_with_retry_after(clean_state, services, data_dir):
 
 
 async def test_last_used_recorded_without_per_request_writes(api):
-    from control_plane.auth.authenticator import LAST_SEEN_KEYS, flush_last_seen
+    from control_plane.auth.authenticator import flush_last_seen
 
     t = await api.tenant("acme")
     for _ in range(3):

@@ -116,3 +116,4 @@ def test_reader_connects_with_the_urls_driver_options() -> None:
         "host": "db.internal", "port": 5433, "user": "u", "password": "p", "database": "ol",
         "ssl": "require", "command_timeout": 5.0,
     }
+

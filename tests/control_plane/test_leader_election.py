@@ -31,7 +31,9 @@ async def lock_holder(rt: Runtime) -> int | None:
     async with rt.db.engine.connect() as c:
         return (
             await c.execute(
-                text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND granted"),
+                # advisory locks are per database; other tests' servers share the cluster
+                text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND granted"
+                     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
                 {"k": LOCK_KEY},
             )
         ).scalar_one_or_none()

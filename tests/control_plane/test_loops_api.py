@@ -251,7 +251,7 @@ async def test_deployments(api):
     assert r.status_code == 200 and r.json()["id"] == dep.id and r.json()["base_model"] == TEST_MODEL
     r = await api.client.get(f"/v1/loops/deployments/{dep.id}", headers=t.headers)
     assert r.json()["deployment"]["status"]["name"] == "DEACTIVATING"
-    for path in (f"/v1/loops/deployments/dep-missing", ):
+    for path in ("/v1/loops/deployments/dep-missing", ):
         assert (await api.client.get(path, headers=t.headers)).status_code == 404
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from control_plane.db import migrate
+from control_plane.ports import free_port
 
 
 async def _tables(url: str) -> set[str]:
@@ -97,21 +98,13 @@ def _start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], str, st
     return p, url, key
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openloops_up_fresh_then_restart():
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="openloops-up-test-"))
     root.chmod(0o755)  # the embedded PostgreSQL runs as its own user when we are root
     data_dir = root / "ol"
-    port = _free_port()
+    port = free_port()
     p, url, key = _start_up(data_dir, port)
     try:
         assert url == f"http://127.0.0.1:{port}" and key.startswith("tml-")

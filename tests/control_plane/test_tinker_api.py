@@ -103,7 +103,6 @@ async def test_training_op_validation(api: Api) -> None:
     assert again.json()["request_id"] == ok.json()["request_id"]  # the same (model_id, seq_id)
     # each rejected op (model and seq known) still fills its seq slot, or later ops would wait
     seq = iter(range(2, 100))
-    rejected: list[str] = []
 
     async def expect_400(route: str, body: dict, field: str) -> None:
         res = await api.client.post(f"/api/v1/{route}", json=body, headers=t.headers)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +21,9 @@ from control_plane.db import migrate
 from control_plane.event_loop import loop_factory
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.server import serve
+from control_plane.ports import free_port
 from control_plane.services import identity
 from control_plane.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _create_database(admin_url: str, name: str) -> str:

@@ -17,7 +17,6 @@ import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from control_plane.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVED_MODEL_NAME = "openloops/tiny"
 ADAPTER_PREFIX = "ckpt/"
 START_TIMEOUT_S = float(os.environ.get("OPENLOOPS_TEST_VLLM_START_TIMEOUT", "420"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vllm_available() -> bool:

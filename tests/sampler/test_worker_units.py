@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
+from aiohttp import web
 
 from control_plane.sampling import (
     AdapterLoadFailed,
@@ -28,7 +29,7 @@ from data_plane.sampler.names import (
     validate_adapter_name,
 )
 from data_plane.wire.worker_config import StoreSpec
-from tests.infra.vllm_server import free_port
+from control_plane.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,12 +126,24 @@ def test_resolver_store_outage_is_an_error_not_a_missing_adapter(tmp_path):
         asyncio.run(r.resolve_lora("base", "ckpt/a"))
 
 
-def _client(handler) -> VLLMClient:
-    return VLLMClient("http://sampler", transport=httpx.MockTransport(handler))
+@contextlib.asynccontextmanager
+async def _stand_in(handler):
+    """A real HTTP server on a free port whose every POST /v1/completions is ``handler``."""
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 def _err(status, message, typ="BadRequestError"):
-    return httpx.Response(status, json={"error": {"message": message, "type": typ, "param": None, "code": status}})
+    return {"status": status, "body": json.dumps({"error": {"message": message, "type": typ, "param": None, "code": status}})}
 
 
 @pytest.mark.parametrize(
@@ -139,19 +152,24 @@ def _err(status, message, typ="BadRequestError"):
         (_err(404, "The model `ckpt/x` does not exist.", "NotFoundError"), AdapterNotFound),
         (_err(400, "LoRA adapter 'ckpt/x' was found but could not be loaded."), AdapterLoadFailed),
         (_err(400, "This model's maximum context length is 512 tokens."), InvalidSampleRequest),
-        (httpx.Response(429, text="slow down"), SamplerBusy),
-        (httpx.Response(503), SamplerBusy),
+        ({"status": 429, "body": "slow down"}, SamplerBusy),
+        ({"status": 503, "body": ""}, SamplerBusy),
         (_err(500, "EngineCore encountered an issue.", "InternalServerError"), SamplerUnavailable),
         (_err(500, "boom", "InternalServerError"), SamplerFailed),
     ],
 )
 def test_http_errors_map_to_our_types(response, exc):
+    async def handler(request):
+        return web.Response(status=response["status"], text=response["body"], content_type="application/json")
+
     async def go():
-        async with _client(lambda request: response) as c:
+        async with _stand_in(handler) as url, VLLMClient(url) as c:
             with pytest.raises(exc) as ei:
                 await c.completions({"model": "ckpt/x", "prompt": [1]})
-            assert ei.value.status_code in (400, 404, 429, 500, 503)
+            assert ei.value.upstream_status == response["status"]
             assert str(ei.value)
+            if response["body"].startswith("{"):
+                assert json.loads(response["body"])["error"]["message"] in str(ei.value)
 
     asyncio.run(go())
 
@@ -168,24 +186,49 @@ def test_connection_refused_is_unavailable_and_health_false():
     asyncio.run(go())
 
 
+def test_dropped_connection_is_retried_once_then_unavailable():
+    calls = []
+    drop = {"left": 1}  # how many of the next requests the server drops
+
+    async def handler(request):
+        calls.append(1)
+        if drop["left"] > 0:
+            drop["left"] -= 1
+            request.transport.close()  # the server goes away mid-request
+            await asyncio.sleep(0.1)
+        return web.json_response({"choices": [], "n": len(calls)})
+
+    async def go():
+        async with _stand_in(handler) as url, VLLMClient(url) as c:
+            # first attempt dropped, the retry on a fresh connection answers
+            assert (await c.completions({"model": "m", "prompt": [1]}))["n"] == 2
+            drop["left"] = 2  # the retry is dropped too: a server that keeps breaking
+            with pytest.raises(SamplerUnavailable, match="broke"):
+                await c.completions({"model": "m", "prompt": [1]})
+            assert len(calls) == 4
+
+    asyncio.run(go())
+
+
 def test_in_flight_limit_raises_busy():
     gate = asyncio.Event()
 
     async def handler(request):
         await gate.wait()
-        return httpx.Response(200, json={"choices": []})
+        return web.json_response({"choices": []})
 
     async def go():
-        c = VLLMClient("http://sampler", transport=httpx.MockTransport(handler), max_in_flight=2)
-        tasks = [asyncio.create_task(c.completions({"model": "m", "prompt": [1]})) for _ in range(2)]
-        await asyncio.sleep(0.05)
-        assert c.in_flight == 2
-        with pytest.raises(SamplerBusy):
-            await c.completions({"model": "m", "prompt": [1]})
-        gate.set()
-        await asyncio.gather(*tasks)
-        assert c.in_flight == 0
-        await c.aclose()
+        async with _stand_in(handler) as url:
+            c = VLLMClient(url, max_in_flight=2)
+            tasks = [asyncio.create_task(c.completions({"model": "m", "prompt": [1]})) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            assert c.in_flight == 2
+            with pytest.raises(SamplerBusy):
+                await c.completions({"model": "m", "prompt": [1]})
+            gate.set()
+            await asyncio.gather(*tasks)
+            assert c.in_flight == 0
+            await c.aclose()
 
     asyncio.run(go())
 

@@ -12,7 +12,8 @@ import pytest
 
 from data_plane.storage import ObjectNotFound, S3Store, StoreError
 from data_plane.storage import s3 as s3_module
-from tests.infra.s3_servers import S3Server, free_ports, seed_moto_objects
+from control_plane.ports import free_ports
+from tests.infra.s3_servers import S3Server, seed_moto_objects
 
 MIB = 1 << 20
 
