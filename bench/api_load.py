@@ -2,8 +2,11 @@
 
 1. Throughput: 64 concurrent connections against the real API (authenticated
    ``GET /v1/loops/runs/{id}`` and ``GET /v1/loops/checkpoints?run_id=``) and against a bare
-   Litestar app returning static JSON (the ceiling), same uvicorn settings, same run.
-2. List latency (one connection, so no queueing) of the list routes while the checkpoints
+   Litestar app returning static JSON (the ceiling), same uvicorn settings, same run. The real
+   API is measured as configured by default (its read cache on: a polled run is answered from
+   memory until something writes to it) and with ``OPENLOOPS_READ_CACHE_SECONDS=0`` (every
+   request runs its query).
+2. List latency (one connection, so no queueing; read cache off) of the list routes while the checkpoints
    table grows 100 -> 1k -> 10k -> 100k rows (filler spread over many runs and orgs; the
    tenant's own result sets stay the same size), with the query plan Postgres picks.
 
@@ -117,11 +120,15 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def throughput(real: Server, bare: Server, tenant: Tenant, headers: dict[str, str], args: argparse.Namespace) -> list[str]:
+def throughput(real: Server, uncached: Server, bare: Server, tenant: Tenant, headers: dict[str, str],
+               args: argparse.Namespace) -> list[str]:
     targets = [
         ("bare Litestar, static JSON (ceiling)", bare.base + "/static", {}),
         ("GET /v1/loops/runs/{id}", f"{real.base}/v1/loops/runs/{tenant.run_id}", headers),
         ("GET /v1/loops/checkpoints?run_id=", f"{real.base}/v1/loops/checkpoints?run_id={tenant.run_id}", headers),
+        ("GET /v1/loops/runs/{id}, read cache off", f"{uncached.base}/v1/loops/runs/{tenant.run_id}", headers),
+        ("GET /v1/loops/checkpoints?run_id=, read cache off",
+         f"{uncached.base}/v1/loops/checkpoints?run_id={tenant.run_id}", headers),
     ]
     rows = []
     ceiling = None
@@ -213,12 +220,15 @@ async def main_async(args: argparse.Namespace) -> int:
         servers.append(start_server("bare", stack, "/static"))
         access_log = {"OPENLOOPS_ACCESS_LOG": "false"} if args.no_access_log else {}
         servers.append(start_server("real", stack, "/healthz", **access_log))
-        bare, real = servers
+        # the same app with its read cache off: every request queries Postgres
+        servers.append(start_server("real", stack, "/healthz", OPENLOOPS_READ_CACHE_SECONDS="0", **access_log))
+        bare, real, uncached = servers
         check_responses(real, tenant, headers)
+        check_responses(uncached, tenant, headers)
         print("throughput:")
-        report = await asyncio.to_thread(throughput, real, bare, tenant, headers, args)
-        print("list latency:")
-        report += ["", *await list_latency(db, real, tenant, headers, args)]
+        report = await asyncio.to_thread(throughput, real, uncached, bare, tenant, headers, args)
+        print("list latency (read cache off, so that every request runs its query):")
+        report += ["", *await list_latency(db, uncached, tenant, headers, args)]
         print()
         print(f"Machine: {machine}. Load average {start_load:.1f} at start, {load_average():.1f} at the end.")
         print()

@@ -14,7 +14,7 @@ import uvicorn
 from litestar import Litestar, get
 
 from control_plane import event_loop
-from control_plane.server import uvicorn_config
+from control_plane.server import settle_heap, uvicorn_config
 
 BARE_BODY = {"run": {"id": "run-static", "status": {"name": "ACTIVE"}, "base_model": "bench/model"}}
 
@@ -38,6 +38,7 @@ async def _serve(kind: str, port: int) -> None:
         configure_logging(settings)
         runtime = build_runtime(settings, with_backend=False)
         app = create_app(runtime)
+    settle_heap()  # as openloops serve does (the bare app too: same server settings)
     try:
         await uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).serve()
     finally:

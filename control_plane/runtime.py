@@ -101,6 +101,7 @@ def build_runtime(settings: Settings, *, with_backend: bool = True) -> Runtime:
     db = Database(
         settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
         read_pool_size=settings.db_read_pool_size,
+        read_cache_seconds=settings.read_cache_seconds,
     )
     redis = aioredis.Redis.from_url(settings.redis_url)
     spec = store_spec(settings)

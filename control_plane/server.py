@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Callable
 
@@ -39,10 +40,19 @@ def uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
     )
 
 
+def settle_heap() -> None:
+    """Once the app is built: move everything allocated so far out of the collector's reach.
+    What start-up allocates (modules, the app, its schemas) lives as long as the process, and
+    a full collection walking it paused request handling for 100-170 ms under load."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings, *, on_ready: Callable[[Runtime], None] | None = None,
                 install_signal_handlers: bool = True) -> None:
     runtime = build_runtime(settings)
     app = create_app(runtime)
+    settle_heap()
     server = uvicorn.Server(uvicorn_config(app, settings.host, settings.port))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     stop = asyncio.Event()

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     db_read_pool_size: int = Field(10, ge=1, description="connections of the asyncpg pool behind the hottest reads")
+    read_cache_seconds: float = Field(
+        1.0, ge=0, lt=5.0,
+        description="how long an API process may answer GET /v1/loops/runs/{id} and checkpoints?run_id= from "
+        "memory; any write to the run, its samplers or checkpoints drops the entry at once (Postgres NOTIFY), so "
+        "this only bounds staleness if notifications stop (0: always query)",
+    )
 
     # --- object store ------------------------------------------------------------------
     store_kind: StoreKind = StoreKind.LOCAL

@@ -9,14 +9,21 @@ from control_plane.statuses import Scope
 
 
 def presented_key(request: Request) -> str | None:
-    headers = request.headers
-    auth = headers.get("authorization")
+    # straight from the ASGI header list (names are lower-case there): building Litestar's
+    # Headers mapping costs more than the whole key check on a cached key
+    auth = api_key = None
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            auth = value.decode("latin-1")
+            break
+        if name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
     if auth:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() in ("bearer", "api-key") and value.strip():
-            return value.strip()
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() in ("bearer", "api-key") and token.strip():
+            return token.strip()
         return None
-    return headers.get("x-api-key") or None
+    return api_key or None
 
 
 async def provide_principal(request: Request) -> Principal:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
-
-log = structlog.get_logger("openloops.access")
-
 
 class HttpMetrics:
     def __init__(self) -> None:
@@ -25,9 +22,27 @@ class HttpMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
+        # labelled children by label values: labels() takes a lock and validates every call
+        self._counts: dict[tuple[str, str, str], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, str(status))
+        count = self._counts.get(key)
+        if count is None:
+            count = self._counts[key] = self.requests.labels(*key)
+        latency = self._latencies.get(key[:2])
+        if latency is None:
+            latency = self._latencies[key[:2]] = self.latency.labels(method, route)
+        count.inc()
+        latency.observe(seconds)
 
 
 def observability_middleware(metrics: HttpMetrics, access_log: bool):  # type: ignore[no-untyped-def]
+    # bound once with the logging configuration of the moment (the app is built after it):
+    # a lazy module-level logger would bind itself again on every request
+    log = structlog.get_logger("openloops.access").bind()
+
     def factory(app: Any) -> Any:
         async def middleware(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope["type"] != "http":
@@ -38,7 +53,7 @@ def observability_middleware(metrics: HttpMetrics, access_log: bool):  # type: i
                 if k == b"x-request-id":
                     rid = v.decode("latin-1")[:128]
                     break
-            rid = rid or uuid.uuid4().hex
+            rid = rid or secrets.token_hex(16)
             scope.setdefault("state", {})["request_id"] = rid
             status = 500
             start = time.perf_counter()
@@ -56,8 +71,7 @@ def observability_middleware(metrics: HttpMetrics, access_log: bool):  # type: i
             finally:
                 elapsed = time.perf_counter() - start
                 route = scope.get("path_template") or "unmatched"
-                metrics.requests.labels(scope["method"], route, str(status)).inc()
-                metrics.latency.labels(scope["method"], route).observe(elapsed)
+                metrics.observe(scope["method"], route, status, elapsed)
                 if access_log:
                     log.info(
                         "request",

@@ -6,12 +6,14 @@ import asyncio
 import logging
 from pathlib import Path
 
+import msgspec
 import structlog
 import typer
 
 from control_plane import event_loop
 from control_plane.cli.admin import app as admin_app
 from control_plane.cli.context import Resolved, console, emit, err_console
+from control_plane.log_output import BufferedLoggerFactory
 from control_plane.local_mode import runtime_file
 from control_plane.local_mode.models import LOCAL_MODELS, ModelPrepError, prepare, register
 from control_plane.settings import Settings
@@ -25,11 +27,18 @@ app.add_typer(models_app, name="models")
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(message)s")
-    renderer = structlog.processors.JSONRenderer() if settings.log_json else structlog.dev.ConsoleRenderer()
+    renderer = structlog.processors.JSONRenderer(serializer=_json_line) if settings.log_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=BufferedLoggerFactory(),  # stdout, batched (warnings and errors at once)
     )
+
+
+def _json_line(event: dict[str, object], **_: object) -> str:
+    # msgspec: a fifth of json.dumps' cost per access-log line; anything it cannot encode is
+    # written as its str()
+    return msgspec.json.encode(event, enc_hook=str).decode()
 
 
 def _settings(**overrides: object) -> Settings:

@@ -76,14 +76,20 @@ async def _release(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def connect_kwargs(url: str) -> dict[str, Any]:
+    """``asyncpg.connect`` arguments for a SQLAlchemy URL: host, database, credentials and the
+    URL's driver options (ssl, server_settings, ...) — without the prepared_statement_* ones,
+    which belong to SQLAlchemy's adapter, not to asyncpg."""
+    _args, kwargs = _DIALECT.create_connect_args(make_url(url))
+    out = {k: v for k, v in kwargs.items() if not k.startswith("prepared_statement_")}
+    if "command_timeout" in out:
+        out["command_timeout"] = float(out["command_timeout"])
+    return out
+
+
 class Reader:
     def __init__(self, url: str, *, max_size: int) -> None:
-        _args, kwargs = _DIALECT.create_connect_args(make_url(url))
-        # the URL's driver options (ssl, server_settings, ...) apply here too; the
-        # prepared_statement_* ones belong to SQLAlchemy's adapter, not to asyncpg
-        self._connect_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("prepared_statement_")}
-        if "command_timeout" in self._connect_kwargs:
-            self._connect_kwargs["command_timeout"] = float(self._connect_kwargs["command_timeout"])
+        self._connect_kwargs = connect_kwargs(url)
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()

@@ -1,22 +1,28 @@
 """The two reads a training loop polls most — a run (with its paired sampler and creator) and a
 run's checkpoints — each answered by one prepared statement on the asyncpg read pool
-(:mod:`control_plane.db.reader`). Same results and tenancy rules as ``runs.get_run`` +
+(:mod:`control_plane.db.reader`), through the process's read cache
+(:mod:`control_plane.db.read_cache`: entries per run and tenant, dropped by any write to the
+run, its samplers or checkpoints). Same results and tenancy rules as ``runs.get_run`` +
 ``runs.paired_sampler`` + ``presenters.principal_names`` and ``checkpoints.list_checkpoints``
-for ``run_id``; the tests compare the two paths."""
+for ``run_id``; the tests compare the paths."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, bindparam, select, true
 
 from control_plane.auth.principal import Principal
+from control_plane.db.engine import Database
 from control_plane.db.models import Checkpoint, Run, Sampler, ServiceAccount, User
-from control_plane.db.reader import Prepared, Reader, Row
+from control_plane.db.reader import Prepared, Row
 from control_plane.errors import NotFound
 from control_plane.services.scoping import own_only
 
 SAMPLER_PREFIX = "smp__"
+T = TypeVar("T")
 
 _paired = (
     select(Sampler)
@@ -66,17 +72,38 @@ class RunView:
     creator_service_account: str | None  # ... or a service account (both None: row gone)
 
 
-async def get_run(reader: Reader, principal: Principal, run_id: str) -> RunView:
-    rec = await reader.one(_GET_RUN, run_id=run_id, org_id=principal.org_id)
-    if rec is None:
+async def get_run(db: Database, principal: Principal, run_id: str, present: Callable[[RunView], T] | None = None,
+                  present_key: Hashable = None) -> Any:
+    """The run's view, or ``present(view)`` — cached as presented, under ``present_key`` (so a
+    route can keep its encoded answer; ``present`` must depend on nothing but the view and
+    ``present_key``)."""
+    async def load() -> Any:
+        rec = await db.reader.one(_GET_RUN, run_id=run_id, org_id=principal.org_id)
+        if rec is None:
+            return None
+        sampler = Row(rec, SAMPLER_PREFIX) if rec[SAMPLER_PREFIX + "id"] is not None else None
+        view = RunView(Row(rec), sampler, rec["creator_email"], rec["creator_sa_name"])
+        return view if present is None else present(view)
+
+    # keyed by tenant: another org's principal never sees this org's entry; a miss (None) is
+    # cached too (its INSERT would drop it), so probing unknown ids costs no query either
+    got = await db.read_cache.get_or_load(run_id, ("run", principal.org_id, present_key), load)
+    if got is None:
         raise NotFound("run", run_id)
-    sampler = Row(rec, SAMPLER_PREFIX) if rec[SAMPLER_PREFIX + "id"] is not None else None
-    return RunView(Row(rec), sampler, rec["creator_email"], rec["creator_sa_name"])
+    return got
 
 
-async def run_checkpoints(reader: Reader, principal: Principal, run_id: str, scope: str | None) -> list[Row]:
+async def run_checkpoints(db: Database, principal: Principal, run_id: str, scope: str | None,
+                          present: Callable[[tuple[Row, ...]], T] | None = None, present_key: Hashable = None) -> Any:
+    """The run's checkpoints, newest first (or ``present`` of them, as in :func:`get_run`)."""
     own = own_only(scope)
     values = {"run_id": run_id, "org_id": principal.org_id}
     if own:
         values["principal_id"] = principal.principal_id
-    return [Row(r) for r in await reader.all(_RUN_CHECKPOINTS[own], **values)]
+
+    async def load() -> Any:
+        rows = tuple(Row(r) for r in await db.reader.all(_RUN_CHECKPOINTS[own], **values))
+        return rows if present is None else present(rows)
+
+    key = ("checkpoints", principal.org_id, principal.principal_id if own else None, present_key)
+    return await db.read_cache.get_or_load(run_id, key, load)

@@ -29,7 +29,7 @@ async def orm_run_json(api, principal: Principal, run_id: str) -> dict:  # type:
 
 
 async def hot_run_json(api, principal: Principal, run_id: str) -> dict:  # type: ignore[no-untyped-def]
-    return p.run_view_json(await hot_reads.get_run(api.runtime.db.reader, principal, run_id), BASE)
+    return p.run_view_json(await hot_reads.get_run(api.runtime.db, principal, run_id), BASE)
 
 
 async def new_run(api, headers: dict[str, str], *, trainer_only: bool = False) -> str:  # type: ignore[no-untyped-def]
@@ -73,9 +73,9 @@ async def test_get_run_is_tenant_scoped(api) -> None:
     other = await api.tenant("globex")
     run_id = await new_run(api, t.headers)
     with pytest.raises(NotFound):
-        await hot_reads.get_run(api.runtime.db.reader, other.principal, run_id)
+        await hot_reads.get_run(api.runtime.db, other.principal, run_id)
     with pytest.raises(NotFound):
-        await hot_reads.get_run(api.runtime.db.reader, t.principal, run_id + "x")
+        await hot_reads.get_run(api.runtime.db, t.principal, run_id + "x")
 
 
 async def test_run_checkpoints_match_the_orm_path_in_both_scopes(api) -> None:
@@ -89,16 +89,16 @@ async def test_run_checkpoints_match_the_orm_path_in_both_scopes(api) -> None:
     for who, scope, expected in (
         (t, None, 4), (t, "org", 4), (teammate, None, 0), (teammate, "org", 4), (other, "org", 0),
     ):
-        hot = [p.checkpoint_json(c) for c in await hot_reads.run_checkpoints(api.runtime.db.reader, who.principal, run_id, scope)]
+        hot = [p.checkpoint_json(c) for c in await hot_reads.run_checkpoints(api.runtime.db, who.principal, run_id, scope)]
         async with api.runtime.db.session() as s:
             orm = await ckpt_svc.list_checkpoints(s, who.principal, run_id=run_id, base_model=None, checkpoint_path=None, scope=scope)
         assert hot == [p.checkpoint_json(c) for c in orm]
         assert len(hot) == expected, (who.user_id, scope)
-    newest_first = await hot_reads.run_checkpoints(api.runtime.db.reader, t.principal, run_id, None)
+    newest_first = await hot_reads.run_checkpoints(api.runtime.db, t.principal, run_id, None)
     assert [c.name for c in newest_first] == ["state-0", "step-2", "step-1", "step-0"]
     assert newest_first[0].lora_config == {"r": 8}  # JSONB decoded, as the ORM does
     with pytest.raises(InvalidInput, match="invalid scope"):
-        await hot_reads.run_checkpoints(api.runtime.db.reader, t.principal, run_id, "everyone")
+        await hot_reads.run_checkpoints(api.runtime.db, t.principal, run_id, "everyone")
 
 
 async def test_read_sessions_refuse_writes(api) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
 from litestar.params import Parameter
+from litestar.serialization import encode_json
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.loops import presenters as p
@@ -19,6 +20,10 @@ from control_plane.services import deployments as dep_svc
 from control_plane.services import hot_reads
 
 
+def _checkpoints_body(rows: tuple[Any, ...]) -> bytes:
+    return encode_json({"checkpoints": [p.checkpoint_json(c) for c in rows]})
+
+
 class LoopsResourcesController(Controller):
     path = "/v1/loops"
     dependencies = {"principal": Provide(provide_principal)}
@@ -28,10 +33,10 @@ class LoopsResourcesController(Controller):
     async def list_checkpoints(
         self, request: Request, principal: Principal, run_id: str | None = None,
         base_model: str | None = None, checkpoint_path: str | None = None, visibility: str | None = Parameter(query="scope", default=None),
-    ) -> dict[str, Any]:
+    ) -> Response[bytes] | dict[str, Any]:
         if run_id and not base_model and not checkpoint_path:  # what training loops poll
-            rows = await hot_reads.run_checkpoints(rt(request).db.reader, principal, run_id, visibility)
-            return {"checkpoints": [p.checkpoint_json(c) for c in rows]}
+            body = await hot_reads.run_checkpoints(rt(request).db, principal, run_id, visibility, _checkpoints_body, "json")
+            return Response(body, media_type=MediaType.JSON)
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
                 s, principal, run_id=run_id, base_model=base_model, checkpoint_path=checkpoint_path, scope=visibility

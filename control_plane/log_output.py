@@ -1,0 +1,79 @@
+"""Where structlog's lines go: stdout, written in batches.
+
+An API process logs a line per request; writing and flushing each one costs a system call per
+request (a sixth of a cached read's CPU). Here info and debug lines are collected and written
+together at most ``FLUSH_SECONDS`` later (by a small daemon thread, so nothing depends on an
+event loop), while a warning or error flushes everything at once, in order. Lines still
+buffered at interpreter exit are written by an ``atexit`` hook.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+from typing import Any, TextIO
+
+FLUSH_SECONDS = 0.2
+MAX_BUFFERED = 512  # lines: a burst beyond this is written at once
+
+
+class LineBuffer:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream  # None: sys.stdout as it is at each write (tests swap it)
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        atexit.register(self.flush)
+
+    def add(self, line: str, *, urgent: bool = False) -> None:
+        with self._lock:
+            self._lines.append(line)
+            full = len(self._lines) >= MAX_BUFFERED
+        if urgent or full:
+            self.flush()
+        elif self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._flush_forever, name="log-flush", daemon=True)
+            self._thread.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            if not lines:
+                return
+            stream = self._stream or sys.stdout
+            try:
+                stream.write("\n".join(lines) + "\n")
+                stream.flush()
+            except (OSError, ValueError):  # stdout closed (shutdown, a finished test's capture)
+                pass
+
+    def _flush_forever(self) -> None:
+        while True:
+            self._wake.wait(FLUSH_SECONDS)
+            self.flush()
+
+
+class BufferedLogger:
+    """A structlog logger writing rendered lines through a :class:`LineBuffer`."""
+
+    def __init__(self, buffer: LineBuffer) -> None:
+        self._buffer = buffer
+
+    def _later(self, message: str) -> None:
+        self._buffer.add(message)
+
+    def _now(self, message: str) -> None:
+        self._buffer.add(message, urgent=True)
+
+    debug = info = msg = log = _later
+    warning = warn = error = err = critical = fatal = exception = failure = _now
+
+
+class BufferedLoggerFactory:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.buffer = LineBuffer(stream)
+
+    def __call__(self, *_args: Any) -> BufferedLogger:
+        return BufferedLogger(self.buffer)
