@@ -59,7 +59,7 @@ def test_adapter_after_training_changes_output_and_pinned_clients_keep_theirs(tr
     before = greedy(base, prompt)
 
     # a fresh LoRA (B = 0) samples exactly like the base model
-    snap0 = tc.save_weights_and_get_sampling_client()
+    snap0 = tc.save_weights_and_get_sampling_client().result()
     assert greedy(snap0, prompt) == before
 
     adam = types.AdamParams(learning_rate=2e-2)
@@ -81,14 +81,14 @@ def test_adapter_after_training_changes_output_and_pinned_clients_keep_theirs(tr
     assert snap1.get_base_model() == stack.base_model
 
     # an unnamed snapshot gives an ephemeral session pinned to those weights
-    snap1b = tc.save_weights_and_get_sampling_client()
+    snap1b = tc.save_weights_and_get_sampling_client().result()
     assert greedy(snap1b, prompt) == after
 
     # train away from it: new snapshots change, the pinned ones do not
     for _ in range(8):
         tc.forward_backward([datum(tok, "a b c d e f g h i j k l m n o p")], "cross_entropy")
         tc.optim_step(adam)
-    snap2 = tc.save_weights_and_get_sampling_client()
+    snap2 = tc.save_weights_and_get_sampling_client().result()
     later = greedy(snap2, prompt)
     assert later != after
     assert greedy(snap1, prompt) == after and greedy(snap0, prompt) == before
@@ -104,7 +104,7 @@ def test_sampler_logprobs_agree_with_trainer_forward(trained, service):
     d = datum(tok, TEXT)
     fwd = tc.forward([d], "cross_entropy").result()
     trainer_lp = fwd.loss_fn_outputs[0]["logprobs"].to_numpy()
-    sc = tc.save_weights_and_get_sampling_client()
+    sc = tc.save_weights_and_get_sampling_client().result()
     ids = tok.encode(TEXT)
     sampler_lp = sc.compute_logprobs(types.ModelInput.from_ints(ids)).result()
     assert sampler_lp[0] is None and len(sampler_lp) == len(ids)
