@@ -62,6 +62,15 @@ async def listening(api: Api) -> None:
     raise AssertionError("the read cache never started listening")
 
 
+async def cached_run(api: Api, headers: dict[str, str]) -> str:
+    """A new run whose view is in the cache (read once the listener is up, so it was stored)."""
+    run_id = await new_run(api, headers)
+    await get_run(api, headers, run_id)
+    await listening(api)
+    await get_run(api, headers, run_id)
+    return run_id
+
+
 async def seen_within(check, seconds: float) -> float:  # type: ignore[no-untyped-def]
     start = time.monotonic()
     while not await check():
@@ -147,10 +156,7 @@ async def test_writes_elsewhere_are_seen_promptly(cached: Api, elsewhere: Runtim
 
 async def test_activity_bookkeeping_does_not_invalidate(cached: Api, elsewhere: Runtime) -> None:
     t = await cached.tenant("acme")
-    run_id = await new_run(cached, t.headers)
-    await get_run(cached, t.headers, run_id)
-    await listening(cached)
-    await get_run(cached, t.headers, run_id)
+    run_id = await cached_run(cached, t.headers)
     await sql(elsewhere, "UPDATE runs SET last_request_at = now() WHERE id = :i", i=run_id)
     await sql(elsewhere, "UPDATE samplers SET last_request_at = now() WHERE run_id = :i", i=run_id)
     await asyncio.sleep(0.3)  # a notification, had one been sent, has arrived
@@ -161,10 +167,7 @@ async def test_activity_bookkeeping_does_not_invalidate(cached: Api, elsewhere: 
 
 async def test_own_writes_are_read_at_once(cached: Api) -> None:
     t = await cached.tenant("acme")
-    run_id = await new_run(cached, t.headers)
-    await get_run(cached, t.headers, run_id)
-    await listening(cached)
-    await get_run(cached, t.headers, run_id)
+    run_id = await cached_run(cached, t.headers)
     # through the API: no wait between the write's answer and the read
     r = await cached.client.post(f"/v1/loops/runs/{run_id}/deactivate", headers=t.headers)
     assert r.status_code == 200, r.text
@@ -177,10 +180,7 @@ async def test_own_writes_are_read_at_once(cached: Api) -> None:
 async def test_entries_are_per_tenant(cached: Api) -> None:
     a = await cached.tenant("acme")
     b = await cached.tenant("other-org", email="b@example.com")
-    run_id = await new_run(cached, a.headers)
-    await get_run(cached, a.headers, run_id)
-    await listening(cached)
-    await get_run(cached, a.headers, run_id)
+    run_id = await cached_run(cached, a.headers)
     for _ in range(2):  # the second answer may come from memory: still B's own (a 404)
         r = await cached.client.get(f"/v1/loops/runs/{run_id}", headers=b.headers)
         assert r.status_code == 404 and "run" in r.json()["detail"]
@@ -191,10 +191,7 @@ async def test_entries_are_per_tenant(cached: Api) -> None:
 
 async def test_a_lost_listener_turns_the_cache_off_until_it_reconnects(cached: Api, elsewhere: Runtime) -> None:
     t = await cached.tenant("acme")
-    run_id = await new_run(cached, t.headers)
-    await get_run(cached, t.headers, run_id)
-    await listening(cached)
-    await get_run(cached, t.headers, run_id)
+    run_id = await cached_run(cached, t.headers)
     cache = cached.runtime.db.read_cache
     pid = cache.listener_pid
     assert pid is not None
