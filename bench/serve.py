@@ -15,6 +15,7 @@ from litestar import Litestar, get
 
 from control_plane import event_loop
 from control_plane.server import settle_heap, uvicorn_config
+from control_plane.settings import Settings
 
 BARE_BODY = {"run": {"id": "run-static", "status": {"name": "ACTIVE"}, "base_model": "bench/model"}}
 
@@ -24,7 +25,7 @@ async def static_json() -> dict[str, object]:
     return BARE_BODY
 
 
-async def _serve(kind: str, port: int) -> None:
+async def _serve(kind: str, port: int, settings: Settings) -> None:
     runtime = None
     if kind == "bare":
         app: object = Litestar(route_handlers=[static_json], logging_config=None, debug=False)
@@ -32,9 +33,7 @@ async def _serve(kind: str, port: int) -> None:
         from control_plane.api.app import create_app
         from control_plane.cli.main import configure_logging
         from control_plane.runtime import build_runtime
-        from control_plane.settings import Settings
 
-        settings = Settings(port=port)
         configure_logging(settings)
         runtime = build_runtime(settings, with_backend=False)
         app = create_app(runtime)
@@ -50,7 +49,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("real", "bare"):
         print("usage: python -m bench.serve real|bare PORT", file=sys.stderr)
         return 2
-    event_loop.run(_serve(argv[0], int(argv[1])))
+    # both apps on the event loop the settings name (OPENLOOPS_EVENT_LOOP), like openloops serve
+    settings = Settings(port=int(argv[1]))
+    event_loop.run(_serve(argv[0], settings.port, settings), settings.event_loop)
     return 0
 
 

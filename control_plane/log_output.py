@@ -12,6 +12,8 @@ from __future__ import annotations
 import atexit
 import sys
 import threading
+import time
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 FLUSH_SECONDS = 0.2
@@ -77,3 +79,22 @@ class BufferedLoggerFactory:
 
     def __call__(self, *_args: Any) -> BufferedLogger:
         return BufferedLogger(self.buffer)
+
+
+class UtcTimestamp:
+    """structlog processor: ``timestamp`` in ISO 8601 UTC with microseconds, e.g.
+    ``2026-11-24T00:53:58.392081Z`` (the format of structlog's ``TimeStamper(fmt="iso")``, at half its
+    cost: the date and time of day are formatted once per second)."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")  # replaced whole: safe to share between threads
+
+    def __call__(self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        now = time.time()
+        whole = int(now)
+        second, text = self._second
+        if whole != second:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+            self._second = (whole, text)
+        event_dict["timestamp"] = f"{text}.{int((now - whole) * 1_000_000):06d}Z"
+        return event_dict

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import random
 import time
 from typing import Any
 
@@ -53,7 +53,8 @@ def observability_middleware(metrics: HttpMetrics, access_log: bool):  # type: i
                 if k == b"x-request-id":
                     rid = v.decode("latin-1")[:128]
                     break
-            rid = rid or secrets.token_hex(16)
+            # not a secret, only unique: 128 random bits without a getrandom() system call
+            rid = rid or f"{random.getrandbits(128):032x}"
             scope.setdefault("state", {})["request_id"] = rid
             status = 500
             start = time.perf_counter()

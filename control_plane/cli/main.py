@@ -13,7 +13,7 @@ import typer
 from control_plane import event_loop
 from control_plane.cli.admin import app as admin_app
 from control_plane.cli.context import Resolved, console, emit, err_console
-from control_plane.log_output import BufferedLoggerFactory
+from control_plane.log_output import BufferedLoggerFactory, UtcTimestamp
 from control_plane.local_mode import runtime_file
 from control_plane.local_mode.models import LOCAL_MODELS, ModelPrepError, prepare, register
 from control_plane.settings import Settings
@@ -29,7 +29,7 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=level, format="%(message)s")
     renderer = structlog.processors.JSONRenderer(serializer=_json_line) if settings.log_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        processors=[structlog.processors.add_log_level, UtcTimestamp(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=BufferedLoggerFactory(),  # stdout, batched (warnings and errors at once)
     )
@@ -43,7 +43,13 @@ def _json_line(event: dict[str, object], **_: object) -> str:
 
 def _settings(**overrides: object) -> Settings:
     base = Settings()
-    return base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    settings = base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    try:
+        event_loop.loop_factory(settings.event_loop)  # fail before starting anything
+    except event_loop.EventLoopUnavailable as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    return settings
 
 
 @app.command()
@@ -91,7 +97,7 @@ def up(
             console.print(f"  export TINKER_BASE_URL={s.base_url}\n  export TINKER_API_KEY={api_key}")
             console.print("[dim]Ctrl-C to stop[/dim]", highlight=False)
 
-        event_loop.run(serve(s, on_ready=ready))
+        event_loop.run(serve(s, on_ready=ready), s.event_loop)
     except ModelPrepError as exc:
         err_console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
@@ -112,7 +118,7 @@ def serve_cmd(
     if not settings.database_url or not settings.redis_url:
         err_console.print("[red]error:[/red] OPENLOOPS_DATABASE_URL and OPENLOOPS_REDIS_URL must be set (or use `openloops up`)")
         raise typer.Exit(2)
-    event_loop.run(serve(settings))
+    event_loop.run(serve(settings), settings.event_loop)
 
 
 @models_app.command("prepare")

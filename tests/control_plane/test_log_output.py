@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import re
 import time
+from datetime import UTC, datetime, timedelta
 
-from control_plane.log_output import MAX_BUFFERED, BufferedLogger, LineBuffer
+from control_plane.log_output import MAX_BUFFERED, BufferedLogger, LineBuffer, UtcTimestamp
 
 
 def test_info_lines_are_batched_and_warnings_flush_everything_in_order() -> None:
@@ -37,3 +39,17 @@ def test_a_closed_stream_does_not_break_the_caller() -> None:
     out.close()
     BufferedLogger(buf).error("lost")  # no exception
     buf.flush()
+
+
+def test_timestamps_are_iso_utc_with_microseconds_and_follow_the_clock() -> None:
+    stamp = UtcTimestamp()
+    before = datetime.now(UTC)
+    first = stamp(None, "info", {})["timestamp"]
+    time.sleep(1.1)  # into another second: the cached date-time part must move on
+    second = stamp(None, "info", {"event": "x"})["timestamp"]
+    after = datetime.now(UTC)
+    pattern = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+    assert pattern.fullmatch(first) and pattern.fullmatch(second), (first, second)
+    t1, t2 = (datetime.fromisoformat(x.replace("Z", "+00:00")) for x in (first, second))
+    assert before - timedelta(milliseconds=1) <= t1 < t2 <= after + timedelta(milliseconds=1)
+    assert (t2 - t1) >= timedelta(seconds=1)

@@ -52,6 +52,9 @@ async def test_create_run_shape_and_initial_status(api):
     assert len(entries) == 1 and entries[0][1][b"kind"] == b"create" and entries[0][1][b"seq_id"] == b"0"
     got = await api.client.get(f"/v1/loops/runs/{run['id']}", headers=t.headers)
     assert got.status_code == 200 and got.json()["run"]["sampler"]["id"] == smp["id"]
+    # the encoded answer goes out with its JSON headers and the middleware's request id
+    assert got.headers["content-type"] == "application/json" and int(got.headers["content-length"]) == len(got.content)
+    assert len(got.headers["x-request-id"]) == 32
 
 
 async def test_create_run_validation(api):
@@ -182,7 +185,7 @@ async def test_checkpoints_list_validate_files(api):
         assert field in c
     assert c["checkpoint_id"] == "step-2" and c["target"] == "sampler" and c["size_bytes"] == sum(s for _, s in files)
     r = await api.client.get(f"/v1/loops/checkpoints?base_model={TEST_MODEL}", headers=t.headers)
-    assert len(r.json()["checkpoints"]) == 2
+    assert len(r.json()["checkpoints"]) == 2 and r.headers["content-type"] == "application/json"
     r = await api.client.get(f"/v1/loops/checkpoints?checkpoint_path=bt://loops:{run['id']}/sampler_weights/step-1", headers=t.headers)
     assert [x["id"] for x in r.json()["checkpoints"]] == [c1.id]
     for q in ("", f"?run_id={run['id']}&base_model={TEST_MODEL}", "?checkpoint_path=garbage"):

@@ -71,7 +71,7 @@ class LiveServer:
             ready.set()
 
         def _main() -> None:
-            loop = loop_factory()()
+            loop = loop_factory(self.settings.event_loop)()
             self._loop = loop
             asyncio.set_event_loop(loop)
             self._stop = asyncio.Event()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from litestar import Controller, MediaType, Request, Response, get, post
+from litestar import Controller, Request, get, post
 from litestar.di import Provide
 from litestar.params import Parameter
 from litestar.serialization import encode_json
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.encoded import EncodedJSON
 from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import MetricsBody, ValidateCheckpointBody
 from control_plane.api.loops.training import ORG, OWN, rt
@@ -20,7 +22,7 @@ from control_plane.services import deployments as dep_svc
 from control_plane.services import hot_reads
 
 
-def _checkpoints_body(rows: tuple[Any, ...]) -> bytes:
+def _checkpoints_body(rows: Iterable[Any]) -> bytes:
     return encode_json({"checkpoints": [p.checkpoint_json(c) for c in rows]})
 
 
@@ -33,15 +35,15 @@ class LoopsResourcesController(Controller):
     async def list_checkpoints(
         self, request: Request, principal: Principal, run_id: str | None = None,
         base_model: str | None = None, checkpoint_path: str | None = None, visibility: str | None = Parameter(query="scope", default=None),
-    ) -> Response[bytes] | dict[str, Any]:
+    ) -> EncodedJSON:
         if run_id and not base_model and not checkpoint_path:  # what training loops poll
             body = await hot_reads.run_checkpoints(rt(request).db, principal, run_id, visibility, _checkpoints_body, "json")
-            return Response(body, media_type=MediaType.JSON)
+            return EncodedJSON(body)
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
                 s, principal, run_id=run_id, base_model=base_model, checkpoint_path=checkpoint_path, scope=visibility
             )
-        return {"checkpoints": [p.checkpoint_json(c) for c in rows]}
+        return EncodedJSON(_checkpoints_body(rows))
 
     @post("/checkpoints/validate", opt=OWN, status_code=200)
     async def validate_checkpoint(self, request: Request, principal: Principal, data: ValidateCheckpointBody) -> dict[str, Any]:

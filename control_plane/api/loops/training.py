@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, MediaType, Request, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import Provide
 from litestar.params import Parameter
 from litestar.serialization import encode_json
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.encoded import EncodedJSON
 from control_plane.api.loops import openai_proxy
 from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
@@ -97,13 +98,13 @@ class LoopsTrainingController(Controller):
         return {"runs": [p.run_json(x, samplers.get(x.id), r.settings.base_url, users) for x in rows]}
 
     @get("/runs/{run_id:str}", opt=ORG)
-    async def get_run(self, request: Request, principal: Principal, run_id: str) -> Response[bytes]:
+    async def get_run(self, request: Request, principal: Principal, run_id: str) -> EncodedJSON:
         r = rt(request)
         base = r.settings.base_url
         body = await hot_reads.get_run(
             r.db, principal, run_id, lambda view: encode_json({"run": p.run_view_json(view, base)}), ("json", base)
         )
-        return Response(body, media_type=MediaType.JSON)
+        return EncodedJSON(body)
 
     @post("/runs/{run_id:str}/deactivate", opt=ORG, status_code=200)
     async def deactivate_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
