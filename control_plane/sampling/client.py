@@ -101,7 +101,9 @@ def map_http_error(resp: Reply, *, model: str | None = None) -> SamplingError:
 
 
 # a pooled keep-alive connection the server closed at the moment we reused it: sampling is
-# stateless, so the request is sent once more on a fresh connection (a dead server fails again)
+# stateless, so the request is sent once more on a new connection (a dead server fails again).
+# The retry never takes another pooled connection: when this process could not run for a few
+# seconds (a starved CPU), the server's keep-alive timer may have closed all of them at once.
 _BROKEN = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)
 
 
@@ -123,8 +125,16 @@ class VLLMClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # unpooled: one new connection per request
 
-    def _http(self) -> aiohttp.ClientSession:
+    def _http(self, *, pooled: bool = True) -> aiohttp.ClientSession:
+        if not pooled:
+            if self._fresh is None or self._fresh.closed:
+                self._fresh = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, force_close=True), timeout=self._timeout,
+                    trust_env=False, skip_auto_headers=("User-Agent",),
+                )
+            return self._fresh
         # created on first use: an aiohttp session belongs to the running event loop
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
@@ -147,9 +157,10 @@ class VLLMClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
 
     @property
     def in_flight(self) -> int:
@@ -157,10 +168,11 @@ class VLLMClient:
 
     # ----------------------------------------------------------------- transport
 
-    async def _send(self, method: str, path: str, data: bytes | None, timeout: aiohttp.ClientTimeout | None) -> Reply:
+    async def _send(self, method: str, path: str, data: bytes | None, timeout: aiohttp.ClientTimeout | None,
+                    *, pooled: bool = True) -> Reply:
         headers = {"content-type": "application/json"} if data is not None else None
-        async with self._http().request(method, self.base_url + path, data=data, headers=headers,
-                                        timeout=timeout or self._timeout) as resp:
+        async with self._http(pooled=pooled).request(method, self.base_url + path, data=data, headers=headers,
+                                                     timeout=timeout or self._timeout) as resp:
             return Reply(resp.status, await resp.read(), resp.reason or "")
 
     async def _raw(self, method: str, path: str, *, data: bytes | None = None, timeout: float | None = None) -> Reply:
@@ -172,7 +184,7 @@ class VLLMClient:
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 raise
             except _BROKEN:
-                return await self._send(method, path, data, t)
+                return await self._send(method, path, data, t, pooled=False)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             raise SamplerUnavailable(f"sampler at {self.base_url} is not reachable: {e!r}") from e
         except _BROKEN as e:

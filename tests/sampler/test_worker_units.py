@@ -210,6 +210,34 @@ def test_dropped_connection_is_retried_once_then_unavailable():
     asyncio.run(go())
 
 
+def test_the_retry_of_a_dropped_request_takes_a_new_connection():
+    """A server whose keep-alive timer expired on every idle connection while this process
+    could not run (a starved CPU) drops the requests that arrive on them: the retry must use a
+    new connection, not the next pooled one, which the server drops just the same."""
+    served = set()
+    warm_up = {"left": 3}
+
+    async def handler(request):
+        if warm_up["left"] > 0:
+            warm_up["left"] -= 1
+            await asyncio.sleep(0.05)  # concurrent: one pooled connection each
+        elif request.transport in served:
+            request.transport.close()  # an expired keep-alive connection: dropped
+            await asyncio.sleep(0.1)
+        served.add(request.transport)
+        return web.json_response({"choices": []})
+
+    async def go():
+        async with _stand_in(handler) as url, VLLMClient(url) as c:
+            await asyncio.gather(*[c.completions({"model": "m", "prompt": [1]}) for _ in range(3)])
+            assert len(served) >= 2  # the pool holds more than one idle connection
+            before = set(served)
+            assert (await c.completions({"model": "m", "prompt": [1]})) == {"choices": []}
+            assert served - before  # answered on a connection the pool did not have
+
+    asyncio.run(go())
+
+
 def test_in_flight_limit_raises_busy():
     gate = asyncio.Event()
 
