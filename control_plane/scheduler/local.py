@@ -153,8 +153,10 @@ class LocalProcessBackend:
         if proc is None:
             raise BackendError(f"cannot scale {role} {workload_id!r}: no such workload (ensure it first)")
         if replicas == 0:
+            # scaled down from now on: its exit while it drains is not a failure to observe
+            proc.scaled_down = True
             await self._stop(proc)
-            proc.popen, proc.scaled_down = None, True
+            proc.popen = None
         elif proc.popen is None or proc.popen.poll() is not None:
             proc.popen = await asyncio.to_thread(self._start, proc.spec, proc.log_path)
             proc.scaled_down = False
