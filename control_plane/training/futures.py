@@ -16,6 +16,7 @@ from collections import defaultdict
 import redis.asyncio as aioredis
 import structlog
 
+from control_plane.training.queue import read_future
 from data_plane.wire import queue as q
 
 log = structlog.get_logger("openloops.futures")
@@ -65,15 +66,7 @@ class FutureWaiter:
                 ev.set()
 
     async def read(self, request_id: str, org_id: str | None = None) -> q.FutureResult | None:
-        """The stored future; ``None`` if unknown, expired, or (when ``org_id`` is given)
-        recorded for another org: one org cannot even learn that another's future exists."""
-        fields = await self._redis.hgetall(q.future_key(request_id))
-        if not fields or b"state" not in fields:
-            return None
-        owner = fields.get(b"org", b"").decode()
-        if org_id is not None and owner and owner != org_id:
-            return None
-        return q.FutureResult.from_fields(fields)
+        return await read_future(self._redis, request_id, org_id)
 
     async def wait(self, request_id: str, timeout_s: float, org_id: str | None = None) -> q.FutureResult | None:
         """The future's state once it is no longer pending, or still pending after

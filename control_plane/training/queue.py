@@ -21,6 +21,18 @@ return ARGV[1]
 """
 
 
+async def read_future(redis: aioredis.Redis, request_id: str, org_id: str | None = None) -> q.FutureResult | None:
+    """The stored future; ``None`` if unknown, expired, or (when ``org_id`` is given) recorded
+    for another org: one org cannot even learn that another's future exists."""
+    fields = await redis.hgetall(q.future_key(request_id))
+    if not fields or b"state" not in fields:
+        return None
+    owner = fields.get(b"org", b"").decode()
+    if org_id is not None and owner and owner != org_id:
+        return None
+    return q.FutureResult.from_fields(fields)
+
+
 class TrainerQueue:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
@@ -69,11 +81,8 @@ class TrainerQueue:
                 pipe.sadd(q.run_pending_key(run_id), request_id)
             await pipe.execute()
 
-    async def read(self, request_id: str) -> q.FutureResult | None:
-        fields = await self._redis.hgetall(q.future_key(request_id))
-        if not fields:
-            return None
-        return q.FutureResult.from_fields(fields)
+    async def read(self, request_id: str, org_id: str | None = None) -> q.FutureResult | None:
+        return await read_future(self._redis, request_id, org_id)
 
     async def fail_pending(self, run_id: str, message: str) -> int:
         """Resolve every pending future of a run with a server error (its worker is gone)."""
