@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     event_loop: LoopKind = Field(
         "asyncio",
         description="the API process's event loop. asyncio: steady tail latency (with uvloop some connections "
-        "went unread for 100-500 ms under 64-connection load, p99 20-200 ms vs 16 ms; bench/README.md); "
+        "went unread for 100-500 ms under 64-connection load, p99 20-200 ms vs 13-19 ms; README.md, Benchmarks); "
         "uvloop: about 5-10% more throughput on reads that query Postgres",
     )
 
