@@ -25,7 +25,7 @@ async def static_json() -> dict[str, object]:
     return BARE_BODY
 
 
-async def _serve(kind: str, port: int, settings: Settings) -> None:
+async def _serve(kind: str, settings: Settings) -> None:
     runtime = None
     if kind == "bare":
         app: object = Litestar(route_handlers=[static_json], logging_config=None, debug=False)
@@ -39,7 +39,7 @@ async def _serve(kind: str, port: int, settings: Settings) -> None:
         app = create_app(runtime)
     settle_heap()  # as openloops serve does (the bare app too: same server settings)
     try:
-        await uvicorn.Server(uvicorn_config(app, "127.0.0.1", port)).serve()
+        await uvicorn.Server(uvicorn_config(app, "127.0.0.1", settings.port)).serve()
     finally:
         if runtime is not None:
             await runtime.close()
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         return 2
     # both apps on the event loop the settings name (OPENLOOPS_EVENT_LOOP), like openloops serve
     settings = Settings(port=int(argv[1]))
-    event_loop.run(_serve(argv[0], settings.port, settings), settings.event_loop)
+    event_loop.run(_serve(argv[0], settings), settings.event_loop)
     return 0
 
 

@@ -25,7 +25,6 @@ class LineBuffer:
         self._stream = stream  # None: sys.stdout as it is at each write (tests swap it)
         self._lines: list[str] = []
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         atexit.register(self.flush)
 
@@ -53,7 +52,7 @@ class LineBuffer:
 
     def _flush_forever(self) -> None:
         while True:
-            self._wake.wait(FLUSH_SECONDS)
+            time.sleep(FLUSH_SECONDS)
             self.flush()
 
 

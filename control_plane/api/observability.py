@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+
 class HttpMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

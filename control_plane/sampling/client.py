@@ -128,27 +128,24 @@ class VLLMClient:
         self._fresh: aiohttp.ClientSession | None = None  # unpooled: one new connection per request
 
     def _http(self, *, pooled: bool = True) -> aiohttp.ClientSession:
+        # created on first use: an aiohttp session belongs to the running event loop
         if not pooled:
             if self._fresh is None or self._fresh.closed:
-                self._fresh = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=0, force_close=True), timeout=self._timeout,
-                    trust_env=False, skip_auto_headers=("User-Agent",),
-                )
+                self._fresh = self._new_session(aiohttp.TCPConnector(limit=0, force_close=True))
             return self._fresh
-        # created on first use: an aiohttp session belongs to the running event loop
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
+            self._session = self._new_session(aiohttp.TCPConnector(
                 limit=self.max_in_flight or 0,  # 0: admission is bounded by the caller
                 limit_per_host=0,
                 # below uvicorn's 5 s keep-alive in vLLM: never reuse a connection it is closing
                 keepalive_timeout=2.0,
-                use_dns_cache=True,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, trust_env=False, auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-            )
+            ))
         return self._session
+
+    def _new_session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, trust_env=False, skip_auto_headers=("User-Agent",)
+        )
 
     async def __aenter__(self) -> VLLMClient:
         return self
