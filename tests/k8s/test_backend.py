@@ -395,8 +395,10 @@ async def test_watch_resumes_from_last_resource_version(
     name = workload_name(spec.workload_id, spec.role)
     pod = kubelet.create_pod(name)
     await wait_phase(backend, spec, phase=Phase.PENDING)
-    seen = backend.pods.resource_version
-    assert seen is not None and int(seen) > 1000
+    # observe() may have answered from its direct read before the watch delivered the pod:
+    # wait for the watch's own event (a resourceVersion past the LIST's 1000)
+    await eventually(lambda: int(backend.pods.resource_version or 0) > 1000, timeout=5,
+                     what="the watch to deliver the pod")
     # kmock ignores timeoutSeconds, so each watch ends on the client's read timeout (~1.7 s
     # here) and is restarted from the last resourceVersion, without a new LIST
     await eventually(lambda: backend.pods.watches >= 2, timeout=6, what="a watch restart")
