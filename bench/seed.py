@@ -21,8 +21,8 @@ from control_plane.services import runs as runs_svc
 from control_plane.services import sessions as sessions_svc
 
 TABLES = (
-    "status_history, deployment_request_buckets, deployments, checkpoint_files, checkpoints, samplers, "
-    "runs, sessions, training_projects, api_keys, service_accounts, users, orgs"
+    "status_history, request_buckets, usage_samples, served_models, checkpoint_files, checkpoints, samplers, "
+    "runs, deployments, sessions, training_projects, api_keys, service_accounts, users, orgs"
 )
 TENANT_CHECKPOINTS = 20  # what the measured list routes return, at every table size
 CHECKPOINTS_PER_FILLER_RUN = 50
@@ -52,9 +52,11 @@ async def seed_tenant(db: Database, catalog: ModelCatalog) -> Tenant:
         key = await identity.create_api_key(s, user)
         principal = Principal(org.id, user.id, key.row.id, frozenset(key.row.scopes))
         session = await sessions_svc.create_session(s, principal, origin="loops")
-        run, _sampler = await runs_svc.create_run(
-            s, principal, catalog, runs_svc.RunRequest(session_id=session.id, base_model=BENCH_MODEL, lora_rank=8), 3600
-        )
+        run = (
+            await runs_svc.create_run(
+                s, principal, catalog, runs_svc.RunRequest(session_id=session.id, base_model=BENCH_MODEL, lora_rank=8), 3600
+            )
+        ).run
         files = [("adapter_config.json", 512), ("adapter_model.safetensors", 1 << 20), ("README.md", 100)]
         ckpts = []
         for i in range(TENANT_CHECKPOINTS):

@@ -56,3 +56,9 @@ class Unavailable(DomainError):
 
 class PayloadTooLarge(DomainError):
     code = "payload_too_large"
+
+
+class RunOrSamplerRequired(InvalidInput):
+    """A Loops data-plane request names neither (or both) of its run and sampler."""
+
+    code = "run_or_sampler_required"

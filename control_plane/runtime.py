@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from control_plane.auth.authenticator import Authenticator, RateLimit
 from control_plane.catalog import ModelCatalog
 from control_plane.db.engine import Database
+from control_plane.metering.requests import RequestMeter
 from control_plane.scheduler.protocol import SchedulerBackend
 from control_plane.settings import BackendKind, Settings, StoreKind
 from control_plane.signed_urls import UrlSigner
@@ -32,12 +33,23 @@ class Runtime:
     authenticator: Authenticator
     signer: UrlSigner
     futures: FutureWaiter
+    meter: RequestMeter
     backend: SchedulerBackend | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def download_url(self, key: str) -> str:
         url = self.store.presigned_get_url(key, self.settings.download_url_ttl_seconds)
         return url or self.signer.sign(key, self.settings.download_url_ttl_seconds)
+
+    def workload_backend(self) -> SchedulerBackend:
+        """The scheduler backend, for reads about workloads (logs, descriptions) in a process
+        that does not run the controller: built on first use."""
+        if self.backend is None:
+            backend = self.extras.get("read_backend")
+            if backend is None:
+                backend = self.extras["read_backend"] = build_backend(self.settings, self.redis)
+            return backend  # type: ignore[no-any-return]
+        return self.backend
 
     async def kick_controller(self) -> None:
         """Ask the active controller to reconcile now instead of at its next tick."""
@@ -47,8 +59,13 @@ class Runtime:
         dispatcher = self.extras.pop("sampling_dispatcher", None)  # sampling/dispatcher.dispatcher_for
         if dispatcher is not None:
             await dispatcher.aclose()  # fails in-flight samples' futures, closes its HTTP pools
-        if self.backend is not None:
-            await self.backend.close()
+        try:
+            await self.meter.flush()  # the last counts of this process
+        except Exception:  # noqa: BLE001 - the database may already be gone at shutdown
+            pass
+        for backend in (self.backend, self.extras.pop("read_backend", None)):
+            if backend is not None:
+                await backend.close()
         await self.futures.close()
         await self.authenticator.close()
         await self.redis.aclose()
@@ -122,5 +139,6 @@ def build_runtime(settings: Settings, *, with_backend: bool = True) -> Runtime:
         authenticator=auth,
         signer=UrlSigner(signing_secret(settings), settings.base_url),
         futures=FutureWaiter(redis),
+        meter=RequestMeter(db, settings.metrics_flush_seconds),
         backend=build_backend(settings, redis) if with_backend else None,
     )

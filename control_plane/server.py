@@ -24,7 +24,7 @@ log = structlog.get_logger("openloops.server")
 
 def background_tasks(runtime: Runtime) -> list[Callable[[asyncio.Event], object]]:
     """Long-running coroutines of a control-plane process, each taking the stop event."""
-    tasks: list[Callable[[asyncio.Event], object]] = [CompletionConsumer(runtime).run_forever]
+    tasks: list[Callable[[asyncio.Event], object]] = [CompletionConsumer(runtime).run_forever, runtime.meter.run_forever]
     if runtime.backend is not None:
         tasks.append(Controller(runtime).run_forever)
     tasks.extend(runtime.extras.get("background", []))

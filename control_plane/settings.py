@@ -142,6 +142,13 @@ class Settings(BaseSettings):
     )
     default_scale_down_delay_seconds: int = Field(3600, ge=1)
 
+    # --- metering ----------------------------------------------------------------------
+    metrics_flush_seconds: float = Field(
+        5.0, gt=0, description="how often an API process adds its request counters (per resource and minute) to Postgres"
+    )
+    usage_sample_seconds: float = Field(15.0, gt=0, description="how often the controller samples trainer CPU/memory/GPU use")
+    usage_retention_hours: float = Field(168.0, gt=0, description="resource samples older than this are deleted")
+
     # --- local mode --------------------------------------------------------------------
     dev_org_name: str = "dev"
     dev_user_email: str = "dev@localhost"

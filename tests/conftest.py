@@ -33,8 +33,8 @@ def migrated_db(services: TestServices) -> str:
 
 
 TABLES = (
-    "status_history, deployment_request_buckets, deployments, checkpoint_files, checkpoints, samplers, "
-    "runs, sessions, training_projects, api_keys, service_accounts, users, orgs"
+    "status_history, request_buckets, usage_samples, served_models, checkpoint_files, checkpoints, samplers, "
+    "runs, deployments, sessions, training_projects, api_keys, service_accounts, users, orgs"
 )
 
 

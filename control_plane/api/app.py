@@ -10,7 +10,10 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from control_plane.api.errors import EXCEPTION_HANDLERS
 from control_plane.api.health import download, healthz, metrics, readyz
 from control_plane.api.legacy import LegacyController
+from control_plane.api.loops.deployments import LoopsDeploymentsController
 from control_plane.api.loops.resources import LoopsResourcesController
+from control_plane.api.loops.sampler_plane import LoopsSamplerPlaneController, SamplerStatusController
+from control_plane.api.loops.trainer_plane import LoopsTrainerPlaneController
 from control_plane.api.loops.training import LoopsTrainingController
 from control_plane.api.tinker.routes import TINKER_HANDLERS
 from control_plane.api.observability import HttpMetrics, observability_middleware
@@ -26,6 +29,10 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         download,
         LoopsTrainingController,
         LoopsResourcesController,
+        LoopsDeploymentsController,
+        LoopsTrainerPlaneController,
+        LoopsSamplerPlaneController,
+        SamplerStatusController,
         LegacyController,
         *TINKER_HANDLERS,
         *runtime.extras.get("route_handlers", []),

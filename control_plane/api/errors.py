@@ -34,6 +34,19 @@ STATUS_BY_ERROR: dict[type[e.DomainError], int] = {
 }
 
 
+def http_status_of(exc: BaseException) -> int:
+    """The status this table answers ``exc`` with (for request metrics)."""
+    if isinstance(exc, e.DomainError):
+        return next((st for cls, st in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 500)
+    if isinstance(exc, SamplingError):
+        return exc.status_code
+    if isinstance(exc, ValidationException):
+        return 400
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    return 500
+
+
 def _request_id(request: Request) -> str:
     # unmatched routes never reach the observability middleware: give them an id here
     state = request.scope.setdefault("state", {})

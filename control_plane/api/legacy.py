@@ -52,7 +52,7 @@ class CheckpointSearchBody(msgspec.Struct, kw_only=True):
 def _sampling_server(smp: Sampler | None, base_url: str) -> dict[str, Any] | None:
     if smp is None:
         return None
-    return {"id": smp.id, "base_url": f"{base_url}/v1/loops/samplers/{smp.id}/openai/v1", "model_id": smp.id, "deployment_id": smp.id}
+    return {"id": smp.id, "base_url": p.sampler_base_url(base_url, smp.id), "model_id": smp.id, "deployment_id": smp.id}
 
 
 def _legacy_checkpoint(c: Any) -> dict[str, Any]:
@@ -82,10 +82,12 @@ class LegacyController(Controller):
             seed=data.seed, scale_down_delay_seconds=data.scale_down_delay_seconds, path=data.checkpoint_path,
         )
         async with r.db.transaction() as s:
-            run, smp = await runs_svc.create_run(s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds)
+            created = await runs_svc.create_run(s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds)
+            run, smp = created.run, created.sampler
             await enqueue_initial_op(r, s, run)
         await r.kick_controller()
-        return {"trainer_server": {"id": run.id, "base_url": r.settings.base_url, "sampling_server": _sampling_server(smp, r.settings.base_url)}}
+        trainer_url = p.trainer_base_url(r.settings.base_url, run.deployment_id) if run.deployment_id else None
+        return {"trainer_server": {"id": run.id, "base_url": trainer_url, "sampling_server": _sampling_server(smp, r.settings.base_url)}}
 
     @post("/trainer_sessions/{session_id:str}/samplers", opt=ORG, status_code=200)
     async def create_sampler(self, request: Request, principal: Principal, session_id: str, data: LegacySamplerBody) -> dict[str, Any]:

@@ -22,20 +22,23 @@ from control_plane.services import deployments as dep_svc
 from control_plane.services import identity
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
+from control_plane.services import served_models as sm_svc
 from control_plane.settings import Settings
 
-app = typer.Typer(help="Operator commands (orgs, users, keys, runs, deployments, database).", no_args_is_help=True)
+app = typer.Typer(help="Operator commands (orgs, users, keys, runs, deployments, served models, database).", no_args_is_help=True)
 orgs = typer.Typer(help="Organizations.", no_args_is_help=True)
 users = typer.Typer(help="Users.", no_args_is_help=True)
 sas = typer.Typer(help="Service accounts.", no_args_is_help=True)
 keys = typer.Typer(help="API keys.", no_args_is_help=True)
 runs = typer.Typer(help="Runs (trainers).", no_args_is_help=True)
 samplers = typer.Typer(help="Samplers.", no_args_is_help=True)
-deployments = typer.Typer(help="Deployments.", no_args_is_help=True)
+deployments = typer.Typer(help="Loops deployments (the trainers runs execute on).", no_args_is_help=True)
+served_models = typer.Typer(help="Served models (checkpoints served as OpenAI-compatible models).", no_args_is_help=True)
 checkpoints = typer.Typer(help="Checkpoints.", no_args_is_help=True)
 db = typer.Typer(help="Schema migrations.", no_args_is_help=True)
 for sub, name in ((orgs, "orgs"), (users, "users"), (sas, "service-accounts"), (keys, "keys"), (runs, "runs"),
-                  (samplers, "samplers"), (deployments, "deployments"), (checkpoints, "checkpoints"), (db, "db")):
+                  (samplers, "samplers"), (deployments, "deployments"), (served_models, "served-models"),
+                  (checkpoints, "checkpoints"), (db, "db")):
     app.add_typer(sub, name=name)
 
 T = TypeVar("T")
@@ -210,38 +213,67 @@ def sampler_list(org: str = ORG, as_json: bool = JSON) -> None:
 
 @deployments.command("list")
 def deployment_list(org: str = ORG, as_json: bool = JSON) -> None:
+    """Loops deployments: the trainers runs execute on."""
+
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        p = await _admin(d, org)
+        async with d.session() as s:
+            return [
+                {"id": x.id, "base_model": x.base_model, "status": x.status, "reason": x.status_reason,
+                 "active_run_id": x.active_run_id, "created_at": x.created_at}
+                for x in await dep_svc.list_deployments(s, p)
+            ]
+
+    emit(_run(go), ["id", "base_model", "status", "reason", "active_run_id", "created_at"], as_json=as_json, title="deployments")
+
+
+@deployments.command("deactivate")
+def deployment_deactivate(deployment_id: str, org: str = ORG, as_json: bool = JSON) -> None:
+    """Stop a deployment's trainer (its runs become INACTIVE; checkpoints stay)."""
+
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        p = await _admin(d, org)
+        async with d.transaction() as s:
+            x = await dep_svc.deactivate_deployment(s, p, deployment_id)
+            return {"id": x.id, "status": x.status}
+
+    emit_one(_run(go), as_json=as_json)
+
+
+@served_models.command("list")
+def served_model_list(org: str = ORG, as_json: bool = JSON) -> None:
     async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
         p = await _admin(d, org)
         async with d.session() as s:
             return [
                 {"id": x.id, "name": x.name, "base_model": x.base_model, "status": x.status,
                  "checkpoint_id": x.checkpoint_id, "created_at": x.created_at}
-                for x in await dep_svc.list_deployments(s, p)
+                for x in await sm_svc.list_served_models(s, p)
             ]
 
-    emit(_run(go), ["id", "name", "base_model", "status", "checkpoint_id", "created_at"], as_json=as_json, title="deployments")
+    emit(_run(go), ["id", "name", "base_model", "status", "checkpoint_id", "created_at"], as_json=as_json, title="served models")
 
 
-@deployments.command("create")
-def deployment_create(checkpoint_id: str, org: str = ORG, name: str | None = None, as_json: bool = JSON) -> None:
-    """Serve a sampler_weights checkpoint as a deployment."""
+@served_models.command("create")
+def served_model_create(checkpoint_id: str, org: str = ORG, name: str | None = None, as_json: bool = JSON) -> None:
+    """Serve a sampler_weights checkpoint as an OpenAI-compatible model of its own."""
 
     async def go(d: Database, _: Resolved) -> dict[str, Any]:
         p = await _admin(d, org)
         async with d.transaction() as s:
             ckpt = await ckpt_svc.get_checkpoint(s, p, checkpoint_id)
-            x = await dep_svc.create_deployment(s, p, ckpt, name=name)
+            x = await sm_svc.create_served_model(s, p, ckpt, name=name)
             return {"id": x.id, "status": x.status, "base_model": x.base_model}
 
     emit_one(_run(go), as_json=as_json)
 
 
-@deployments.command("deactivate")
-def deployment_deactivate(deployment_id: str, org: str = ORG, as_json: bool = JSON) -> None:
+@served_models.command("deactivate")
+def served_model_deactivate(served_model_id: str, org: str = ORG, as_json: bool = JSON) -> None:
     async def go(d: Database, _: Resolved) -> dict[str, Any]:
         p = await _admin(d, org)
         async with d.transaction() as s:
-            x = await dep_svc.deactivate_deployment(s, p, deployment_id)
+            x = await sm_svc.deactivate_served_model(s, p, served_model_id)
             return {"id": x.id, "status": x.status}
 
     emit_one(_run(go), as_json=as_json)
@@ -284,7 +316,7 @@ EVENTS = typer.Option(20, "--events", min=0, help="Most recent workload events t
 
 @runs.command("show")
 def run_show(run_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
-    """A run, its trainer workload as the backend sees it, and its status history."""
+    """A run, the trainer workload of its deployment as the backend sees it, and its status history."""
     _show("run", run_id, org, history, events, as_json)
 
 
@@ -296,8 +328,14 @@ def sampler_show(sampler_id: str, org: str | None = SHOW_ORG, history: int = HIS
 
 @deployments.command("show")
 def deployment_show(deployment_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
-    """A deployment, its vLLM workload as the backend sees it, and its status history."""
+    """A deployment, its trainer workload as the backend sees it, and its status history."""
     _show("deployment", deployment_id, org, history, events, as_json)
+
+
+@served_models.command("show")
+def served_model_show(served_model_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+    """A served model, its vLLM workload as the backend sees it, and its status history."""
+    _show("served_model", served_model_id, org, history, events, as_json)
 
 
 # --- database ------------------------------------------------------------------------------

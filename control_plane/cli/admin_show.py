@@ -1,4 +1,4 @@
-"""``openloops admin {runs,samplers,deployments} show ID``: the row, its workload as the
+"""``openloops admin {runs,samplers,deployments,served-models} show ID``: the row, its workload as the
 scheduler backend observes it (phase, reason, endpoint; Kubernetes objects, pods and events,
 or the local process and its log) and its recent status history."""
 
@@ -17,7 +17,7 @@ from control_plane.db.engine import Database
 from control_plane.db.models import Org, StatusHistory
 from control_plane.errors import NotFound
 from control_plane.runtime import build_backend
-from control_plane.scaling.kinds import SAMPLER, kind_of
+from control_plane.scaling.kinds import DEPLOYMENT, RUN, SAMPLER, kind_of
 from control_plane.settings import Settings
 
 
@@ -50,11 +50,17 @@ async def gather(db: Database, settings: Settings, kind_name: str, rid: str, *, 
                 )
             ).scalars()
         )
-    # a sampler row is served by the shared vLLM workload of its base model
-    workload_id = sampler_workload_id(row.base_model) if kind is SAMPLER else row.id
+    # a sampler row is served by the shared vLLM workload of its base model; a run executes
+    # on its deployment's trainer
+    if kind is SAMPLER:
+        workload_id, role = sampler_workload_id(row.base_model), kind.owned_role
+    elif kind is RUN:
+        workload_id, role = row.deployment_id, DEPLOYMENT.owned_role
+    else:
+        workload_id, role = row.id, kind.owned_role
     return {
         kind.name: _columns(row),
-        "workload": await _workload(settings, workload_id, kind.role, events),
+        "workload": await _workload(settings, workload_id, role, events) if workload_id else None,
         "history": [
             {"at": _plain(h.created_at), "from": h.from_status, "to": h.to_status, "reason": h.reason}
             for h in reversed(hist)
@@ -97,10 +103,13 @@ def render(kind_name: str, data: dict[str, Any]) -> None:
         if v not in (None, {}, []):
             console.print(f"  [bold]{k}[/bold]: {v}")
     w = data["workload"]
-    console.print(f"[bold]workload[/bold] {w['role']}/{w['workload_id']} ({w['backend']} backend)")
-    if "error" in w:
+    if w is None:
+        console.print("[dim](no workload)[/dim]")
+    elif "error" in w:
+        console.print(f"[bold]workload[/bold] {w['role']}/{w['workload_id']} ({w['backend']} backend)")
         console.print(f"  [red]{w['error']}[/red]")
     else:
+        console.print(f"[bold]workload[/bold] {w['role']}/{w['workload_id']} ({w['backend']} backend)")
         for k in ("phase", "reason", "endpoint", "exit_code"):
             if w.get(k) is not None:
                 console.print(f"  [bold]{k}[/bold]: {w[k]}")

@@ -1,4 +1,5 @@
-"""Rows that own exactly one workload each: runs (a trainer) and deployments (a vLLM server).
+"""Rows that own exactly one workload each: deployments (a trainer) and served models (a vLLM
+server). Runs own none: they execute on their deployment's trainer (:mod:`.runs`).
 
 One pass over one row reads it without a lock, talks to the backend, and then writes any
 transition with a compare-and-set (row locked, status still the one it acted on), so no row
@@ -11,9 +12,11 @@ always wins. Per status:
   the error as the reason. Rows past that are only observed (no API write per pass).
 * LOADING_MODEL / ACTIVE / UNHEALTHY / UPDATING: observe and map (FAILED with the reason). A
   vanished workload is recreated (back to DEPLOYING) when nothing is lost with it: always for a
-  deployment, for a trainer only if it executed no op yet; otherwise the run is FAILED.
-  A run is ACTIVE only once its worker reports READY through Redis.
-* ACTIVE deployments idle for ``scale_down_delay_seconds`` become SCALED_TO_ZERO (history
+  served model, for a trainer only if its run executed no op yet; otherwise the deployment is
+  FAILED. A deployment is ACTIVE only once its worker reports READY through Redis, and while it
+  is live the controller tells its worker which run to execute (an attach event, whenever the
+  worker's run differs from ``active_run_id``).
+* ACTIVE served models idle for ``scale_down_delay_seconds`` become SCALED_TO_ZERO (history
   row), then the workload is scaled to 0 replicas; SCALED_TO_ZERO keeps it there.
 * WAKING_UP (set by a request, :mod:`control_plane.scaling.wake`) becomes ACTIVE once the
   workload is ready again; waiting requests are notified.
@@ -30,17 +33,17 @@ import structlog
 from sqlalchemy import select
 
 from control_plane.controller.retry import BackendRetry
-from control_plane.controller.deployment_spec import deployment_spec
+from control_plane.controller.served_model_spec import served_model_spec
 from control_plane.controller.workloads import trainer_spec
-from control_plane.db.models import Checkpoint, Deployment, Run, Sampler
+from control_plane.db.models import Checkpoint, Deployment, Run, Sampler, ServedModel
 from control_plane.runtime import Runtime
 from control_plane.scaling.idle import scale_down_if_idle
-from control_plane.scaling.kinds import RUN, Kind
+from control_plane.scaling.kinds import DEPLOYMENT, Kind
 from control_plane.scaling.wake import notify_woken
 from control_plane.scheduler.protocol import Observation, Phase, TransientBackendError, WorkloadSpec
 from control_plane.services import history
 from control_plane.statuses import LIVE, TERMINAL, Status
-from control_plane.training.queue import TrainerQueue
+from control_plane.training.queue import read_hash
 from data_plane.wire import queue as q
 
 log = structlog.get_logger("openloops.controller")
@@ -61,7 +64,6 @@ class RowReconciler:
         self.r = runtime
         self.backend = runtime.backend
         self.retry = retry
-        self.queue = TrainerQueue(runtime.redis)
         self._specs: dict[tuple[str, str], WorkloadSpec] = {}
 
     async def reconcile_all(self, kind: Kind) -> None:
@@ -100,7 +102,7 @@ class RowReconciler:
     async def _live(self, kind: Kind, row: Any, status: Status) -> None:
         key = (kind.name, row.id)
         try:
-            obs = await self.backend.observe(row.id, kind.role)
+            obs = await self.backend.observe(row.id, kind.owned_role)
         except TransientBackendError as exc:
             self.retry.failed(key, exc)  # observing never fails the row: only back off
             log.warning("observe failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
@@ -114,34 +116,54 @@ class RowReconciler:
         if status in STARTING_UP:
             # ensure on every pass while starting: it also completes a half-created workload
             # (e.g. a Deployment whose Service a crashed controller never made)
-            if not await self._attempt(kind, row, status, f"start the {kind.role.value}", lambda: self._ensure(kind, row)):
+            if not await self._attempt(kind, row, status, f"start the {kind.owned_role.value}", lambda: self._ensure(kind, row)):
                 return
             acted = True
         if status == Status.WAKING_UP and obs.phase == Phase.SCALED_DOWN:
-            wake = lambda: self.backend.scale(row.id, kind.role, 1)  # noqa: E731
-            if not await self._attempt(kind, row, status, f"wake the {kind.role.value}", wake):
+            wake = lambda: self.backend.scale(row.id, kind.owned_role, 1)  # noqa: E731
+            if not await self._attempt(kind, row, status, f"wake the {kind.owned_role.value}", wake):
                 return
             acted = True
         if acted:
-            obs = await self.backend.observe(row.id, kind.role)
+            obs = await self.backend.observe(row.id, kind.owned_role)
         target = await self._target(kind, row, status, obs)
         if target is not None:
             to, reason = target
             await self._transition(kind, row.id, status, to, reason)
-            if kind is RUN and to == Status.FAILED:
-                # the worker is gone: nothing will ever complete the run's waiting ops
-                await self.queue.fail_pending(row.id, f"trainer worker failed: {reason}")
             status = to
+        if kind is DEPLOYMENT and status in LIVE:
+            await self._ensure_attached(row)
         if status == Status.ACTIVE and kind.scales_to_zero:
             await self._maybe_scale_down(kind, row.id)
 
     async def _restartable(self, kind: Kind, row: Any) -> bool:
-        """A deployment is stateless; a trainer only while it has executed no op (a new worker
-        refuses to continue a run whose Redis state says ``next_seq > 0``)."""
-        if kind is not RUN:
+        """A served model is stateless; a trainer only while its run executed no op (a new
+        worker refuses to continue a run whose Redis state says ``next_seq > 0``)."""
+        if kind is not DEPLOYMENT:
             return True
-        state = await self._worker_state(row.id)
-        return int(state.get("next_seq") or 0) == 0 and state.get("state") != q.WorkerState.FAILED.value
+        if (await self._worker_state(row.id)).get("state") == q.WorkerState.FAILED.value:
+            return False
+        if row.active_run_id is None:
+            return True
+        return int((await self._run_state(row.active_run_id)).get("next_seq") or 0) == 0
+
+    async def _ensure_attached(self, dep: Deployment) -> None:
+        """Tell the deployment's worker to execute ``active_run_id`` unless the last attach
+        event already says so (the worker ignores a repeated one)."""
+        run_id = dep.active_run_id
+        if run_id is None:
+            return
+        stream = q.deployment_runs_stream(dep.id)
+        last = await self.r.redis.xrevrange(stream, count=1)
+        if last and last[0][1].get(b"run_id", b"").decode() == run_id:
+            return
+        async with self.r.db.session() as s:
+            max_len = (await s.execute(select(Run.max_seq_len).where(Run.id == run_id))).scalar_one_or_none()
+        if max_len is None:
+            return
+        event = q.AttachEvent(run_id=run_id, max_seq_len=max_len)
+        await self.r.redis.xadd(stream, event.to_fields(), maxlen=100, approximate=True)
+        log.info("attaching run to deployment", deployment_id=dep.id, run_id=run_id)
 
     async def _ensure(self, kind: Kind, row: Any) -> None:
         spec_key = (kind.name, row.id)
@@ -151,11 +173,11 @@ class RowReconciler:
         await self.backend.ensure(spec)
 
     async def _spec(self, kind: Kind, row: Any) -> WorkloadSpec:
-        if kind is RUN:
+        if kind is DEPLOYMENT:
             return trainer_spec(self.r, row)
         async with self.r.db.session() as s:
             ckpt = await s.get(Checkpoint, row.checkpoint_id) if row.checkpoint_id else None
-        return deployment_spec(self.r, row, ckpt)
+        return served_model_spec(self.r, row, ckpt)
 
     async def _attempt(self, kind: Kind, row: Any, status: Status, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
         """Run a backend action that a starting row needs; False when it did not happen
@@ -185,11 +207,11 @@ class RowReconciler:
         if obs.phase == Phase.ABSENT:
             if status in STARTING_UP:
                 return None  # just ensured; the next observation will see it
-            # a trainer that executed ops took its LoRA weights and optimizer state with it
+            # a trainer whose run executed ops took its LoRA weights and optimizer state with it
             return Status.FAILED, await self._failure_reason(kind, row, obs)
         if status == Status.WAKING_UP:
             return (Status.ACTIVE, "woke up") if obs.phase == Phase.READY else None
-        if kind is RUN and obs.phase in (Phase.STARTING, Phase.READY):
+        if kind is DEPLOYMENT and obs.phase in (Phase.STARTING, Phase.READY):
             # a trainer has no HTTP endpoint: it reports its own readiness through Redis
             state = await self._worker_state(row.id)
             ready = state.get("state") == q.WorkerState.READY.value
@@ -197,16 +219,18 @@ class RowReconciler:
         return PHASE_STATUS[obs.phase], obs.reason
 
     async def _failure_reason(self, kind: Kind, row: Any, obs: Observation) -> str:
-        reason = obs.reason or f"{kind.role.value} workload disappeared"
-        if kind is RUN:
+        reason = obs.reason or f"{kind.owned_role.value} workload disappeared"
+        if kind is DEPLOYMENT:
             state = await self._worker_state(row.id)
             if state.get("state") == q.WorkerState.FAILED.value and state.get("detail"):
                 reason = f"{state['detail']} ({reason})"
         return reason[:2000]
 
-    async def _worker_state(self, run_id: str) -> dict[str, str]:
-        raw = await self.r.redis.hgetall(q.worker_state_key(run_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+    async def _worker_state(self, deployment_id: str) -> dict[str, str]:
+        return await read_hash(self.r.redis, q.worker_state_key(deployment_id))
+
+    async def _run_state(self, run_id: str) -> dict[str, str]:
+        return await read_hash(self.r.redis, q.run_state_key(run_id))
 
     # --- writes (compare-and-set) ---------------------------------------------------------
 
@@ -226,8 +250,6 @@ class RowReconciler:
         reason = reason[:2000]
         if await self._transition(kind, rid, expected, to, reason):
             log.warning("workload failed", kind=kind.name, id=rid, status=to.value, reason=reason)
-            if kind is RUN:
-                await self.queue.fail_pending(rid, f"trainer could not be started: {reason}")
 
     # --- scale to zero ---------------------------------------------------------------------
 
@@ -243,9 +265,9 @@ class RowReconciler:
         """SCALED_TO_ZERO: make sure nothing runs (also finishes a scale-down that failed)."""
         key = (kind.name, row.id)
         try:
-            obs = await self.backend.observe(row.id, kind.role)
+            obs = await self.backend.observe(row.id, kind.owned_role)
             if obs.phase not in (Phase.SCALED_DOWN, Phase.ABSENT):
-                await self.backend.scale(row.id, kind.role, 0)
+                await self.backend.scale(row.id, kind.owned_role, 0)
         except TransientBackendError as exc:
             self.retry.failed(key, exc)  # keep trying: the row already says SCALED_TO_ZERO
             log.warning("scale to zero failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
@@ -257,8 +279,8 @@ class RowReconciler:
     async def _teardown(self, kind: Kind, row: Any) -> None:
         key = (kind.name, row.id)
         try:
-            await self.backend.remove(row.id, kind.role)
-            obs = await self.backend.observe(row.id, kind.role)
+            await self.backend.remove(row.id, kind.owned_role)
+            obs = await self.backend.observe(row.id, kind.owned_role)
         except TransientBackendError as exc:
             self.retry.failed(key, exc)  # keep trying: deactivation must finish eventually
             log.warning("remove failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
@@ -272,9 +294,7 @@ class RowReconciler:
             if locked is None or locked.status != Status.DEACTIVATING.value:
                 return
             history.transition(s, kind.name, locked, Status.INACTIVE, "deactivated")
-            if isinstance(locked, Deployment) and locked.sampler_id:
+            if isinstance(locked, ServedModel) and locked.sampler_id:
                 smp = await s.get(Sampler, locked.sampler_id, with_for_update=True)
                 if smp is not None:
-                    history.request_deactivation(s, "sampler", smp, f"deployment {locked.id} deactivated")
-        if isinstance(row, Run):
-            await self.queue.fail_pending(row.id, f"run {row.id} was deactivated")
+                    history.request_deactivation(s, "sampler", smp, f"served model {locked.id} deactivated")

@@ -4,9 +4,10 @@ One active controller per deployment: it holds a Postgres advisory lock on a ded
 connection, checks that connection before every pass and steps down when it is gone (the
 server released the lock with it, so another replica may already lead); other replicas try
 to take the lock every ``controller_lock_retry_seconds``. Each pass flushes request activity,
-reconciles runs and deployments (:mod:`.lifecycle`) and samplers (:mod:`.samplers`), expires
-idle Tinker sessions, garbage-collects orphan workloads and flushes last-seen times. Every
-step is idempotent, so a pass cut short by a crash or a failover is simply done again.
+reconciles deployments and served models (:mod:`.lifecycle`), then runs (:mod:`.runs`, from
+their deployments) and samplers (:mod:`.samplers`), expires idle Tinker sessions,
+garbage-collects orphan workloads and flushes last-seen times. Every step is idempotent, so a
+pass cut short by a crash or a failover is simply done again.
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from control_plane.auth.authenticator import flush_last_seen
 from control_plane.controller.lifecycle import RowReconciler
 from control_plane.controller.retry import BackendRetry
+from control_plane.controller.runs import RunReconciler
 from control_plane.controller.samplers import SamplerReconciler
 from control_plane.controller.sessions import expire_sessions, flush_session_heartbeats
 from control_plane.controller.workloads import is_sampler_workload_id
+from control_plane.metering.usage import UsageSampler
 from control_plane.runtime import RECONCILE_CHANNEL, Runtime
 from control_plane.scaling.activity import flush_activity
-from control_plane.scaling.kinds import DEPLOYMENT, KINDS, RUN
+from control_plane.scaling.kinds import DEPLOYMENT, KINDS, SERVED_MODEL
 from control_plane.scheduler.protocol import WorkloadRole
 from control_plane.statuses import TERMINAL, Status
 
 log = structlog.get_logger("openloops.controller")
 LOCK_KEY = 0x6F6C6F6F  # "oloo"
-KIND_OF_ROLE = {k.role: k for k in KINDS.values()}
+KIND_OF_ROLE = {k.role: k for k in KINDS.values() if k.role is not None}
 WAKING_INTERVAL_SECONDS = 0.25  # pass interval while something is WAKING_UP (a request waits)
 
 
@@ -44,7 +47,9 @@ class Controller:
         self.backend = runtime.backend
         self.retry = BackendRetry.from_settings(runtime.settings)
         self.rows = RowReconciler(runtime, self.retry)
+        self.runs = RunReconciler(runtime)
         self.samplers = SamplerReconciler(runtime, self.retry)
+        self.usage = UsageSampler(runtime)
         self._wake = asyncio.Event()
         self.is_leader = False
         self.passes = 0
@@ -140,7 +145,10 @@ class Controller:
 
     async def reconcile_once(self) -> None:
         self.passes += 1
-        steps = (self._activity, self._runs, self._samplers, self._deployments, self._sessions, self._gc, self._flush)
+        steps = (
+            self._activity, self._deployments, self._runs, self._samplers, self._served_models, self._sessions,
+            self._gc, self._usage, self._flush,
+        )
         for step in steps:
             try:
                 await step()
@@ -150,14 +158,17 @@ class Controller:
     async def _activity(self) -> None:
         await flush_activity(self.r.db, self.r.redis)  # before anything decides what is idle
 
+    async def _deployments(self) -> None:
+        await self.rows.reconcile_all(DEPLOYMENT)
+
     async def _runs(self) -> None:
-        await self.rows.reconcile_all(RUN)
+        await self.runs.reconcile()
 
     async def _samplers(self) -> None:
         await self.samplers.reconcile()
 
-    async def _deployments(self) -> None:
-        await self.rows.reconcile_all(DEPLOYMENT)
+    async def _served_models(self) -> None:
+        await self.rows.reconcile_all(SERVED_MODEL)
 
     async def _sessions(self) -> None:
         expired = await expire_sessions(self.r.db, timedelta(seconds=self.r.settings.session_expiry_seconds))
@@ -176,6 +187,9 @@ class Controller:
                     log.info("garbage-collecting workload", workload_id=wid, role=role.value,
                              status=row.status if row else None)
                     await self.backend.remove(wid, role)
+
+    async def _usage(self) -> None:
+        await self.usage.maybe_sample()
 
     async def _flush(self) -> None:
         await flush_last_seen(self.r.db, self.r.redis)

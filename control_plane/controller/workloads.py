@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from control_plane.db.models import Run
+from control_plane.db.models import Deployment
 from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
 from control_plane.settings import BackendKind
 from control_plane.ports import free_port
@@ -18,27 +18,27 @@ if TYPE_CHECKING:
 STORE_SECRET_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
 
 
-def trainer_spec(r: Runtime, run: Run) -> WorkloadSpec:
-    model = r.catalog.get(run.base_model)
+def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
+    """The trainer worker of a deployment (it executes the deployment's runs one at a time)."""
+    model = r.catalog.get(dep.base_model)
     # on Kubernetes the Redis URL (it may hold a password) reaches the worker from the worker
     # Secret, never as a plain value in the Deployment
     redis_from_secret = r.settings.backend == BackendKind.KUBERNETES
     launch = TrainerLaunch(
-        run_id=run.id,
-        model_id=run.id,
-        base_model=run.base_model,
+        deployment_id=dep.id,
+        base_model=dep.base_model,
         model_source=model.source,
         redis_url="" if redis_from_secret else (r.settings.redis_url or ""),
         store=r.store_spec,
-        max_seq_len=run.max_seq_len,
+        max_seq_len=dep.max_seq_len,
         microbatch_tokens=r.settings.trainer_microbatch_tokens,
     )
     return WorkloadSpec(
-        workload_id=run.id,
+        workload_id=dep.id,
         role=WorkloadRole.TRAINER,
-        org_id=run.org_id,
-        session_id=run.session_id,
-        base_model=run.base_model,
+        org_id=dep.org_id,
+        session_id=None,
+        base_model=dep.base_model,
         command=["python", "-m", "data_plane.trainer"],
         env=launch.to_env(),
         secret_env=[*(STORE_SECRET_ENV if r.store_spec.kind == "s3" else []), *([REDIS_URL_ENV] if redis_from_secret else [])],

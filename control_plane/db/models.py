@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -136,13 +137,20 @@ class Run(Base):
     replicas: Mapped[int] = mapped_column(Integer, default=1)
     init_path: Mapped[str | None] = mapped_column(Text)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
-    deployment_id: Mapped[str | None] = mapped_column(String(40))
+    deployment_id: Mapped[str | None] = mapped_column(ForeignKey("deployments.id", ondelete="SET NULL"))
+    base_checkpoint: Mapped[str | None] = mapped_column(Text)
+    # the adapter the run's paired sampler serves, and its version (optimizer steps at publish)
+    policy_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    published_checkpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("checkpoints.id", ondelete="SET NULL", use_alter=True)
+    )
     last_request_at: Mapped[datetime | None] = _ts()
     created_at: Mapped[datetime] = _ts(server_default=func.now())
     updated_at: Mapped[datetime] = _ts(server_default=func.now())
     deactivated_at: Mapped[datetime | None] = _ts()
     __table_args__ = (
         Index("ix_runs_org_created", "org_id", "created_at", "id"),
+        Index("ix_runs_deployment", "deployment_id", "created_at"),
         Index("ix_runs_org_creator_created", "org_id", "created_by", "created_at", "id"),
         Index("ix_runs_org_base_model_created", "org_id", "base_model", "created_at", "id"),
         Index("ix_runs_org_creator_base_model_created", "org_id", "created_by", "base_model", "created_at", "id"),
@@ -192,6 +200,7 @@ class Checkpoint(Base):
     lora_config: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     sync_status: Mapped[str] = mapped_column(String(16), default="COMPLETE")
+    policy_version: Mapped[int | None] = mapped_column(Integer)  # optimizer steps when saved
     expires_at: Mapped[datetime | None] = _ts()
     created_at: Mapped[datetime] = _ts(server_default=func.now())
     __table_args__ = (
@@ -218,7 +227,41 @@ class CheckpointFile(Base):
 
 
 class Deployment(Base):
+    """A Loops deployment: the dedicated trainer workload that runs execute on, one run at a
+    time (``active_run_id``). A run made with ``reuse_from_run_id`` takes over its
+    predecessor's deployment while it is live. Its status uses the shared vocabulary
+    (:class:`control_plane.statuses.Status`); the API presents it in Loops' terms."""
+
     __tablename__ = "deployments"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
+    created_by: Mapped[str] = mapped_column(String(40))
+    base_model: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(32))
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    active_run_id: Mapped[str | None] = mapped_column(String(128))
+    latest_run_id: Mapped[str | None] = mapped_column(String(128))
+    availability_model: Mapped[str] = mapped_column(String(16), default="dedicated")
+    replicas: Mapped[int] = mapped_column(Integer, default=1)
+    instance_type: Mapped[str | None] = mapped_column(String(100))
+    node_count: Mapped[int] = mapped_column(Integer, default=1)
+    max_seq_len: Mapped[int] = mapped_column(Integer)
+    scale_down_delay_seconds: Mapped[int] = mapped_column(Integer)
+    last_request_at: Mapped[datetime | None] = _ts()
+    created_at: Mapped[datetime] = _ts(server_default=func.now())
+    updated_at: Mapped[datetime] = _ts(server_default=func.now())
+    deactivated_at: Mapped[datetime | None] = _ts()
+    __table_args__ = (
+        Index("ix_deployments_org_created", "org_id", "created_at", "id"),
+        Index("ix_deployments_status", "status"),
+    )
+
+
+class ServedModel(Base):
+    """Checkpoints served as an OpenAI-compatible model by a vLLM server of their own."""
+
+    __tablename__ = "served_models"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
     created_by: Mapped[str] = mapped_column(String(40))
@@ -230,28 +273,23 @@ class Deployment(Base):
         ForeignKey("checkpoints.id", ondelete="SET NULL")
     )
     sampler_id: Mapped[str | None] = mapped_column(ForeignKey("samplers.id", ondelete="SET NULL"))
-    active_run_id: Mapped[str | None] = mapped_column(String(128))
-    latest_run_id: Mapped[str | None] = mapped_column(String(128))
-    availability_model: Mapped[str] = mapped_column(String(16), default="dedicated")
-    instance_type: Mapped[str | None] = mapped_column(String(100))
-    node_count: Mapped[int] = mapped_column(Integer, default=1)
     scale_down_delay_seconds: Mapped[int] = mapped_column(Integer, default=3600)
     last_request_at: Mapped[datetime | None] = _ts()
     created_at: Mapped[datetime] = _ts(server_default=func.now())
     updated_at: Mapped[datetime] = _ts(server_default=func.now())
     __table_args__ = (
-        Index("ix_deployments_org_created", "org_id", "created_at", "id"),
-        Index("ix_deployments_status", "status"),
+        Index("ix_served_models_org_created", "org_id", "created_at", "id"),
+        Index("ix_served_models_status", "status"),
     )
 
 
-class DeploymentRequestBucket(Base):
-    """Per-minute request counters of a deployment's serving route (source of /metrics)."""
+class RequestBucket(Base):
+    """Per-minute request counters of a resource's serving route (``resource_type`` deployment
+    or served_model): the source of the request series of its ``metrics``."""
 
-    __tablename__ = "deployment_request_buckets"
-    deployment_id: Mapped[str] = mapped_column(
-        ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
-    )
+    __tablename__ = "request_buckets"
+    resource_type: Mapped[str] = mapped_column(String(16), primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     bucket_start: Mapped[datetime] = _ts(primary_key=True)
     count_2xx: Mapped[int] = mapped_column(Integer, default=0)
     count_4xx: Mapped[int] = mapped_column(Integer, default=0)
@@ -261,11 +299,30 @@ class DeploymentRequestBucket(Base):
     latency_hist: Mapped[list[int]] = mapped_column(ARRAY(Integer))
 
 
+class UsageSample(Base):
+    """One observation of a workload replica's resource use (CPU, memory, disk, GPUs)."""
+
+    __tablename__ = "usage_samples"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    resource_type: Mapped[str] = mapped_column(String(16))
+    resource_id: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = _ts()
+    replica: Mapped[str] = mapped_column(String(253))
+    node: Mapped[str | None] = mapped_column(String(253))
+    cpu_cores: Mapped[float | None] = mapped_column(Float)
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    ephemeral_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    ephemeral_capacity_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # per GPU rank: {"0": {"memory_bytes": .., "utilization": ..}}
+    gpus: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    __table_args__ = (Index("ix_usage_samples_resource_at", "resource_type", "resource_id", "at"),)
+
+
 class StatusHistory(Base):
     __tablename__ = "status_history"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
-    resource_type: Mapped[str] = mapped_column(String(16))  # run | sampler | deployment
+    resource_type: Mapped[str] = mapped_column(String(16))  # run | sampler | deployment | served_model
     resource_id: Mapped[str] = mapped_column(String(128))
     from_status: Mapped[str | None] = mapped_column(String(32))
     to_status: Mapped[str] = mapped_column(String(32))

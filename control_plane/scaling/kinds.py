@@ -1,30 +1,40 @@
-"""The three kinds of resources that own a workload, and what differs between them."""
+"""The kinds of resources with a status, and what differs between them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from control_plane.db.models import Deployment, Run, Sampler
+from control_plane.db.models import Deployment, Run, Sampler, ServedModel
 from control_plane.scheduler.protocol import WorkloadRole
 
-KindName = Literal["run", "sampler", "deployment"]
+KindName = Literal["run", "sampler", "deployment", "served_model"]
 
 
 @dataclass(frozen=True, slots=True)
 class Kind:
     name: KindName  # also the ``resource_type`` of status history rows
-    model: type[Run] | type[Sampler] | type[Deployment]
-    role: WorkloadRole
-    # Runs do not scale to zero: a trainer holds LoRA weights and optimizer state in memory
+    model: type[Run] | type[Sampler] | type[Deployment] | type[ServedModel]
+    # the role of the workload a row owns; None for runs, which own none: a run executes on
+    # its deployment's trainer workload
+    role: WorkloadRole | None
+    # Trainers do not scale to zero: a trainer holds LoRA weights and optimizer state in memory
     # that a restarted worker cannot recover (see docs/kubernetes.md, "Scale to zero").
     scales_to_zero: bool
 
+    @property
+    def owned_role(self) -> WorkloadRole:
+        """The role of the workload this kind of row owns (runs own none)."""
+        if self.role is None:
+            raise ValueError(f"{self.name} rows own no workload")
+        return self.role
 
-RUN = Kind("run", Run, WorkloadRole.TRAINER, scales_to_zero=False)
+
+RUN = Kind("run", Run, None, scales_to_zero=False)
 SAMPLER = Kind("sampler", Sampler, WorkloadRole.SAMPLER, scales_to_zero=True)
-DEPLOYMENT = Kind("deployment", Deployment, WorkloadRole.DEPLOYMENT, scales_to_zero=True)
-KINDS: dict[str, Kind] = {k.name: k for k in (RUN, SAMPLER, DEPLOYMENT)}
+DEPLOYMENT = Kind("deployment", Deployment, WorkloadRole.TRAINER, scales_to_zero=False)
+SERVED_MODEL = Kind("served_model", ServedModel, WorkloadRole.SERVED_MODEL, scales_to_zero=True)
+KINDS: dict[str, Kind] = {k.name: k for k in (RUN, SAMPLER, DEPLOYMENT, SERVED_MODEL)}
 
 
 def kind_of(name: str) -> Kind:

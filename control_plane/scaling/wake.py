@@ -77,6 +77,18 @@ async def touch_and_wake(runtime: Runtime, kind: KindName, resource_id: str, *, 
     return True
 
 
+async def request_wake(runtime: Runtime, kind: KindName, resource_id: str) -> Status:
+    """Ask for a scaled-to-zero resource to wake up and return at once (the controller brings
+    it back); the status it had. Records the request as activity too."""
+    k = kind_of(kind)
+    await record_activity(runtime.redis, k, resource_id)
+    status = await _status(runtime, k, resource_id)
+    if status == Status.SCALED_TO_ZERO:
+        await _request_wake(runtime, k, resource_id)
+        await runtime.kick_controller()
+    return status
+
+
 async def _status(runtime: Runtime, k: Kind, resource_id: str) -> Status:
     async with runtime.db.session() as s:
         raw = (await s.execute(select(k.model.status).where(k.model.id == resource_id))).scalar_one_or_none()

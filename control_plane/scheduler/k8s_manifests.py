@@ -49,7 +49,7 @@ DEFAULT_HEALTH_PATH = "/health"
 _ROLE_PREFIX = {
     WorkloadRole.TRAINER: "trainer",
     WorkloadRole.SAMPLER: "sampler",
-    WorkloadRole.DEPLOYMENT: "deploy",
+    WorkloadRole.SERVED_MODEL: "served",
 }
 _MAX_NAME = 63  # Service names are DNS-1035 labels
 _HASH_LEN = 10
@@ -389,6 +389,8 @@ BACKEND_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("", "events", "list"),  # describe (admin CLI)
+        ("", "pods/log", "get"),  # logs (GET /v1/loops/deployments/{id}/logs)
+        ("metrics.k8s.io", "pods", "get"),  # usage (deployment metrics; metrics-server is optional)
     }
 )
 

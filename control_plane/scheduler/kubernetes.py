@@ -10,6 +10,15 @@
   (from the watch cache; a direct labelled LIST until the cache is synced).
 * ``describe`` reads directly (no watch): the Deployment, its pods and the namespace's events
   about them (for ``openloops admin ... show``).
+* ``logs`` lists the workload's pods and reads each one's log (``pods/log``, the container named
+  after the role, ``timestamps=true``, ``sinceSeconds`` from the query's start; plus the previous
+  container's log after a restart), then parses and merges them (``workload_logs``). ``desc``
+  reads a growing ``tailLines``, ``asc`` a growing ``limitBytes``, until ``limit`` lines are in.
+  A pod whose log cannot be read (container not started: 400; gone: 404; kubelet unreachable:
+  5xx) is skipped.
+* ``usage`` gets each running pod's ``metrics.k8s.io/v1beta1`` PodMetrics (metrics-server);
+  without them (404, 503: no metrics-server, or the pod is not scraped yet) CPU and memory are
+  None (``k8s_usage``).
 
 The official client is synchronous: every API call runs in this backend's own thread pool, the
 watches in their own threads; nothing blocks the event loop. Transient API failures (connection
@@ -61,14 +70,24 @@ from control_plane.scheduler.k8s_manifests import (
     service_manifest,
     workload_name,
 )
-from control_plane.scheduler.k8s_status import observe_workload
+from control_plane.scheduler.k8s_status import observe_workload, parse_time
+from control_plane.scheduler.k8s_usage import usage_sample
 from control_plane.scheduler.kubernetes_settings import KubernetesSettings
 from control_plane.scheduler.protocol import (
+    LogLine,
+    LogQuery,
     Observation,
+    UsageSample,
     WorkloadDescription,
     WorkloadEvent,
     WorkloadRole,
     WorkloadSpec,
+)
+from control_plane.scheduler.workload_logs import (
+    ORDER_SLACK_NS,
+    in_query,
+    parse_kubelet_log,
+    select,
 )
 
 log = structlog.get_logger("openloops.scheduler.kubernetes")
@@ -76,6 +95,13 @@ log = structlog.get_logger("openloops.scheduler.kubernetes")
 MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 _RETRYABLE_STATUS = frozenset({0, 408, 429, 500, 502, 503, 504})
 _MERGE_PATCH = "application/merge-patch+json"
+# a pod's log or metrics that cannot be had right now: skipped, not retried (the pod list before
+# them proves the API server is reachable; 5xx here is the kubelet or metrics-server)
+_SKIP_POD_STATUS = (400, 404, 500, 502, 503, 504)
+_LOG_TAIL_LINES = 256  # desc: the first tailLines (grows x4 while short of ``limit`` lines)
+_LOG_MAX_TAIL_LINES = 100_000
+_LOG_BYTES = 256 * 1024  # asc: the first limitBytes (grows x4)
+_LOG_MAX_BYTES = 32 * 1024 * 1024
 
 
 def build_configuration(settings: KubernetesSettings) -> k8s_client.Configuration:
@@ -353,6 +379,7 @@ class KubernetesBackend:
         self._api = k8s_client.ApiClient(self._cfg)
         self._apps = k8s_client.AppsV1Api(self._api)
         self._core = k8s_client.CoreV1Api(self._api)
+        self._custom = k8s_client.CustomObjectsApi(self._api)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="openloops-k8s-api")
         # the watches get their own connections
         self._watch_api = k8s_client.ApiClient(self._cfg)
@@ -415,6 +442,16 @@ class KubernetesBackend:
     async def _call(self, what: str, fn: Callable[..., Any], *args: Any, ok_status: tuple[int, ...] = (), **kwargs: Any) -> dict[str, Any] | int:
         """Run ``fn`` in the pool, retrying transient failures. Returns the response body as a
         dict, or the status code when it is one of ``ok_status`` (e.g. 404, 409)."""
+        got = await self._call_raw(what, fn, *args, ok_status=ok_status, **kwargs)
+        if isinstance(got, int):
+            return got
+        try:
+            return json.loads(got) if got else {}
+        except ValueError as exc:
+            raise KubernetesApiError(f"{what}: the API server's answer is not JSON: {exc}") from None
+
+    async def _call_raw(self, what: str, fn: Callable[..., Any], *args: Any, ok_status: tuple[int, ...] = (), **kwargs: Any) -> bytes | int:
+        """``_call`` returning the raw body (e.g. a pod's log)."""
         s = self.settings
         loop = asyncio.get_running_loop()
         call = partial(fn, *args, _preload_content=False, _request_timeout=s.api_timeout_seconds, **kwargs)
@@ -422,8 +459,7 @@ class KubernetesBackend:
         for attempt in range(1, s.api_retry_attempts + 1):
             try:
                 resp = await loop.run_in_executor(self._executor, call)
-                raw = resp.data
-                return json.loads(raw) if raw else {}
+                return bytes(resp.data or b"")
             except ApiException as exc:
                 status = exc.status or 0
                 if status in ok_status:
@@ -527,12 +563,16 @@ class KubernetesBackend:
         got = await self._call(
             f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
         )
+        pods = await self._read_pods(name)
+        return (got if isinstance(got, dict) else None), pods
+
+    async def _read_pods(self, name: str) -> list[dict[str, Any]]:
+        """A workload's pods, listed directly (not from the watch cache)."""
         listed = await self._call(
             "list pods", self._core.list_namespaced_pod, self.namespace, label_selector=f"{LABEL_WORKLOAD}={name}"
         )
         assert isinstance(listed, dict)
-        pods = [p for p in listed.get("items") or [] if _workload_of(p) == name]
-        return (got if isinstance(got, dict) else None), pods
+        return [p for p in listed.get("items") or [] if _workload_of(p) == name]
 
     async def observe(self, workload_id: str, role: WorkloadRole) -> Observation:
         name = workload_name(workload_id, role)
@@ -597,6 +637,78 @@ class KubernetesBackend:
             events = _events_about(raw.get("items") or [], name, pod_names)[-max_events:]
         return WorkloadDescription(obs, _describe_details(self.namespace, name, deployment, pods), events)
 
+    async def logs(self, workload_id: str, role: WorkloadRole, query: LogQuery) -> list[LogLine]:
+        """Direct reads (list pods, each pod's log): no watch is started."""
+        role = WorkloadRole(role)
+        now_ns = time.time_ns()
+        if query.start_ns > min(query.end_ns, now_ns):
+            return []
+        pods = await self._read_pods(workload_name(workload_id, role))
+        reads = [
+            self._pod_log(pod, role.value, previous, query, now_ns)
+            for pod in pods
+            for previous in _log_sources(pod, role.value, query)
+        ]
+        found = await asyncio.gather(*reads)
+        return select([line for lines in found for line in lines], query)
+
+    async def _pod_log(self, pod: dict[str, Any], container: str, previous: bool, query: LogQuery, now_ns: int) -> list[LogLine]:
+        """One container's lines matching ``query`` (its oldest or newest ``limit`` of them)."""
+        name = str((pod.get("metadata") or {}).get("name"))
+        kwargs: dict[str, Any] = {"container": container, "timestamps": True}
+        if previous:
+            kwargs["previous"] = True
+        since = -(-(now_ns - query.start_ns) // 10**9) + 1  # whole seconds, rounded up
+        if query.start_ns > 0 and since < 10 * 365 * 86400:
+            kwargs["since_seconds"] = since
+        desc = query.direction == "desc"
+        size, most = (_LOG_TAIL_LINES, _LOG_MAX_TAIL_LINES) if desc else (_LOG_BYTES, _LOG_MAX_BYTES)
+        while True:
+            bound = {"tail_lines": size} if desc else {"limit_bytes": size}
+            raw = await self._call_raw(
+                f"read log of pod {name}" + (" (previous container)" if previous else ""),
+                self._core.read_namespaced_pod_log, name, self.namespace, **kwargs, **bound,
+                ok_status=_SKIP_POD_STATUS,
+            )
+            if isinstance(raw, int):
+                if raw >= 500:
+                    log.warning("k8s pod log unavailable, skipped", pod=name, status=raw)
+                return []
+            if desc:  # the newest ``size`` lines: older ones may precede them
+                parsed = parse_kubelet_log(raw.decode("utf-8", "replace"), name)
+                complete = parsed.raw_lines < size or size >= most
+                # lines before the first record belong to one that was cut off: next time
+                lines = parsed.lines if complete else parsed.lines[parsed.first_record:]
+                done = complete or (bool(lines) and lines[0].timestamp_ns < query.start_ns)
+            else:  # the oldest ``size`` bytes: the last line may be cut
+                cut = len(raw) >= size
+                parsed = parse_kubelet_log(raw.decode("utf-8", "replace"), name, truncated_end=cut)
+                lines = parsed.lines
+                done = not cut or size >= most or (bool(lines) and lines[-1].timestamp_ns > query.end_ns)
+            matching = [x for x in lines if in_query(x, query)]
+            if done or len(matching) >= query.limit:
+                return matching[-query.limit:] if desc else matching[: query.limit]
+            size = min(size * 4, most)
+
+    async def usage(self, workload_id: str, role: WorkloadRole) -> list[UsageSample]:
+        """Direct reads (list pods, each running pod's PodMetrics): no watch is started."""
+        role = WorkloadRole(role)
+        pods = [
+            p for p in await self._read_pods(workload_name(workload_id, role))
+            if (p.get("status") or {}).get("phase") == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp")
+        ]
+        metrics = await asyncio.gather(*(self._pod_metrics(p) for p in pods))
+        return [usage_sample(p, m, role.value) for p, m in zip(pods, metrics, strict=True)]
+
+    async def _pod_metrics(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        name = str((pod.get("metadata") or {}).get("name"))
+        got = await self._call(
+            f"get metrics of pod {name}",
+            self._custom.get_namespaced_custom_object, "metrics.k8s.io", "v1beta1", self.namespace, "pods", name,
+            ok_status=_SKIP_POD_STATUS,
+        )
+        return got if isinstance(got, dict) else None
+
     # --- pod readiness memory (UNHEALTHY vs STARTING) ----------------------------------------
     def _on_pod_event(self, etype: str, pod: dict[str, Any]) -> None:
         key = _pod_key(pod)
@@ -613,6 +725,28 @@ class KubernetesBackend:
 
 def _workload_of(obj: dict[str, Any]) -> str | None:
     return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_WORKLOAD)
+
+
+def _log_sources(pod: dict[str, Any], container: str, query: LogQuery) -> list[bool]:
+    """Which logs of a pod's container can hold lines of ``query``: the current one (False)
+    unless it started after ``end_ns``, the previous one (True, after a restart) unless it
+    ended before ``start_ns``."""
+    status = next(
+        (c for c in (pod.get("status") or {}).get("containerStatuses") or [] if c.get("name") == container), None
+    )
+    if status is None:  # not reported yet: try (a container that never started answers 400)
+        return [False]
+    sources = []
+    state = status.get("state") or {}
+    started = parse_time((state.get("running") or state.get("terminated") or {}).get("startedAt"))
+    if started is None or started.timestamp() * 1e9 <= query.end_ns + ORDER_SLACK_NS:
+        sources.append(False)  # a container waiting to (re)start answers 400, or its last run's log
+    last = (status.get("lastState") or {}).get("terminated")
+    if int(status.get("restartCount") or 0) > 0 and last:
+        finished = parse_time(last.get("finishedAt"))
+        if finished is None or finished.timestamp() * 1e9 >= query.start_ns - ORDER_SLACK_NS:
+            sources.append(True)
+    return sources
 
 
 def _describe_details(namespace: str, name: str, deployment: dict[str, Any] | None, pods: list[dict[str, Any]]) -> dict[str, Any]:

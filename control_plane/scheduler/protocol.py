@@ -30,7 +30,7 @@ class TransientBackendError(BackendError):
 class WorkloadRole(StrEnum):
     TRAINER = "trainer"
     SAMPLER = "sampler"
-    DEPLOYMENT = "deployment"
+    SERVED_MODEL = "served-model"  # a served model's own vLLM server (checkpoints as OpenAI models)
 
 
 class Phase(StrEnum):
@@ -58,7 +58,7 @@ class Resources:
 class WorkloadSpec:
     """Desired state of one workload, built from rows and the model catalog."""
 
-    workload_id: str  # run id, sampler id or deployment id
+    workload_id: str  # deployment id (trainer), shared sampler id or served model id
     role: WorkloadRole
     org_id: str
     session_id: str | None
@@ -69,7 +69,7 @@ class WorkloadSpec:
     # names of environment variables whose values are secrets (taken from the backend's
     # secret source: the process environment locally, a Secret reference on Kubernetes)
     secret_env: list[str] = field(default_factory=list)
-    port: int | None = None  # serves HTTP on this port (samplers, deployments)
+    port: int | None = None  # serves HTTP on this port (samplers, served models)
     health_path: str | None = None
     resources: Resources = field(default_factory=Resources)
     replicas: int = 1
@@ -107,6 +107,58 @@ class WorkloadDescription:
     events: list[WorkloadEvent] = field(default_factory=list)  # oldest first
 
 
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # lowest first
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One line of a workload's own output (``logs``). A line that is not a log record of its
+    own (a traceback line, print output) carries the time and level of the record before it."""
+
+    timestamp_ns: int  # Unix epoch, nanoseconds
+    message: str
+    replica: str  # the pod name on Kubernetes; the log file name locally
+    level: str  # one of LOG_LEVELS
+    request_id: str | None = None  # from ``request_id=<id>`` or ``(request <id>)`` in the line
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """Which lines ``logs`` returns: those with ``start_ns <= timestamp_ns <= end_ns`` and a
+    level at least ``min_level``; ``asc``: the oldest ``limit`` of them, oldest first; ``desc``:
+    the newest ``limit``, newest first. Raises ``ValueError`` for an invalid limit, direction
+    or level (``min_level`` is case-insensitive; ``WARN`` means ``WARNING``)."""
+
+    start_ns: int
+    end_ns: int
+    limit: int  # 1..1000
+    direction: str  # "asc" | "desc"
+    min_level: str = "DEBUG"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or not 1 <= self.limit <= 1000:
+            raise ValueError(f"limit must be an integer in 1..1000, got {self.limit!r}")
+        if self.direction not in ("asc", "desc"):
+            raise ValueError(f"direction must be 'asc' or 'desc', got {self.direction!r}")
+        level = str(self.min_level).upper()
+        level = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(level, level)
+        if level not in LOG_LEVELS:
+            raise ValueError(f"min_level must be one of {', '.join(LOG_LEVELS)}, got {self.min_level!r}")
+        object.__setattr__(self, "min_level", level)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSample:
+    """Resource usage of one running replica (a pod, or the local process tree)."""
+
+    replica: str  # the pod name on Kubernetes; ``local-<pid>`` locally
+    node: str | None  # the node (Kubernetes) or host name (local)
+    cpu_cores: float | None  # cores in use, e.g. 1.5; None when the platform gives no metrics
+    memory_bytes: int | None  # resident memory
+    ephemeral_bytes: int | None  # disk the workload wrote (None where it is not measured)
+    ephemeral_capacity_bytes: int | None = None  # what it may write, when known
+
+
 @runtime_checkable
 class SchedulerBackend(Protocol):
     name: str
@@ -136,6 +188,18 @@ class SchedulerBackend(Protocol):
     async def describe(self, workload_id: str, role: WorkloadRole, *, max_events: int = 20) -> WorkloadDescription:
         """Observation plus details and recent events, for operators. Works from a process
         other than the one that started the workload (the admin CLI)."""
+        ...
+
+    async def logs(self, workload_id: str, role: WorkloadRole, query: LogQuery) -> list[LogLine]:
+        """The workload's own output lines matching ``query`` (every replica, merged in time
+        order). Works from another process (like ``describe``); an unknown workload has no
+        lines ([]). Raises :class:`TransientBackendError` only when the platform is unreachable."""
+        ...
+
+    async def usage(self, workload_id: str, role: WorkloadRole) -> list[UsageSample]:
+        """One sample per running replica; [] when nothing runs (or the workload is unknown).
+        Works from another process; raises :class:`TransientBackendError` only when the
+        platform is unreachable."""
         ...
 
     async def close(self) -> None: ...

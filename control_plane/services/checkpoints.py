@@ -152,6 +152,7 @@ async def record_checkpoint(
     lora_config: dict[str, Any] | None,
     user_metadata: dict[str, Any] | None = None,
     ttl_seconds: int | None = None,
+    policy_version: int | None = None,
 ) -> Checkpoint:
     """Insert (or replace, for overwrite) the row that makes a written checkpoint visible."""
     old = (
@@ -175,6 +176,7 @@ async def record_checkpoint(
         lora_config=lora_config,
         user_metadata=dict(user_metadata or {}),
         sync_status="COMPLETE",
+        policy_version=policy_version,
         expires_at=now + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
         created_at=now,
     )

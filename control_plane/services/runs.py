@@ -11,16 +11,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
 from control_plane.catalog import ModelCatalog
-from control_plane.db.models import Checkpoint, Run, Sampler
+from control_plane.db.models import Checkpoint, Deployment, Run, Sampler
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.ids import new_id
-from control_plane.services import history
+from control_plane.services import deployments, history
 from control_plane.services.scoping import list_scope_filter
 from control_plane.services.sessions import get_session
 from control_plane.statuses import SessionStatus, Status
 from data_plane.wire.paths import PathError, parse_checkpoint_path
 
 MAX_LORA_RANK = 512
+# what a Loops run's adapter trains (Loops puts LoRA on attention and MLP, not the unembedding)
+LOOPS_LORA_TARGETS = {"train_attn": True, "train_mlp": True, "train_unembed": False}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class RunRequest:
     availability_model: str = "dedicated"
     replicas: int = 1
     path: str | None = None
+    base_checkpoint: str | None = None
+    reuse_from_run_id: str | None = None
+    reuse_from_session_id: str | None = None
     with_sampler: bool = True
     # Tinker-only
     origin: str = "loops"
@@ -45,14 +50,17 @@ class RunRequest:
 
 
 async def resolve_weights_checkpoint(
-    s: AsyncSession, principal: Principal, path: str, *, field: str, kind: str = "weights"
+    s: AsyncSession, principal: Principal, path: str, *, field: str, kind: str | tuple[str, ...] = "weights"
 ) -> Checkpoint:
+    """The org's checkpoint at ``path`` (a tinker:// or bt://loops: path) of one of ``kind``;
+    a 400 naming ``field`` otherwise."""
     try:
         ref = parse_checkpoint_path(path)
     except PathError as exc:
         raise InvalidInput(str(exc), field=field) from exc
-    if ref.kind != kind:
-        raise InvalidInput(f"{field} must point at a {kind} checkpoint, got {ref.kind}", field=field)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if ref.kind not in kinds:
+        raise InvalidInput(f"{field} must point at a {' or '.join(kinds)} checkpoint, got {ref.kind}", field=field)
     ckpt = (
         await s.execute(
             select(Checkpoint).where(
@@ -68,9 +76,17 @@ async def resolve_weights_checkpoint(
     return ckpt
 
 
+@dataclass(frozen=True)
+class CreatedRun:
+    run: Run
+    sampler: Sampler | None
+    deployment: Deployment
+    replaced_run_ids: list[str]  # runs that the new one took a warm deployment from
+
+
 async def create_run(
     s: AsyncSession, principal: Principal, catalog: ModelCatalog, req: RunRequest, default_delay: int
-) -> tuple[Run, Sampler | None]:
+) -> CreatedRun:
     session = await get_session(s, principal, req.session_id)
     if session.status != SessionStatus.ACTIVE.value:
         raise InvalidInput(f"session {session.id!r} is {session.status}", field="session_id")
@@ -90,9 +106,12 @@ async def create_run(
         )
     if req.availability_model not in ("dedicated", "spot"):
         raise InvalidInput("availability_model must be 'dedicated' or 'spot'", field="availability_model")
+    if req.replicas < 1:
+        raise InvalidInput(f"replicas must be >= 1, got {req.replicas}", field="replicas")
     if req.replicas != 1:
         raise InvalidInput(
-            "replicas > 1 (data-parallel trainers) is not supported by this server", field="replicas"
+            "replicas > 1 (data-parallel trainers) is not supported by this server yet; use replicas=1",
+            field="replicas",
         )
     if req.path:
         ckpt = await resolve_weights_checkpoint(s, principal, req.path, field="path")
@@ -101,6 +120,11 @@ async def create_run(
                 f"checkpoint {req.path!r} was trained on {ckpt.base_model}, not {model.name}",
                 field="path",
             )
+    if req.base_checkpoint:
+        if req.path:
+            raise InvalidInput("pass either path (resume a run) or base_checkpoint (start from a checkpoint), not both",
+                               field="base_checkpoint")
+        await resolve_base_checkpoint(s, principal, req.base_checkpoint, model.name, req.lora_rank)
     now = datetime.now(UTC)
     run = Run(
         id=req.run_id or new_id("run"),
@@ -113,20 +137,26 @@ async def create_run(
         base_model=model.name,
         status=Status.DEPLOYING.value,
         lora_rank=req.lora_rank,
-        lora_config=req.lora_config or {"rank": req.lora_rank, "seed": req.seed},
+        lora_config=req.lora_config or {"rank": req.lora_rank, "seed": req.seed, **LOOPS_LORA_TARGETS},
         seed=req.seed,
         max_seq_len=max_seq_len,
         scale_down_delay_seconds=delay,
         availability_model=req.availability_model,
         replicas=req.replicas,
         init_path=req.path,
+        base_checkpoint=req.base_checkpoint or None,
         user_metadata=dict(req.user_metadata or {}),
         last_request_at=now,
         created_at=now,
         updated_at=now,
     )
+    dep, warm = await _deployment_for(s, principal, req, run, model.max_context_length)
+    await s.flush()  # a new deployment row exists before the run points at it
+    run.deployment_id = dep.id
     s.add(run)
-    history.initial(s, "run", run, "created")
+    history.initial(s, "run", run, f"created on warm deployment {dep.id}" if warm else "created")
+    await s.flush()
+    replaced = await deployments.take_over(s, dep, run) if warm else []
     sampler = None
     if req.with_sampler and model.sampleable:
         sampler = Sampler(
@@ -145,7 +175,61 @@ async def create_run(
         s.add(sampler)
         history.initial(s, "sampler", sampler, "created with run")
     await s.flush()
-    return run, sampler
+    return CreatedRun(run, sampler, dep, replaced)
+
+
+async def _deployment_for(
+    s: AsyncSession, principal: Principal, req: RunRequest, run: Run, model_max_len: int
+) -> tuple[Deployment, bool]:
+    """The deployment ``run`` executes on: the warm one of ``reuse_from_run_id`` (or of the
+    newest run of ``reuse_from_session_id``) when it is live and fits, else a new one. The
+    bool says whether a warm one is reused."""
+    prev = None
+    if req.reuse_from_run_id:
+        prev = await s.get(Run, req.reuse_from_run_id)
+        if prev is None or prev.org_id != principal.org_id:
+            raise InvalidInput(f"reuse_from_run_id: run {req.reuse_from_run_id!r} not found", field="reuse_from_run_id")
+    elif req.reuse_from_session_id:
+        prev = (
+            await s.execute(
+                select(Run)
+                .where(Run.session_id == req.reuse_from_session_id, Run.org_id == principal.org_id)
+                .order_by(Run.created_at.desc(), Run.id.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+    if prev is not None and prev.deployment_id is not None:
+        if req.base_checkpoint:
+            raise InvalidInput("base_checkpoint cannot be combined with reuse_from_run_id", field="base_checkpoint")
+        dep = await s.get(Deployment, prev.deployment_id, with_for_update=True)
+        if dep is not None and deployments.reusable(dep, run) is None:
+            return dep, True
+    dep = deployments.new_deployment(principal, run, max_seq_len=model_max_len)
+    s.add(dep)
+    history.initial(s, deployments.RESOURCE, dep, f"created for run {run.id}")
+    return dep, False
+
+
+async def resolve_base_checkpoint(
+    s: AsyncSession, principal: Principal, path: str, base_model: str, lora_rank: int
+) -> Checkpoint:
+    """The org's checkpoint a new run's adapter starts from (its optimizer starts fresh)."""
+    field = "base_checkpoint"
+    if path.startswith("hf://"):
+        raise InvalidInput(
+            f"base_checkpoint {path!r}: Hugging Face checkpoints cannot be loaded by this server (it serves the "
+            "models of its catalog); pass one of your checkpoints: bt://loops:<run_id>/weights/<name> or tinker://...",
+            field=field,
+        )
+    ckpt = await resolve_weights_checkpoint(s, principal, path, field=field, kind=("weights", "sampler_weights"))
+    if ckpt.base_model != base_model:
+        raise InvalidInput(f"base_checkpoint {path!r} was trained on {ckpt.base_model}, not {base_model}", field=field)
+    rank = int((ckpt.lora_config or {}).get("rank") or 0)
+    if rank and rank != lora_rank:
+        raise InvalidInput(
+            f"base_checkpoint {path!r} is a rank-{rank} LoRA adapter: create the run with lora_rank={rank}", field=field
+        )
+    return ckpt
 
 
 async def get_run(s: AsyncSession, principal: Principal, run_id: str) -> Run:
@@ -194,11 +278,18 @@ async def samplers_by_run(s: AsyncSession, run_ids: list[str]) -> dict[str, Samp
 
 
 async def deactivate_run(s: AsyncSession, principal: Principal, run_id: str) -> Run:
-    """Tear down the run and its paired sampler; checkpoints stay accessible."""
+    """Tear down the run, its paired sampler and (when the run is what it executes) its
+    deployment's trainer; checkpoints stay accessible."""
     run = await get_run(s, principal, run_id)
-    if history.request_deactivation(s, "run", run, "deactivation requested"):
-        run.deactivated_at = datetime.now(UTC)
-    for smp in (await s.execute(select(Sampler).where(Sampler.run_id == run.id))).scalars():
-        history.request_deactivation(s, "sampler", smp, "run deactivated")
+    await end_run(s, run, "deactivation requested")
     await s.flush()
     return run
+
+
+async def end_run(s: AsyncSession, run: Run, reason: str) -> None:
+    """Request the teardown of a run (the controller finishes it)."""
+    if history.request_deactivation(s, "run", run, reason):
+        run.deactivated_at = datetime.now(UTC)
+        await deployments.release_run(s, run, f"run {run.id}: {reason}")
+    for smp in (await s.execute(select(Sampler).where(Sampler.run_id == run.id))).scalars():
+        history.request_deactivation(s, "sampler", smp, f"run {run.id} ended")

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.auth.principal import Principal
 from control_plane.catalog import ModelCatalog
 from control_plane.controller.workloads import sampler_workload_id
-from control_plane.db.models import Checkpoint, Sampler
+from control_plane.db.models import Checkpoint, Run, Sampler
 from control_plane.errors import Gone, InvalidInput, NotFound
 from control_plane.ids import new_id
 from control_plane.services import history
@@ -54,6 +54,11 @@ async def create_sampler(
                 f"base_model {base_model!r} differs from the run's {run.base_model!r}", field="base_model"
             )
         base_model, run_id = run.base_model, run.id
+        if not req.model_path:
+            # a run's paired sampler is created once (the Loops SDK asks on first sample)
+            existing = await live_paired_sampler(s, run.id)
+            if existing is not None:
+                return existing
     checkpoint_id = None
     if req.model_path:
         ckpt = await resolve_weights_checkpoint(
@@ -97,6 +102,21 @@ async def create_sampler(
     return smp
 
 
+async def live_paired_sampler(s: AsyncSession, run_id: str) -> Sampler | None:
+    """The run's paired sampler (serving its published weights) while it is not ended."""
+    q = (
+        select(Sampler)
+        .where(
+            Sampler.run_id == run_id,
+            Sampler.model_path.is_(None),
+            Sampler.status.notin_([x.value for x in TERMINAL | {Status.DEACTIVATING}]),
+        )
+        .order_by(Sampler.created_at.desc(), Sampler.id.desc())
+        .limit(1)
+    )
+    return (await s.execute(q)).scalar_one_or_none()
+
+
 async def get_sampler(s: AsyncSession, principal: Principal, sampler_id: str) -> Sampler:
     smp = await s.get(Sampler, sampler_id)
     if smp is None or smp.org_id != principal.org_id:
@@ -132,7 +152,10 @@ class SamplerTarget:
     status_reason: str | None
     endpoint: str | None
     workload_id: str
-    follows_run: bool  # a run-paired sampler serving that run's latest sampler weights
+    follows_run: bool  # a run-paired sampler serving the adapter its run published
+    run_id: str | None = None
+    version: int = 0  # the served adapter's policy version (0: the base model)
+    adapter_label: str | None = None  # the served checkpoint's name (None: the base model)
 
     @property
     def serving(self) -> bool:
@@ -143,34 +166,44 @@ class SamplerTarget:
         return self.status in TERMINAL or self.status == Status.DEACTIVATING
 
 
-async def latest_sampler_checkpoint(s: AsyncSession, run_id: str) -> Checkpoint | None:
-    q = (
-        select(Checkpoint)
-        .where(Checkpoint.run_id == run_id, Checkpoint.kind == "sampler_weights")
-        .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
-        .limit(1)
-    )
-    return (await s.execute(q)).scalar_one_or_none()
+async def published_checkpoint(s: AsyncSession, run_id: str) -> tuple[Checkpoint | None, int]:
+    """The adapter a run published for its paired sampler, and its policy version."""
+    row = (
+        await s.execute(
+            select(Checkpoint, Run.policy_version)
+            .select_from(Run)
+            .outerjoin(Checkpoint, Checkpoint.id == Run.published_checkpoint_id)
+            .where(Run.id == run_id)
+        )
+    ).first()
+    if row is None:
+        return None, 0
+    return row[0], int(row[1] or 0)
 
 
 async def sampler_target(s: AsyncSession, org_id: str, sampler_id: str) -> SamplerTarget:
-    """Resolve what ``sampler_id`` serves: a pinned checkpoint's adapter, its run's latest
-    sampler weights (Loops paired samplers follow training), or the base model."""
+    """Resolve what ``sampler_id`` serves: a pinned checkpoint's adapter, the adapter its run
+    last published (Loops paired samplers follow training by policy version: a
+    ``save_weights_for_sampler`` with ``bump_version``), or the base model."""
     smp = await s.get(Sampler, sampler_id)
     if smp is None or smp.org_id != org_id:
         raise NotFound("sampler", sampler_id)
     model = smp.base_model
     follows = False
+    version = 0
+    label = None
     if smp.checkpoint_id is not None:
         ckpt = await s.get(Checkpoint, smp.checkpoint_id)
         if ckpt is None:
             raise Gone(f"the checkpoint {smp.model_path or smp.checkpoint_id} of sampler {smp.id!r} was deleted")
-        model = adapter_name_for_prefix(ckpt.storage_prefix)
+        model, version, label = adapter_name_for_prefix(ckpt.storage_prefix), ckpt.policy_version or 0, ckpt.name
     elif smp.run_id is not None and smp.model_path is None:
         follows = True
-        latest = await latest_sampler_checkpoint(s, smp.run_id)
-        if latest is not None:
-            model = adapter_name_for_prefix(latest.storage_prefix)
+        published, version = await published_checkpoint(s, smp.run_id)
+        if published is not None:
+            model, label = adapter_name_for_prefix(published.storage_prefix), published.name
+        else:
+            version = 0
     return SamplerTarget(
         sampler_id=smp.id,
         org_id=smp.org_id,
@@ -181,4 +214,7 @@ async def sampler_target(s: AsyncSession, org_id: str, sampler_id: str) -> Sampl
         endpoint=smp.endpoint,
         workload_id=sampler_workload_id(smp.base_model),
         follows_run=follows,
+        run_id=smp.run_id,
+        version=version,
+        adapter_label=label,
     )

@@ -24,3 +24,13 @@ def own_only(scope: str | None) -> bool:
     if scope != "org":
         raise InvalidInput(f"invalid scope {scope!r}: expected 'org' or omit it", field="scope")
     return False
+
+
+def org_list_filter(model: Any, principal: Principal, scope: str | None) -> list[Any]:
+    """``manage_org_training_projects`` list routes: the whole org by default, the caller's own
+    rows with ``scope=own``."""
+    if scope == "own":
+        return list_scope_filter(model, principal, None)
+    if scope not in (None, "org"):
+        raise InvalidInput(f"invalid scope {scope!r}: expected 'org' or 'own'", field="scope")
+    return [model.org_id == principal.org_id]

@@ -13,7 +13,8 @@ from control_plane.db.models import Run, Sampler, Session, TrainingProject
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.ids import new_id, new_session_id
 from control_plane.services import history
-from control_plane.statuses import TERMINAL, SessionStatus, Status
+from control_plane.services.deployments import release_run
+from control_plane.statuses import TERMINAL, SessionStatus
 
 
 async def default_project(s: AsyncSession, principal: Principal) -> TrainingProject:
@@ -109,5 +110,6 @@ async def end_session_runs(s: AsyncSession, session_id: str, reason: str) -> Non
         )
     ).scalars()
     for run in runs:
-        if run.status != Status.DEACTIVATING.value:
-            history.transition(s, "run", run, Status.DEACTIVATING, reason)
+        if history.request_deactivation(s, "run", run, reason):
+            run.deactivated_at = datetime.now(UTC)
+            await release_run(s, run, f"run {run.id}: {reason}")

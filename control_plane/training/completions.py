@@ -120,7 +120,12 @@ class CompletionConsumer:
                 lora_config=c.lora_config,
                 user_metadata=c.user_metadata,
                 ttl_seconds=c.ttl_seconds,
+                policy_version=c.policy_version,
             )
+            if c.publish and kind == "sampler_weights":
+                # the run's paired sampler serves this adapter from now on (Loops bump_version)
+                run.published_checkpoint_id = ckpt.id
+                run.policy_version = int(c.policy_version or 0)
             if c.checkpoint_name is None and kind == "sampler_weights":
                 sampler = await open_sampling_session(
                     s,

@@ -1,4 +1,7 @@
-"""Seq 0 of a run created through the Loops API (Tinker clients send their own)."""
+"""Seq 0 of a run created through the Loops API (Tinker clients send their own): a fresh
+LoRA adapter (attention and MLP, as Loops trains them), or the adapter of the checkpoint the run
+resumes (``path``: with its optimizer state) or starts from (``base_checkpoint``: fresh
+optimizer)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Checkpoint, Run
+from control_plane.services.runs import LOOPS_LORA_TARGETS
 from control_plane.training.queue import TrainerQueue
 from data_plane.wire import op_bodies
 from data_plane.wire.paths import parse_checkpoint_path
@@ -19,8 +23,9 @@ if TYPE_CHECKING:
 
 async def enqueue_initial_op(r: Runtime, s: AsyncSession, run: Run) -> str:
     queue = TrainerQueue(r.redis)
-    if run.init_path:
-        ref = parse_checkpoint_path(run.init_path)
+    start = run.init_path or run.base_checkpoint
+    if start:
+        ref = parse_checkpoint_path(start)
         ckpt = (
             await s.execute(
                 select(Checkpoint).where(
@@ -29,13 +34,13 @@ async def enqueue_initial_op(r: Runtime, s: AsyncSession, run: Run) -> str:
             )
         ).scalar_one()
         body = op_bodies.encode(
-            op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=ref.tinker_path, optimizer=True)
+            op_bodies.LoadWeightsBody(
+                storage_prefix=ckpt.storage_prefix, tinker_path=ref.tinker_path, optimizer=bool(run.init_path)
+            )
         )
         kind = OpKind.LOAD_WEIGHTS
     else:
-        body = op_bodies.encode(
-            op_bodies.CreateBody(lora=op_bodies.LoraSpec(rank=run.lora_rank, seed=run.seed))
-        )
+        body = op_bodies.encode(op_bodies.CreateBody(lora=op_bodies.LoraSpec(rank=run.lora_rank, seed=run.seed, **LOOPS_LORA_TARGETS)))
         kind = OpKind.CREATE
     rid, _ = await queue.submit(run.id, run.id, 0, kind, body, org_id=run.org_id)
     return rid

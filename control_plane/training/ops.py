@@ -214,9 +214,9 @@ class TrainingOps:
                 if existing.org_id != principal.org_id:
                     raise NotFound("session", session_id)
                 return existing
-            run, _ = await runs_svc.create_run(
-                s, principal, self.r.catalog, req, self.r.settings.default_scale_down_delay_seconds
-            )
+            run = (
+                await runs_svc.create_run(s, principal, self.r.catalog, req, self.r.settings.default_scale_down_delay_seconds)
+            ).run
             run.init_path = init_path
         return run
 

@@ -33,6 +33,12 @@ async def read_future(redis: aioredis.Redis, request_id: str, org_id: str | None
     return q.FutureResult.from_fields(fields)
 
 
+async def read_hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
+    """A Redis hash with its fields and values decoded (worker and run state)."""
+    raw = await redis.hgetall(key)
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
 class TrainerQueue:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis

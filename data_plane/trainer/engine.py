@@ -6,32 +6,66 @@ forward-only evaluation, and AdamW steps.
   gradients.
 - Datums are grouped into micro-batches under a padded-token budget (``B * max_len <=
   microbatch_tokens``; a longer datum runs alone), sorted by length to limit padding. Padding
-  is on the right, so causal attention never sees it and no attention mask is needed.
-- Every input is validated (:func:`prepare`) before anything runs; a non-finite loss aborts
-  the call and restores the gradients to what they were before it.
+  is on the right, so causal attention never sees it and no attention mask is needed. The two
+  datums of a ``dpo`` pair always share a micro-batch.
+- Every input is validated (:func:`prepare` / :func:`prepare_loops`) before anything runs; a
+  non-finite loss aborts the call and restores the gradients (and the normalization counters)
+  to what they were before it.
+
+Two request dialects share this engine:
+
+- **Tinker** (:func:`prepare`): the loss is a plain sum over tokens (over pairs for ``dpo``),
+  outputs are unmasked, metric keys are ``name:reduction``.
+- **Loops** (:func:`prepare_loops`): a target of ``-100`` marks an ignored position (gathered
+  with a safe id, weight 0); ``weights`` is optional for every loss (default 1) and multiplies
+  the per-token loss. *Active* positions: target != -100 and weight != 0. The reported loss is
+  the mean over active tokens (over pairs for ``dpo``; for 2-D targets a position counts once)
+  unless the option ``skip_token_normalization`` is 1. Gradients are always accumulated as the
+  sum; the normalization is deferred to ``optim_step``, which divides the accumulated gradients
+  by the number of active tokens (pairs) of all normalized calls since the last step *before*
+  the gradient norm and clipping, so several calls before one step equal one call over all the
+  data. A step cannot mix normalized Loops calls with summed ones (Tinker calls or
+  ``skip_token_normalization=1``): the call that would mix them is refused before it runs.
+  Outputs are NaN at inactive positions; the ``top_k_logprobs`` option adds the k most likely
+  next tokens per position.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from data_plane.trainer.errors import UserError
-from data_plane.trainer.losses import LossSpec, get_loss, resolve_config, target_logprobs
+from data_plane.trainer.losses import (
+    LossSpec,
+    dpo_stats,
+    get_loss,
+    resolve_config,
+    sequence_scores,
+    target_logprobs_and_lse,
+    top_k_logprobs,
+)
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.op_bodies import AdamSpec
 from data_plane.wire.tensors import TensorDecodeError, decode_model_input, decode_tensor
+
+IGNORE_INDEX = -100  # Loops dialect: a target that contributes nothing
+MAX_TOP_K = 20
+TOP_K_OPTION = "top_k_logprobs"
+SKIP_NORM_OPTION = "skip_token_normalization"
 
 
 @dataclass(slots=True)
 class Prepared:
     tokens: np.ndarray  # int64 [N]
-    targets: np.ndarray  # int64 [N] or [N, K]
+    targets: np.ndarray  # int64 [N] or [N, K] (valid ids: -100 already replaced by a safe id)
     inputs: dict[str, np.ndarray]  # float32, shaped like targets (or [N] for clip thresholds)
+    active: np.ndarray | None = None  # Loops: bool, shaped like targets; None: every position counts
+    scale: np.ndarray | None = None  # float32 like targets: multiplies the elementwise loss (dpo: the w_t)
 
     @property
     def length(self) -> int:
@@ -41,6 +75,17 @@ class Prepared:
     def k(self) -> int:
         return 0 if self.targets.ndim == 1 else int(self.targets.shape[1])
 
+    @property
+    def active_rows(self) -> np.ndarray:
+        """bool [N]: positions with at least one active target."""
+        if self.active is None:
+            return np.ones(self.length, dtype=bool)
+        return self.active if self.active.ndim == 1 else self.active.any(axis=1)
+
+    @property
+    def num_active(self) -> int:
+        return int(self.active_rows.sum())
+
 
 @dataclass(slots=True)
 class Batch:
@@ -49,6 +94,17 @@ class Batch:
     config: dict[str, float]
     data: list[Prepared]
     forward_only: bool
+    loops: bool = False  # the Loops dialect (masked outputs, plain metric names)
+    normalize: bool = False  # Loops: mean over active tokens (dpo: pairs) instead of the sum
+    top_k: int = 0  # Loops: top-k next-token logprobs per position
+
+    @property
+    def pairs(self) -> bool:
+        return self.spec.kind == "pair"
+
+    def norm_count(self) -> int:
+        """What a normalized loss is divided by: active tokens, or pairs for dpo."""
+        return len(self.data) // 2 if self.pairs else sum(d.num_active for d in self.data)
 
 
 def _config_maps(req: pb.ForwardBackwardRequest) -> tuple[dict[str, float | str], dict[str, float]]:
@@ -65,16 +121,50 @@ def _config_maps(req: pb.ForwardBackwardRequest) -> tuple[dict[str, float | str]
 
 
 def prepare(req: pb.ForwardBackwardRequest, vocab_size: int, max_seq_len: int) -> Batch:
-    """Decode and validate a whole request; raises :class:`UserError` on any bad input."""
+    """Decode and validate a whole Tinker-dialect request; raises :class:`UserError` on any bad
+    input."""
     spec = get_loss(req.loss_fn)
     v2, legacy = _config_maps(req)
     config = resolve_config(req.loss_fn, v2, legacy)
     data = [_prepare_datum(i, d, spec, vocab_size, max_seq_len) for i, d in enumerate(req.data)]
+    _check_pairs(spec, req.loss_fn, data)
     return Batch(req.loss_fn, spec, config, data, bool(req.forward_only))
 
 
-def _prepare_datum(i: int, d: pb.Datum, spec: LossSpec, vocab: int, max_seq_len: int) -> Prepared:
-    where = f"data[{i}]"
+def prepare_loops(req: pb.ForwardBackwardRequest, vocab_size: int, max_seq_len: int) -> Batch:
+    """Decode and validate a whole Loops-dialect request (see the module docstring). The options
+    ``top_k_logprobs`` (integer 0..20) and ``skip_token_normalization`` (0 or 1) are taken out of
+    the loss config before it is validated."""
+    spec = get_loss(req.loss_fn)
+    v2, legacy = _config_maps(req)
+    top_k = _pop_option(TOP_K_OPTION, v2, legacy, range(MAX_TOP_K + 1))
+    skip = _pop_option(SKIP_NORM_OPTION, v2, legacy, range(2))
+    if top_k > vocab_size:
+        raise UserError(f"{TOP_K_OPTION}={top_k} exceeds the vocabulary size {vocab_size}")
+    config = resolve_config(req.loss_fn, v2, legacy)
+    data = [_prepare_loops_datum(i, d, spec, config, vocab_size, max_seq_len) for i, d in enumerate(req.data)]
+    _check_pairs(spec, req.loss_fn, data)
+    return Batch(req.loss_fn, spec, config, data, bool(req.forward_only), loops=True, normalize=not skip, top_k=top_k)
+
+
+def _pop_option(key: str, v2: dict, legacy: dict, allowed: range) -> int:
+    """Remove an option from both config maps (v2 wins); default 0."""
+    value = legacy.pop(key, 0)
+    value = v2.pop(key, value)
+    if isinstance(value, str) or not math.isfinite(value) or value != int(value) or int(value) not in allowed:
+        raise UserError(f"{key} must be an integer in [{allowed.start}, {allowed.stop - 1}], got {value!r}")
+    return int(value)
+
+
+def _check_pairs(spec: LossSpec, name: str, data: list[Prepared]) -> None:
+    if spec.kind == "pair" and len(data) % 2:
+        raise UserError(
+            f"{name} takes datums in (chosen, rejected) pairs (even index chosen, odd index rejected); "
+            f"got an odd number of datums ({len(data)})"
+        )
+
+
+def _decode_model_input(where: str, d: pb.Datum, vocab: int, max_seq_len: int) -> np.ndarray:
     try:
         tokens = decode_model_input(d.model_input)
     except TensorDecodeError as exc:
@@ -85,13 +175,20 @@ def _prepare_datum(i: int, d: pb.Datum, spec: LossSpec, vocab: int, max_seq_len:
     if n > max_seq_len:
         raise UserError(f"{where}: sequence of {n} tokens exceeds this model's max_seq_len {max_seq_len}")
     _check_vocab(tokens, vocab, f"{where}.model_input")
+    return tokens
 
+
+def _getter(where: str, d: pb.Datum):
     def get(name: str) -> np.ndarray:
         try:
             return decode_tensor(d.loss_fn_inputs[name], f"{where}.loss_fn_inputs[{name!r}]")
         except TensorDecodeError as exc:
             raise UserError(str(exc)) from None
 
+    return get
+
+
+def _decode_targets(where: str, d: pb.Datum, get, spec: LossSpec, n: int) -> np.ndarray:
     if "target_tokens" not in d.loss_fn_inputs:
         raise UserError(f"{where}.loss_fn_inputs is missing 'target_tokens'")
     targets = get("target_tokens")
@@ -106,30 +203,96 @@ def _prepare_datum(i: int, d: pb.Datum, spec: LossSpec, vocab: int, max_seq_len:
             f"{where}.loss_fn_inputs['target_tokens'] has shape {list(targets.shape)}; "
             f"expected [{n}]{' or [' + str(n) + ', K]' if spec.allow_2d else ''} (the model_input length)"
         )
+    return targets
+
+
+def _like_targets(get, where: str, name: str, targets: np.ndarray) -> np.ndarray:
+    arr = get(name).astype(np.float32, copy=False)
+    if arr.shape != targets.shape:
+        raise UserError(
+            f"{where}.loss_fn_inputs[{name!r}] has shape {list(arr.shape)}, "
+            f"expected {list(targets.shape)} (like target_tokens)"
+        )
+    return arr
+
+
+def _check_clip_inputs(where: str, inputs: dict[str, np.ndarray]) -> None:
+    if "clip_low_threshold" in inputs or "clip_high_threshold" in inputs:
+        lo, hi = inputs.get("clip_low_threshold"), inputs.get("clip_high_threshold")
+        if (lo is not None and np.any(lo < 0)) or (lo is not None and hi is not None and np.any(lo > hi)):
+            raise UserError(f"{where}: per-token clip thresholds need 0 <= low <= high")
+
+
+def _prepare_datum(i: int, d: pb.Datum, spec: LossSpec, vocab: int, max_seq_len: int) -> Prepared:
+    where = f"data[{i}]"
+    tokens = _decode_model_input(where, d, vocab, max_seq_len)
+    n = tokens.shape[0]
+    get = _getter(where, d)
+    targets = _decode_targets(where, d, get, spec, n)
     _check_vocab(targets, vocab, f"{where}.loss_fn_inputs['target_tokens']")
 
     inputs: dict[str, np.ndarray] = {}
     for name in spec.required:
         if name not in d.loss_fn_inputs:
             raise UserError(f"{where}.loss_fn_inputs is missing {name!r} (needed by this loss_fn)")
-        arr = get(name).astype(np.float32, copy=False)
-        if arr.shape != targets.shape:
-            raise UserError(
-                f"{where}.loss_fn_inputs[{name!r}] has shape {list(arr.shape)}, "
-                f"expected {list(targets.shape)} (like target_tokens)"
-            )
-        inputs[name] = _finite(arr, f"{where}.loss_fn_inputs[{name!r}]")
+        inputs[name] = _finite(_like_targets(get, where, name, targets), f"{where}.loss_fn_inputs[{name!r}]")
     for name in spec.optional:
         if name in d.loss_fn_inputs:
             arr = get(name).astype(np.float32, copy=False)
             if arr.shape != (n,):
                 raise UserError(f"{where}.loss_fn_inputs[{name!r}] has shape {list(arr.shape)}, expected [{n}]")
             inputs[name] = _finite(arr, f"{where}.loss_fn_inputs[{name!r}]")
-    if "clip_low_threshold" in inputs or "clip_high_threshold" in inputs:
-        lo, hi = inputs.get("clip_low_threshold"), inputs.get("clip_high_threshold")
-        if (lo is not None and np.any(lo < 0)) or (lo is not None and hi is not None and np.any(lo > hi)):
-            raise UserError(f"{where}: per-token clip thresholds need 0 <= low <= high")
-    return Prepared(tokens, targets, inputs)
+    _check_clip_inputs(where, inputs)
+    scale = None
+    if spec.optional_weights:  # dpo: an optional weights mask, 1 by default
+        if "weights" in d.loss_fn_inputs:
+            scale = _finite(_like_targets(get, where, "weights", targets), f"{where}.loss_fn_inputs['weights']")
+        else:
+            scale = np.ones(targets.shape, dtype=np.float32)
+    return Prepared(tokens, targets, inputs, scale=scale)
+
+
+def _prepare_loops_datum(
+    i: int, d: pb.Datum, spec: LossSpec, config: dict[str, float], vocab: int, max_seq_len: int
+) -> Prepared:
+    where = f"data[{i}]"
+    tokens = _decode_model_input(where, d, vocab, max_seq_len)
+    n = tokens.shape[0]
+    get = _getter(where, d)
+    targets = _decode_targets(where, d, get, spec, n)
+    ignored = targets == IGNORE_INDEX
+    _check_vocab(targets[~ignored], vocab, f"{where}.loss_fn_inputs['target_tokens'] (-100 = ignore)")
+    safe_targets = np.where(ignored, 0, targets)
+
+    if "weights" in d.loss_fn_inputs:
+        w = np.where(ignored, np.float32(0), _like_targets(get, where, "weights", targets)).astype(np.float32)
+        weights = _finite(w, f"{where}.loss_fn_inputs['weights']")
+        active = ~ignored & (weights != 0)
+    else:
+        weights = (~ignored).astype(np.float32)
+        active = ~ignored
+
+    inputs: dict[str, np.ndarray] = {}
+    for name in spec.required:
+        if name == "weights":
+            inputs[name] = weights
+            continue
+        if name not in d.loss_fn_inputs:
+            raise UserError(f"{where}.loss_fn_inputs is missing {name!r} (needed by this loss_fn)")
+        # inactive positions get a neutral 0 (they may hold anything, e.g. NaN for "no value")
+        arr = np.where(active, _like_targets(get, where, name, targets), np.float32(0)).astype(np.float32)
+        inputs[name] = _finite(arr, f"{where}.loss_fn_inputs[{name!r}]")
+    for name in spec.optional:
+        if name in d.loss_fn_inputs:
+            arr = get(name).astype(np.float32, copy=False)
+            if arr.shape != (n,):
+                raise UserError(f"{where}.loss_fn_inputs[{name!r}] has shape {list(arr.shape)}, expected [{n}]")
+            arr = np.where(active, arr, np.float32(config[name])).astype(np.float32)
+            inputs[name] = _finite(arr, f"{where}.loss_fn_inputs[{name!r}]")
+    _check_clip_inputs(where, inputs)
+    # cross_entropy already multiplies by its weights input; every other loss is scaled here
+    scale = None if "weights" in spec.required else weights
+    return Prepared(tokens, safe_targets, inputs, active=active, scale=scale)
 
 
 def _check_vocab(ids: np.ndarray, vocab: int, what: str) -> None:
@@ -144,20 +307,27 @@ def _finite(arr: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
-def plan_microbatches(data: Sequence[Prepared], budget_tokens: int) -> list[list[int]]:
+def plan_microbatches(data: Sequence[Prepared], budget_tokens: int, pairs: bool = False) -> list[list[int]]:
     """Group datum indices: same target width K, sorted by length (longest first), each group
-    with ``len(group) * longest <= budget_tokens`` (a longer single datum forms its own group)."""
-    order = sorted(range(len(data)), key=lambda i: (data[i].k, -data[i].length, i))
+    with ``len(group) * longest <= budget_tokens`` (a longer single datum forms its own group).
+
+    With ``pairs``, datums ``(2p, 2p + 1)`` are one unit (length: the longer of the two) that is
+    never split, listed in that order inside its group; a pair over the budget forms its own group.
+    """
+    size = 2 if pairs else 1
+    units = [list(range(j, min(j + size, len(data)))) for j in range(0, len(data), size)]
+    lengths = {u[0]: max(data[i].length for i in u) for u in units}
+    units.sort(key=lambda u: (data[u[0]].k, -lengths[u[0]], u[0]))
     groups: list[list[int]] = []
     cur: list[int] = []
     cur_max = 0
-    for i in order:
-        d = data[i]
-        if cur and (data[cur[0]].k != d.k or (len(cur) + 1) * max(cur_max, d.length) > budget_tokens):
+    for u in units:
+        n = lengths[u[0]]
+        if cur and (data[cur[0]].k != data[u[0]].k or (len(cur) + len(u)) * max(cur_max, n) > budget_tokens):
             groups.append(cur)
             cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, d.length)
+        cur.extend(u)
+        cur_max = max(cur_max, n)
     if cur:
         groups.append(cur)
     return groups
@@ -165,12 +335,29 @@ def plan_microbatches(data: Sequence[Prepared], budget_tokens: int) -> list[list
 
 @dataclass(slots=True)
 class FwdBwdResult:
-    per_datum: list[dict[str, np.ndarray]]  # logprobs, elementwise_loss (shape of target_tokens)
+    per_datum: list[dict[str, np.ndarray]]  # logprobs[, elementwise_loss, top_k_*] (shape of target_tokens)
     metrics: dict[str, float]
+    loss: float = 0.0  # the reported loss (Loops: normalized unless skip_token_normalization)
+
+
+@dataclass(slots=True)
+class _Totals:
+    """Sums over the micro-batches of one call."""
+
+    loss: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)  # per-token stats, summed over active tokens
+    pair_stats: dict[str, float] = field(default_factory=dict)  # dpo metrics, summed over pairs
+
+    def add(self, into: dict[str, float], values: dict[str, float]) -> None:
+        for k, v in values.items():
+            into[k] = into.get(k, 0.0) + v
 
 
 class NonFiniteLoss(UserError):
     pass
+
+
+MEAN, SUM = "mean", "sum"  # how the gradients accumulated since the last optim_step are normalized
 
 
 def _split_head(model):
@@ -204,6 +391,9 @@ class Engine:
         self.optimizer = self.new_optimizer()
         self.optimizer_steps = 0  # how many optim_steps these weights have taken
         self._split_head = _split_head(model)
+        # since the last optim_step: MEAN (normalized Loops calls), SUM (anything else) or None
+        self._accum_mode: str | None = None
+        self._accum_count = 0  # active tokens (dpo: pairs) of the normalized calls
 
     def new_optimizer(self) -> torch.optim.AdamW:
         d = AdamSpec()
@@ -216,27 +406,80 @@ class Engine:
         self.optimizer = self.new_optimizer()
 
     def clear_grads(self) -> None:
+        """Drop the accumulated gradients (and with them the normalization counters)."""
         for p in self.params:
             p.grad = None
+        self._accum_mode = None
+        self._accum_count = 0
+
+    def reset(self) -> None:
+        """A fresh optimizer, no gradients, step counter 0 (the weights are the caller's job)."""
+        self.clear_grads()
+        self.reset_optimizer()
+        self.optimizer_steps = 0
+
+    @property
+    def accumulation(self) -> tuple[str | None, int]:
+        """(``"mean"`` | ``"sum"`` | None, normalizer count) of the gradients since the last step."""
+        return self._accum_mode, self._accum_count
 
     # ---- forward / backward -------------------------------------------------------------
     def forward_backward(self, batch: Batch) -> FwdBwdResult:
+        mode = None
+        if not batch.forward_only:
+            mode = MEAN if batch.normalize else SUM
+            self._check_accumulation(mode)
         per_datum: list[dict[str, np.ndarray] | None] = [None] * len(batch.data)
-        total = 0.0
+        totals = _Totals()
         snapshot = None if batch.forward_only else [None if p.grad is None else p.grad.clone() for p in self.params]
         try:
-            for group in plan_microbatches(batch.data, self.microbatch_tokens):
-                total += self._run_group(batch, group, per_datum)
+            for group in plan_microbatches(batch.data, self.microbatch_tokens, pairs=batch.pairs):
+                self._run_group(batch, group, per_datum, totals)
         except BaseException:
             if snapshot is not None:
                 for p, g in zip(self.params, snapshot, strict=True):
                     p.grad = g
             raise
-        n_tokens = sum(d.length for d in batch.data)
-        metrics = {"loss:sum": total, "num_tokens:sum": float(n_tokens)}
-        return FwdBwdResult([d for d in per_datum if d is not None], metrics)
+        if mode is not None:
+            self._accum_mode = mode
+            if mode == MEAN:
+                self._accum_count += batch.norm_count()
+        metrics, loss = self._metrics(batch, totals)
+        return FwdBwdResult([d for d in per_datum if d is not None], metrics, loss)
 
-    def _run_group(self, batch: Batch, group: list[int], out: list) -> float:
+    def _check_accumulation(self, mode: str) -> None:
+        if self._accum_mode is None or self._accum_mode == mode:
+            return
+        if self._accum_mode == MEAN:
+            raise UserError(
+                "the gradients accumulated since the last optim_step are token-normalized (Loops "
+                "forward_backward without skip_token_normalization); a summed loss (a Tinker "
+                "forward_backward or skip_token_normalization=1) cannot be added to them: call optim_step first"
+            )
+        raise UserError(
+            "the gradients accumulated since the last optim_step are summed (a Tinker forward_backward "
+            "or skip_token_normalization=1); a token-normalized Loops forward_backward cannot be added "
+            "to them: call optim_step first, or pass skip_token_normalization=1"
+        )
+
+    def _metrics(self, batch: Batch, t: _Totals) -> tuple[dict[str, float], float]:
+        n_pairs = len(batch.data) // 2
+        tokens = sum(d.num_active for d in batch.data) if batch.loops else sum(d.length for d in batch.data)
+        extra = {k: v / max(n_pairs, 1) for k, v in t.pair_stats.items()}
+        extra.update({k: v / max(tokens, 1) for k, v in t.stats.items()})
+        if not batch.loops:
+            metrics = {"loss:sum": t.loss, "num_tokens:sum": float(tokens)}
+            metrics.update({f"{k}:mean": v for k, v in extra.items()})
+            return metrics, t.loss
+        count = batch.norm_count()
+        loss = (t.loss / count if count else 0.0) if batch.normalize else t.loss
+        metrics = {"loss": loss, "num_tokens": float(tokens), "skip_token_normalization": 0.0 if batch.normalize else 1.0}
+        if batch.pairs:
+            metrics["num_pairs"] = float(n_pairs)
+        metrics.update(extra)
+        return metrics, loss
+
+    def _run_group(self, batch: Batch, group: list[int], out: list, totals: _Totals) -> None:
         data = [batch.data[i] for i in group]
         lengths = [d.length for d in data]
         t_max = max(lengths)
@@ -247,28 +490,56 @@ class Engine:
         mask = torch.from_numpy(np.arange(t_max)[None, :] < np.asarray(lengths)[:, None]).to(self.device)
         targets = torch.from_numpy(np.concatenate([d.targets for d in data])).to(self.device)
         inputs = self._flat_inputs(batch, data)
+        scale = None
+        if data[0].scale is not None:
+            scale = torch.from_numpy(np.concatenate([d.scale for d in data])).to(self.device)
 
+        elementwise = None
         with torch.set_grad_enabled(not batch.forward_only):
             flat_logits = self._logits(ids_t, mask)  # [M, V], rows in datum order
-            tlp = target_logprobs(flat_logits, targets)
-            elementwise = batch.spec.fn(tlp, inputs, batch.config)
-            loss = elementwise.sum()
+            tlp, lse = target_logprobs_and_lse(flat_logits, targets)
+            if batch.pairs:  # group = consecutive (chosen, rejected) pairs
+                segments = torch.from_numpy(np.repeat(np.arange(len(data)), lengths)).to(self.device)
+                scores = sequence_scores(tlp, inputs["ref_logprobs"], scale, segments, len(data))
+                loss = batch.spec.fn(scores[0::2], scores[1::2], batch.config).sum()
+            else:
+                elementwise = batch.spec.fn(tlp, inputs, batch.config)
+                if scale is not None:
+                    elementwise = elementwise * scale
+                loss = elementwise.sum()
         loss_value = float(loss.detach().item())
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(
                 f"the {batch.loss_fn} loss is not finite ({loss_value}); check logprobs/advantages "
                 "(e.g. sampler logprobs far below the model's make exp(ratio) overflow)"
             )
+        totals.loss += loss_value
+        if batch.pairs:
+            totals.add(totals.pair_stats, dpo_stats(scores[0::2], scores[1::2], batch.config))
+        if batch.spec.stats is not None:
+            counted = torch.from_numpy(np.concatenate([d.active_rows for d in data])).to(self.device)
+            stats = batch.spec.stats(tlp.detach(), inputs, batch.config)
+            totals.add(totals.stats, {k: float((v * counted).sum().item()) for k, v in stats.items()})
+        top = top_k_logprobs(flat_logits, lse, batch.top_k) if batch.top_k else None
         if not batch.forward_only:
             loss.backward()
-        lp = tlp.detach().float().cpu().numpy()
-        el = elementwise.detach().float().cpu().numpy()
+        del flat_logits, lse
+        fields = {"logprobs": tlp.detach().float().cpu().numpy()}
+        if elementwise is not None:
+            fields["elementwise_loss"] = elementwise.detach().float().cpu().numpy()
+        top_np = None if top is None else (top[0].cpu().numpy(), top[1].cpu().numpy())
         start = 0
         for i, d in zip(group, data, strict=True):
             end = start + d.length
-            out[i] = {"logprobs": lp[start:end], "elementwise_loss": el[start:end]}
+            rec = {name: arr[start:end] for name, arr in fields.items()}
+            if d.active is not None:  # Loops: NaN where nothing was scored
+                rec = {name: np.where(d.active, arr, np.float32(np.nan)).astype(np.float32) for name, arr in rec.items()}
+            if top_np is not None:
+                rows = d.active_rows[:, None]
+                rec["top_k_logprobs"] = np.where(rows, top_np[0][start:end], np.float32(np.nan)).astype(np.float32)
+                rec["top_k_token_ids"] = np.where(rows, top_np[1][start:end], -1).astype(np.int64)
+            out[i] = rec
             start = end
-        return loss_value
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of the unpadded positions only: the decoder runs on the padded batch, the
@@ -312,8 +583,12 @@ class Engine:
                 raise UserError(f"adam_params.{k} must be >= 0, got {values[k]}")
 
     def optim_step(self, adam: AdamSpec) -> dict[str, float]:
+        """One AdamW step on the accumulated gradients (first divided by the normalizer count when
+        they come from token-normalized Loops calls), then clear them."""
         self.validate_adam(adam)
         grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and self._accum_mode == MEAN and self._accum_count > 0:
+            torch._foreach_mul_(grads, 1.0 / self._accum_count)
         if grads:
             norms = torch._foreach_norm(grads, 2.0)
             grad_norm = float(torch.linalg.vector_norm(torch.stack(norms), 2.0).item())

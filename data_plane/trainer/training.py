@@ -1,4 +1,15 @@
-"""One run's model and what each op does to it, independent of how ops arrive (Redis)."""
+"""One run's model and what each op does to it, independent of how ops arrive (Redis).
+
+Lifecycle on one worker, which may serve several runs one after another on the same loaded
+base model: ``create`` / ``create_from_checkpoint`` (seq 0) attach a LoRA adapter and remember
+its initial values; ``init_trainer`` puts the adapter back to them with a fresh optimizer;
+``detach`` removes the adapter so that the next run can ``create`` again. ``model_id`` and
+``max_seq_len`` are plain attributes the worker may reassign when it switches runs.
+
+Two request dialects reach ``forward_backward`` (see :mod:`data_plane.trainer.engine`): the
+Tinker protobuf one (:meth:`TrainingModel.forward_backward`, protobuf answer) and the Loops one
+(:meth:`TrainingModel.loops_forward_backward`, JSON answer from :mod:`.loops_output`).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +21,17 @@ from google.protobuf.message import DecodeError
 
 from data_plane.storage.base import ObjectStore
 from data_plane.trainer import checkpoint as ckpt
-from data_plane.trainer.engine import Engine, prepare
+from data_plane.trainer.engine import Engine, prepare, prepare_loops
 from data_plane.trainer.errors import UserError
+from data_plane.trainer.loops_output import encode_forward_backward
 from data_plane.trainer.model import LoraSettings, attach_lora, vocab_size
 from data_plane.wire import tinker_wire_pb2 as pb
-from data_plane.wire.op_bodies import CreateBody, LoadWeightsBody, OptimStepBody, SaveBody
+from data_plane.wire.op_bodies import (
+    CreateBody,
+    LoadWeightsBody,
+    OptimStepBody,
+    SaveBody,
+)
 from data_plane.wire.queue import CheckpointFile
 from data_plane.wire.tensors import forward_backward_output
 
@@ -55,10 +72,16 @@ class TrainingModel:
         self.lora: LoraSettings | None = None
         self.peft = None
         self.engine: Engine | None = None
+        self._initial: dict[str, torch.Tensor] | None = None  # trainable params right after seq 0 (CPU)
 
     @property
     def created(self) -> bool:
         return self.engine is not None
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps the live adapter's weights have taken (0 when there is no adapter)."""
+        return 0 if self.engine is None else self.engine.optimizer_steps
 
     def _require(self) -> Engine:
         if self.engine is None:
@@ -70,13 +93,18 @@ class TrainingModel:
             raise UserError("the model already exists (create/load as seq 0 runs once)")
         self.peft = attach_lora(self.base, settings)
         self.lora = settings
-        self.engine = Engine(self.peft, self.device, self.microbatch_tokens)
+        try:
+            self.engine = Engine(self.peft, self.device, self.microbatch_tokens)
+        except BaseException:
+            self.detach()
+            raise
         n = sum(p.numel() for p in self.engine.params)
         log.info("LoRA attached: rank=%d alpha=%g targets=%s trainable=%d", settings.rank, settings.alpha, settings.target_modules(), n)
 
     # ---- seq 0 --------------------------------------------------------------------------
     def create(self, body: CreateBody) -> dict:
         self._attach(LoraSettings.resolve(body.lora))
+        self._remember_initial()
         return {"model_id": self.model_id, "type": "create_model"}
 
     def create_from_checkpoint(self, body: LoadWeightsBody) -> dict:
@@ -87,10 +115,43 @@ class TrainingModel:
         try:
             self._restore(loaded, body.optimizer)
         except BaseException:
-            # Leave no half-initialised model behind: seq 0 failed, nothing exists.
-            self.engine = None
+            # Leave no half-initialised model behind: seq 0 failed, nothing exists (and the base
+            # is bare again, so that a later create can attach).
+            self.detach()
             raise
-        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id}
+        self._remember_initial()
+        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id, "step": self.optimizer_steps}
+
+    def _remember_initial(self) -> None:
+        eng = self._require()
+        self._initial = {n: p.detach().to("cpu", copy=True) for n, p in eng.named_params}
+
+    # ---- run lifecycle ------------------------------------------------------------------
+    def init_trainer(self, lora_rank: int) -> dict:
+        """Start a run over on the live adapter: its initial values (those right after seq 0),
+        a fresh optimizer, no gradients, step 0. ``lora_rank`` must be the adapter's rank."""
+        eng = self._require()
+        assert self.lora is not None and self._initial is not None
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int):
+            raise UserError(f"lora_rank must be an integer, got {lora_rank!r}")
+        if lora_rank != self.lora.rank:
+            raise UserError(f"lora_rank {lora_rank} does not match this trainer's LoRA rank {self.lora.rank}")
+        with torch.no_grad():
+            for n, p in eng.named_params:
+                p.copy_(self._initial[n])
+        eng.reset()
+        return {"step": 0, "lora_rank": self.lora.rank}
+
+    def detach(self) -> None:
+        """Remove the LoRA adapter (the base model is bare and unwrapped again) and drop the
+        optimizer and everything else of this run, so that ``create`` /
+        ``create_from_checkpoint`` can build a new adapter on the same base. No-op without one."""
+        if self.peft is not None:
+            self.base = self.peft.unload()
+        self.peft = None
+        self.engine = None
+        self.lora = None
+        self._initial = None
 
     def _restore(self, loaded: ckpt.LoadedCheckpoint, with_optimizer: bool) -> None:
         eng = self._require()
@@ -125,7 +186,7 @@ class TrainingModel:
                     p.copy_(snapshot[n])
             eng.optimizer, eng.optimizer_steps = old_opt, old_steps
             raise
-        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id}
+        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id, "step": eng.optimizer_steps}
 
     def forward_backward(self, raw: bytes) -> bytes:
         eng = self._require()
@@ -136,6 +197,20 @@ class TrainingModel:
         batch = prepare(req, self.vocab_size, self.max_seq_len)
         res = eng.forward_backward(batch)
         return forward_backward_output(res.per_datum, res.metrics).SerializeToString()
+
+    def loops_forward_backward(self, raw: bytes) -> bytes:
+        """The Loops dialect of forward / forward_backward: ``raw`` is a ForwardBackwardRequest
+        built from the Loops SDK's JSON (``-100`` targets ignored, optional weights, per-token
+        mean unless ``skip_token_normalization``; ``top_k_logprobs`` option); the answer is
+        UTF-8 JSON (see :func:`data_plane.trainer.loops_output.encode_forward_backward`)."""
+        eng = self._require()
+        try:
+            req = pb.ForwardBackwardRequest.FromString(raw)
+        except DecodeError as exc:
+            raise UserError(f"forward_backward body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
+        batch = prepare_loops(req, self.vocab_size, self.max_seq_len)
+        res = eng.forward_backward(batch)
+        return encode_forward_backward(res.loss, res.per_datum, res.metrics)
 
     def optim_step(self, body: OptimStepBody) -> dict:
         return {"metrics": self._require().optim_step(body.adam)}

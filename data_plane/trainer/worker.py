@@ -1,30 +1,39 @@
 """The trainer worker's Redis loop (the contract is :mod:`data_plane.wire.queue`).
 
-Lifecycle in ``worker_state_key(run_id)`` (fields ``state``, ``pid``, ``updated_at``, plus
-``detail``, ``model_id``, ``next_seq``):
+One worker serves one deployment. It loads the base model once, then executes one run at a
+time: the control plane attaches a run through ``deployment_runs_stream(deployment_id)``;
+on a new attachment the worker drops the previous run's adapter and optimizer (its waiting
+ops fail) and reads the new run's op stream from the start.
+
+Deployment lifecycle in ``worker_state_key(deployment_id)`` (fields ``state``, ``pid``,
+``updated_at``, ``run_id``, plus ``detail`` and ``gpus``):
 
 - ``loading`` at start, while the base model loads;
-- ``ready`` once the base model is loaded (before seq 0 runs); a background thread refreshes
-  ``updated_at`` every :data:`HEARTBEAT_S` seconds, also during long ops, and ``next_seq`` is
-  written after every op;
-- ``failed`` with ``detail`` if the base model cannot be loaded, if Redis stays unreachable, or
-  if this run's state hash shows ops already executed by an earlier process (a restarted
-  worker would train from a reset state: it refuses instead);
+- ``ready`` once it is loaded; a background thread refreshes ``updated_at`` (and the GPU
+  figures when there is a GPU) every :data:`HEARTBEAT_S` seconds, also during long ops;
+- ``failed`` with ``detail`` if the base model cannot be loaded or Redis stays unreachable;
 - ``stopped`` after a ``shutdown`` op or SIGTERM/SIGINT.
 
-Ops are read with ``XREAD`` from the start of ``ops_stream(run_id)``, buffered by ``seq_id``
-and executed strictly in order from 0. ``shutdown`` acts on arrival (not in seq order): ops
-still waiting for a gap get failed futures (category ``server``).
+Run progress in ``run_state_key(run_id)``: ``next_seq`` and ``optim_steps`` after every op,
+``state`` attached | detached | failed. A run whose state shows ops executed by an earlier
+process cannot continue here (its in-memory training state is gone): it is marked ``failed``
+with a ``detail`` instead of silently training from a reset state.
+
+Ops are buffered by ``seq_id`` and executed strictly in order from 0. ``shutdown`` acts on
+arrival (not in seq order): ops still waiting for a gap get failed futures (category
+``server``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -33,19 +42,27 @@ from data_plane.storage.base import StoreError
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.ordering import SeqBuffer
 from data_plane.wire import op_bodies
+from data_plane.wire.paths import CheckpointRef
 from data_plane.wire.queue import (
     COMPLETIONS_STREAM,
     FUTURE_DONE_CHANNEL,
     FUTURE_TTL_SECONDS,
+    JSON_CONTENT,
+    AttachEvent,
     Completion,
+    Dialect,
     ErrorCategory,
     FutureResult,
+    FutureState,
     OpEnvelope,
     OpKind,
+    RunState,
     WorkerState,
+    deployment_runs_stream,
     future_key,
     ops_stream,
     run_pending_key,
+    run_state_key,
     worker_state_key,
 )
 from data_plane.wire.worker_config import TrainerLaunch
@@ -83,17 +100,27 @@ def _classify(exc: BaseException) -> tuple[str, ErrorCategory]:
     return f"{type(exc).__name__}: {exc}", ErrorCategory.SERVER
 
 
+@dataclass
+class AttachedRun:
+    """The run this worker executes now, and how far it got."""
+
+    run_id: str
+    max_seq_len: int
+    buffer: SeqBuffer[OpEnvelope] = field(default_factory=SeqBuffer)
+    last_id: str = "0"  # position in the run's op stream
+    entry_ids: dict[int, str] = field(default_factory=dict)  # seq -> stream entry, deleted once run
+    seq0_error: tuple[str, ErrorCategory] | None = None
+
+
 class Worker:
     def __init__(self, launch: TrainerLaunch, client: redis.Redis | None = None, store=None) -> None:
         self.launch = launch
         self.r = client or redis.Redis.from_url(redis_url(launch.redis_url))
         self.store = store
-        self.buffer: SeqBuffer[OpEnvelope] = SeqBuffer()
         self.model = None  # TrainingModel once the base is loaded
-        self.seq0_error: tuple[str, ErrorCategory] | None = None
+        self.run: AttachedRun | None = None
+        self.runs_last_id = "0"  # position in the deployment's attach stream
         self.stopping = False
-        self.last_id = "0"
-        self.entry_ids: dict[int, str] = {}  # seq -> stream entry id, deleted once executed
         self._beat_stop = threading.Event()
 
     # ---- redis helpers ------------------------------------------------------------------
@@ -102,27 +129,43 @@ class Worker:
             "state": state.value,
             "pid": os.getpid(),
             "updated_at": f"{time.time():.3f}",
-            "model_id": self.launch.model_id,
-            "next_seq": self.buffer.next_seq,
+            "run_id": self.run.run_id if self.run else "",
         }
         if detail is not None:
             fields["detail"] = detail[:4000]
         p = self.r.pipeline(transaction=True)
         if detail is None:
-            p.hdel(worker_state_key(self.launch.run_id), "detail")
-        p.hset(worker_state_key(self.launch.run_id), mapping=fields)
+            p.hdel(worker_state_key(self.launch.deployment_id), "detail")
+        p.hset(worker_state_key(self.launch.deployment_id), mapping=fields)
         p.execute()
 
+    def set_run_state(self, run_id: str, state: RunState, detail: str | None = None, **extra: Any) -> None:
+        fields: dict[str, Any] = {"state": state.value, "deployment_id": self.launch.deployment_id, **extra}
+        if detail is not None:
+            fields["detail"] = detail[:4000]
+        self._retrying("run state", lambda: self.r.hset(run_state_key(run_id), mapping=fields))
+
     def progress(self) -> None:
-        """Record how far the sequence got (also what the restart check reads)."""
-        fields = {"updated_at": f"{time.time():.3f}", "next_seq": self.buffer.next_seq}
-        self._retrying("worker state", lambda: self.r.hset(worker_state_key(self.launch.run_id), mapping=fields))
+        """Record how far the run got (also what the restart check reads)."""
+        run = self.run
+        if run is None:
+            return
+        fields = {"next_seq": run.buffer.next_seq, "optim_steps": self._optim_steps(), "updated_at": f"{time.time():.3f}"}
+        self._retrying("run state", lambda: self.r.hset(run_state_key(run.run_id), mapping=fields))
+
+    def _optim_steps(self) -> int:
+        m = self.model
+        return int(m.optimizer_steps) if m is not None and m.created else 0
 
     def _heartbeat(self) -> None:
-        key = worker_state_key(self.launch.run_id)
+        key = worker_state_key(self.launch.deployment_id)
         while not self._beat_stop.wait(HEARTBEAT_S):
             try:
-                self.r.hset(key, "updated_at", f"{time.time():.3f}")
+                fields = {"updated_at": f"{time.time():.3f}"}
+                gpus = _gpu_usage()
+                if gpus is not None:
+                    fields["gpus"] = json.dumps(gpus)
+                self.r.hset(key, mapping=fields)
             except redis.RedisError as exc:  # the main loop handles outages
                 log.debug("heartbeat failed: %s", exc)
 
@@ -140,20 +183,20 @@ class Worker:
                 log.warning("redis error writing %s (%s); retrying", what, exc)
                 time.sleep(1.0)
 
-    def _trim(self, entry_id: str) -> None:
+    def _trim(self, run_id: str, entry_id: str) -> None:
         """Delete an executed (or duplicate) op from the stream: forward_backward bodies are
         megabytes, and a restarted worker never replays a run's ops anyway."""
         try:
-            self.r.xdel(ops_stream(self.launch.run_id), entry_id)
+            self.r.xdel(ops_stream(run_id), entry_id)
         except redis.RedisError as exc:  # best effort: the stream only grows until the next trim
             log.warning("could not trim op %s: %s", entry_id, exc)
 
-    def write_result(self, request_id: str, result: FutureResult) -> None:
+    def write_result(self, run_id: str, request_id: str, result: FutureResult) -> None:
         def _write() -> None:
             p = self.r.pipeline(transaction=True)
             p.hset(future_key(request_id), mapping=result.to_fields())
             p.expire(future_key(request_id), FUTURE_TTL_SECONDS)
-            p.srem(run_pending_key(self.launch.run_id), request_id)
+            p.srem(run_pending_key(run_id), request_id)
             p.publish(FUTURE_DONE_CHANNEL, request_id)
             p.execute()
 
@@ -164,19 +207,7 @@ class Worker:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> bool:
-        """Load the base model; False (state ``failed``) if that or the restart check fails."""
-        key = worker_state_key(self.launch.run_id)
-        prev = self.r.hgetall(key)
-        prev_next = int(prev.get(b"next_seq", b"0") or 0)
-        if prev_next > 0:
-            detail = (
-                f"a previous worker of this run already executed ops up to seq {prev_next - 1}; "
-                "its in-memory training state is lost, so this worker refuses to continue "
-                "(restore from a checkpoint into a new run)"
-            )
-            self.set_state(WorkerState.FAILED, detail)
-            log.error(detail)
-            return False
+        """Load the base model; False (state ``failed``) if that fails."""
         self.set_state(WorkerState.LOADING)
         try:
             t0 = time.perf_counter()
@@ -186,6 +217,7 @@ class Worker:
             log.exception("loading the base model failed")
             self.set_state(WorkerState.FAILED, f"loading base model {self.launch.base_model!r} failed: {type(exc).__name__}: {exc}")
             return False
+        self._attach_latest()
         self.set_state(WorkerState.READY)
         return True
 
@@ -200,7 +232,7 @@ class Worker:
         device = pick_device(self.launch.device)
         base = load_base(self.launch.model_source, device, pick_dtype(device))
         return TrainingModel(
-            model_id=self.launch.model_id,
+            model_id="",
             base_model_name=self.launch.base_model,
             base=base,
             device=device,
@@ -209,7 +241,7 @@ class Worker:
             microbatch_tokens=self.launch.microbatch_tokens,
         )
 
-    def run(self) -> int:
+    def run_forever(self) -> int:
         try:
             self._retrying("startup ping", self.r.ping)
             if not self.start():
@@ -228,11 +260,15 @@ class Worker:
             self._beat_stop.set()
 
     def _loop(self) -> int:
-        stream = ops_stream(self.launch.run_id)
+        runs_stream = deployment_runs_stream(self.launch.deployment_id)
         down_since: float | None = None
         while not self.stopping:
+            streams = {runs_stream: self.runs_last_id}
+            run = self.run
+            if run is not None:
+                streams[ops_stream(run.run_id)] = run.last_id
             try:
-                resp = self.r.xread({stream: self.last_id}, count=XREAD_COUNT, block=XREAD_BLOCK_MS)
+                resp = self.r.xread(streams, count=XREAD_COUNT, block=XREAD_BLOCK_MS)
                 down_since = None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 now = time.monotonic()
@@ -243,133 +279,235 @@ class Worker:
                 log.warning("redis error (%s); retrying", exc)
                 time.sleep(1.0)
                 continue
-            for _stream, entries in resp or []:
+            attach: AttachEvent | None = None
+            for stream, entries in resp or []:
+                name = stream.decode() if isinstance(stream, bytes) else stream
+                if name == runs_stream:
+                    for entry_id, fields in entries:
+                        self.runs_last_id = _id(entry_id)
+                        attach = _attach_event(fields) or attach
+                    continue
                 for entry_id, fields in entries:
-                    self.last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    self.accept(fields)
-                    if self.stopping:
+                    if run is None or self.stopping:
                         break
+                    run.last_id = _id(entry_id)
+                    self.accept(run, fields)
             if not self.stopping:
                 self.drain()
+            if attach is not None and not self.stopping:
+                self.attach(attach)
         self.shutdown()
         return 0
 
     def shutdown(self) -> None:
-        for _seq, env in self.buffer.take_waiting():
-            self._fail(env, "the worker shut down before this op ran", ErrorCategory.SERVER)
+        if self.run is not None:
+            for _seq, env in self.run.buffer.take_waiting():
+                self._fail(self.run.run_id, env, "the worker shut down before this op ran", ErrorCategory.SERVER)
         self.set_state(WorkerState.STOPPED)
         log.info("worker stopped")
 
+    # ---- runs ---------------------------------------------------------------------------
+    def _attach_latest(self) -> None:
+        """At start: attach the deployment's current run (the last attach event)."""
+        entries = self.r.xrevrange(deployment_runs_stream(self.launch.deployment_id), count=1)
+        if entries:
+            entry_id, fields = entries[0]
+            self.runs_last_id = _id(entry_id)
+            event = _attach_event(fields)
+            if event is not None:
+                self.attach(event)
+
+    def attach(self, event: AttachEvent) -> None:
+        """Execute ``event.run_id`` from now on (a no-op when it already is the run)."""
+        if self.run is not None and self.run.run_id == event.run_id:
+            return
+        self._detach(f"run {event.run_id} took over this deployment")
+        prev = self.r.hgetall(run_state_key(event.run_id))
+        prev_next = int(prev.get(b"next_seq", b"0") or 0)
+        if prev_next > 0:
+            detail = (
+                f"a previous trainer process of this deployment already executed ops of run "
+                f"{event.run_id} up to seq {prev_next - 1}; its in-memory training state is lost, so "
+                "this worker refuses to continue it (restore from a checkpoint into a new run)"
+            )
+            log.error(detail)
+            self.set_run_state(event.run_id, RunState.FAILED, detail)
+            self.set_state(WorkerState.READY if self.model is not None else WorkerState.LOADING)
+            return
+        m = self.model
+        assert m is not None
+        m.model_id = event.run_id
+        m.max_seq_len = min(event.max_seq_len, self.launch.max_seq_len)
+        self.run = AttachedRun(event.run_id, m.max_seq_len)
+        self.set_run_state(event.run_id, RunState.ATTACHED, next_seq=0, optim_steps=0)
+        self.set_state(WorkerState.READY)
+        log.info("attached run %s (max_seq_len %d)", event.run_id, m.max_seq_len)
+
+    def _detach(self, why: str) -> None:
+        run = self.run
+        if run is None:
+            return
+        for _seq, env in run.buffer.take_waiting():
+            self._fail(run.run_id, env, f"this op did not run: {why}", ErrorCategory.SERVER)
+        if self.model is not None and self.model.created:
+            self.model.detach()
+        self.set_run_state(run.run_id, RunState.DETACHED, why)
+        self.run = None
+        log.info("detached run %s: %s", run.run_id, why)
+
     # ---- ops ----------------------------------------------------------------------------
-    def accept(self, fields: dict[bytes, bytes]) -> None:
+    def accept(self, run: AttachedRun, fields: dict[bytes, bytes]) -> None:
         try:
             env = OpEnvelope.from_fields(fields)
         except Exception as exc:  # noqa: BLE001
-            log.error("dropping malformed stream entry %s: %s", self.last_id, exc)
+            log.error("dropping malformed stream entry %s: %s", run.last_id, exc)
             rid = fields.get(b"request_id")
             if rid:
-                self.write_result(rid.decode(), FutureResult.failed(f"malformed op envelope: {exc}", ErrorCategory.SERVER))
+                self.write_result(run.run_id, rid.decode(), FutureResult.failed(f"malformed op envelope: {exc}", ErrorCategory.SERVER))
             return
         if env.kind == OpKind.SHUTDOWN:
-            log.info("shutdown requested (entry %s)", self.last_id)
+            log.info("shutdown requested (entry %s)", run.last_id)
             self.stopping = True
             return
         if env.seq_id < 0:
-            self._fail(env, f"invalid seq_id {env.seq_id}", ErrorCategory.SERVER)
+            self._fail(run.run_id, env, f"invalid seq_id {env.seq_id}", ErrorCategory.SERVER)
             return
-        if env.model_id != self.launch.model_id:
-            self._fail(env, f"op for model {env.model_id!r} reached the worker of {self.launch.model_id!r}", ErrorCategory.SERVER)
+        if env.model_id != run.run_id:
+            self._fail(run.run_id, env, f"op for model {env.model_id!r} reached the stream of run {run.run_id!r}", ErrorCategory.SERVER)
             return
-        if not self.buffer.add(env.seq_id, env):
+        if not run.buffer.add(env.seq_id, env):
             log.info("ignoring duplicate seq %d (%s, request %s)", env.seq_id, env.kind.value, env.request_id)
-            self._trim(self.last_id)
+            self._trim(run.run_id, run.last_id)
         else:
-            self.entry_ids[env.seq_id] = self.last_id
+            run.entry_ids[env.seq_id] = run.last_id
 
     def drain(self) -> None:
-        for seq, env in self.buffer.ready():
+        run = self.run
+        if run is None:
+            return
+        for seq, env in run.buffer.ready():
             t0 = time.perf_counter()
-            self.execute(seq, env)
-            log.info("seq %d %s done in %.3fs", seq, env.kind.value, time.perf_counter() - t0)
+            self.execute(run, seq, env)
+            log.info("seq %d %s done in %.3fs (request %s)", seq, env.kind.value, time.perf_counter() - t0, env.request_id)
             self.progress()
-            entry = self.entry_ids.pop(seq, None)
+            entry = run.entry_ids.pop(seq, None)
             if entry is not None:
-                self._trim(entry)
+                self._trim(run.run_id, entry)
             if self.stopping:
                 break
 
-    def execute(self, seq: int, env: OpEnvelope) -> None:
+    def execute(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
         try:
             if seq == 0:
-                self._seq0(env)
-            elif self.seq0_error is not None:
-                msg, cat = self.seq0_error
-                self._fail(env, f"the model was not created: {msg}", cat)
+                self._seq0(run, env)
+            elif run.seq0_error is not None:
+                msg, cat = run.seq0_error
+                self._fail(run.run_id, env, f"the model was not created: {msg}", cat)
             else:
-                self._op(seq, env)
+                self._op(run, seq, env)
         except redis.RedisError:
             raise  # Redis itself is gone for good: exit (the control plane fails pending futures)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed future
             msg, cat = _classify(exc)
             if cat == ErrorCategory.SERVER:
-                log.error("seq %d %s failed: %s\n%s", seq, env.kind.value, msg, traceback.format_exc())
+                log.error("seq %d %s failed (request %s): %s\n%s", seq, env.kind.value, env.request_id, msg, traceback.format_exc())
             else:
-                log.info("seq %d %s rejected: %s", seq, env.kind.value, msg)
+                log.info("seq %d %s rejected (request %s): %s", seq, env.kind.value, env.request_id, msg)
             if seq == 0:
-                self.seq0_error = (msg, cat)
-            self._fail(env, msg, cat)
+                run.seq0_error = (msg, cat)
+            self._fail(run.run_id, env, msg, cat)
             _free_accelerator_memory()
 
-    def _fail(self, env: OpEnvelope, msg: str, cat: ErrorCategory) -> None:
+    def _fail(self, run_id: str, env: OpEnvelope, msg: str, cat: ErrorCategory) -> None:
         if env.kind in SAVE_KINDS:
-            self.complete(Completion(request_id=env.request_id, run_id=self.launch.run_id, kind=env.kind, error=msg, category=cat))
+            self.complete(Completion(request_id=env.request_id, run_id=run_id, kind=env.kind, error=msg, category=cat))
         else:
-            self.write_result(env.request_id, FutureResult.failed(msg, cat))
+            self.write_result(run_id, env.request_id, FutureResult.failed(msg, cat))
 
-    def _seq0(self, env: OpEnvelope) -> None:
+    def _ok(self, run: AttachedRun, env: OpEnvelope, result: dict[str, Any]) -> None:
+        self.write_result(run.run_id, env.request_id, FutureResult.ok_json(result))
+
+    def _seq0(self, run: AttachedRun, env: OpEnvelope) -> None:
         m = self.model
         if env.kind == OpKind.CREATE:
             result = m.create(_body(op_bodies.decode_create, env.body))
         elif env.kind == OpKind.LOAD_WEIGHTS:
             result = m.create_from_checkpoint(_body(op_bodies.decode_load, env.body))
+            result = _load_result(result, env.dialect)
         else:
             raise UserError(f"seq 0 must be create or load_weights, got {env.kind.value}")
-        self.write_result(env.request_id, FutureResult.ok_json(result))
+        self._ok(run, env, result)
 
-    def _op(self, seq: int, env: OpEnvelope) -> None:
+    def _op(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
         m = self.model
         kind = env.kind
         if kind == OpKind.REJECTED:
             log.info("seq %d was rejected by the control plane: %s", seq, env.body[:200].decode(errors="replace"))
+        elif kind == OpKind.FORWARD_BACKWARD and env.dialect == Dialect.LOOPS:
+            body = m.loops_forward_backward(env.body)
+            self.write_result(run.run_id, env.request_id, FutureResult(FutureState.DONE, JSON_CONTENT, body))
         elif kind == OpKind.FORWARD_BACKWARD:
-            self.write_result(env.request_id, FutureResult.ok_proto(m.forward_backward(env.body)))
+            self.write_result(run.run_id, env.request_id, FutureResult.ok_proto(m.forward_backward(env.body)))
         elif kind == OpKind.OPTIM_STEP:
-            self.write_result(env.request_id, FutureResult.ok_json(m.optim_step(_body(op_bodies.decode_optim, env.body))))
+            self._ok(run, env, m.optim_step(_body(op_bodies.decode_optim, env.body)))
+        elif kind == OpKind.INIT_TRAINER:
+            self._ok(run, env, m.init_trainer(_body(op_bodies.decode_init, env.body).lora_rank))
         elif kind == OpKind.LOAD_WEIGHTS:
-            self.write_result(env.request_id, FutureResult.ok_json(m.load(_body(op_bodies.decode_load, env.body))))
+            self._ok(run, env, _load_result(m.load(_body(op_bodies.decode_load, env.body)), env.dialect))
         elif kind in SAVE_KINDS:
-            body = _body(op_bodies.decode_save, env.body)
-            out = m.save(body, seq)
-            self.complete(
-                Completion(
-                    request_id=env.request_id,
-                    run_id=self.launch.run_id,
-                    kind=kind,
-                    result=out.result,
-                    checkpoint_kind=body.checkpoint_kind,
-                    checkpoint_name=body.name,
-                    storage_prefix=body.storage_prefix,
-                    files=out.files,
-                    lora_config=out.lora,
-                    sampling_session_seq_id=body.sampling_session_seq_id,
-                    ttl_seconds=body.ttl_seconds,
-                    user_metadata=body.user_metadata,
-                )
-            )
+            self._save(run, seq, env)
         elif kind == OpKind.CREATE:
             raise UserError("create is only valid as seq 0 (the model already exists)")
         else:
             raise UserError(f"unsupported op kind {kind.value}")
+
+    def _save(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
+        m = self.model
+        body = _body(op_bodies.decode_save, env.body)
+        out = m.save(body, seq)
+        version = self._optim_steps()
+        result = out.result
+        if env.dialect == Dialect.LOOPS:
+            assert body.name is not None
+            path = CheckpointRef(run.run_id, body.checkpoint_kind, body.name).loops_path
+            result = {"mode": "lora", "path": path} if body.checkpoint_kind == "weights" else {"version": version, "path": path}
+        self.complete(
+            Completion(
+                request_id=env.request_id,
+                run_id=run.run_id,
+                kind=env.kind,
+                result=result,
+                checkpoint_kind=body.checkpoint_kind,
+                checkpoint_name=body.name,
+                storage_prefix=body.storage_prefix,
+                files=out.files,
+                lora_config=out.lora,
+                sampling_session_seq_id=body.sampling_session_seq_id,
+                ttl_seconds=body.ttl_seconds,
+                user_metadata=body.user_metadata,
+                policy_version=version,
+                publish=body.publish,
+            )
+        )
+
+
+def _id(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def _attach_event(fields: dict[bytes, bytes]) -> AttachEvent | None:
+    try:
+        return AttachEvent.from_fields(fields)
+    except (KeyError, ValueError) as exc:
+        log.error("ignoring a malformed attach event: %s", exc)
+        return None
+
+
+def _load_result(result: dict[str, Any], dialect: Dialect) -> dict[str, Any]:
+    """A load's answer: ``{"step": n}`` for Loops clients, the Tinker shape otherwise."""
+    if dialect == Dialect.LOOPS:
+        return {"step": int(result.get("step", 0))}
+    return {k: v for k, v in result.items() if k != "step"}
 
 
 def _body(decode, raw: bytes):
@@ -377,6 +515,26 @@ def _body(decode, raw: bytes):
         return decode(raw)
     except (TypeError, KeyError, ValueError) as exc:
         raise UserError(f"malformed op body: {type(exc).__name__}: {exc}") from None
+
+
+def _gpu_usage() -> dict[str, dict[str, float]] | None:
+    """Memory and utilisation of each visible GPU (None without CUDA)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        out: dict[str, dict[str, float]] = {}
+        for i in range(torch.cuda.device_count()):
+            entry = {"memory_bytes": float(torch.cuda.memory_reserved(i))}
+            try:
+                entry["utilization"] = float(torch.cuda.utilization(i)) / 100.0
+            except Exception:  # noqa: BLE001 - needs NVML; memory alone is still useful
+                pass
+            out[str(i)] = entry
+        return out
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _free_accelerator_memory() -> None:
@@ -414,4 +572,4 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    return worker.run()
+    return worker.run_forever()

@@ -65,6 +65,16 @@ class SaveBody:
     sampling_session_seq_id: int | None = None
     ttl_seconds: int | None = None
     user_metadata: dict[str, str] | None = None
+    # sampler_weights only: make it the adapter the run's paired sampler serves (Loops
+    # save_weights_and_get_sampling_client sends bump_version)
+    publish: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InitTrainerBody:
+    """Loops ``init_trainer_server``: reset the adapter to its initial values."""
+
+    lora_rank: int
 
 
 def encode(body: Any) -> bytes:
@@ -87,3 +97,7 @@ def decode_optim(raw: bytes) -> OptimStepBody:
 
 def decode_save(raw: bytes) -> SaveBody:
     return SaveBody(**json.loads(raw))
+
+
+def decode_init(raw: bytes) -> InitTrainerBody:
+    return InitTrainerBody(**json.loads(raw))

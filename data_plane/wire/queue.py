@@ -2,7 +2,14 @@
 
 Both sides import this module; nothing else defines key names or envelope shapes.
 
-Flow of one Tinker training op:
+A trainer worker serves one Loops deployment and executes one run at a time: the control
+plane appends an :class:`AttachEvent` to :func:`deployment_runs_stream` to put a run on it
+(the first run of a new deployment, or a run that reuses a warm deployment). The worker keeps
+its base model loaded, drops the previous run's adapter and optimizer, and reads the new run's
+op stream from its start.
+
+Flow of one training op (Tinker or Loops; the envelope's ``dialect`` says whose conventions
+its input and result follow):
 
 1. The API server assigns a ``request_id``, claims ``(model_id, seq_id)`` with ``SET NX`` on
    :func:`seq_claim_key` (a repeated submission gets the first request's id back), records the
@@ -16,8 +23,10 @@ Flow of one Tinker training op:
    :class:`Completion` to :data:`COMPLETIONS_STREAM`; the control plane records the checkpoint
    row first and only then completes the future, so a path returned to a client is always
    listed.
-4. The worker reports its lifecycle in the hash :func:`worker_state_key` (``loading``,
-   ``ready``, ``failed`` with a ``detail``), which scheduler backends read when observing.
+4. The worker reports its lifecycle in the hash :func:`worker_state_key` of its deployment
+   (``loading``, ``ready``, ``failed`` with a ``detail``; the attached ``run_id``; GPU use) and
+   each run's progress in :func:`run_state_key` (``next_seq``, ``optim_steps``, ``state``
+   attached | failed | detached, ``detail``), which the controller reads.
 """
 
 from __future__ import annotations
@@ -51,8 +60,19 @@ def run_pending_key(run_id: str) -> str:
     return f"{PREFIX}:pending:{run_id}"
 
 
-def worker_state_key(run_id: str) -> str:
-    return f"{PREFIX}:worker:{run_id}"
+def worker_state_key(deployment_id: str) -> str:
+    """The trainer worker of a deployment: lifecycle, attached run, GPU use."""
+    return f"{PREFIX}:worker:{deployment_id}"
+
+
+def run_state_key(run_id: str) -> str:
+    """One run's progress on its deployment's worker."""
+    return f"{PREFIX}:run-state:{run_id}"
+
+
+def deployment_runs_stream(deployment_id: str) -> str:
+    """:class:`AttachEvent` entries: which run the deployment's worker executes."""
+    return f"{PREFIX}:deployment-runs:{deployment_id}"
 
 
 class OpKind(StrEnum):
@@ -62,10 +82,25 @@ class OpKind(StrEnum):
     SAVE_WEIGHTS = "save_weights"
     SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
     LOAD_WEIGHTS = "load_weights"
+    # Loops init_trainer_server: reset the adapter to its initial values (JSON {"lora_rank"})
+    INIT_TRAINER = "init_trainer"
     SHUTDOWN = "shutdown"
     # an op the control plane refused (bad input): it only fills its seq_id so that later
     # ops are not held back by the gap; the control plane already failed its future
     REJECTED = "rejected"
+
+
+class Dialect(StrEnum):
+    """Whose conventions an op follows: input validation, loss normalization, result shape."""
+
+    TINKER = "tinker"
+    LOOPS = "loops"
+
+
+class RunState(StrEnum):
+    ATTACHED = "attached"
+    FAILED = "failed"
+    DETACHED = "detached"
 
 
 class FutureState(StrEnum):
@@ -105,6 +140,7 @@ class OpEnvelope:
     seq_id: int
     kind: OpKind
     body: bytes
+    dialect: Dialect = Dialect.TINKER
 
     def to_fields(self) -> dict[str, bytes | str]:
         return {
@@ -113,6 +149,7 @@ class OpEnvelope:
             "seq_id": str(self.seq_id),
             "kind": self.kind.value,
             "body": self.body,
+            "dialect": self.dialect.value,
         }
 
     @classmethod
@@ -123,7 +160,23 @@ class OpEnvelope:
             seq_id=int(fields[b"seq_id"]),
             kind=OpKind(fields[b"kind"].decode()),
             body=fields[b"body"],
+            dialect=Dialect(fields.get(b"dialect", b"tinker").decode()),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AttachEvent:
+    """Put ``run_id`` on the deployment's worker (its ops stream is read from the start)."""
+
+    run_id: str
+    max_seq_len: int
+
+    def to_fields(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "max_seq_len": str(self.max_seq_len)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> AttachEvent:
+        return cls(run_id=fields[b"run_id"].decode(), max_seq_len=int(fields[b"max_seq_len"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +253,10 @@ class Completion:
     sampling_session_seq_id: int | None = None
     ttl_seconds: int | None = None
     user_metadata: dict[str, str] | None = None
+    # the trainer's optimizer step when the checkpoint was written; with ``publish`` the
+    # checkpoint becomes the adapter the run's paired sampler serves, at that version
+    policy_version: int | None = None
+    publish: bool = False
     error: str | None = None
     category: ErrorCategory | None = None
 

@@ -31,13 +31,15 @@ class StoreSpec:
 
 @dataclass(frozen=True, slots=True)
 class TrainerLaunch:
-    run_id: str
-    model_id: str
+    """The trainer worker of one deployment: which runs it executes arrives through Redis
+    (:func:`data_plane.wire.queue.deployment_runs_stream`)."""
+
+    deployment_id: str
     base_model: str
     model_source: str  # local directory with config.json + weights + tokenizer (or an HF id)
     redis_url: str  # "" = read it from the REDIS_URL_ENV environment variable
     store: StoreSpec = field(default_factory=StoreSpec)
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # the longest sequence any run on this deployment may use
     microbatch_tokens: int = 8192
     device: str = "auto"  # auto | cpu | cuda
 

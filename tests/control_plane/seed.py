@@ -1,12 +1,12 @@
-"""Rows that the Loops API cannot create by itself (checkpoints come from trainers,
-deployments from the admin CLI), created through the same services."""
+"""Rows that the Loops API cannot create by itself (checkpoints come from trainers, served
+models from the admin CLI), created through the same services."""
 
 from __future__ import annotations
 
 from control_plane.runtime import Runtime
 from control_plane.services import checkpoints as ckpt_svc
-from control_plane.services import deployments as dep_svc
 from control_plane.services import runs as runs_svc
+from control_plane.services import served_models as sm_svc
 
 
 async def add_checkpoint(runtime: Runtime, tenant, run_id: str, name: str, kind: str = "sampler_weights", files=None):  # type: ignore[no-untyped-def]
@@ -21,6 +21,6 @@ async def add_checkpoint(runtime: Runtime, tenant, run_id: str, name: str, kind:
         )
 
 
-async def add_deployment(runtime: Runtime, tenant, checkpoint):  # type: ignore[no-untyped-def]
+async def add_served_model(runtime: Runtime, tenant, checkpoint):  # type: ignore[no-untyped-def]
     async with runtime.db.transaction() as s:
-        return await dep_svc.create_deployment(s, tenant.principal, checkpoint)
+        return await sm_svc.create_served_model(s, tenant.principal, checkpoint)

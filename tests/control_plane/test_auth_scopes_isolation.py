@@ -13,7 +13,7 @@ from control_plane.auth.authenticator import invalidate_key
 from control_plane.runtime import build_runtime
 from control_plane.services import identity
 from tests.control_plane.conftest import ORG_ONLY, OWN_ONLY, TEST_MODEL, make_settings
-from tests.control_plane.seed import add_checkpoint, add_deployment
+from tests.control_plane.seed import add_checkpoint
 
 ORG = "manage_org_training_projects"
 OWN = "manage_own_user_or_service_account"
@@ -24,8 +24,7 @@ async def world(api, t):  # type: ignore[no-untyped-def]
     sid = (await api.client.post("/v1/loops/sessions", headers=t.headers, json={})).json()["session"]["id"]
     run = (await api.client.post("/v1/loops/runs", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL})).json()["run"]
     ck = await add_checkpoint(api.runtime, t, run["id"], "s1")
-    dep = await add_deployment(api.runtime, t, ck)
-    return {"sid": sid, "run": run["id"], "sampler": run["sampler"]["id"], "ckpt": ck.id, "dep": dep.id}
+    return {"sid": sid, "run": run["id"], "sampler": run["sampler"]["id"], "ckpt": ck.id, "dep": run["deployment_id"]}
 
 
 def routes(w):  # type: ignore[no-untyped-def]

@@ -1,10 +1,11 @@
 """The real controller loop against real trainer worker subprocesses (LocalProcessBackend).
 
-A run created through the Loops API is started by the controller, moves DEPLOYING ->
-LOADING_MODEL -> ACTIVE as the worker loads the tiny model and reports READY through Redis;
-a SIGKILLed worker makes the run FAILED with the signal in the reason and fails the run's
-pending futures (category ``server``); deactivating a live run stops its process and ends
-INACTIVE. The controller is driven pass by pass with ``reconcile_once()`` until a condition
+A run created through the Loops API is started by the controller on its deployment's
+trainer, moves DEPLOYING -> LOADING_MODEL -> ACTIVE as the worker loads the tiny model, takes
+the run and reports READY through Redis; a SIGKILLed worker makes the deployment and the run
+FAILED with the signal in the reason and fails the run's pending futures (category
+``server``); deactivating a live run stops its deployment's process and ends INACTIVE; a run
+made with ``reuse_from_run_id`` goes on the warm worker of the earlier run. The controller is driven pass by pass with ``reconcile_once()`` until a condition
 holds or a deadline passes.
 """
 
@@ -30,7 +31,7 @@ from control_plane.db.models import Run, StatusHistory
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole
-from control_plane.training.queue import TrainerQueue
+from control_plane.training.queue import TrainerQueue, read_hash
 from data_plane.wire import op_bodies
 from data_plane.wire import queue as q
 from tests.control_plane.conftest import TEST_MODEL, Tenant, make_settings, make_tenant
@@ -92,24 +93,24 @@ class Stack:
     async def status_is(self, run_id: str, *statuses: str) -> bool:
         return (await self.run_row(run_id)).status in statuses
 
-    async def create_run(self) -> dict:
+    async def create_run(self, **extra: object) -> dict:
         h = self.tenant.headers
         r = await self.client.post("/v1/loops/sessions", headers=h, json={})
         assert r.status_code == 200, r.text
         r = await self.client.post(
             "/v1/loops/runs", headers=h,
-            json={"session_id": r.json()["session"]["id"], "base_model": TEST_MODEL, "lora_rank": 4},
+            json={"session_id": r.json()["session"]["id"], "base_model": TEST_MODEL, "lora_rank": 4, **extra},
         )
         assert r.status_code == 200, r.text
         return r.json()["run"]
 
-    async def start_active_run(self) -> str:
-        run = await self.create_run()
+    async def start_active_run(self, **extra: object) -> dict:
+        run = await self.create_run(**extra)
         assert run["status"]["name"] == "DEPLOYING"
         await self.drive("the run to become ACTIVE", lambda: self.status_is(run["id"], "ACTIVE", "FAILED", "DEPLOY_FAILED"))
         row = await self.run_row(run["id"])
         assert row.status == "ACTIVE", row.status_reason
-        return run["id"]
+        return run
 
     async def pending_op(self, run_id: str) -> str:
         """An op the worker will not reach: seq 5 while seq 1 never comes."""
@@ -145,13 +146,14 @@ async def stack(
 
 
 async def test_run_starts_then_fails_when_its_worker_is_killed(stack: Stack) -> None:
-    run_id = await stack.start_active_run()
+    run = await stack.start_active_run()
+    run_id, dep_id = run["id"], run["deployment_id"]
     steps = [(h.from_status, h.to_status) for h in await stack.history(run_id)]
     assert steps == [(None, "DEPLOYING"), ("DEPLOYING", "LOADING_MODEL"), ("LOADING_MODEL", "ACTIVE")]
-    pid = stack.backend.pid(run_id, WorkloadRole.TRAINER)
+    pid = stack.backend.pid(dep_id, WorkloadRole.TRAINER)
     assert pid is not None
-    state = {k.decode(): v.decode() for k, v in (await stack.runtime.redis.hgetall(q.worker_state_key(run_id))).items()}
-    assert state["state"] == "ready" and int(state["pid"]) == pid
+    state = await read_hash(stack.runtime.redis, q.worker_state_key(dep_id))
+    assert state["state"] == "ready" and int(state["pid"]) == pid and state["run_id"] == run_id
     r = await stack.client.get(f"/v1/loops/runs/{run_id}", headers=stack.tenant.headers)
     assert r.json()["run"]["status"]["name"] == "ACTIVE"
 
@@ -167,8 +169,11 @@ async def test_run_starts_then_fails_when_its_worker_is_killed(stack: Stack) -> 
 
     row = await stack.run_row(run_id)
     assert row.status_reason and "killed by SIGKILL" in row.status_reason, row.status_reason
+    assert row.status_reason.startswith(f"deployment {dep_id} failed: worker process killed by SIGKILL")
     last = (await stack.history(run_id))[-1]
     assert (last.from_status, last.to_status, last.reason) == ("ACTIVE", "FAILED", row.status_reason)
+    r = await stack.client.get(f"/v1/loops/deployments/{dep_id}", headers=stack.tenant.headers)
+    assert r.json()["deployment"]["status"]["name"] == "FAILED"
     r = await stack.client.get(f"/v1/loops/runs/{run_id}", headers=stack.tenant.headers)
     assert r.json()["run"]["status"] == {"name": "FAILED", "reason": row.status_reason}
 
@@ -178,12 +183,13 @@ async def test_run_starts_then_fails_when_its_worker_is_killed(stack: Stack) -> 
     assert b"SIGKILL" in failed.body, failed.body
     assert await stack.runtime.redis.scard(q.run_pending_key(run_id)) == 0
     # the dead workload is forgotten (garbage-collected in the same pass)
-    assert (run_id, WorkloadRole.TRAINER) not in await stack.backend.list_workloads()
+    assert (dep_id, WorkloadRole.TRAINER) not in await stack.backend.list_workloads()
 
 
 async def test_deactivating_a_live_run_stops_its_worker(stack: Stack) -> None:
-    run_id = await stack.start_active_run()
-    pid = stack.backend.pid(run_id, WorkloadRole.TRAINER)
+    run = await stack.start_active_run()
+    run_id, dep_id = run["id"], run["deployment_id"]
+    pid = stack.backend.pid(dep_id, WorkloadRole.TRAINER)
     assert pid is not None and _alive(pid)
     waiting = await stack.pending_op(run_id)
 
@@ -194,14 +200,44 @@ async def test_deactivating_a_live_run_stops_its_worker(stack: Stack) -> None:
 
     assert (await stack.run_row(run_id)).status == "INACTIVE"
     assert not _alive(pid)
-    assert stack.backend.pid(run_id, WorkloadRole.TRAINER) is None
+    assert stack.backend.pid(dep_id, WorkloadRole.TRAINER) is None
     # stopped by SIGTERM, it shut down cleanly and said so
-    state = await stack.runtime.redis.hget(q.worker_state_key(run_id), "state")
+    state = await stack.runtime.redis.hget(q.worker_state_key(dep_id), "state")
     assert state == q.WorkerState.STOPPED.value.encode()
+    r = await stack.client.get(f"/v1/loops/deployments/{dep_id}", headers=stack.tenant.headers)
+    assert r.json()["deployment"]["status"] == {"name": "STOPPED", "reason": "deactivated", "detail": "INACTIVE"}
     steps = [(h.from_status, h.to_status) for h in await stack.history(run_id)]
     assert steps[-2:] == [("ACTIVE", "DEACTIVATING"), ("DEACTIVATING", "INACTIVE")]
     failed = await stack.future(waiting)
     assert failed.state == q.FutureState.FAILED and failed.category == q.ErrorCategory.SERVER
+
+
+async def test_a_new_run_reuses_the_warm_worker_of_an_earlier_run(stack: Stack) -> None:
+    first = await stack.start_active_run()
+    dep_id = first["deployment_id"]
+    pid = stack.backend.pid(dep_id, WorkloadRole.TRAINER)
+    waiting = await stack.pending_op(first["id"])
+
+    second = await stack.create_run(reuse_from_run_id=first["id"])
+    assert second["deployment_id"] == dep_id  # the warm deployment, not a new one
+    # the first run is replaced at once; what it still waited for fails
+    assert (await stack.run_row(first["id"])).status == "INACTIVE"
+    assert (await stack.run_row(first["id"])).status_reason == f"replaced by run {second['id']} on deployment {dep_id}"
+    failed = await stack.future(waiting)
+    assert failed.state == q.FutureState.FAILED and b"replaced" in failed.body
+    await stack.drive("the second run to become ACTIVE", lambda: stack.status_is(second["id"], "ACTIVE", "FAILED"))
+    assert (await stack.run_row(second["id"])).status == "ACTIVE"
+    assert stack.backend.pid(dep_id, WorkloadRole.TRAINER) == pid  # same process: no cold start
+    create_rid = (await stack.runtime.redis.get(q.seq_claim_key(second["id"], 0))).decode()
+    await stack.drive("the second run's create op", lambda: _settled(stack, create_rid))
+    assert (await stack.future(create_rid)).state == q.FutureState.DONE
+    dep = (await stack.client.get(f"/v1/loops/deployments/{dep_id}", headers=stack.tenant.headers)).json()["deployment"]
+    assert (dep["active_run_id"], dep["latest_run_id"], dep["status"]["name"]) == (second["id"], second["id"], "RUNNING")
+    assert (await read_hash(stack.runtime.redis, q.run_state_key(first["id"])))["state"] == "detached"
+    # a run that does not fit the warm deployment (another availability) gets one of its own
+    other = await stack.create_run(reuse_from_run_id=first["id"], availability_model="spot")
+    assert other["deployment_id"] != dep_id
+    assert (await stack.run_row(second["id"])).status == "ACTIVE"
 
 
 async def _settled(stack: Stack, request_id: str) -> bool:

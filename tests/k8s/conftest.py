@@ -355,8 +355,8 @@ def trainer_spec(workload_id: str = "run:Trainer-7", **kw: Any) -> WorkloadSpec:
     return WorkloadSpec(**args)
 
 
-def deployment_spec(workload_id: str = "dep_XYZ", **kw: Any) -> WorkloadSpec:
-    return sampler_spec(workload_id, role=WorkloadRole.DEPLOYMENT, **kw)
+def served_model_spec(workload_id: str = "dep_XYZ", **kw: Any) -> WorkloadSpec:
+    return sampler_spec(workload_id, role=WorkloadRole.SERVED_MODEL, **kw)
 
 
 def backend_settings(url: str, **kw: Any) -> KubernetesSettings:

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from control_plane.controller.reconciler import Controller
-from control_plane.db.models import Deployment, Run, StatusHistory
+from control_plane.db.models import Run, ServedModel, StatusHistory
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.scheduler.kubernetes import KubernetesBackend
 from control_plane.services import runs as runs_svc
@@ -23,7 +23,7 @@ from control_plane.services import sessions as sessions_svc
 from control_plane.settings import Settings
 from data_plane.wire import queue as q
 from tests.control_plane.conftest import TEST_MODEL, Tenant, make_settings, make_tenant
-from tests.control_plane.seed import add_checkpoint, add_deployment
+from tests.control_plane.seed import add_checkpoint, add_served_model
 from tests.infra.services import TestServices
 from tests.k8s.conftest import backend_settings
 
@@ -78,19 +78,19 @@ async def new_run(runtime: Runtime, t: Tenant, **kw: Any) -> Run:
     async with runtime.db.transaction() as s:
         sess = await sessions_svc.create_session(s, t.principal, origin="loops")
         req = runs_svc.RunRequest(session_id=sess.id, base_model=TEST_MODEL, with_sampler=False, **kw)
-        run, _ = await runs_svc.create_run(s, t.principal, runtime.catalog, req, runtime.settings.default_scale_down_delay_seconds)
-    return run
+        created = await runs_svc.create_run(s, t.principal, runtime.catalog, req, runtime.settings.default_scale_down_delay_seconds)
+    return created.run
 
 
-async def new_deployment(runtime: Runtime, t: Tenant, *, scale_down_delay_seconds: int = 3600) -> Deployment:
+async def new_served_model(runtime: Runtime, t: Tenant, *, scale_down_delay_seconds: int = 3600) -> ServedModel:
     run = await new_run(runtime, t)
     ckpt = await add_checkpoint(runtime, t, run.id, "step-1")
-    dep = await add_deployment(runtime, t, ckpt)
+    sm = await add_served_model(runtime, t, ckpt)
     async with runtime.db.transaction() as s:
-        row = await s.get(Deployment, dep.id)
+        row = await s.get(ServedModel, sm.id)
         assert row is not None
         row.scale_down_delay_seconds = scale_down_delay_seconds
-    return dep
+    return sm
 
 
 async def row(runtime: Runtime, model: Any, rid: str) -> Any:
@@ -111,12 +111,15 @@ async def history(runtime: Runtime, rid: str) -> list[tuple[str | None, str, str
         return [(h.from_status, h.to_status, h.reason) for h in rows]
 
 
-async def trainer_reports(runtime: Runtime, run_id: str, state: q.WorkerState, detail: str | None = None) -> None:
-    """What a trainer worker writes about itself (data_plane/trainer/worker.py)."""
-    fields = {"state": state.value}
+async def trainer_reports(runtime: Runtime, run: Run, state: q.WorkerState, detail: str | None = None) -> None:
+    """What a trainer worker writes about itself and the run it executes
+    (data_plane/trainer/worker.py)."""
+    assert run.deployment_id is not None
+    fields = {"state": state.value, "run_id": run.id}
     if detail:
         fields["detail"] = detail
-    await runtime.redis.hset(q.worker_state_key(run_id), mapping=fields)
+    await runtime.redis.hset(q.worker_state_key(run.deployment_id), mapping=fields)
+    await runtime.redis.hset(q.run_state_key(run.id), mapping={"state": q.RunState.ATTACHED.value, "next_seq": "0"})
 
 
 class FlakyProxy:

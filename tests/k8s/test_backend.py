@@ -51,7 +51,7 @@ from tests.k8s.conftest import (
     Cluster,
     Kubelet,
     backend_settings,
-    deployment_spec,
+    served_model_spec,
     eventually,
     running,
     sampler_spec,
@@ -141,7 +141,7 @@ async def test_trainer_has_no_service_and_no_probes(backend: KubernetesBackend, 
 
 
 async def test_ensure_is_idempotent(backend: KubernetesBackend, cluster: Cluster) -> None:
-    spec = deployment_spec()
+    spec = served_model_spec()
     for _ in range(3):
         await backend.ensure(spec)
     assert len(cluster.objects(DEPLOYMENTS)) == 1 and len(cluster.objects(SERVICES)) == 1
@@ -293,7 +293,7 @@ async def test_pod_failure_reasons(
 
 
 async def test_one_ready_replica_makes_the_workload_ready(backend: KubernetesBackend, kubelet: Kubelet) -> None:
-    spec = deployment_spec(replicas=2)
+    spec = served_model_spec(replicas=2)
     await backend.ensure(spec)
     name = workload_name(spec.workload_id, spec.role)
     a = kubelet.create_pod(name, "aaaaa")
@@ -332,7 +332,7 @@ async def test_remove_cleans_everything(backend: KubernetesBackend, cluster: Clu
 
 
 async def test_scale_to_zero_and_back(backend: KubernetesBackend, cluster: Cluster, kubelet: Kubelet) -> None:
-    spec = deployment_spec()
+    spec = served_model_spec()
     await backend.ensure(spec)
     name = workload_name(spec.workload_id, spec.role)
     pod = kubelet.create_pod(name)
@@ -365,7 +365,7 @@ async def test_scale_to_zero_and_back(backend: KubernetesBackend, cluster: Clust
 
 
 async def test_list_workloads_for_garbage_collection(backend: KubernetesBackend, cluster: Cluster) -> None:
-    specs = [trainer_spec("Run:A"), trainer_spec("run-a"), sampler_spec("smp:1"), deployment_spec("dep/Ünïcode")]
+    specs = [trainer_spec("Run:A"), trainer_spec("run-a"), sampler_spec("smp:1"), served_model_spec("dep/Ünïcode")]
     for s in specs:
         await backend.ensure(s)
     # something in the namespace that openloops does not manage
@@ -433,7 +433,7 @@ async def test_410_gone_triggers_a_full_relist(backend: KubernetesBackend, clust
 
 
 async def test_transient_api_errors_are_retried(backend: KubernetesBackend, cluster: Cluster) -> None:
-    spec = deployment_spec()
+    spec = served_model_spec()
     await backend.ensure(spec)
     cluster.on_loop(lambda: cluster.emu["patch", DEPLOYMENTS][:2] << 503)
     await backend.scale(spec.workload_id, spec.role, 0)
@@ -442,7 +442,7 @@ async def test_transient_api_errors_are_retried(backend: KubernetesBackend, clus
 
 
 async def test_api_unavailable_after_the_retry_budget(backend: KubernetesBackend, cluster: Cluster) -> None:
-    spec = deployment_spec()
+    spec = served_model_spec()
     await backend.ensure(spec)
     cluster.on_loop(lambda: cluster.emu["patch", DEPLOYMENTS] << 503)
     with pytest.raises(KubernetesUnavailableError) as err:
@@ -575,7 +575,7 @@ async def test_describe_shows_objects_pods_and_their_events(backend: KubernetesB
     await backend.ensure(trainer_spec())
     t = await backend.describe(trainer_spec().workload_id, WorkloadRole.TRAINER)
     assert t.details["service"] is None and t.details["pods"] == [] and t.observation.phase == Phase.PENDING
-    gone = await backend.describe("nope", WorkloadRole.DEPLOYMENT)
+    gone = await backend.describe("nope", WorkloadRole.SERVED_MODEL)
     assert gone.observation.phase == Phase.ABSENT and gone.details["deployment"] is None and gone.events == []
 
 

@@ -1,6 +1,7 @@
 """The controller with the Kubernetes backend against kmock, on real Postgres and Redis:
-workloads created from rows, statuses from pods (with history rows), transient API errors
-retried with backoff, permanent ones failing at once, restarts without duplicates.
+workloads created from rows (a run's deployment owns its trainer), statuses from pods (with
+history rows; a run follows its deployment), transient API errors retried with backoff,
+permanent ones failing at once, restarts without duplicates.
 
 Nothing of ours is patched: the emulator answers (or refuses) requests, ``Kubelet`` plays the
 cluster, ``trainer_reports`` writes what a trainer worker writes to Redis.
@@ -12,9 +13,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from control_plane.controller.reconciler import Controller
-from control_plane.db.models import Deployment, Run
+from control_plane.db.models import Deployment, Run, ServedModel
 from control_plane.scheduler.k8s_manifests import workload_name
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.wire import queue as q
@@ -24,8 +26,8 @@ from tests.k8s.controller_env import (
     history,
     k8s_runtime,
     k8s_settings,
-    new_deployment,
     new_run,
+    new_served_model,
     status,
     tenant,
     trainer_reports,
@@ -40,8 +42,10 @@ def collapse(statuses: list[str]) -> list[str]:
     return [x for i, x in enumerate(statuses) if i == 0 or statuses[i - 1] != x]
 
 
-def trainer_name(run_id: str) -> str:
-    return workload_name(run_id, WorkloadRole.TRAINER)
+def trainer_name(run: Run) -> str:
+    """The trainer workload a run executes on: its deployment's."""
+    assert run.deployment_id is not None
+    return workload_name(run.deployment_id, WorkloadRole.TRAINER)
 
 
 async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path, cluster: Cluster, kubelet: Kubelet) -> None:
@@ -50,10 +54,11 @@ async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path
         t = await tenant(rt)
         run = await new_run(rt, t)
         await ctl.reconcile_once()
-        name = trainer_name(run.id)
+        name = trainer_name(run)
         dep = cluster.get(DEPLOYMENTS, name)
         assert dep is not None and dep["metadata"]["labels"]["openloops.dev/org"]
         assert await status(rt, Run, run.id) == "DEPLOYING"
+        assert await status(rt, Deployment, run.deployment_id) == "DEPLOYING"
 
         pod = kubelet.create_pod(name)
         kubelet.set_status(pod, running("trainer", ready=False, started=True))
@@ -63,14 +68,17 @@ async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path
             return await status(rt, Run, run.id) == want
 
         await eventually(lambda: is_("LOADING_MODEL"), T, what="LOADING_MODEL")
-        await trainer_reports(rt, run.id, q.WorkerState.READY)  # the worker loaded the model
+        await trainer_reports(rt, run, q.WorkerState.READY)  # the worker loaded the model, took the run
         await eventually(lambda: is_("ACTIVE"), T, what="ACTIVE")
 
         kubelet.set_status(pod, waiting("trainer", "CrashLoopBackOff", restarts=1, last=terminated(137, "OOMKilled")))
         await eventually(lambda: is_("FAILED"), T, what="FAILED")
         hist = await history(rt, run.id)
         assert collapse([h[1] for h in hist]) == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "FAILED"], hist
-        assert hist[-1][2] == "OOMKilled (exit code 137), CrashLoopBackOff"
+        assert hist[-1][2] == f"deployment {run.deployment_id} failed: OOMKilled (exit code 137), CrashLoopBackOff"
+        dep_hist = await history(rt, run.deployment_id)
+        assert collapse([h[1] for h in dep_hist]) == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "FAILED"], dep_hist
+        assert dep_hist[-1][2] == "OOMKilled (exit code 137), CrashLoopBackOff"
         # a failed run's workload is garbage-collected (its pods go with it)
         async def collected() -> bool:
             await ctl.reconcile_once()
@@ -100,24 +108,25 @@ async def test_transient_api_errors_are_retried_on_later_passes(services, data_d
         ctl = Controller(rt)
         run = await new_run(rt, await tenant(rt))
         outage = write_outage(cluster)
+        key = ("deployment", run.deployment_id)
         for attempt in (1, 2):  # two whole passes fail (the backend itself tries 4 times per call)
-            await eventually(lambda: ctl.retry.due(("run", run.id)), T, what="backoff to expire")
+            await eventually(lambda: ctl.retry.due(key), T, what="backoff to expire")
             await ctl.reconcile_once()
             assert await status(rt, Run, run.id) == "DEPLOYING"
-            assert ctl.retry.attempts_of(("run", run.id)) == attempt
+            assert ctl.retry.attempts_of(key) == attempt
         skipped = cluster.count("POST", DEPLOYMENTS)
-        await ctl.reconcile_once()  # still backing off: no API call for this run
-        assert cluster.count("POST", DEPLOYMENTS) == skipped or ctl.retry.attempts_of(("run", run.id)) == 3
+        await ctl.reconcile_once()  # still backing off: no API call for this deployment
+        assert cluster.count("POST", DEPLOYMENTS) == skipped or ctl.retry.attempts_of(key) == 3
         outage["on"] = False
 
         async def settled() -> bool:
             await ctl.reconcile_once()
-            return ctl.retry.attempts_of(("run", run.id)) == 0
+            return ctl.retry.attempts_of(key) == 0
 
         await eventually(settled, T, what="a successful ensure once the API recovered")
-        assert list(cluster.objects(DEPLOYMENTS)) == [trainer_name(run.id)]
+        assert list(cluster.objects(DEPLOYMENTS)) == [trainer_name(run)]
         assert await status(rt, Run, run.id) == "DEPLOYING"
-        assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.id)]
+        assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.deployment_id)]
 
 
 async def test_unreachable_api_server_then_recovery(services, data_dir: Path, cluster: Cluster) -> None:
@@ -136,10 +145,10 @@ async def test_unreachable_api_server_then_recovery(services, data_dir: Path, cl
 
             async def created() -> bool:
                 await ctl.reconcile_once()
-                return cluster.get(DEPLOYMENTS, trainer_name(run.id)) is not None
+                return cluster.get(DEPLOYMENTS, trainer_name(run)) is not None
 
             await eventually(created, T, what="the trainer Deployment once the API server is back")
-            assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.id)]
+            assert "DEPLOY_FAILED" not in [h[1] for h in await history(rt, run.deployment_id)]
     finally:
         proxy.close()
 
@@ -152,17 +161,20 @@ async def test_transient_errors_beyond_the_budget_fail_the_run(services, data_di
 
         async def failed() -> bool:
             await ctl.reconcile_once()
-            return await status(rt, Run, run.id) == "DEPLOY_FAILED"
+            return await status(rt, Deployment, run.deployment_id) == "DEPLOY_FAILED"
 
         await eventually(failed, T, what="DEPLOY_FAILED after the retry budget")
         # 3 controller attempts, each: POST (503 or 409) then 4 GETs by name (503)
         gets = [r for r in cluster.requests() if r.resource == DEPLOYMENTS and r.method.value == "GET" and r.name]
         assert len(gets) == 3 * 4
-        (_, to, reason) = (await history(rt, run.id))[-1]
+        (_, to, reason) = (await history(rt, run.deployment_id))[-1]
         assert to == "DEPLOY_FAILED"
         assert reason.startswith("could not start the trainer: gave up after 3 attempts") and "503" in reason
-        # the Deployment that did land is garbage-collected with the failed run
-        await eventually(lambda: cluster.get(DEPLOYMENTS, trainer_name(run.id)) is None, T, what="GC")
+        await ctl.reconcile_once()  # the run follows its deployment
+        assert await status(rt, Run, run.id) == "FAILED"
+        assert (await history(rt, run.id))[-1][2] == f"deployment {run.deployment_id} failed: {reason}"
+        # the Deployment that did land is garbage-collected with the failed deployment
+        await eventually(lambda: cluster.get(DEPLOYMENTS, trainer_name(run)) is None, T, what="GC")
 
 
 async def test_permanent_errors_fail_at_once(services, data_dir: Path, cluster: Cluster) -> None:
@@ -171,9 +183,10 @@ async def test_permanent_errors_fail_at_once(services, data_dir: Path, cluster: 
         run = await new_run(rt, await tenant(rt))
         cluster.on_loop(lambda: cluster.emu["post", DEPLOYMENTS] << 403)
         await ctl.reconcile_once()
-        assert await status(rt, Run, run.id) == "DEPLOY_FAILED"
+        assert await status(rt, Deployment, run.deployment_id) == "DEPLOY_FAILED"
+        assert await status(rt, Run, run.id) == "FAILED"
         assert cluster.count("POST", DEPLOYMENTS) == 1
-        reason = (await history(rt, run.id))[-1][2]
+        reason = (await history(rt, run.deployment_id))[-1][2]
         assert reason.startswith("could not start the trainer:") and "forbidden (403)" in reason
 
 
@@ -184,17 +197,19 @@ async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_noth
     before = {t.name for t in threading.enumerate()}
     async with k8s_runtime(settings) as rt:
         t = await tenant(rt)
-        dep = await new_deployment(rt, t)
+        sm = await new_served_model(rt, t)
         run = await new_run(rt, t)
+        async with rt.db.session() as s:
+            ckpt_run = (await s.execute(select(Run).where(Run.id != run.id))).scalar_one()
         # the first controller creates the Deployments but "dies" before the Service exists
         outage = write_outage(cluster)  # ensure fails after the Deployment landed: no Service yet
         await Controller(rt).reconcile_once()
         outage["on"] = False
-        name = workload_name(dep.id, WorkloadRole.DEPLOYMENT)
-        expected = {name, trainer_name(run.id), trainer_name(dep.latest_run_id)}
+        name = workload_name(sm.id, WorkloadRole.SERVED_MODEL)
+        expected = {name, trainer_name(run), trainer_name(ckpt_run)}
         assert set(cluster.objects(DEPLOYMENTS)) == expected
         assert cluster.objects(SERVICES) == {}
-        assert await status(rt, Deployment, dep.id) == "DEPLOYING"
+        assert await status(rt, ServedModel, sm.id) == "DEPLOYING"
     # a new process: fresh backend (empty caches), same database and cluster
     async with k8s_runtime(settings) as rt:
         ctl = Controller(rt)
@@ -202,23 +217,26 @@ async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_noth
         assert set(cluster.objects(DEPLOYMENTS)) == expected  # no duplicates
         assert set(cluster.objects(SERVICES)) == {name}  # the half-made workload was completed
         pod = kubelet.create_pod(name)
-        kubelet.set_status(pod, running("deployment", ready=True, started=True))
+        kubelet.set_status(pod, running("served-model", ready=True, started=True))
 
         async def active() -> bool:
             await ctl.reconcile_once()
-            return await status(rt, Deployment, dep.id) == "ACTIVE"
+            return await status(rt, ServedModel, sm.id) == "ACTIVE"
 
-        await eventually(active, T, what="deployment ACTIVE")
+        await eventually(active, T, what="served model ACTIVE")
         # deactivation removes everything; nothing is left in the cluster afterwards
         async with rt.db.transaction() as s:
-            for model, rid, kind in ((Deployment, dep.id, "deployment"), (Run, run.id, "run"), (Run, dep.latest_run_id, "run")):
-                from control_plane.services.history import request_deactivation
+            from control_plane.services.history import request_deactivation
+            from control_plane.services.runs import end_run
 
-                request_deactivation(s, kind, await s.get(model, rid), "test")
+            request_deactivation(s, "served_model", await s.get(ServedModel, sm.id), "test")
+            for rid in (run.id, ckpt_run.id):
+                await end_run(s, await s.get(Run, rid), "test")
 
         async def all_gone() -> bool:
             await ctl.reconcile_once()
-            got = {await status(rt, Deployment, dep.id), await status(rt, Run, run.id), await status(rt, Run, dep.latest_run_id)}
+            got = {await status(rt, ServedModel, sm.id), await status(rt, Run, run.id), await status(rt, Run, ckpt_run.id),
+                   await status(rt, Deployment, run.deployment_id), await status(rt, Deployment, ckpt_run.deployment_id)}
             return got == {"INACTIVE"}
 
         await eventually(all_gone, T, what="both INACTIVE")
@@ -238,20 +256,20 @@ async def test_a_vanished_trainer_is_recreated_only_if_nothing_was_lost(
         ctl = Controller(rt)
         run = await new_run(rt, await tenant(rt))
         await ctl.reconcile_once()
-        name = trainer_name(run.id)
+        name = trainer_name(run)
         kubelet.set_status(kubelet.create_pod(name), running("trainer", ready=True, started=True))
-        await trainer_reports(rt, run.id, q.WorkerState.READY)
-        await rt.redis.hset(q.worker_state_key(run.id), "next_seq", str(next_seq))
+        await trainer_reports(rt, run, q.WorkerState.READY)
+        await rt.redis.hset(q.run_state_key(run.id), "next_seq", str(next_seq))
 
         async def is_(want: str) -> bool:
             await ctl.reconcile_once()
-            return await status(rt, Run, run.id) == want
+            return await status(rt, Deployment, run.deployment_id) == want
 
         await eventually(lambda: is_("ACTIVE"), T, what="ACTIVE")
         uid = cluster.get(DEPLOYMENTS, name)["metadata"]["uid"]
         cluster.apps.delete_namespaced_deployment(name, NAMESPACE)  # someone deletes it
         await eventually(lambda: is_(expect), T, what=expect)
-        hist = await history(rt, run.id)
+        hist = await history(rt, run.deployment_id)
         after = hist[[h[1] for h in hist].index("ACTIVE") + 1 :]
         (_, to, reason) = after[0]
         assert to == expect

@@ -28,7 +28,7 @@ from tests.k8s.conftest import (
     SERVICES,
     Cluster,
     backend_settings,
-    deployment_spec,
+    served_model_spec,
     running,
     sampler_spec,
     trainer_spec,
@@ -57,7 +57,7 @@ NONE = Resources()
 
 
 def _specs():  # noqa: ANN202
-    for role, make in (("trainer", trainer_spec), ("sampler", sampler_spec), ("deployment", deployment_spec)):
+    for role, make in (("trainer", trainer_spec), ("sampler", sampler_spec), ("served-model", served_model_spec)):
         for res_name, res in (("gpu", GPU), ("cpu", CPU_ONLY), ("no-resources", NONE)):
             for settings_name, settings in (("bare", BARE), ("full", FULL)):
                 yield pytest.param(make(resources=res), settings, id=f"{role}-{res_name}-{settings_name}")
@@ -99,7 +99,7 @@ async def test_objects_sent_by_the_backend_validate_strictly(cluster: Cluster) -
     """What actually reached the API server (after the client's own serialization)."""
     b = KubernetesBackend.from_settings(backend_settings(cluster.url))
     try:
-        for spec in (trainer_spec(), sampler_spec(), deployment_spec(resources=CPU_ONLY)):
+        for spec in (trainer_spec(), sampler_spec(), served_model_spec(resources=CPU_ONLY)):
             await b.ensure(spec)
     finally:
         await b.close()
@@ -129,7 +129,7 @@ def test_workload_names_do_not_collide() -> None:
     assert len(names) == len(ids)
     assert workload_name("x", WorkloadRole.TRAINER) != workload_name("x", WorkloadRole.SAMPLER)
     assert workload_name("run_01hzx", WorkloadRole.SAMPLER).startswith("ol-sampler-run-01hzx-")
-    assert workload_name("a" * 200, WorkloadRole.DEPLOYMENT) != workload_name("a" * 201, WorkloadRole.DEPLOYMENT)
+    assert workload_name("a" * 200, WorkloadRole.SERVED_MODEL) != workload_name("a" * 201, WorkloadRole.SERVED_MODEL)
 
 
 def test_label_values() -> None:

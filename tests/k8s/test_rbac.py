@@ -1,5 +1,6 @@
 """The chart's Role grants exactly what the backend calls: every (group, resource, verb) seen on
-the wire during a full lifecycle is granted, and nothing is granted that was not called."""
+the wire during a full lifecycle (workload logs and usage included) is granted, and nothing is
+granted that was not called."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import kmock
 
 from control_plane.scheduler.k8s_manifests import BACKEND_PERMISSIONS, workload_name
 from control_plane.scheduler.kubernetes import KubernetesBackend
-from control_plane.scheduler.protocol import Phase
-from tests.k8s.conftest import Cluster, Kubelet, backend_settings, deployment_spec, running, sampler_spec, trainer_spec, wait_phase
+from control_plane.scheduler.protocol import LogQuery, Phase
+from tests.k8s.conftest import Cluster, Kubelet, backend_settings, served_model_spec, running, sampler_spec, trainer_spec, wait_phase
+from tests.k8s.test_backend_logs_usage import PodLogs
 from tests.k8s.test_helm import VALUES_FILES, by_kind, load_values, render
 
 
@@ -25,9 +27,10 @@ async def exercise_backend(cluster: Cluster) -> set[tuple[str, str, str]]:
     """Everything the controller can ask of the backend, including a restart, the direct-read
     fallback of observe and the error paths; returns the permissions used on the wire."""
     kubelet = Kubelet(cluster)
+    PodLogs(cluster)  # the kubelet's log endpoint
     before = len(cluster.requests())  # the test's own Kubelet calls are excluded below
     b = KubernetesBackend.from_settings(backend_settings(cluster.url))
-    specs = [trainer_spec(), sampler_spec(), deployment_spec()]
+    specs = [trainer_spec(), sampler_spec(), served_model_spec()]
     try:
         for spec in specs:
             await b.ensure(spec)
@@ -37,6 +40,8 @@ async def exercise_backend(cluster: Cluster) -> set[tuple[str, str, str]]:
         kubelet.set_status(pod, running("sampler", ready=True, started=True))
         await wait_phase(b, smp, phase=Phase.READY)
         assert (await b.describe(smp.workload_id, smp.role)).observation.phase == Phase.READY
+        await b.logs(smp.workload_id, smp.role, LogQuery(0, 2**62, 10, "desc"))  # pods/log
+        assert len(await b.usage(smp.workload_id, smp.role)) == 1  # metrics.k8s.io pods
         await b.scale(specs[2].workload_id, specs[2].role, 0)
         await b.scale(specs[2].workload_id, specs[2].role, 1)
         assert len(await b.list_workloads()) == 3
@@ -71,7 +76,8 @@ def role_permissions(values: dict) -> set[tuple[str, str, str]]:
 
 async def test_role_grants_exactly_what_the_backend_calls(cluster: Cluster) -> None:
     used = await exercise_backend(cluster)
-    assert used == set(BACKEND_PERMISSIONS)  # the declared list is the truth about the code
+    # the declared lists are the truth about the code
+    assert used == set(BACKEND_PERMISSIONS)
     for case in VALUES_FILES:
         granted = role_permissions(load_values(case))
         assert used - granted == set(), f"{case}: backend calls not granted"

@@ -92,25 +92,25 @@ def test_loops_sampler_statuses_follow_the_server(live_stack: LiveStack, vllm_se
     smp = wait_status(live_stack, other["sampler"]["id"], {"ACTIVE"})
     workloads = live_stack.call(live_stack.runtime.backend.list_workloads())  # type: ignore[union-attr]
     assert [w for w, role in workloads if role.value == "sampler"] == [live_stack.sampler_workload]
-    assert smp["base_url"].endswith(f"/v1/loops/samplers/{smp['id']}/openai/v1")
+    assert smp["base_url"].endswith(f"/v1/loops/samplers/{smp['id']}/sync")
 
 
 def test_loops_base_url_serves_openai_completions(live_stack: LiveStack, vllm_server: VLLMServer, tokenizer):
     sid = vllm_server.extra["keepalive_sampler_id"]
     with live_stack.http() as c:
         base = c.get(f"/v1/loops/samplers/{sid}").json()["sampler"]["base_url"]
-        r = c.post(f"{base}/completions", json={"model": "anything", "prompt": PROMPT, "max_tokens": 5, "temperature": 0})
+        r = c.post(f"{base}/v1/completions", json={"model": "anything", "prompt": PROMPT, "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["model"] == "anything" and out["usage"]["completion_tokens"] == 5 and out["choices"][0]["text"]
-        r = c.post(f"{base}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        r = c.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["role"] == "assistant"
-        assert c.post(f"{base}/completions", json={"prompt": "x", "stream": True}).status_code == 400
+        assert c.post(f"{base}/v1/completions", json={"prompt": "x", "stream": True}).status_code == 400
     # no key: 401; another org's key: 404
-    assert httpx.post(f"{base}/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "x"}).status_code == 401
     other = live_stack.call(make_tenant(live_stack.runtime, "other-org"))
-    r = httpx.post(f"{base}/completions", json={"prompt": "x"}, headers={"X-API-Key": other.key})
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": "x"}, headers={"X-API-Key": other.key})
     assert r.status_code == 404
 
 

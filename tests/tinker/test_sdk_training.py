@@ -210,7 +210,8 @@ def test_killed_worker_fails_the_model(service, live_server: LiveServer) -> None
     tok = tc.get_tokenizer()
     data = _datums(tok, [" ".join(TEXTS * 8)] * 2)  # one request per call, a few hundred tokens each
     redis = live_server.runtime.redis
-    pid = int(live_server.call(redis.hget(worker_state_key(tc.model_id), "pid")))
+    dep_id = _run_row(live_server, tc.model_id).deployment_id  # the run executes on its deployment's worker
+    pid = int(live_server.call(redis.hget(worker_state_key(dep_id), "pid")))
     futs = [tc.forward_backward(data, "cross_entropy") for _ in range(6)]
     deadline = time.monotonic() + 60
     while live_server.call(redis.scard(run_pending_key(tc.model_id))) < 1:

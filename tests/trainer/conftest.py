@@ -20,14 +20,17 @@ from data_plane.wire import op_bodies
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.queue import (
     COMPLETIONS_STREAM,
+    AttachEvent,
     Completion,
     FutureResult,
     FutureState,
     OpEnvelope,
     OpKind,
+    deployment_runs_stream,
     future_key,
     ops_stream,
     run_pending_key,
+    run_state_key,
     worker_state_key,
 )
 from data_plane.wire.worker_config import StoreSpec, TrainerLaunch
@@ -107,6 +110,7 @@ class Driver:
     r: redis.Redis
     run_id: str
     model_id: str
+    deployment_id: str = ""
     proc: subprocess.Popen | None = None
     seq: int = 0
     _n: int = 0
@@ -177,7 +181,17 @@ class Driver:
         return self.send(op, op_bodies.encode(op_bodies.SaveBody(checkpoint_kind=kind, storage_prefix=prefix, name=name, **kw)))
 
     def state(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(worker_state_key(self.run_id)).items()}
+        """The worker's own state (of its deployment)."""
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(worker_state_key(self.deployment_id)).items()}
+
+    def run_state(self) -> dict[str, str]:
+        """What the worker reports about this run."""
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(run_state_key(self.run_id)).items()}
+
+    def attach(self, max_seq_len: int = 256) -> None:
+        """Put this run on the deployment's worker (the controller's part)."""
+        event = AttachEvent(run_id=self.run_id, max_seq_len=max_seq_len)
+        self.r.xadd(deployment_runs_stream(self.deployment_id), event.to_fields())
 
     def wait_state(self, *states: str, timeout: float = 60.0) -> dict[str, str]:
         deadline = time.monotonic() + timeout
@@ -201,11 +215,12 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
     """Start ``python -m data_plane.trainer`` for a run; returns a :class:`Driver`."""
     started: list[Driver] = []
 
-    def _start(run_id: str, microbatch_tokens: int = 64, max_seq_len: int = 256) -> Driver:
-        model_id = f"sess-{run_id}:train:0"
+    def _start(run_id: str, microbatch_tokens: int = 64, max_seq_len: int = 256, deployment_id: str | None = None) -> Driver:
+        """A worker for deployment ``deployment_id`` (default ``dep-{run_id}``) with ``run_id``
+        attached; the run's model id is the run id, as the control plane makes it."""
+        deployment_id = deployment_id or f"dep-{run_id}"
         launch = TrainerLaunch(
-            run_id=run_id,
-            model_id=model_id,
+            deployment_id=deployment_id,
             base_model="openloops/tiny",
             model_source=str(tiny_model),
             redis_url=valkey_url,
@@ -222,7 +237,8 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
             [sys.executable, "-m", "data_plane.trainer"], cwd=REPO, env=env,
             stdout=log_path.open("w"), stderr=subprocess.STDOUT,
         )
-        d = Driver(redis.Redis.from_url(valkey_url), run_id, model_id, proc=proc, _log=log_path)
+        d = Driver(redis.Redis.from_url(valkey_url), run_id, run_id, deployment_id, proc=proc, _log=log_path)
+        d.attach(max_seq_len)
         started.append(d)
         return d
 

@@ -117,4 +117,4 @@ def test_unknown_and_unsupported_losses():
         get_loss("nope")
     with pytest.raises(UserError, match="not supported"):
         get_loss("gspo")
-    assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro"}
+    assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dppo", "dpo"}

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -244,16 +245,21 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
     assert a.proc.wait(30) == 0
     assert a.state()["state"] == "stopped"
 
-    # a restarted worker of the same run refuses to train from a reset state
+    # a restarted worker of the same run refuses to train it from a reset state: the run is
+    # failed, the worker itself stays ready for the next run of its deployment
     again = start_worker("wa")
-    assert again.proc.wait(60) == 1
-    st = again.state()
-    assert st["state"] == "failed" and "previous worker" in st["detail"]
+    again.wait_state("ready")
+    deadline = time.monotonic() + 60
+    while (st := again.run_state()).get("state") != "failed":
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+    assert "previous trainer process" in st["detail"] and "up to seq" in st["detail"]
+    assert again.proc.poll() is None
 
 
 def test_base_model_load_failure_sets_failed_state(valkey_url, store_root, tmp_path):
     launch = TrainerLaunch(
-        run_id="broken", model_id="s:train:0", base_model="nope", model_source=str(tmp_path / "missing"),
+        deployment_id="dep-broken", base_model="nope", model_source=str(tmp_path / "missing"),
         redis_url=valkey_url, store=StoreSpec(kind="local", root=str(store_root)), device="cpu",
     )
     proc = subprocess.run(
@@ -262,6 +268,6 @@ def test_base_model_load_failure_sets_failed_state(valkey_url, store_root, tmp_p
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
-    st = Driver(redis.Redis.from_url(valkey_url), "broken", "s:train:0").state()
+    st = Driver(redis.Redis.from_url(valkey_url), "broken", "broken", "dep-broken").state()
     assert st["state"] == "failed" and "loading base model" in st["detail"]
     assert math.isfinite(float(st["updated_at"])) and int(st["pid"]) > 0

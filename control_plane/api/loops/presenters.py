@@ -9,7 +9,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Checkpoint, Deployment, Run, Sampler, ServiceAccount, User
 from control_plane.db.reader import Row
+from control_plane.services.deployments import loops_status
 from control_plane.services.hot_reads import RunView
+
+
+def trainer_base_url(base_url: str, deployment_id: str) -> str:
+    """Where the Loops SDK talks to a deployment's trainer (the trainer data plane)."""
+    return f"{base_url}/v1/loops/deployments/{deployment_id}/trainer"
+
+
+def sampler_base_url(base_url: str, sampler_id: str) -> str:
+    """Where the Loops SDK samples (``/sample``, ``/v1/completions``, ``/v1/models``, ...)."""
+    return f"{base_url}/v1/loops/samplers/{sampler_id}/sync"
 
 
 async def principal_names(s: AsyncSession, ids: set[str]) -> dict[str, dict[str, Any]]:
@@ -41,7 +52,7 @@ def _user(users: dict[str, dict[str, Any]], pid: str) -> dict[str, Any]:
 def sampler_json(smp: Sampler | Row, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "id": smp.id,
-        "base_url": f"{base_url}/v1/loops/samplers/{smp.id}/openai/v1",
+        "base_url": sampler_base_url(base_url, smp.id),
         "base_model": smp.base_model,
         "created_at": smp.created_at,
         "model_id": smp.id,
@@ -60,7 +71,7 @@ def run_json(run: Run | Row, sampler: Sampler | Row | None, base_url: str, users
         "id": run.id,
         "session_id": run.session_id,
         "base_model": run.base_model,
-        "base_url": base_url,
+        "base_url": trainer_base_url(base_url, run.deployment_id) if run.deployment_id else None,
         "created_at": run.created_at,
         "sampler": sampler_json(sampler, base_url, users) if sampler else None,
         "name": run.name,
@@ -73,6 +84,7 @@ def run_json(run: Run | Row, sampler: Sampler | Row | None, base_url: str, users
         "scale_down_delay_seconds": run.scale_down_delay_seconds,
         "availability_model": run.availability_model,
         "replicas": run.replicas,
+        "base_checkpoint": run.base_checkpoint,
     }
 
 
@@ -83,6 +95,16 @@ def run_view_json(view: RunView, base_url: str) -> dict[str, Any]:
     return run_json(view.run, view.sampler, base_url, users)
 
 
+def lora_adapter_config(lora: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A checkpoint's LoRA settings as Loops names them (``r`` is the rank)."""
+    if not lora:
+        return None
+    out: dict[str, Any] = {"r": lora.get("rank"), **lora}
+    if "alpha" in lora:
+        out["lora_alpha"] = lora["alpha"]
+    return out
+
+
 def checkpoint_json(c: Checkpoint | Row) -> dict[str, Any]:
     return {
         "id": c.id,
@@ -90,7 +112,7 @@ def checkpoint_json(c: Checkpoint | Row) -> dict[str, Any]:
         "checkpoint_type": "lora",
         "created_at": c.created_at,
         "base_model": c.base_model,
-        "lora_adapter_config": c.lora_config,
+        "lora_adapter_config": lora_adapter_config(c.lora_config),
         "size_bytes": c.size_bytes,
         "sync_status": c.sync_status,
         "run_id": c.run_id,
@@ -100,15 +122,13 @@ def checkpoint_json(c: Checkpoint | Row) -> dict[str, Any]:
     }
 
 
-def deployment_json(
-    d: Deployment, sampler: Sampler | None, base_url: str, users: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
+def deployment_json(d: Deployment, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A Loops deployment (``LoopsDeploymentV1``)."""
     return {
         "id": d.id,
         "base_model": d.base_model,
-        "base_url": f"{base_url}/v1/loops/deployments/{d.id}/openai/v1",
-        "status": {"name": d.status, "reason": d.status_reason},
-        "sampler": sampler_json(sampler, base_url, users) if sampler else None,
+        "base_url": trainer_base_url(base_url, d.id),
+        "status": {"name": loops_status(d), "reason": d.status_reason, "detail": d.status},
         "active_run_id": d.active_run_id,
         "latest_run_id": d.latest_run_id,
         "user": _user(users, d.created_by),
@@ -116,8 +136,8 @@ def deployment_json(
         "availability_model": d.availability_model,
         "instance_type": d.instance_type,
         "node_count": d.node_count,
+        "replicas": d.replicas,
         "name": d.name,
-        "checkpoint_id": d.checkpoint_id,
     }
 
 

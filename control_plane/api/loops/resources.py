@@ -1,4 +1,4 @@
-"""/v1/loops checkpoints, deployments and capabilities."""
+"""/v1/loops checkpoints and capabilities."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from litestar.serialization import encode_json
 from control_plane.api.auth import provide_principal
 from control_plane.api.encoded import EncodedJSON
 from control_plane.api.loops import presenters as p
-from control_plane.api.loops.schemas import MetricsBody, ValidateCheckpointBody
+from control_plane.api.loops.schemas import ValidateCheckpointBody
 from control_plane.api.loops.training import ORG, OWN, rt
 from control_plane.auth.principal import Principal
-from control_plane.db.models import Sampler
 from control_plane.services import checkpoints as ckpt_svc
-from control_plane.services import deployments as dep_svc
 from control_plane.services import hot_reads
 
 
@@ -61,44 +59,12 @@ class LoopsResourcesController(Controller):
             page = await ckpt_svc.checkpoint_files(s, ckpt, page_size=page_size, page_token=page_token, url_for=r.download_url)
         return {"presigned_urls": page.files, "total_count": page.total_count, "next_page_token": page.next_page_token}
 
-    @get("/deployments", opt=ORG)
-    async def list_deployments(self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)) -> dict[str, Any]:
-        r = rt(request)
-        async with r.db.session() as s:
-            rows = await dep_svc.list_deployments(s, principal, scope=visibility)
-            samplers = {x.sampler_id: await s.get(Sampler, x.sampler_id) for x in rows if x.sampler_id}
-            users = await p.principal_names(s, {x.created_by for x in rows})
-        return {"deployments": [p.deployment_json(x, samplers.get(x.sampler_id), r.settings.base_url, users) for x in rows]}
-
-    @get("/deployments/{deployment_id:str}", opt=ORG)
-    async def get_deployment(self, request: Request, principal: Principal, deployment_id: str) -> dict[str, Any]:
-        r = rt(request)
-        async with r.db.session() as s:
-            dep = await dep_svc.get_deployment(s, principal, deployment_id)
-            smp = await s.get(Sampler, dep.sampler_id) if dep.sampler_id else None
-            users = await p.principal_names(s, {dep.created_by})
-        return {"deployment": p.deployment_json(dep, smp, r.settings.base_url, users)}
-
-    @post("/deployments/{deployment_id:str}/deactivate", opt=ORG, status_code=200)
-    async def deactivate_deployment(self, request: Request, principal: Principal, deployment_id: str) -> dict[str, Any]:
-        r = rt(request)
-        async with r.db.transaction() as s:
-            dep = await dep_svc.deactivate_deployment(s, principal, deployment_id)
-            users = await p.principal_names(s, {dep.created_by})
-        await r.kick_controller()
-        return p.deactivated_json(dep.id, dep.base_model, users, dep.created_by)
-
-    @post("/deployments/{deployment_id:str}/metrics", opt=ORG, status_code=200)
-    async def deployment_metrics(
-        self, request: Request, principal: Principal, deployment_id: str, data: MetricsBody | None = None
-    ) -> dict[str, Any]:
-        body = data or MetricsBody()
+    @get("/checkpoints/{checkpoint_id:str}/source", opt=ORG)
+    async def checkpoint_source(self, request: Request, principal: Principal, checkpoint_id: str) -> dict[str, Any]:
+        """Where a checkpoint's files come from: always the files route (presigned URLs)."""
         async with rt(request).db.session() as s:
-            dep = await dep_svc.get_deployment(s, principal, deployment_id)
-            metrics = await dep_svc.deployment_metrics(
-                s, dep, start_ms=body.start_epoch_millis, end_ms=body.end_epoch_millis, step_seconds=body.step_seconds
-            )
-        return {"deployment_id": dep.id, "metrics": metrics}
+            await ckpt_svc.get_checkpoint(s, principal, checkpoint_id)
+        return {"source": {"kind": "s3"}}
 
     @get("/capabilities", opt=OWN)
     async def capabilities(self, request: Request, principal: Principal) -> dict[str, Any]:

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, get, post
 from litestar.di import Provide
 from litestar.params import Parameter
 from litestar.serialization import encode_json
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.encoded import EncodedJSON
-from control_plane.api.loops import openai_proxy
 from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
 from control_plane.auth.principal import Principal
 from control_plane.runtime import Runtime
-from control_plane.sampling.dispatcher import SamplingDispatcher, dispatcher_for
-from control_plane.scaling.wake import touch_and_wake
 from control_plane.services import hot_reads
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
 from control_plane.services import sessions as sessions_svc
 from control_plane.statuses import Scope
 from control_plane.training.initial_op import enqueue_initial_op
+from control_plane.training.queue import TrainerQueue
 
 ORG = {"scope": Scope.MANAGE_ORG_TRAINING_PROJECTS}
 OWN = {"scope": Scope.MANAGE_OWN}
@@ -66,16 +64,19 @@ class LoopsTrainingController(Controller):
             availability_model=data.availability_model,
             replicas=data.replicas,
             path=data.path,
+            base_checkpoint=data.base_checkpoint,
+            reuse_from_run_id=data.reuse_from_run_id,
+            reuse_from_session_id=data.reuse_from_session_id,
             with_sampler=with_sampler,
         )
         async with r.db.transaction() as s:
-            run, sampler = await runs_svc.create_run(
-                s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds
-            )
-            await enqueue_initial_op(r, s, run)
-            users = await p.principal_names(s, {run.created_by})
+            created = await runs_svc.create_run(s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds)
+            await enqueue_initial_op(r, s, created.run)
+            users = await p.principal_names(s, {created.run.created_by})
+        for rid in created.replaced_run_ids:
+            await TrainerQueue(r.redis).fail_pending(rid, f"run {rid} was replaced by run {created.run.id}")
         await r.kick_controller()
-        return {"run": p.run_json(run, sampler, r.settings.base_url, users)}
+        return {"run": p.run_json(created.run, created.sampler, r.settings.base_url, users)}
 
     @post("/runs", opt=ORG, status_code=200)
     async def create_run(self, request: Request, principal: Principal, data: CreateRunBody) -> dict[str, Any]:
@@ -152,35 +153,3 @@ class LoopsTrainingController(Controller):
             users = await p.principal_names(s, {smp.created_by})
         await r.kick_controller()
         return p.deactivated_json(smp.id, smp.base_model, users, smp.created_by)
-
-    # --- the sampler's base_url: an authenticated OpenAI-compatible route ----------------
-
-    @get("/samplers/{sampler_id:str}/openai/v1/models", opt=ORG)
-    async def sampler_models(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
-        target = await dispatcher_for(rt(request)).target(principal.org_id, sampler_id)
-        return openai_proxy.models_json(target)
-
-    @post("/samplers/{sampler_id:str}/openai/v1/completions", opt=ORG, status_code=200)
-    async def sampler_completions(
-        self, request: Request, principal: Principal, sampler_id: str, data: dict[str, Any]
-    ) -> Response[Any]:
-        d = await _awake(request, principal, sampler_id)
-        return await openai_proxy.forward(d, principal, sampler_id, "/v1/completions", data)
-
-    @post("/samplers/{sampler_id:str}/openai/v1/chat/completions", opt=ORG, status_code=200)
-    async def sampler_chat_completions(
-        self, request: Request, principal: Principal, sampler_id: str, data: dict[str, Any]
-    ) -> Response[Any]:
-        d = await _awake(request, principal, sampler_id)
-        return await openai_proxy.forward(d, principal, sampler_id, "/v1/chat/completions", data)
-
-
-async def _awake(request: Request, principal: Principal, sampler_id: str) -> SamplingDispatcher:
-    """Traffic to a sampler: after the tenant check, record it and wake the sampler if it was
-    scaled to zero (the request waits, see control_plane/scaling/wake.py)."""
-    r = rt(request)
-    d = dispatcher_for(r)
-    target = await d.target(principal.org_id, sampler_id)  # 404 for another org's sampler
-    if await touch_and_wake(r, "sampler", sampler_id) or not target.serving:
-        d.forget(principal.org_id, sampler_id)  # the cached status/endpoint may be stale
-    return d

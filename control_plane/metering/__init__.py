@@ -1,0 +1,2 @@
+"""Metering: request counters of serving routes, resource samples of workloads, and the
+metric series built from them."""

@@ -1,0 +1,153 @@
+"""Per-minute request counters of a resource's serving route, without a database write per
+request.
+
+Each API process aggregates in memory: per (resource, minute) the count of each status class,
+a latency histogram and the most requests it had in flight at once. A background task
+(:meth:`RequestMeter.run_forever`) adds what accumulated to the ``request_buckets`` rows every
+``metrics_flush_seconds`` (one upsert per resource and minute), and on shutdown. Several API
+replicas add into the same rows; concurrency is each replica's peak, summed (an upper bound of
+the true peak).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy import func, literal_column
+from sqlalchemy.dialects.postgresql import insert
+
+from control_plane.db.engine import Database
+from control_plane.db.models import RequestBucket
+
+log = structlog.get_logger("openloops.metering")
+
+# upper bounds (ms) of the latency histogram buckets; one overflow bucket follows
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+Key = tuple[str, str, int]  # resource type, resource id, minute (epoch seconds // 60)
+
+
+@dataclass
+class _Bucket:
+    c2: int = 0
+    c4: int = 0
+    c5: int = 0
+    max_concurrent: int = 0
+    hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+
+
+def latency_bucket(ms: float) -> int:
+    return next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if ms <= b), len(LATENCY_BUCKETS_MS))
+
+
+class RequestMeter:
+    def __init__(self, db: Database, flush_seconds: float) -> None:
+        self._db = db
+        self._flush_seconds = flush_seconds
+        self._buckets: dict[Key, _Bucket] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}
+
+    @contextlib.contextmanager
+    def track(self, resource_type: str, resource_id: str) -> Iterator[_Outcome]:
+        """Count one request: ``with meter.track("deployment", dep_id) as out: ...; out.status
+        = 202``. The request is counted when the block exits (5xx when it raised and no status
+        was set); ``out.skip = True`` leaves it out (a long poll that only timed out)."""
+        key = (resource_type, resource_id)
+        now = self._in_flight.get(key, 0) + 1
+        self._in_flight[key] = now
+        bucket = self._bucket(resource_type, resource_id)
+        bucket.max_concurrent = max(bucket.max_concurrent, now)
+        out = _Outcome()
+        t0 = time.perf_counter()
+        try:
+            yield out
+        except BaseException:
+            if out.status is None:
+                out.status = 500
+            raise
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+            if not out.skip:
+                self.record(resource_type, resource_id, out.status or 200, (time.perf_counter() - t0) * 1000)
+
+    def record(self, resource_type: str, resource_id: str, status: int, latency_ms: float) -> None:
+        b = self._bucket(resource_type, resource_id)
+        cls = status // 100
+        if cls >= 5:
+            b.c5 += 1
+        elif cls == 4:
+            b.c4 += 1
+        else:
+            b.c2 += 1
+        b.hist[latency_bucket(latency_ms)] += 1
+
+    def _bucket(self, resource_type: str, resource_id: str) -> _Bucket:
+        key = (resource_type, resource_id, int(time.time() // 60))
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket()
+        return b
+
+    async def flush(self) -> int:
+        """Add what accumulated to the database; returns the number of rows written."""
+        pending, self._buckets = self._buckets, {}
+        if not pending:
+            return 0
+        rows = [
+            {
+                "resource_type": rt, "resource_id": rid,
+                "bucket_start": datetime.fromtimestamp(minute * 60, UTC),
+                "count_2xx": b.c2, "count_4xx": b.c4, "count_5xx": b.c5,
+                "max_concurrent": b.max_concurrent, "latency_hist": b.hist,
+            }
+            for (rt, rid, minute), b in pending.items()
+        ]
+        stmt = insert(RequestBucket).values(rows)
+        ex = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[RequestBucket.resource_type, RequestBucket.resource_id, RequestBucket.bucket_start],
+            set_={
+                "count_2xx": RequestBucket.count_2xx + ex.count_2xx,
+                "count_4xx": RequestBucket.count_4xx + ex.count_4xx,
+                "count_5xx": RequestBucket.count_5xx + ex.count_5xx,
+                "max_concurrent": RequestBucket.max_concurrent + ex.max_concurrent,
+                # element-wise sum of the two histograms
+                "latency_hist": func.array(
+                    literal_column("SELECT a + b FROM unnest(request_buckets.latency_hist, excluded.latency_hist) AS t(a, b)")
+                ),
+            },
+        )
+        try:
+            async with self._db.transaction() as s:
+                await s.execute(stmt)
+        except Exception:
+            # keep the counts for the next flush rather than lose them
+            for key, b in pending.items():
+                cur = self._buckets.setdefault(key, _Bucket())
+                cur.c2, cur.c4, cur.c5 = cur.c2 + b.c2, cur.c4 + b.c4, cur.c5 + b.c5
+                cur.max_concurrent = max(cur.max_concurrent, b.max_concurrent)
+                cur.hist = [x + y for x, y in zip(cur.hist, b.hist, strict=True)]
+            raise
+        return len(rows)
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._flush_seconds)
+            try:
+                await self.flush()
+            except Exception as exc:  # database blip: counts are kept, try again
+                log.warning("request meter flush failed; retrying", error=str(exc))
+
+
+@dataclass
+class _Outcome:
+    status: int | None = None
+    skip: bool = False

@@ -1,0 +1,145 @@
+"""Run the unmodified official Baseten Loops SDK as a client of a live openloops server.
+
+The SDK (``baseten-loops``), its Tinker shim (``baseten-loops-tinker``: a top-level ``tinker``
+that re-exports the SDK) and ``tinker-cookbook`` need Python 3.12, so they live in their own
+virtualenv, ``.venvs/loops-client``, built by ``scripts/install test``. A test hands this module a
+client script; it runs in that venv, configured only through the SDK's environment variables, and
+reports back by printing one JSON object as its last line of JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV = REPO_ROOT / ".venvs" / "loops-client"
+# written by scripts/install as its last step: a venv without it is half-built
+MARKER = VENV / ".openloops-requirements"
+
+# inherited variables that would configure the client behind the test's back
+_DROPPED_PREFIXES = ("TINKER_", "LOOPS_", "BASETEN_")
+_DROPPED = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"}
+_STDERR_TAIL = 6000
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    result: dict | None  # the last stdout line that is a JSON object
+
+
+def loops_python() -> Path | None:
+    """The Loops client venv's interpreter, or None when the venv is missing or incomplete."""
+    python = VENV / "bin" / "python"
+    return python if python.exists() and MARKER.exists() else None
+
+
+def require_loops_python() -> Path:
+    """The venv's interpreter for a test: skips without it, but fails under CI (``CI=true``),
+    whose ``scripts/test`` installs it, so that a broken install cannot pass as skipped tests."""
+    python = loops_python()
+    if python is not None:
+        return python
+    msg = f"the Loops client venv ({VENV.relative_to(REPO_ROOT)}) is not installed: run `scripts/install test`"
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
+
+
+def _last_json_object(stdout: str) -> dict | None:
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def _tail(text: str, limit: int = _STDERR_TAIL) -> str:
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def client_env(base_url: str, api_key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a client script runs with: this process's, less anything that would
+    configure the SDK or Python behind the test's back, plus the SDK's settings, offline."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)
+    }
+    env.update(
+        LOOPS_BASE_URL=base_url,
+        BASETEN_API_KEY=api_key,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def run_client(
+    script: str | Path,
+    *,
+    base_url: str,
+    api_key: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+) -> ClientResult:
+    """Run ``script`` (a ``Path`` is a file, a ``str`` is Python source) in the Loops client venv.
+
+    ``env`` is added on top of the client environment (see ``client_env``); ``cwd`` defaults to a
+    fresh temporary directory. A non-zero exit or a timeout raises ``AssertionError`` carrying the
+    tail of the script's stderr."""
+    python = loops_python()
+    if python is None:
+        raise AssertionError(f"the Loops client venv {VENV} is not installed: run `scripts/install test`")
+    with tempfile.TemporaryDirectory(prefix="loops-client-") as tmp:
+        if isinstance(script, Path):
+            path, name = script.resolve(), script.name
+        else:
+            path, name = Path(tmp) / "client_script.py", "<client script>"
+            path.write_text(script)
+        proc = subprocess.Popen(
+            [str(python), str(path)],
+            cwd=cwd or tmp,
+            env=client_env(base_url, api_key, env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # so a timeout can end the script's children too
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(
+                f"Loops client {name} timed out after {timeout:g} s; stderr tail:\n{_tail(stderr)}"
+                f"\nstdout tail:\n{_tail(stdout, 2000)}"
+            ) from None
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"Loops client {name} exited with {proc.returncode}; stderr tail:\n{_tail(stderr)}"
+            f"\nstdout tail:\n{_tail(stdout, 2000)}"
+        )
+    return ClientResult(proc.returncode, stdout, stderr, _last_json_object(stdout))
