@@ -112,15 +112,17 @@ class LoopsTrainerOps:
             raise InvalidInput("every op needs an Idempotency-Key header (the SDK sends one)", field="Idempotency-Key")
         if not IDEMPOTENCY_KEY_RE.match(operation_id):
             raise InvalidInput("Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", field="Idempotency-Key")
-        existing = await self.queue.request_id(t.run.id, operation_id)
-        if existing is not None:
-            return operation_id  # a retry of an accepted op: the same operation, before any check
+        fingerprint = hashlib.sha256(op.encode() + b"\0" + raw).hexdigest()[:32]
+        existing = await self.queue.lookup(t.run.id, operation_id)
+        if existing is not None:  # a retry of an accepted op: the same operation, before any check
+            if existing[1] != fingerprint:
+                raise Conflict(f"Idempotency-Key {operation_id!r} was used for a different request")
+            return operation_id
         body = w.decode(op, raw)
         if not 1 <= body.seq_id <= MAX_SEQ_ID:
             raise InvalidInput(f"seq_id must be between 1 and {MAX_SEQ_ID}, got {body.seq_id}", field="seq_id")
         if body.run_id is not None and body.run_id != t.run.id:
             raise InvalidInput(f"run_id {body.run_id!r} differs from the X-Run-Id header {t.run.id!r}", field="run_id")
-        fingerprint = hashlib.sha256(raw).hexdigest()[:32]
         try:
             self.live(t)
             kind, payload = await self._build(t, op, body)

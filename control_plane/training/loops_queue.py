@@ -109,7 +109,16 @@ class LoopsQueue:
             raise KeyReused(operation_id)
         return Submitted(got_rid, int(wseq), status == "new")
 
+    async def lookup(self, run_id: str, operation_id: str) -> tuple[str, str] | None:
+        """``(request_id, fingerprint)`` of ``operation_id`` of ``run_id`` (None: unknown or
+        expired)."""
+        rec = await self._redis.get(op_key(run_id, operation_id))
+        if rec is None:
+            return None
+        rid, fp, _seq = rec.decode().split("|")
+        return rid, fp
+
     async def request_id(self, run_id: str, operation_id: str) -> str | None:
         """The request id behind ``operation_id`` of ``run_id`` (None: unknown or expired)."""
-        rec = await self._redis.get(op_key(run_id, operation_id))
-        return rec.decode().split("|", 1)[0] if rec is not None else None
+        found = await self.lookup(run_id, operation_id)
+        return found[0] if found is not None else None

@@ -48,7 +48,7 @@ def run_header(request: Request) -> str:
 @contextlib.contextmanager
 def metered(request: Request, deployment_id: str) -> Iterator[Any]:
     """Count the request in the deployment's metrics, with the status it is answered with."""
-    with metered(request, deployment_id) as out:
+    with rt(request).meter.track(RESOURCE, deployment_id) as out:
         try:
             yield out
         except Exception as exc:
