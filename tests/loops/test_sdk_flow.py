@@ -60,3 +60,40 @@ def test_a_client_from_saved_state_continues_with_the_same_loss(flow: dict) -> N
     assert flow["resumed_run_id"] != flow["run_id"]
     assert flow["resumed_forward_loss"] == pytest.approx(flow["forward_loss"], rel=1e-5)
     assert flow["resumed_next_loss"] == pytest.approx(flow["forward_loss"], rel=1e-5)
+
+
+def test_the_tinker_sdk_trains_a_loops_run_further(flow: dict, live_server) -> None:  # type: ignore[no-untyped-def]
+    """One row, two APIs: the state the Loops SDK saved is a Tinker checkpoint too; the unmodified
+    tinker SDK resumes it (a new run) and computes the same loss (a token sum where Loops reports
+    the mean over the positions that count)."""
+    import tinker
+    from tinker import types
+    from transformers import AutoTokenizer
+
+    model = live_server.model
+    tok = AutoTokenizer.from_pretrained(model.tokenizer_id or model.source)
+    data, active = [], 0
+    for prompt, answer in (("the quick brown fox", " jumps over the lazy dog"), ("hello there", " general kenobi")):
+        p, a = tok.encode(prompt), tok.encode(answer)
+        tokens, targets = p + a, [0] * (len(p) - 1) + a + [0]
+        weights = [0.0] * (len(p) - 1) + [1.0] * len(a) + [0.0]
+        active += len(a)
+        data.append(types.Datum(
+            model_input=types.ModelInput.from_ints(tokens),
+            loss_fn_inputs={"target_tokens": types.TensorData(data=targets, dtype="int64", shape=[len(targets)]),
+                            "weights": types.TensorData(data=weights, dtype="float32", shape=[len(weights)])},
+        ))
+    tinker_path = flow["state_path"].replace("bt://loops:", "tinker://")
+    service = tinker.ServiceClient(base_url=live_server.base_url, api_key=live_server.api_key)
+    try:
+        runs = service.create_rest_client().list_training_runs(limit=100).result().training_runs
+        assert flow["run_id"] in {r.training_run_id for r in runs}  # the Loops run, through the Tinker API
+        tc = service.create_training_client_from_state_with_optimizer(tinker_path).result()
+        out = tc.forward(data, "cross_entropy").result()
+        assert out.metrics["loss:sum"] / active == pytest.approx(flow["forward_loss"], rel=1e-5)
+        fb = tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        after = tc.forward(data, "cross_entropy").result()
+        assert after.metrics["loss:sum"] < fb.metrics["loss:sum"]
+    finally:
+        service.close("success").result()
