@@ -56,6 +56,13 @@ def test_sampling_the_published_weights(flow: dict) -> None:
     assert flow["sampler_adapter"] == "default" and flow["sampler_base_model"]
 
 
+def test_dpo_with_reference_logprobs_from_the_sampler(flow: dict) -> None:
+    # the reference is the policy itself (vLLM float32 logprobs vs the trainer's): loss log 2
+    assert flow["dpo_before"] == pytest.approx(math.log(2), abs=1e-3)
+    assert flow["dpo_metrics"]["num_pairs"] == 1 and abs(flow["dpo_metrics"]["dpo_margin"]) < 1e-3
+    assert flow["dpo_after"] < flow["dpo_before"] - 1e-3  # the step prefers the chosen answer
+
+
 def test_a_client_from_saved_state_continues_with_the_same_loss(flow: dict) -> None:
     assert flow["resumed_run_id"] != flow["run_id"]
     assert flow["resumed_forward_loss"] == pytest.approx(flow["forward_loss"], rel=1e-5)
@@ -86,7 +93,8 @@ def test_the_tinker_sdk_trains_a_loops_run_further(flow: dict, live_server) -> N
     tinker_path = flow["state_path"].replace("bt://loops:", "tinker://")
     service = tinker.ServiceClient(base_url=live_server.base_url, api_key=live_server.api_key)
     try:
-        runs = service.create_rest_client().list_training_runs(limit=100).result().training_runs
+        rest = tinker.RestClient(base_url=live_server.base_url, api_key=live_server.api_key)
+        runs = rest.list_training_runs(limit=100).result().training_runs
         assert flow["run_id"] in {r.training_run_id for r in runs}  # the Loops run, through the Tinker API
         tc = service.create_training_client_from_state_with_optimizer(tinker_path).result()
         out = tc.forward(data, "cross_entropy").result()

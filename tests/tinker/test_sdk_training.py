@@ -341,3 +341,38 @@ def test_close_finishes_the_session(service, live_server: LiveServer) -> None:
     sess, run = live_server.call(_rows())
     assert (sess.status, sess.finish_reason, sess.finish_detail) == ("finished", "success", "done")
     assert run.status in ("DEACTIVATING", "INACTIVE")
+
+
+def test_dpo_and_dppo_through_the_tinker_wire(service, live_server: LiveServer) -> None:
+    """The Loops losses reach the Tinker API too (the protobuf takes any loss name): values match
+    a hand computation from the model's own logprobs."""
+    tc = service.create_lora_training_client(live_server.model.name, rank=4, seed=6).result()
+    tok = tc.get_tokenizer()
+    plain = _datums(tok, TEXTS[:2])  # one (chosen, rejected) pair
+    lps = [o["logprobs"].to_numpy().astype(np.float64) for o in tc.forward(plain, "cross_entropy").result().loss_fn_outputs]
+    weights = [d.loss_fn_inputs["weights"].to_numpy().astype(np.float64) for d in plain]
+    ref = [lp - 0.01 * (i + 1) for i, lp in enumerate(lps)]  # a reference policy a little behind
+    pairs = [types.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": d.loss_fn_inputs["weights"],
+        "ref_logprobs": types.TensorData(data=r.tolist(), dtype="float32", shape=list(r.shape)),
+    }) for d, r in zip(plain, ref, strict=True)]
+    beta = 0.5
+    out = tc.forward_backward(pairs, "dpo", {"beta": beta}).result()  # type: ignore[arg-type]
+    s = [float((w * (lp - r)).sum()) for w, lp, r in zip(weights, lps, ref, strict=True)]
+    margin = beta * (s[0] - s[1])
+    assert _loss(out) == pytest.approx(math.log1p(math.exp(-margin)), rel=1e-4)  # -log sigmoid(margin)
+    assert out.metrics["dpo_margin:mean"] == pytest.approx(margin, rel=1e-3)
+    assert out.metrics["dpo_accuracy:mean"] == (1.0 if margin > 0 else 0.0)
+    with pytest.raises(tinker.RequestFailedError, match="pairs|even|odd"):
+        tc.forward_backward(pairs[:1], "dpo").result()  # type: ignore[arg-type]
+
+    # dppo with the behaviour policy equal to the learner: every ratio is 1, nothing is masked,
+    # the KL term is 0, and the loss is -sum(advantages)
+    rl = [types.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"],
+        "logprobs": types.TensorData(data=lp.astype(np.float32).tolist(), dtype="float32", shape=list(lp.shape)),
+        "advantages": types.TensorData(data=[0.5] * len(lp), dtype="float32", shape=[len(lp)]),
+    }) for d, lp in zip(plain, lps, strict=True)]
+    out = tc.forward_backward(rl, "dppo", {"adv_tau": 2.0}).result()  # type: ignore[arg-type]
+    assert _loss(out) == pytest.approx(-sum(0.5 / 2.0 * len(lp) for lp in lps), rel=1e-4)
+    assert out.metrics["dppo_masked_fraction:mean"] == 0.0

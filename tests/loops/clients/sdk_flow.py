@@ -2,7 +2,8 @@
 (LOOPS_BASE_URL, BASETEN_API_KEY): create a trainer, pipelined forward_backward + optim_step
 (the loss falls), forward, save_state, save_weights_for_sampler, list_checkpoints,
 save_weights_and_get_sampling_client + sample + compute_logprobs, then
-create_training_client_from_state_with_optimizer gives the same loss. Prints one JSON object."""
+create_training_client_from_state_with_optimizer gives the same loss; a DPO step with reference
+logprobs from the sampler (the SDK's helper). Prints one JSON object."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 from transformers import AutoTokenizer
 
 from baseten.loops import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient, TensorData
+from baseten.loops.helpers.datum import attach_reference_logprobs
 
 MODEL = os.environ["OPENLOOPS_TEST_MODEL"]
 tok = AutoTokenizer.from_pretrained(os.environ["OPENLOOPS_TEST_TOKENIZER"])
@@ -62,6 +64,16 @@ out["sample_policy_version"] = res.policy_version
 out["prompt_logprobs"] = sc.compute_logprobs(ModelInput.from_ints(data[0].model_input.to_ints()))
 out["sampler_base_model"] = sc.discover_base_model_name()
 out["sampler_adapter"] = sc.discover_adapter_name()
+
+# DPO with the SDK's helper: reference logprobs from the sampler serving the current weights,
+# so at first the policy equals the reference (loss log 2); one step prefers the chosen answer
+pair = [datum("the capital of france is", " paris"), datum("the capital of france is", " london")]
+pair = attach_reference_logprobs(pair, sc)
+out["dpo_before"] = tc.forward(pair, "dpo", {"beta": 0.1}).result().loss
+dpo = tc.forward_backward(pair, "dpo", {"beta": 0.1})
+tc.optim_step(AdamParams(learning_rate=2e-2)).result()
+out["dpo_metrics"] = dpo.result().metrics
+out["dpo_after"] = tc.forward(pair, "dpo", {"beta": 0.1}).result().loss
 
 resumed = service.create_training_client_from_state_with_optimizer(state.path)
 out["resumed_run_id"] = resumed.run_id
