@@ -66,6 +66,10 @@ class Prepared:
     inputs: dict[str, np.ndarray]  # float32, shaped like targets (or [N] for clip thresholds)
     active: np.ndarray | None = None  # Loops: bool, shaped like targets; None: every position counts
     scale: np.ndarray | None = None  # float32 like targets: multiplies the elementwise loss (dpo: the w_t)
+    # Loops: bool like targets, the positions with a target (not -100): outputs are NaN
+    # elsewhere. Wider than ``active``: a zero weight counts nothing but is still scored (the
+    # SDK's forward_backward_custom reads logprobs with all-zero weights)
+    scored: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -292,7 +296,7 @@ def _prepare_loops_datum(
     _check_clip_inputs(where, inputs)
     # cross_entropy already multiplies by its weights input; every other loss is scaled here
     scale = None if "weights" in spec.required else weights
-    return Prepared(tokens, safe_targets, inputs, active=active, scale=scale)
+    return Prepared(tokens, safe_targets, inputs, active=active, scale=scale, scored=~ignored)
 
 
 def _check_vocab(ids: np.ndarray, vocab: int, what: str) -> None:
@@ -532,10 +536,11 @@ class Engine:
         for i, d in zip(group, data, strict=True):
             end = start + d.length
             rec = {name: arr[start:end] for name, arr in fields.items()}
-            if d.active is not None:  # Loops: NaN where nothing was scored
-                rec = {name: np.where(d.active, arr, np.float32(np.nan)).astype(np.float32) for name, arr in rec.items()}
+            if d.scored is not None:  # Loops: NaN where there is no target
+                rec = {name: np.where(d.scored, arr, np.float32(np.nan)).astype(np.float32) for name, arr in rec.items()}
             if top_np is not None:
-                rows = d.active_rows[:, None]
+                scored = d.scored if d.scored is not None else np.ones(d.targets.shape, dtype=bool)
+                rows = (scored if scored.ndim == 1 else scored.any(axis=1))[:, None]
                 rec["top_k_logprobs"] = np.where(rows, top_np[0][start:end], np.float32(np.nan)).astype(np.float32)
                 rec["top_k_token_ids"] = np.where(rows, top_np[1][start:end], -1).astype(np.int64)
             out[i] = rec

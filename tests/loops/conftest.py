@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.infra.loops_client import ClientResult, require_loops_python, run_client
@@ -31,3 +32,20 @@ def loops_client(request: pytest.FixtureRequest) -> LoopsClient:
     python = require_loops_python()  # before the server starts: a skip then costs nothing
     live_server = request.getfixturevalue("live_server")
     return LoopsClient(python=python, base_url=live_server.base_url, api_key=live_server.api_key)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _end_module_runs(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Deactivate the runs a module's clients created (the Loops SDK has no call for it), so
+    their trainer workers do not stay up for the rest of the session."""
+    live_server = request.getfixturevalue("live_server")
+    headers = {"Authorization": f"Api-Key {live_server.api_key}"}
+
+    def active() -> set[str]:
+        runs = httpx.get(f"{live_server.base_url}/v1/loops/runs", params={"scope": "org"}, headers=headers, timeout=30)
+        return {r["id"] for r in runs.json()["runs"] if r["status"]["name"] not in ("INACTIVE", "FAILED", "DEACTIVATING")}
+
+    before = active()
+    yield
+    for run_id in active() - before:
+        httpx.post(f"{live_server.base_url}/v1/loops/runs/{run_id}/deactivate", headers=headers, timeout=30)

@@ -63,6 +63,12 @@ def test_dpo_with_reference_logprobs_from_the_sampler(flow: dict) -> None:
     assert flow["dpo_after"] < flow["dpo_before"] - 1e-3  # the step prefers the chosen answer
 
 
+def test_forward_backward_custom(flow: dict) -> None:
+    # the SDK checks the trainer honours skip_token_normalization, then replays its gradient
+    m = flow["custom_metrics"]
+    assert m["skip_token_normalization"] == 1.0 and math.isfinite(m["custom_nll"]) and m["custom_nll"] > 0
+
+
 def test_a_client_from_saved_state_continues_with_the_same_loss(flow: dict) -> None:
     assert flow["resumed_run_id"] != flow["run_id"]
     assert flow["resumed_forward_loss"] == pytest.approx(flow["forward_loss"], rel=1e-5)

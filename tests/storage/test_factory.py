@@ -36,7 +36,7 @@ def test_s3_spec_uses_environment_credentials(moto_s3: S3Server, monkeypatch: py
     S3Store(bucket, create_bucket=True, **moto_s3.store_kwargs())
     spec = StoreSpec(kind="s3", bucket=bucket, endpoint_url=moto_s3.endpoint_url, region="us-east-1", prefix="p")
     # the spec survives the worker-config round trip through the environment
-    launch = TrainerLaunch("r", "m", "base", "/models/base", "redis://x", store=spec)
+    launch = TrainerLaunch("dep-1", "base", "/models/base", "redis://x", store=spec)
     store = open_store(TrainerLaunch.from_env(launch.to_env()).store)
     assert isinstance(store, S3Store)
     store.put_bytes("k", b"v")

@@ -343,9 +343,17 @@ def test_close_finishes_the_session(service, live_server: LiveServer) -> None:
     assert run.status in ("DEACTIVATING", "INACTIVE")
 
 
-def test_dpo_and_dppo_through_the_tinker_wire(service, live_server: LiveServer) -> None:
+def test_dpo_and_dppo_through_the_tinker_wire(live_server: LiveServer) -> None:
     """The Loops losses reach the Tinker API too (the protobuf takes any loss name): values match
     a hand computation from the model's own logprobs."""
+    service = tinker.ServiceClient(base_url=live_server.base_url, api_key=live_server.api_key)
+    try:
+        _dpo_and_dppo(service, live_server)
+    finally:
+        service.close("success").result()
+
+
+def _dpo_and_dppo(service: tinker.ServiceClient, live_server: LiveServer) -> None:
     tc = service.create_lora_training_client(live_server.model.name, rank=4, seed=6).result()
     tok = tc.get_tokenizer()
     plain = _datums(tok, TEXTS[:2])  # one (chosen, rejected) pair

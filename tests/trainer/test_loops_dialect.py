@@ -83,7 +83,7 @@ def test_ignored_positions_match_tinker_weights(make_model):
     assert l_model.engine.accumulation == ("mean", active)
 
 
-def test_weights_are_optional_and_zero_weights_are_inactive(make_model):
+def test_weights_are_optional_and_zero_weights_count_nothing_but_are_scored(make_model):
     m = make_model()
     d = loopsify(sft_batch(1, n=1), keep_weights=True)[0]
     n = len(d["tokens"])
@@ -92,12 +92,19 @@ def test_weights_are_optional_and_zero_weights_are_inactive(make_model):
     d["weights"] = w
     out = loops_run(m, [d], forward_only=True)
     active = (d["target_tokens"] != -100) & (w != 0)
+    scored = d["target_tokens"] != -100
     lp = to_numpy(out["loss_fn_outputs"][0]["logprobs"])
-    assert np.isnan(lp[~active]).all() and np.isfinite(lp[active]).all()
+    # NaN only where there is no target: a zero weight still gets its logprob (the SDK's
+    # forward_backward_custom reads logprobs with all-zero weights)
+    assert np.isnan(lp[~scored]).all() and np.isfinite(lp[scored]).all() and not active[5]
     full = full_logprobs(m, d["tokens"])[torch.arange(n), torch.as_tensor(np.where(active, d["target_tokens"], 0))].numpy()
     assert out["metrics"]["num_tokens"] == active.sum()
     assert out["loss"] == pytest.approx(float(-(full * w)[active].sum() / active.sum()), rel=1e-5)
     assert m.engine.accumulation == (None, 0) and grads(m) == {}  # forward_only
+    d["weights"] = np.zeros(n, np.float32)
+    zero = loops_run(m, [d], forward_only=True)
+    assert zero["metrics"]["num_tokens"] == 0 and zero["loss"] == 0.0
+    np.testing.assert_allclose(to_numpy(zero["loss_fn_outputs"][0]["logprobs"])[scored], lp[scored], rtol=1e-6)
 
 
 def test_deferred_normalization_equals_one_call(make_model):

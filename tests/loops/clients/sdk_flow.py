@@ -75,6 +75,17 @@ tc.optim_step(AdamParams(learning_rate=2e-2)).result()
 out["dpo_metrics"] = dpo.result().metrics
 out["dpo_after"] = tc.forward(pair, "dpo", {"beta": 0.1}).result().loss
 
+
+def custom_loss(batch, logprobs):  # a client-side loss: minus the mean logprob of the answers
+    total = sum(lp.sum() for lp in logprobs)
+    count = sum(int((lp != 0).sum()) for lp in logprobs)
+    return -total / count, {"custom_nll": float(-total / count)}
+
+
+custom = tc.forward_backward_custom(data, custom_loss).result()
+tc.optim_step(AdamParams(learning_rate=5e-3)).result()
+out["custom_metrics"] = custom.metrics
+
 resumed = service.create_training_client_from_state_with_optimizer(state.path)
 out["resumed_run_id"] = resumed.run_id
 out["resumed_forward_loss"] = resumed.forward(data, "cross_entropy").result().loss
