@@ -66,8 +66,12 @@ def start_server(kind: str, stack: Stack, probe: str, **settings: str) -> Server
     env = {**os.environ, **stack.server_env(**settings), "PYTHONPATH": str(REPO)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.serve", kind, str(port)], cwd=REPO, env=env,
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "bench.serve", kind, str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     srv = Server(kind, port, proc, log)
     deadline = time.monotonic() + 60
@@ -120,15 +124,19 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def throughput(real: Server, uncached: Server, bare: Server, tenant: Tenant, headers: dict[str, str],
-               args: argparse.Namespace) -> list[str]:
+def throughput(
+    real: Server, uncached: Server, bare: Server, tenant: Tenant, headers: dict[str, str], args: argparse.Namespace
+) -> list[str]:
     targets = [
         ("bare Litestar, static JSON (ceiling)", bare.base + "/static", {}),
         ("GET /v1/loops/runs/{id}", f"{real.base}/v1/loops/runs/{tenant.run_id}", headers),
         ("GET /v1/loops/checkpoints?run_id=", f"{real.base}/v1/loops/checkpoints?run_id={tenant.run_id}", headers),
         ("GET /v1/loops/runs/{id}, read cache off", f"{uncached.base}/v1/loops/runs/{tenant.run_id}", headers),
-        ("GET /v1/loops/checkpoints?run_id=, read cache off",
-         f"{uncached.base}/v1/loops/checkpoints?run_id={tenant.run_id}", headers),
+        (
+            "GET /v1/loops/checkpoints?run_id=, read cache off",
+            f"{uncached.base}/v1/loops/checkpoints?run_id={tenant.run_id}",
+            headers,
+        ),
     ]
     rows = []
     ceiling = None
@@ -159,14 +167,30 @@ def list_routes(tenant: Tenant) -> list[tuple[str, str, str, dict[str, str | Non
     are the same size at every table size, except the Tinker pages' total counts: a tenth of
     the filler belongs to the tenant's user."""
     return [
-        ("checkpoints?run_id=", f"/v1/loops/checkpoints?run_id={tenant.run_id}", "checkpoints",
-         {"run_id": tenant.run_id, "base_model": None, "checkpoint_path": None}),
-        ("checkpoints?base_model=", f"/v1/loops/checkpoints?base_model={BENCH_MODEL}", "checkpoints",
-         {"run_id": None, "base_model": BENCH_MODEL, "checkpoint_path": None}),
-        ("checkpoints?checkpoint_path=", f"/v1/loops/checkpoints?checkpoint_path={tenant.checkpoint_path}", "checkpoints",
-         {"run_id": None, "base_model": None, "checkpoint_path": tenant.checkpoint_path}),
-        ("checkpoints/{id}/files?page_size=2", f"/v1/loops/checkpoints/{tenant.checkpoint_id}/files?page_size=2", "files",
-         {"checkpoint_id": tenant.checkpoint_id}),
+        (
+            "checkpoints?run_id=",
+            f"/v1/loops/checkpoints?run_id={tenant.run_id}",
+            "checkpoints",
+            {"run_id": tenant.run_id, "base_model": None, "checkpoint_path": None},
+        ),
+        (
+            "checkpoints?base_model=",
+            f"/v1/loops/checkpoints?base_model={BENCH_MODEL}",
+            "checkpoints",
+            {"run_id": None, "base_model": BENCH_MODEL, "checkpoint_path": None},
+        ),
+        (
+            "checkpoints?checkpoint_path=",
+            f"/v1/loops/checkpoints?checkpoint_path={tenant.checkpoint_path}",
+            "checkpoints",
+            {"run_id": None, "base_model": None, "checkpoint_path": tenant.checkpoint_path},
+        ),
+        (
+            "checkpoints/{id}/files?page_size=2",
+            f"/v1/loops/checkpoints/{tenant.checkpoint_id}/files?page_size=2",
+            "files",
+            {"checkpoint_id": tenant.checkpoint_id},
+        ),
         ("runs?base_model=", f"/v1/loops/runs?base_model={BENCH_MODEL}", "runs", {"base_model": BENCH_MODEL}),
         # Tinker REST pages (limit/offset with a total count) over everything the caller owns
         ("tinker checkpoints?limit=20", "/api/v1/checkpoints?limit=20", "tinker_checkpoints", {}),
@@ -174,7 +198,9 @@ def list_routes(tenant: Tenant) -> list[tuple[str, str, str, dict[str, str | Non
     ]
 
 
-async def list_latency(db: Database, real: Server, tenant: Tenant, headers: dict[str, str], args: argparse.Namespace) -> list[str]:
+async def list_latency(
+    db: Database, real: Server, tenant: Tenant, headers: dict[str, str], args: argparse.Namespace
+) -> list[str]:
     rows = []
     by_route: dict[str, list[tuple[int, float, float]]] = {}  # label -> [(rows, p50 ms, SQL ms)]
     for size in args.sizes:

@@ -59,11 +59,22 @@ def _run_wrk(url: str, headers: dict[str, str], *, connections: int, seconds: fl
         f.write(_WRK_LUA)
         script = f.name
     try:
-        cmd = ["wrk", "-t", str(min(threads, connections)), "-c", str(connections), "-d", f"{seconds:g}s",
-               "--timeout", "10s", "-s", script]
+        cmd = [
+            "wrk",
+            "-t",
+            str(min(threads, connections)),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds:g}s",
+            "--timeout",
+            "10s",
+            "-s",
+            script,
+        ]
         for k, v in headers.items():
             cmd += ["-H", f"{k}: {v}"]
-        proc = subprocess.run([*cmd, url], capture_output=True, text=True)
+        proc = subprocess.run([*cmd, url], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
         out = proc.stdout
@@ -72,8 +83,13 @@ def _run_wrk(url: str, headers: dict[str, str], *, connections: int, seconds: fl
     line = next(x for x in out.splitlines() if x.startswith("BENCH_JSON "))
     d = json.loads(line.split(" ", 1)[1])
     return LoadResult(
-        requests=d["requests"], seconds=d["duration_us"] / 1e6, errors=d["non2xx"] + d["socket_errors"],
-        p50_ms=d["p50_us"] / 1000, p99_ms=d["p99_us"] / 1000, max_ms=d["max_us"] / 1000, client="wrk",
+        requests=d["requests"],
+        seconds=d["duration_us"] / 1e6,
+        errors=d["non2xx"] + d["socket_errors"],
+        p50_ms=d["p50_us"] / 1000,
+        p99_ms=d["p99_us"] / 1000,
+        max_ms=d["max_us"] / 1000,
+        client="wrk",
     )
 
 
@@ -106,8 +122,15 @@ async def _python_load(url: str, headers: dict[str, str], connections: int, seco
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
 
-    return dict(requests=len(lat), seconds=elapsed, errors=errors, p50_ms=pct(0.50), p99_ms=pct(0.99),
-                max_ms=lat[-1] * 1000 if lat else 0.0, client="python-httpx")
+    return dict(
+        requests=len(lat),
+        seconds=elapsed,
+        errors=errors,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        max_ms=lat[-1] * 1000 if lat else 0.0,
+        client="python-httpx",
+    )
 
 
 if __name__ == "__main__":

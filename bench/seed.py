@@ -54,7 +54,11 @@ async def seed_tenant(db: Database, catalog: ModelCatalog) -> Tenant:
         session = await sessions_svc.create_session(s, principal, origin="loops")
         run = (
             await runs_svc.create_run(
-                s, principal, catalog, runs_svc.RunRequest(session_id=session.id, base_model=BENCH_MODEL, lora_rank=8), 3600
+                s,
+                principal,
+                catalog,
+                runs_svc.RunRequest(session_id=session.id, base_model=BENCH_MODEL, lora_rank=8),
+                3600,
             )
         ).run
         files = [("adapter_config.json", 512), ("adapter_model.safetensors", 1 << 20), ("README.md", 100)]
@@ -64,8 +68,13 @@ async def seed_tenant(db: Database, catalog: ModelCatalog) -> Tenant:
             name = f"step-{i:04d}"
             ckpts.append(
                 await ckpt_svc.record_checkpoint(
-                    s, run, kind=kind, name=name, storage_prefix=f"ckpt/{org.id}/{run.id}/{kind}/{name}/v1",
-                    files=files, lora_config={"r": 8},
+                    s,
+                    run,
+                    kind=kind,
+                    name=name,
+                    storage_prefix=f"ckpt/{org.id}/{run.id}/{kind}/{name}/v1",
+                    files=files,
+                    lora_config={"r": 8},
                 )
             )
     first = ckpts[0]
@@ -144,8 +153,13 @@ async def grow_checkpoints(db: Database, tenant: Tenant, total: int) -> int:
         await s.execute(
             text(_RUNS),
             {
-                "r0": r0, "n": n_runs, "slots": len(owners), "models": [o[3] for o in owners],
-                "orgs": [o[0] for o in owners], "users": [o[1] for o in owners], "sessions": [o[2] for o in owners],
+                "r0": r0,
+                "n": n_runs,
+                "slots": len(owners),
+                "models": [o[3] for o in owners],
+                "orgs": [o[0] for o in owners],
+                "users": [o[1] for o in owners],
+                "sessions": [o[2] for o in owners],
             },
         )
         # each call numbers its checkpoints from its own first run, so runs are never shared

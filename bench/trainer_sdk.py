@@ -106,8 +106,9 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
     log = stack.data_dir / "server.log"
     env = {**os.environ, **stack.server_env(OPENLOOPS_PORT=str(port), OPENLOOPS_LOG_LEVEL="warning")}
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "control_plane.cli.main", "serve"], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "control_plane.cli.main", "serve"], env=env, stdout=fh, stderr=subprocess.STDOUT
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/healthz", proc)
@@ -159,8 +160,14 @@ def bench_peft(model: CatalogModel, tokens: np.ndarray, steps: int, warmup: int)
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32)
-    cfg = LoraConfig(r=RANK, lora_alpha=32, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
+    cfg = LoraConfig(
+        r=RANK,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    )
     m = get_peft_model(base, cfg)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)

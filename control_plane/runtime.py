@@ -116,7 +116,9 @@ def build_runtime(settings: Settings, *, with_backend: bool = True) -> Runtime:
     from data_plane.storage.factory import open_store
 
     db = Database(
-        settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
         read_pool_size=settings.db_read_pool_size,
         read_cache_seconds=settings.read_cache_seconds,
     )

@@ -16,15 +16,18 @@ from control_plane.api.app import create_app
 from control_plane.controller.reconciler import Controller
 from control_plane.event_loop import http_implementation
 from control_plane.runtime import Runtime, build_runtime
-from control_plane.training.completions import CompletionConsumer
 from control_plane.settings import Settings
+from control_plane.training.completions import CompletionConsumer
 
 log = structlog.get_logger("openloops.server")
 
 
 def background_tasks(runtime: Runtime) -> list[Callable[[asyncio.Event], object]]:
     """Long-running coroutines of a control-plane process, each taking the stop event."""
-    tasks: list[Callable[[asyncio.Event], object]] = [CompletionConsumer(runtime).run_forever, runtime.meter.run_forever]
+    tasks: list[Callable[[asyncio.Event], object]] = [
+        CompletionConsumer(runtime).run_forever,
+        runtime.meter.run_forever,
+    ]
     if runtime.backend is not None:
         tasks.append(Controller(runtime).run_forever)
     tasks.extend(runtime.extras.get("background", []))
@@ -35,8 +38,14 @@ def uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
     """The HTTP server settings of every API process (the benchmark's bare app uses them too).
     The event loop is the caller's (``control_plane.event_loop.run``)."""
     return uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False,  # type: ignore[arg-type]
-        lifespan="off", timeout_keep_alive=75, http=http_implementation(),
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,  # type: ignore[arg-type]
+        lifespan="off",
+        timeout_keep_alive=75,
+        http=http_implementation(),
     )
 
 
@@ -48,8 +57,9 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-async def serve(settings: Settings, *, on_ready: Callable[[Runtime], None] | None = None,
-                install_signal_handlers: bool = True) -> None:
+async def serve(
+    settings: Settings, *, on_ready: Callable[[Runtime], None] | None = None, install_signal_handlers: bool = True
+) -> None:
     runtime = build_runtime(settings)
     app = create_app(runtime)
     settle_heap()
@@ -63,7 +73,7 @@ async def serve(settings: Settings, *, on_ready: Callable[[Runtime], None] | Non
     bg = [asyncio.create_task(fn(stop)) for fn in background_tasks(runtime)]  # type: ignore[arg-type]
     srv = asyncio.create_task(server.serve())
     try:
-        while not server.started and not srv.done():
+        while not server.started and not srv.done():  # noqa: ASYNC110 - uvicorn exposes no started event
             await asyncio.sleep(0.05)
         if srv.done():
             srv.result()

@@ -32,16 +32,12 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="OPENLOOPS_", env_nested_delimiter="__", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="OPENLOOPS_", env_nested_delimiter="__", extra="ignore")
 
     # --- serving -----------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    public_base_url: str | None = Field(
-        None, description="Base URL clients use; defaults to http://{host}:{port}"
-    )
+    public_base_url: str | None = Field(None, description="Base URL clients use; defaults to http://{host}:{port}")
     data_dir: Path = Field(default_factory=default_data_dir)
     request_body_limit_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     log_level: str = "info"
@@ -58,14 +54,14 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="postgresql+asyncpg://...; unset in local mode = embedded PostgreSQL"
     )
-    redis_url: str | None = Field(
-        None, description="redis://...; unset in local mode = embedded Valkey"
-    )
+    redis_url: str | None = Field(None, description="redis://...; unset in local mode = embedded Valkey")
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(10, ge=0)
     db_read_pool_size: int = Field(10, ge=1, description="connections of the asyncpg pool behind the hottest reads")
     read_cache_seconds: float = Field(
-        1.0, ge=0, lt=5.0,
+        1.0,
+        ge=0,
+        lt=5.0,
         description="how long an API process may answer GET /v1/loops/runs/{id} and checkpoints?run_id= from "
         "memory; any write to the run, its samplers or checkpoints drops the entry at once (Postgres NOTIFY), so "
         "this only bounds staleness if notifications stop (0: always query)",
@@ -88,7 +84,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="API-key cache TTL; revocations invalidate immediately"
     )
     key_local_cache_seconds: float = Field(
-        0.5, ge=0, lt=1.0,
+        0.5,
+        ge=0,
+        lt=1.0,
         description="how long one API process reuses a key lookup (and its leased rate-limit tokens) "
         "before asking Redis again; bounds how long a revoked key keeps working there (0: every request asks)",
     )
@@ -119,7 +117,9 @@ class Settings(BaseSettings):
     backend_retry_base_delay_seconds: float = Field(1.0, ge=0, description="backoff after the first failure")
     backend_retry_max_delay_seconds: float = Field(60.0, ge=0, description="backoff cap")
     wake_timeout_seconds: float = Field(
-        120.0, gt=0, description="how long a request waits for a scaled-to-zero sampler/deployment to wake up (then 503)"
+        120.0,
+        gt=0,
+        description="how long a request waits for a scaled-to-zero sampler/deployment to wake up (then 503)",
     )
     session_expiry_seconds: float = Field(
         300.0, gt=0, description="Tinker sessions without a heartbeat for this long expire"
@@ -130,7 +130,9 @@ class Settings(BaseSettings):
     )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
     sampler_max_lora_rank: int = Field(
-        64, ge=1, le=512,
+        64,
+        ge=1,
+        le=512,
         description="largest adapter rank a shared vLLM sampler accepts (covers the Loops 64 and Tinker 32 defaults)",
     )
     sampler_max_loras: int = Field(4, ge=1, description="adapters one vLLM batch can mix")
@@ -138,15 +140,21 @@ class Settings(BaseSettings):
         32, ge=1, description="adapters a shared sampler keeps loaded (LRU); evicted ones reload from its disk cache"
     )
     sampler_max_in_flight: int = Field(
-        256, ge=1, description="sampling requests one API process keeps in flight per vLLM server; beyond it 429 (the SDK backs off)"
+        256,
+        ge=1,
+        description="sampling requests one API process keeps in flight per vLLM server; beyond it 429 (the SDK backs off)",
     )
     default_scale_down_delay_seconds: int = Field(3600, ge=1)
 
     # --- metering ----------------------------------------------------------------------
     metrics_flush_seconds: float = Field(
-        5.0, gt=0, description="how often an API process adds its request counters (per resource and minute) to Postgres"
+        5.0,
+        gt=0,
+        description="how often an API process adds its request counters (per resource and minute) to Postgres",
     )
-    usage_sample_seconds: float = Field(15.0, gt=0, description="how often the controller samples trainer CPU/memory/GPU use")
+    usage_sample_seconds: float = Field(
+        15.0, gt=0, description="how often the controller samples trainer CPU/memory/GPU use"
+    )
     usage_retention_hours: float = Field(168.0, gt=0, description="resource samples older than this are deleted")
 
     # --- local mode --------------------------------------------------------------------

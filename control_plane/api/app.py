@@ -15,8 +15,8 @@ from control_plane.api.loops.resources import LoopsResourcesController
 from control_plane.api.loops.sampler_plane import LoopsSamplerPlaneController, SamplerStatusController
 from control_plane.api.loops.trainer_plane import LoopsTrainerPlaneController
 from control_plane.api.loops.training import LoopsTrainingController
-from control_plane.api.tinker.routes import TINKER_HANDLERS
 from control_plane.api.observability import HttpMetrics, observability_middleware
+from control_plane.api.tinker.routes import TINKER_HANDLERS
 from control_plane.runtime import Runtime
 
 

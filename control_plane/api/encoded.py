@@ -22,9 +22,11 @@ class EncodedJSON:
         self.status = status
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({
-            "type": "http.response.start",
-            "status": self.status,
-            "headers": [_JSON, (b"content-length", str(len(self.body)).encode())],
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [_JSON, (b"content-length", str(len(self.body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": self.body})

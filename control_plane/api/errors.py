@@ -55,9 +55,7 @@ def _request_id(request: Request) -> str:
     return str(state["request_id"])
 
 
-def error_response(
-    request: Request, status: int, code: str, detail: str, **extra: object
-) -> Response:
+def error_response(request: Request, status: int, code: str, detail: str, **extra: object) -> Response:
     body: dict[str, object] = {"code": code, "detail": detail, "request_id": _request_id(request)}
     body.update({k: v for k, v in extra.items() if v is not None})
     headers = {}
@@ -106,7 +104,12 @@ def validation_handler(request: Request, exc: ValidationException) -> Response:
     fields = [x["field"] for x in errors if x.get("field")]
     detail = "; ".join(f"{x['field']}: {x['message']}" if x.get("field") else str(x["message"]) for x in errors)
     return error_response(
-        request, 400, "invalid_input", detail or str(exc.detail), field=fields[0] if fields else None, errors=errors or None
+        request,
+        400,
+        "invalid_input",
+        detail or str(exc.detail),
+        field=fields[0] if fields else None,
+        errors=errors or None,
     )
 
 

@@ -28,7 +28,7 @@ async def readyz(request: Request) -> Response:
         try:
             await asyncio.wait_for(probe(), timeout=2.0)
             checks[name] = "ok"
-        except Exception as exc:  # readiness reports any failure
+        except Exception as exc:  # noqa: BLE001 - readiness reports any failure
             checks[name] = f"error: {exc.__class__.__name__}: {exc}"
             ok = False
     return Response({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
@@ -51,5 +51,11 @@ async def download(request: Request, token: str) -> Stream:
         data = await asyncio.to_thread(r.store.get_bytes, key)
     except ObjectNotFound as exc:
         raise NotFound("object", key.rsplit("/", 1)[-1]) from exc
-    return Stream(iter([data]), media_type="application/octet-stream",
-                  headers={"Content-Length": str(len(data)), "Content-Disposition": f'attachment; filename="{key.rsplit("/", 1)[-1]}"'})
+    return Stream(
+        iter([data]),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(len(data)),
+            "Content-Disposition": f'attachment; filename="{key.rsplit("/", 1)[-1]}"',
+        },
+    )

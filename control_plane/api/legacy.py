@@ -67,7 +67,9 @@ class LegacyController(Controller):
     tags = ["legacy"]
 
     @post("/trainer_sessions", opt=ORG, status_code=200)
-    async def create_session(self, request: Request, principal: Principal, data: LegacySessionBody | None = None) -> dict[str, Any]:
+    async def create_session(
+        self, request: Request, principal: Principal, data: LegacySessionBody | None = None
+    ) -> dict[str, Any]:
         async with rt(request).db.transaction() as s:
             row = await sessions_svc.create_session(
                 s, principal, origin="loops", training_project_id=data.training_project_id if data else None
@@ -75,32 +77,54 @@ class LegacyController(Controller):
         return {"session": {"id": row.id}}
 
     @post("/trainer_sessions/{session_id:str}/trainers", opt=ORG, status_code=200)
-    async def create_trainer(self, request: Request, principal: Principal, session_id: str, data: LegacyTrainerBody) -> dict[str, Any]:
+    async def create_trainer(
+        self, request: Request, principal: Principal, session_id: str, data: LegacyTrainerBody
+    ) -> dict[str, Any]:
         r = rt(request)
         req = runs_svc.RunRequest(
-            session_id=session_id, base_model=data.model, max_seq_len=data.max_seq_len, lora_rank=data.lora_rank,
-            seed=data.seed, scale_down_delay_seconds=data.scale_down_delay_seconds, path=data.checkpoint_path,
+            session_id=session_id,
+            base_model=data.model,
+            max_seq_len=data.max_seq_len,
+            lora_rank=data.lora_rank,
+            seed=data.seed,
+            scale_down_delay_seconds=data.scale_down_delay_seconds,
+            path=data.checkpoint_path,
         )
         async with r.db.transaction() as s:
-            created = await runs_svc.create_run(s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds)
+            created = await runs_svc.create_run(
+                s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds
+            )
             run, smp = created.run, created.sampler
             await enqueue_initial_op(r, s, run)
         await r.kick_controller()
         trainer_url = p.trainer_base_url(r.settings.base_url, run.deployment_id) if run.deployment_id else None
-        return {"trainer_server": {"id": run.id, "base_url": trainer_url, "sampling_server": _sampling_server(smp, r.settings.base_url)}}
+        return {
+            "trainer_server": {
+                "id": run.id,
+                "base_url": trainer_url,
+                "sampling_server": _sampling_server(smp, r.settings.base_url),
+            }
+        }
 
     @post("/trainer_sessions/{session_id:str}/samplers", opt=ORG, status_code=200)
-    async def create_sampler(self, request: Request, principal: Principal, session_id: str, data: LegacySamplerBody) -> dict[str, Any]:
+    async def create_sampler(
+        self, request: Request, principal: Principal, session_id: str, data: LegacySamplerBody
+    ) -> dict[str, Any]:
         r = rt(request)
         req = samplers_svc.SamplerRequest(
-            session_id=session_id, base_model=data.model, max_seq_length=data.max_seq_length, model_path=data.checkpoint_path
+            session_id=session_id,
+            base_model=data.model,
+            max_seq_length=data.max_seq_length,
+            model_path=data.checkpoint_path,
         )
         async with r.db.transaction() as s:
             smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
         await r.kick_controller()
         return {"sampling_server": _sampling_server(smp, r.settings.base_url)}
 
-    async def _trainer_in_session(self, request: Request, principal: Principal, session_id: str, trainer_id: str) -> Run:
+    async def _trainer_in_session(
+        self, request: Request, principal: Principal, session_id: str, trainer_id: str
+    ) -> Run:
         async with rt(request).db.session() as s:
             await sessions_svc.get_session(s, principal, session_id)
             run = await runs_svc.get_run(s, principal, trainer_id)
@@ -109,7 +133,9 @@ class LegacyController(Controller):
         return run
 
     @get("/trainer_sessions/{session_id:str}/trainers/{trainer_id:str}/checkpoints", opt=OWN)
-    async def list_checkpoints(self, request: Request, principal: Principal, session_id: str, trainer_id: str) -> dict[str, Any]:
+    async def list_checkpoints(
+        self, request: Request, principal: Principal, session_id: str, trainer_id: str
+    ) -> dict[str, Any]:
         run = await self._trainer_in_session(request, principal, session_id, trainer_id)
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
@@ -119,8 +145,14 @@ class LegacyController(Controller):
 
     @get("/trainer_sessions/{session_id:str}/trainers/{trainer_id:str}/checkpoints/{checkpoint_id:str}/files", opt=ORG)
     async def checkpoint_files(
-        self, request: Request, principal: Principal, session_id: str, trainer_id: str, checkpoint_id: str,
-        page_size: int = 1000, page_token: int = 0,
+        self,
+        request: Request,
+        principal: Principal,
+        session_id: str,
+        trainer_id: str,
+        checkpoint_id: str,
+        page_size: int = 1000,
+        page_token: int = 0,
     ) -> dict[str, Any]:
         run = await self._trainer_in_session(request, principal, session_id, trainer_id)
         r = rt(request)
@@ -128,17 +160,23 @@ class LegacyController(Controller):
             ckpt = await ckpt_svc.get_checkpoint(s, principal, checkpoint_id)
             if ckpt.run_id != run.id:
                 raise NotFound("checkpoint", checkpoint_id)
-            page = await ckpt_svc.checkpoint_files(s, ckpt, page_size=page_size, page_token=page_token, url_for=r.download_url)
+            page = await ckpt_svc.checkpoint_files(
+                s, ckpt, page_size=page_size, page_token=page_token, url_for=r.download_url
+            )
         return {"presigned_urls": page.files, "total_count": page.total_count, "next_page_token": page.next_page_token}
 
     @post("/trainers/search", opt=OWN, status_code=200)
     async def search_trainers(self, request: Request, principal: Principal, data: TrainerSearchBody) -> dict[str, Any]:
         async with rt(request).db.session() as s:
             rows = await runs_svc.list_runs(s, principal, run_id=data.trainer_id, scope="org")
-        return {"trainers": [{"trainer_id": x.id, "session_id": x.session_id, "base_model": x.base_model} for x in rows]}
+        return {
+            "trainers": [{"trainer_id": x.id, "session_id": x.session_id, "base_model": x.base_model} for x in rows]
+        }
 
     @post("/trainers/checkpoints/search", opt=OWN, status_code=200)
-    async def search_checkpoint(self, request: Request, principal: Principal, data: CheckpointSearchBody) -> dict[str, Any]:
+    async def search_checkpoint(
+        self, request: Request, principal: Principal, data: CheckpointSearchBody
+    ) -> dict[str, Any]:
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
                 s, principal, run_id=None, base_model=None, checkpoint_path=data.checkpoint_path, scope="org"

@@ -65,7 +65,7 @@ def observability_middleware(metrics: HttpMetrics, access_log: bool):  # type: i
                 if message["type"] == "http.response.start":
                     status = message["status"]
                     message.setdefault("headers", [])
-                    message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                    message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
                 await send(message)
 
             try:

@@ -140,8 +140,7 @@ class Authenticator:
 
     def _limited(self, wait_s: float) -> RateLimited:
         return RateLimited(
-            f"rate limit of {self._rate.per_second:g} requests/s (burst {self._rate.burst}) "
-            f"exceeded for this API key",
+            f"rate limit of {self._rate.per_second:g} requests/s (burst {self._rate.burst}) exceeded for this API key",
             retry_after_s=max(wait_s, 0.001),
         )
 
@@ -189,9 +188,7 @@ class Authenticator:
         granted, wait_s = int(result[2]), int(result[3]) / 1000
         old = self._entries.get(key_hash)
         tokens = granted + (old.tokens if old is not None and now < old.expires and old.tokens > 0 else 0)
-        entry = _Entry(
-            principal, now + self._local_ttl, tokens, denied_until=now + wait_s if granted == 0 else 0.0
-        )
+        entry = _Entry(principal, now + self._local_ttl, tokens, denied_until=now + wait_s if granted == 0 else 0.0)
         if len(self._entries) >= MAX_LOCAL_ENTRIES:
             self._entries = {k: v for k, v in self._entries.items() if now < v.expires}
         if self._local_ttl > 0:
@@ -231,9 +228,7 @@ class Authenticator:
 
     def _record_seen(self, key_hash: str, now: float) -> None:
         self._seen[key_hash] = time.time()
-        if now - self._seen_flushed_at >= SEEN_FLUSH_SECONDS and (
-            self._flush_task is None or self._flush_task.done()
-        ):
+        if now - self._seen_flushed_at >= SEEN_FLUSH_SECONDS and (self._flush_task is None or self._flush_task.done()):
             self._seen_flushed_at = now
             self._flush_task = asyncio.create_task(self.flush_seen())
 
@@ -268,9 +263,5 @@ async def flush_last_seen(db: Database, redis: aioredis.Redis) -> int:
     async with db.transaction() as s:
         for raw_hash, raw_ts in seen.items():
             ts = datetime.fromtimestamp(float(raw_ts), tz=UTC)
-            await s.execute(
-                update(ApiKey)
-                .where(ApiKey.key_hash == raw_hash.decode())
-                .values(last_used_at=ts)
-            )
+            await s.execute(update(ApiKey).where(ApiKey.key_hash == raw_hash.decode()).values(last_used_at=ts))
     return len(seen)

@@ -25,7 +25,9 @@ from control_plane.services import samplers as samplers_svc
 from control_plane.services import served_models as sm_svc
 from control_plane.settings import Settings
 
-app = typer.Typer(help="Operator commands (orgs, users, keys, runs, deployments, served models, database).", no_args_is_help=True)
+app = typer.Typer(
+    help="Operator commands (orgs, users, keys, runs, deployments, served models, database).", no_args_is_help=True
+)
 orgs = typer.Typer(help="Organizations.", no_args_is_help=True)
 users = typer.Typer(help="Users.", no_args_is_help=True)
 sas = typer.Typer(help="Service accounts.", no_args_is_help=True)
@@ -33,12 +35,23 @@ keys = typer.Typer(help="API keys.", no_args_is_help=True)
 runs = typer.Typer(help="Runs (trainers).", no_args_is_help=True)
 samplers = typer.Typer(help="Samplers.", no_args_is_help=True)
 deployments = typer.Typer(help="Loops deployments (the trainers runs execute on).", no_args_is_help=True)
-served_models = typer.Typer(help="Served models (checkpoints served as OpenAI-compatible models).", no_args_is_help=True)
+served_models = typer.Typer(
+    help="Served models (checkpoints served as OpenAI-compatible models).", no_args_is_help=True
+)
 checkpoints = typer.Typer(help="Checkpoints.", no_args_is_help=True)
 db = typer.Typer(help="Schema migrations.", no_args_is_help=True)
-for sub, name in ((orgs, "orgs"), (users, "users"), (sas, "service-accounts"), (keys, "keys"), (runs, "runs"),
-                  (samplers, "samplers"), (deployments, "deployments"), (served_models, "served-models"),
-                  (checkpoints, "checkpoints"), (db, "db")):
+for sub, name in (
+    (orgs, "orgs"),
+    (users, "users"),
+    (sas, "service-accounts"),
+    (keys, "keys"),
+    (runs, "runs"),
+    (samplers, "samplers"),
+    (deployments, "deployments"),
+    (served_models, "served-models"),
+    (checkpoints, "checkpoints"),
+    (db, "db"),
+):
     app.add_typer(sub, name=name)
 
 T = TypeVar("T")
@@ -89,7 +102,9 @@ def org_list(as_json: bool = JSON) -> None:
 
 
 @users.command("create")
-def user_create(org: str = ORG, email: str = typer.Option(..., "--email"), name: str | None = None, as_json: bool = JSON) -> None:
+def user_create(
+    org: str = ORG, email: str = typer.Option(..., "--email"), name: str | None = None, as_json: bool = JSON
+) -> None:
     async def go(d: Database, _: Resolved) -> dict[str, Any]:
         async with d.transaction() as s:
             u = await identity.create_user(s, await identity.get_org(s, org), email, name)
@@ -126,7 +141,13 @@ def key_create(
             o = await identity.get_org(s, org)
             created = await identity.create_api_key(s, await identity.find_owner(s, o, owner), scopes=scope, name=name)
             r = created.row
-            return {"id": r.id, "key": created.plaintext, "prefix": r.display_prefix, "scopes": r.scopes, "org_id": r.org_id}
+            return {
+                "id": r.id,
+                "key": created.plaintext,
+                "prefix": r.display_prefix,
+                "scopes": r.scopes,
+                "org_id": r.org_id,
+            }
 
     out = _run(go)
     emit_one(out, as_json=as_json)
@@ -135,18 +156,32 @@ def key_create(
 
 
 @keys.command("list")
-def key_list(org: str = ORG, include_revoked: bool = typer.Option(False, "--include-revoked"), as_json: bool = JSON) -> None:
+def key_list(
+    org: str = ORG, include_revoked: bool = typer.Option(False, "--include-revoked"), as_json: bool = JSON
+) -> None:
     async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
         async with d.session() as s:
             rows = await identity.list_api_keys(s, await identity.get_org(s, org), include_revoked)
             return [
-                {"id": k.id, "prefix": k.display_prefix, "name": k.name, "owner": k.user_id or k.service_account_id,
-                 "scopes": ",".join(k.scopes), "created_at": k.created_at, "last_used_at": k.last_used_at,
-                 "revoked_at": k.revoked_at}
+                {
+                    "id": k.id,
+                    "prefix": k.display_prefix,
+                    "name": k.name,
+                    "owner": k.user_id or k.service_account_id,
+                    "scopes": ",".join(k.scopes),
+                    "created_at": k.created_at,
+                    "last_used_at": k.last_used_at,
+                    "revoked_at": k.revoked_at,
+                }
                 for k in rows
             ]
 
-    emit(_run(go), ["id", "prefix", "name", "owner", "scopes", "created_at", "last_used_at", "revoked_at"], as_json=as_json, title="api keys")
+    emit(
+        _run(go),
+        ["id", "prefix", "name", "owner", "scopes", "created_at", "last_used_at", "revoked_at"],
+        as_json=as_json,
+        title="api keys",
+    )
 
 
 @keys.command("revoke")
@@ -178,8 +213,15 @@ def run_list(org: str = ORG, base_model: str | None = None, as_json: bool = JSON
         p = await _admin(d, org)
         async with d.session() as s:
             return [
-                {"id": x.id, "session_id": x.session_id, "base_model": x.base_model, "status": x.status,
-                 "reason": x.status_reason, "created_by": x.created_by, "created_at": x.created_at}
+                {
+                    "id": x.id,
+                    "session_id": x.session_id,
+                    "base_model": x.base_model,
+                    "status": x.status,
+                    "reason": x.status_reason,
+                    "created_by": x.created_by,
+                    "created_at": x.created_at,
+                }
                 for x in await runs_svc.list_runs(s, p, base_model=base_model, scope="org")
             ]
 
@@ -203,12 +245,24 @@ def sampler_list(org: str = ORG, as_json: bool = JSON) -> None:
         p = await _admin(d, org)
         async with d.session() as s:
             return [
-                {"id": x.id, "run_id": x.run_id, "base_model": x.base_model, "model_path": x.model_path,
-                 "status": x.status, "reason": x.status_reason, "created_at": x.created_at}
+                {
+                    "id": x.id,
+                    "run_id": x.run_id,
+                    "base_model": x.base_model,
+                    "model_path": x.model_path,
+                    "status": x.status,
+                    "reason": x.status_reason,
+                    "created_at": x.created_at,
+                }
                 for x in await samplers_svc.list_samplers(s, p, scope="org")
             ]
 
-    emit(_run(go), ["id", "run_id", "base_model", "model_path", "status", "reason", "created_at"], as_json=as_json, title="samplers")
+    emit(
+        _run(go),
+        ["id", "run_id", "base_model", "model_path", "status", "reason", "created_at"],
+        as_json=as_json,
+        title="samplers",
+    )
 
 
 @deployments.command("list")
@@ -219,12 +273,23 @@ def deployment_list(org: str = ORG, as_json: bool = JSON) -> None:
         p = await _admin(d, org)
         async with d.session() as s:
             return [
-                {"id": x.id, "base_model": x.base_model, "status": x.status, "reason": x.status_reason,
-                 "active_run_id": x.active_run_id, "created_at": x.created_at}
+                {
+                    "id": x.id,
+                    "base_model": x.base_model,
+                    "status": x.status,
+                    "reason": x.status_reason,
+                    "active_run_id": x.active_run_id,
+                    "created_at": x.created_at,
+                }
                 for x in await dep_svc.list_deployments(s, p)
             ]
 
-    emit(_run(go), ["id", "base_model", "status", "reason", "active_run_id", "created_at"], as_json=as_json, title="deployments")
+    emit(
+        _run(go),
+        ["id", "base_model", "status", "reason", "active_run_id", "created_at"],
+        as_json=as_json,
+        title="deployments",
+    )
 
 
 @deployments.command("deactivate")
@@ -246,12 +311,23 @@ def served_model_list(org: str = ORG, as_json: bool = JSON) -> None:
         p = await _admin(d, org)
         async with d.session() as s:
             return [
-                {"id": x.id, "name": x.name, "base_model": x.base_model, "status": x.status,
-                 "checkpoint_id": x.checkpoint_id, "created_at": x.created_at}
+                {
+                    "id": x.id,
+                    "name": x.name,
+                    "base_model": x.base_model,
+                    "status": x.status,
+                    "checkpoint_id": x.checkpoint_id,
+                    "created_at": x.created_at,
+                }
                 for x in await sm_svc.list_served_models(s, p)
             ]
 
-    emit(_run(go), ["id", "name", "base_model", "status", "checkpoint_id", "created_at"], as_json=as_json, title="served models")
+    emit(
+        _run(go),
+        ["id", "name", "base_model", "status", "checkpoint_id", "created_at"],
+        as_json=as_json,
+        title="served models",
+    )
 
 
 @served_models.command("create")
@@ -281,21 +357,35 @@ def served_model_deactivate(served_model_id: str, org: str = ORG, as_json: bool 
 
 @checkpoints.command("list")
 def checkpoint_list(
-    org: str = ORG, run_id: str | None = typer.Option(None, "--run-id"),
-    base_model: str | None = typer.Option(None, "--base-model"), as_json: bool = JSON,
+    org: str = ORG,
+    run_id: str | None = typer.Option(None, "--run-id"),
+    base_model: str | None = typer.Option(None, "--base-model"),
+    as_json: bool = JSON,
 ) -> None:
     async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
         p = await _admin(d, org)
         async with d.session() as s:
             return [
-                {"id": c.id, "run_id": c.run_id, "kind": c.kind, "name": c.name, "base_model": c.base_model,
-                 "size_bytes": c.size_bytes, "created_at": c.created_at}
+                {
+                    "id": c.id,
+                    "run_id": c.run_id,
+                    "kind": c.kind,
+                    "name": c.name,
+                    "base_model": c.base_model,
+                    "size_bytes": c.size_bytes,
+                    "created_at": c.created_at,
+                }
                 for c in await ckpt_svc.list_checkpoints(
                     s, p, run_id=run_id, base_model=base_model, checkpoint_path=None, scope="org"
                 )
             ]
 
-    emit(_run(go), ["id", "run_id", "kind", "name", "base_model", "size_bytes", "created_at"], as_json=as_json, title="checkpoints")
+    emit(
+        _run(go),
+        ["id", "run_id", "kind", "name", "base_model", "size_bytes", "created_at"],
+        as_json=as_json,
+        title="checkpoints",
+    )
 
 
 def _show(kind: str, rid: str, org: str | None, history: int, events: int, as_json: bool) -> None:
@@ -315,25 +405,33 @@ EVENTS = typer.Option(20, "--events", min=0, help="Most recent workload events t
 
 
 @runs.command("show")
-def run_show(run_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+def run_show(
+    run_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON
+) -> None:
     """A run, the trainer workload of its deployment as the backend sees it, and its status history."""
     _show("run", run_id, org, history, events, as_json)
 
 
 @samplers.command("show")
-def sampler_show(sampler_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+def sampler_show(
+    sampler_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON
+) -> None:
     """A sampler, the shared vLLM workload of its base model, and its status history."""
     _show("sampler", sampler_id, org, history, events, as_json)
 
 
 @deployments.command("show")
-def deployment_show(deployment_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+def deployment_show(
+    deployment_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON
+) -> None:
     """A deployment, its trainer workload as the backend sees it, and its status history."""
     _show("deployment", deployment_id, org, history, events, as_json)
 
 
 @served_models.command("show")
-def served_model_show(served_model_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON) -> None:
+def served_model_show(
+    served_model_id: str, org: str | None = SHOW_ORG, history: int = HISTORY, events: int = EVENTS, as_json: bool = JSON
+) -> None:
     """A served model, its vLLM workload as the backend sees it, and its status history."""
     _show("served_model", served_model_id, org, history, events, as_json)
 
@@ -357,6 +455,9 @@ def db_current(as_json: bool = JSON) -> None:
     resolved = Resolved(Settings(), need_redis=False)
     try:
         cur = migrate.current_revision_sync(resolved.settings.database_url)  # type: ignore[arg-type]
-        emit_one({"current": cur, "head": migrate.head_revision(), "up_to_date": cur == migrate.head_revision()}, as_json=as_json)
+        emit_one(
+            {"current": cur, "head": migrate.head_revision(), "up_to_date": cur == migrate.head_revision()},
+            as_json=as_json,
+        )
     finally:
         resolved.close()

@@ -29,8 +29,9 @@ def _columns(row: Any) -> dict[str, Any]:
     return {a.key: _plain(getattr(row, a.key)) for a in inspect(row).mapper.column_attrs}
 
 
-async def gather(db: Database, settings: Settings, kind_name: str, rid: str, *, org: str | None,
-                 history: int, events: int) -> dict[str, Any]:
+async def gather(
+    db: Database, settings: Settings, kind_name: str, rid: str, *, org: str | None, history: int, events: int
+) -> dict[str, Any]:
     kind = kind_of(kind_name)
     async with db.session() as s:
         row = await s.get(kind.model, rid)
@@ -90,7 +91,14 @@ async def _workload(settings: Settings, workload_id: str, role: Any, events: int
         "exit_code": o.exit_code,
         "details": d.details,
         "events": [
-            {"time": e.time, "type": e.type, "reason": e.reason, "object": e.object, "message": e.message, "count": e.count}
+            {
+                "time": e.time,
+                "type": e.type,
+                "reason": e.reason,
+                "object": e.object,
+                "message": e.message,
+                "count": e.count,
+            }
             for e in d.events
         ],
     }
@@ -116,8 +124,10 @@ def render(kind_name: str, data: dict[str, Any]) -> None:
         for k, v in (w.get("details") or {}).items():
             if k == "pods":
                 for p in v:
-                    console.print(f"  [bold]pod[/bold]: {p['name']} phase={p['phase']} ready={p['ready']} "
-                                  f"restarts={p['restarts']} node={p['node']}")
+                    console.print(
+                        f"  [bold]pod[/bold]: {p['name']} phase={p['phase']} ready={p['ready']} "
+                        f"restarts={p['restarts']} node={p['node']}"
+                    )
             elif v is not None:
                 console.print(f"  [bold]{k}[/bold]: {v}")
         _table("events", ["time", "type", "reason", "object", "message"], w.get("events") or [])

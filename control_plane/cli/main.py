@@ -13,9 +13,9 @@ import typer
 from control_plane import event_loop
 from control_plane.cli.admin import app as admin_app
 from control_plane.cli.context import Resolved, console, emit, err_console
-from control_plane.log_output import BufferedLoggerFactory, UtcTimestamp
 from control_plane.local_mode import runtime_file
 from control_plane.local_mode.models import LOCAL_MODELS, ModelPrepError, prepare, register
+from control_plane.log_output import BufferedLoggerFactory, UtcTimestamp
 from control_plane.settings import Settings
 
 app = typer.Typer(help="openloops: self-hosted LoRA post-training (Loops + Tinker APIs).", no_args_is_help=True)
@@ -27,7 +27,11 @@ app.add_typer(models_app, name="models")
 def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, format="%(message)s")
-    renderer = structlog.processors.JSONRenderer(serializer=_json_line) if settings.log_json else structlog.dev.ConsoleRenderer()
+    renderer = (
+        structlog.processors.JSONRenderer(serializer=_json_line)
+        if settings.log_json
+        else structlog.dev.ConsoleRenderer()
+    )
     structlog.configure(
         processors=[structlog.processors.add_log_level, UtcTimestamp(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -57,7 +61,9 @@ def up(
     host: str | None = typer.Option(None, "--host", help="Interface to bind (default 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="Port (default 8000)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Where state lives (default ~/.openloops)."),
-    model: str = typer.Option("smollm2", "--model", help=f"Default model prepared on first start: {', '.join(LOCAL_MODELS)}."),
+    model: str = typer.Option(
+        "smollm2", "--model", help=f"Default model prepared on first start: {', '.join(LOCAL_MODELS)}."
+    ),
 ) -> None:
     """Start openloops in local mode: embedded PostgreSQL + Valkey (unless URLs are set),
     migrations, a dev org and key, the API server and the controller."""
@@ -108,7 +114,8 @@ def up(
 
 @app.command("serve")
 def serve_cmd(
-    host: str | None = typer.Option(None, "--host"), port: int | None = typer.Option(None, "--port"),
+    host: str | None = typer.Option(None, "--host"),
+    port: int | None = typer.Option(None, "--port"),
 ) -> None:
     """Run the API server and controller against configured Postgres/Redis (production)."""
     from control_plane.server import serve
@@ -116,7 +123,9 @@ def serve_cmd(
     settings = _settings(host=host, port=port)
     configure_logging(settings)
     if not settings.database_url or not settings.redis_url:
-        err_console.print("[red]error:[/red] OPENLOOPS_DATABASE_URL and OPENLOOPS_REDIS_URL must be set (or use `openloops up`)")
+        err_console.print(
+            "[red]error:[/red] OPENLOOPS_DATABASE_URL and OPENLOOPS_REDIS_URL must be set (or use `openloops up`)"
+        )
         raise typer.Exit(2)
     event_loop.run(serve(settings), settings.event_loop)
 
@@ -140,8 +149,12 @@ def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
     from control_plane.catalog import ModelCatalog
 
     cat = ModelCatalog.load(Settings().resolved_catalog_path)
-    emit([m.model_dump() for m in cat.models], ["name", "max_context_length", "trainable", "sampleable", "source"],
-         as_json=as_json, title="models")
+    emit(
+        [m.model_dump() for m in cat.models],
+        ["name", "max_context_length", "trainable", "sampleable", "source"],
+        as_json=as_json,
+        title="models",
+    )
 
 
 if __name__ == "__main__":

@@ -70,9 +70,7 @@ class RowReconciler:
         async with self.r.db.session() as s:
             ids = list(
                 (
-                    await s.execute(
-                        select(kind.model.id).where(kind.model.status.notin_([x.value for x in TERMINAL]))
-                    )
+                    await s.execute(select(kind.model.id).where(kind.model.status.notin_([x.value for x in TERMINAL])))
                 ).scalars()
             )
         for rid in ids:
@@ -110,13 +108,17 @@ class RowReconciler:
         acted = False
         if obs.phase == Phase.ABSENT and status not in STARTING_UP and await self._restartable(kind, row):
             # gone (a node lost, a local control plane restarted) with nothing lost: recreate
-            if not await self._transition(kind, row.id, status, Status.DEPLOYING, "workload disappeared; recreating it"):
+            if not await self._transition(
+                kind, row.id, status, Status.DEPLOYING, "workload disappeared; recreating it"
+            ):
                 return
             status = Status.DEPLOYING
         if status in STARTING_UP:
             # ensure on every pass while starting: it also completes a half-created workload
             # (e.g. a Deployment whose Service a crashed controller never made)
-            if not await self._attempt(kind, row, status, f"start the {kind.owned_role.value}", lambda: self._ensure(kind, row)):
+            if not await self._attempt(
+                kind, row, status, f"start the {kind.owned_role.value}", lambda: self._ensure(kind, row)
+            ):
                 return
             acted = True
         if status == Status.WAKING_UP and obs.phase == Phase.SCALED_DOWN:
@@ -179,7 +181,9 @@ class RowReconciler:
             ckpt = await s.get(Checkpoint, row.checkpoint_id) if row.checkpoint_id else None
         return served_model_spec(self.r, row, ckpt)
 
-    async def _attempt(self, kind: Kind, row: Any, status: Status, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
+    async def _attempt(
+        self, kind: Kind, row: Any, status: Status, what: str, fn: Callable[[], Awaitable[None]]
+    ) -> bool:
         """Run a backend action that a starting row needs; False when it did not happen
         (retried on a later pass, or the row is now DEPLOY_FAILED)."""
         key = (kind.name, row.id)
@@ -188,12 +192,18 @@ class RowReconciler:
         except TransientBackendError as exc:
             give_up = self.retry.failed(key, exc)
             if give_up is None:
-                log.warning("backend unavailable; retrying later", kind=kind.name, id=row.id, action=what,
-                            attempt=self.retry.attempts_of(key), error=str(exc))
+                log.warning(
+                    "backend unavailable; retrying later",
+                    kind=kind.name,
+                    id=row.id,
+                    action=what,
+                    attempt=self.retry.attempts_of(key),
+                    error=str(exc),
+                )
                 return False
             await self._fail(kind, row.id, status, Status.DEPLOY_FAILED, f"could not {what}: {give_up}")
             return False
-        except Exception as exc:  # invalid spec, forbidden, unknown model: retrying cannot help
+        except Exception as exc:  # noqa: BLE001 - invalid spec, forbidden, unknown model: retrying cannot help
             self.retry.succeeded(key)
             await self._fail(kind, row.id, status, Status.DEPLOY_FAILED, f"could not {what}: {exc}")
             return False
@@ -236,7 +246,9 @@ class RowReconciler:
 
     async def _transition(self, kind: Kind, rid: str, expected: Status, to: Status, reason: str | None) -> bool:
         async with self.r.db.transaction() as s:
-            row = (await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())).scalar_one_or_none()
+            row = (
+                await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())
+            ).scalar_one_or_none()
             if row is None or row.status != expected.value:
                 return False  # changed under us (deactivated, woken): the next pass decides
             changed = history.transition(s, kind.name, row, to, reason)
@@ -255,7 +267,9 @@ class RowReconciler:
 
     async def _maybe_scale_down(self, kind: Kind, rid: str) -> None:
         async with self.r.db.transaction() as s:
-            row = (await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())).scalar_one_or_none()
+            row = (
+                await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())
+            ).scalar_one_or_none()
             if row is None or not await scale_down_if_idle(s, self.r.redis, kind, row, datetime.now(UTC)):
                 return
         log.info("scaling to zero", kind=kind.name, id=rid, reason=row.status_reason)
@@ -290,7 +304,9 @@ class RowReconciler:
             return
         self._specs.pop(key, None)
         async with self.r.db.transaction() as s:
-            locked = (await s.execute(select(kind.model).where(kind.model.id == row.id).with_for_update())).scalar_one_or_none()
+            locked = (
+                await s.execute(select(kind.model).where(kind.model.id == row.id).with_for_update())
+            ).scalar_one_or_none()
             if locked is None or locked.status != Status.DEACTIVATING.value:
                 return
             history.transition(s, kind.name, locked, Status.INACTIVE, "deactivated")

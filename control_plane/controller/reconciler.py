@@ -62,7 +62,7 @@ class Controller:
             while not stop.is_set():
                 try:
                     await self._lead_while_possible(stop)
-                except Exception as exc:  # database down: not leader; try again later
+                except Exception as exc:  # noqa: BLE001 - database down: not leader; try again later
                     self.is_leader = False
                     log.warning("controller could not take or keep the lock", error=str(exc))
                 if not stop.is_set():
@@ -99,9 +99,14 @@ class Controller:
         try:
             async with self.r.db.session() as s:
                 for kind in KINDS.values():
-                    if kind.scales_to_zero and (
-                        await s.execute(select(kind.model.id).where(kind.model.status == Status.WAKING_UP.value).limit(1))
-                    ).first():
+                    if (
+                        kind.scales_to_zero
+                        and (
+                            await s.execute(
+                                select(kind.model.id).where(kind.model.status == Status.WAKING_UP.value).limit(1)
+                            )
+                        ).first()
+                    ):
                         return min(interval, WAKING_INTERVAL_SECONDS)
         except Exception as exc:  # noqa: BLE001 - the next pass reports database trouble
             log.warning("could not check for waking resources", error=str(exc))
@@ -113,7 +118,7 @@ class Controller:
             await conn.execute(text("SELECT 1"))
             await conn.commit()
             return True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the lock connection means stepping down
             log.warning("controller lost its lock connection; stepping down", error=str(exc))
             self.is_leader = False
             return False
@@ -137,7 +142,7 @@ class Controller:
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # redis blip: resubscribe
+            except Exception as exc:  # noqa: BLE001 - redis blip: resubscribe
                 log.warning("reconcile listener error", error=str(exc))
                 await asyncio.sleep(1.0)
 
@@ -146,8 +151,15 @@ class Controller:
     async def reconcile_once(self) -> None:
         self.passes += 1
         steps = (
-            self._activity, self._deployments, self._runs, self._samplers, self._served_models, self._sessions,
-            self._gc, self._usage, self._flush,
+            self._activity,
+            self._deployments,
+            self._runs,
+            self._samplers,
+            self._served_models,
+            self._sessions,
+            self._gc,
+            self._usage,
+            self._flush,
         )
         for step in steps:
             try:
@@ -184,8 +196,12 @@ class Controller:
                     continue  # shared per base model: SamplerReconciler owns its lifetime
                 row = await s.get(KIND_OF_ROLE[role].model, wid)
                 if row is None or Status(row.status) in TERMINAL:
-                    log.info("garbage-collecting workload", workload_id=wid, role=role.value,
-                             status=row.status if row else None)
+                    log.info(
+                        "garbage-collecting workload",
+                        workload_id=wid,
+                        role=role.value,
+                        status=row.status if row else None,
+                    )
                     await self.backend.remove(wid, role)
 
     async def _usage(self) -> None:

@@ -94,7 +94,9 @@ class RunReconciler:
         if dep_status == Status.ACTIVE:
             worker = await read_hash(self.r.redis, q.worker_state_key(dep.id))
             attached = worker.get("run_id") == run.id and state.get("state") == q.RunState.ATTACHED.value
-            return (Status.ACTIVE, None) if attached else (Status.LOADING_MODEL, "waiting for the trainer to take the run")
+            return (
+                (Status.ACTIVE, None) if attached else (Status.LOADING_MODEL, "waiting for the trainer to take the run")
+            )
         follows = FOLLOWS.get(dep_status)
         return (follows, dep.status_reason) if follows is not None else None
 

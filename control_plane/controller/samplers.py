@@ -65,7 +65,9 @@ class SamplerReconciler:
         async with self.r.db.session() as s:
             live = list(
                 (
-                    await s.execute(select(Sampler.base_model).where(Sampler.status.in_([x.value for x in LIVE])).distinct())
+                    await s.execute(
+                        select(Sampler.base_model).where(Sampler.status.in_([x.value for x in LIVE])).distinct()
+                    )
                 ).scalars()
             )
             asleep = set(
@@ -150,7 +152,7 @@ class SamplerReconciler:
                 log.warning("backend unavailable; retrying later", workload_id=wid, error=str(exc))
                 return
             ensure_error = f"could not start the sampler for {base_model}: {give_up}"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops the start is the sampler's failure reason
             ensure_error = f"could not start the sampler for {base_model}: {exc}"
         if ensure_error is not None:
             obs = Observation(wid, WorkloadRole.SAMPLER, Phase.FAILED, reason=ensure_error)

@@ -6,9 +6,9 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from control_plane.db.models import Deployment
+from control_plane.ports import free_port
 from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
 from control_plane.settings import BackendKind
-from control_plane.ports import free_port
 from data_plane.sampler.config import SamplerLaunch
 from data_plane.wire.worker_config import REDIS_URL_ENV, TrainerLaunch
 
@@ -41,7 +41,10 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         base_model=dep.base_model,
         command=["python", "-m", "data_plane.trainer"],
         env=launch.to_env(),
-        secret_env=[*(STORE_SECRET_ENV if r.store_spec.kind == "s3" else []), *([REDIS_URL_ENV] if redis_from_secret else [])],
+        secret_env=[
+            *(STORE_SECRET_ENV if r.store_spec.kind == "s3" else []),
+            *([REDIS_URL_ENV] if redis_from_secret else []),
+        ],
         resources=model.resources.trainer.to_resources(),
     )
 
@@ -91,8 +94,8 @@ def vllm_spec(
         host, port = "127.0.0.1", port or free_port()
         cache = str(r.settings.data_dir / "sampler-cache" / workload_id)
     else:
-        host, port = "0.0.0.0", SAMPLER_CLUSTER_PORT  # noqa: S104 (pod network)
-        cache = "/tmp/openloops-adapters"  # noqa: S108 (pod-local emptyDir/tmp)
+        host, port = "0.0.0.0", SAMPLER_CLUSTER_PORT
+        cache = "/tmp/openloops-adapters"
     launch = SamplerLaunch(
         sampler_id=workload_id,
         model_source=model.source,

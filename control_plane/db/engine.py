@@ -45,7 +45,12 @@ def _mark_write(session: Session) -> None:
 
 class Database:
     def __init__(
-        self, url: str, *, pool_size: int = 10, max_overflow: int = 10, read_pool_size: int = 10,
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        read_pool_size: int = 10,
         read_cache_seconds: float = 0.0,
     ) -> None:
         """``read_cache_seconds`` > 0 turns on :attr:`read_cache` (API processes); 0 leaves it

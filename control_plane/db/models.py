@@ -62,9 +62,7 @@ class ApiKey(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
     user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    service_account_id: Mapped[str | None] = mapped_column(
-        ForeignKey("service_accounts.id", ondelete="CASCADE")
-    )
+    service_account_id: Mapped[str | None] = mapped_column(ForeignKey("service_accounts.id", ondelete="CASCADE"))
     name: Mapped[str | None] = mapped_column(String(200))
     display_prefix: Mapped[str] = mapped_column(String(32))
     key_hash: Mapped[str] = mapped_column(String(128), unique=True)
@@ -74,9 +72,7 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = _ts()
     revoked_at: Mapped[datetime | None] = _ts()
     __table_args__ = (
-        CheckConstraint(
-            "(user_id IS NULL) <> (service_account_id IS NULL)", name="api_keys_one_owner"
-        ),
+        CheckConstraint("(user_id IS NULL) <> (service_account_id IS NULL)", name="api_keys_one_owner"),
         Index("ix_api_keys_org_created", "org_id", "created_at", "id"),
     )
 
@@ -96,9 +92,7 @@ class Session(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
     created_by: Mapped[str] = mapped_column(String(40))
-    training_project_id: Mapped[str | None] = mapped_column(
-        ForeignKey("training_projects.id", ondelete="SET NULL")
-    )
+    training_project_id: Mapped[str | None] = mapped_column(ForeignKey("training_projects.id", ondelete="SET NULL"))
     origin: Mapped[str] = mapped_column(String(16))  # loops | tinker
     status: Mapped[str] = mapped_column(String(16))  # active | finished | expired
     tags: Mapped[list[str]] = mapped_column(ARRAY(String), default=list)
@@ -217,9 +211,7 @@ class Checkpoint(Base):
 
 class CheckpointFile(Base):
     __tablename__ = "checkpoint_files"
-    checkpoint_id: Mapped[str] = mapped_column(
-        ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True
-    )
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"), primary_key=True)
     relative_path: Mapped[str] = mapped_column(Text, primary_key=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     node_rank: Mapped[int] = mapped_column(Integer, default=0)
@@ -269,9 +261,7 @@ class ServedModel(Base):
     name: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(32))
     status_reason: Mapped[str | None] = mapped_column(Text)
-    checkpoint_id: Mapped[str | None] = mapped_column(
-        ForeignKey("checkpoints.id", ondelete="SET NULL")
-    )
+    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="SET NULL"))
     sampler_id: Mapped[str | None] = mapped_column(ForeignKey("samplers.id", ondelete="SET NULL"))
     scale_down_delay_seconds: Mapped[int] = mapped_column(Integer, default=3600)
     last_request_at: Mapped[datetime | None] = _ts()
@@ -328,6 +318,4 @@ class StatusHistory(Base):
     to_status: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _ts(server_default=func.now())
-    __table_args__ = (
-        Index("ix_status_history_resource", "resource_type", "resource_id", "created_at", "id"),
-    )
+    __table_args__ = (Index("ix_status_history_resource", "resource_type", "resource_id", "created_at", "id"),)

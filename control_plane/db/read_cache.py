@@ -146,7 +146,9 @@ class ReadCache:
             conn: asyncpg.Connection | None = None
             lost = asyncio.Event()
 
-            def on_lost(_conn: object) -> None:  # the server closed it: stop serving at once
+            def on_lost(
+                _conn: object, lost: asyncio.Event = lost
+            ) -> None:  # the server closed it: stop serving at once
                 self._listening = False
                 self.clear()
                 lost.set()

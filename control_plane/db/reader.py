@@ -99,8 +99,12 @@ class Reader:
             async with self._lock:
                 if self._pool is None:
                     self._pool = await asyncpg.create_pool(
-                        **self._connect_kwargs, min_size=0, max_size=self._max_size,
-                        init=_init_connection, reset=_release, max_inactive_connection_lifetime=300,
+                        **self._connect_kwargs,
+                        min_size=0,
+                        max_size=self._max_size,
+                        init=_init_connection,
+                        reset=_release,
+                        max_inactive_connection_lifetime=300,
                     )
         return self._pool
 

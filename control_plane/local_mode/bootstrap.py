@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from control_plane.db.engine import Database
+from control_plane.errors import NotFound
 from control_plane.services import identity
 
 
@@ -21,11 +22,11 @@ async def ensure_dev_key(db: Database, data_dir: Path, org_name: str, email: str
     async with db.transaction() as s:
         try:
             org = await identity.get_org(s, org_name)
-        except Exception:
+        except NotFound:
             org = await identity.create_org(s, org_name)
         try:
             owner = await identity.find_owner(s, org, email)
-        except Exception:
+        except NotFound:
             owner = await identity.create_user(s, org, email, "local developer")
         created = await identity.create_api_key(s, owner, name="local-dev")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,9 @@ def prepare(kind: str, models_root: Path, *, python: str | None = None, quiet: b
     args, dirname = LOCAL_MODELS[kind]
     out = models_root / dirname
     cmd = [python or sys.executable, "-m", "data_plane.models", *args, "--out", str(out)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True, check=False
+    )
     if proc.returncode != 0:
         raise ModelPrepError(f"preparing model {kind!r} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -102,10 +102,14 @@ class RequestMeter:
             return 0
         rows = [
             {
-                "resource_type": rt, "resource_id": rid,
+                "resource_type": rt,
+                "resource_id": rid,
                 "bucket_start": datetime.fromtimestamp(minute * 60, UTC),
-                "count_2xx": b.c2, "count_4xx": b.c4, "count_5xx": b.c5,
-                "max_concurrent": b.max_concurrent, "latency_hist": b.hist,
+                "count_2xx": b.c2,
+                "count_4xx": b.c4,
+                "count_5xx": b.c5,
+                "max_concurrent": b.max_concurrent,
+                "latency_hist": b.hist,
             }
             for (rt, rid, minute), b in pending.items()
         ]
@@ -120,7 +124,9 @@ class RequestMeter:
                 "max_concurrent": RequestBucket.max_concurrent + ex.max_concurrent,
                 # element-wise sum of the two histograms
                 "latency_hist": func.array(
-                    literal_column("SELECT a + b FROM unnest(request_buckets.latency_hist, excluded.latency_hist) AS t(a, b)")
+                    literal_column(
+                        "SELECT a + b FROM unnest(request_buckets.latency_hist, excluded.latency_hist) AS t(a, b)"
+                    )
                 ),
             },
         )
@@ -143,7 +149,7 @@ class RequestMeter:
                 await asyncio.wait_for(stop.wait(), self._flush_seconds)
             try:
                 await self.flush()
-            except Exception as exc:  # database blip: counts are kept, try again
+            except Exception as exc:  # noqa: BLE001 - database blip: counts are kept, try again
                 log.warning("request meter flush failed; retrying", error=str(exc))
 
 

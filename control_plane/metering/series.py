@@ -37,8 +37,9 @@ class Window:
     divisor: int | None
 
     @classmethod
-    def parse(cls, start_ms: int | None, end_ms: int | None, step_seconds: int | None,
-              time_divisor_seconds: int | None) -> Window:
+    def parse(
+        cls, start_ms: int | None, end_ms: int | None, step_seconds: int | None, time_divisor_seconds: int | None
+    ) -> Window:
         end = _from_ms(end_ms, "end_epoch_millis") if end_ms is not None else datetime.now(UTC)
         start = _from_ms(start_ms, "start_epoch_millis") if start_ms is not None else end - DEFAULT_WINDOW
         if start >= end:
@@ -47,7 +48,9 @@ class Window:
         if step < 60 or step % 60:
             raise InvalidInput("step_seconds must be a positive multiple of 60", field="step_seconds")
         if (end - start).total_seconds() / step > MAX_POINTS:
-            raise InvalidInput(f"the window holds more than {MAX_POINTS} steps; raise step_seconds", field="step_seconds")
+            raise InvalidInput(
+                f"the window holds more than {MAX_POINTS} steps; raise step_seconds", field="step_seconds"
+            )
         if time_divisor_seconds is not None and time_divisor_seconds < 1:
             raise InvalidInput("time_divisor_seconds must be >= 1", field="time_divisor_seconds")
         return cls(start, end, step, time_divisor_seconds)
@@ -97,24 +100,36 @@ async def request_series(s: AsyncSession, resource_type: str, resource_id: str, 
     ).scalars()
     steps: dict[int, dict[str, Any]] = {}
     for r in rows:
-        a = steps.setdefault(w.index(r.bucket_start), {"c2": 0, "c4": 0, "c5": 0, "conc": 0, "hist": [0] * len(r.latency_hist)})
+        a = steps.setdefault(
+            w.index(r.bucket_start), {"c2": 0, "c4": 0, "c5": 0, "conc": 0, "hist": [0] * len(r.latency_hist)}
+        )
         a["c2"] += r.count_2xx
         a["c4"] += r.count_4xx
         a["c5"] += r.count_5xx
         a["conc"] = max(a["conc"], r.max_concurrent)
         a["hist"] = [x + y for x, y in zip(a["hist"], r.latency_hist, strict=True)]
-    out: dict[str, list[Point]] = {k: [] for k in ("inference_volume", "concurrent_requests", "response_time_stats",
-                                                   "inference_volume_by_status")}
+    out: dict[str, list[Point]] = {
+        k: [] for k in ("inference_volume", "concurrent_requests", "response_time_stats", "inference_volume_by_status")
+    }
     for idx in sorted(steps):
         a, ts = steps[idx], w.stamp(idx)
         out["inference_volume"].append({"timestamp": ts, "value": w.rate(a["c2"] + a["c4"] + a["c5"])})
         out["concurrent_requests"].append({"timestamp": ts, "value": a["conc"]})
         out["response_time_stats"].append(
-            {"timestamp": ts, "p50": percentile(a["hist"], 0.5), "p95": percentile(a["hist"], 0.95),
-             "p99": percentile(a["hist"], 0.99)}
+            {
+                "timestamp": ts,
+                "p50": percentile(a["hist"], 0.5),
+                "p95": percentile(a["hist"], 0.95),
+                "p99": percentile(a["hist"], 0.99),
+            }
         )
         out["inference_volume_by_status"].append(
-            {"timestamp": ts, "status_2xx": w.rate(a["c2"]), "status_4xx": w.rate(a["c4"]), "status_5xx": w.rate(a["c5"])}
+            {
+                "timestamp": ts,
+                "status_2xx": w.rate(a["c2"]),
+                "status_4xx": w.rate(a["c4"]),
+                "status_5xx": w.rate(a["c5"]),
+            }
         )
     return out
 
@@ -147,7 +162,8 @@ def _resource_block(res: _Resource) -> dict[str, Any]:
     by_ts = {p["timestamp"]: p["value"] for p in capacity}
     utilization = [
         {"timestamp": p["timestamp"], "value": p["value"] / by_ts[p["timestamp"]]}
-        for p in usage if by_ts.get(p["timestamp"])
+        for p in usage
+        if by_ts.get(p["timestamp"])
     ]
     return {
         "gpu_memory_usage_bytes": {r: res.series(f"gpu_mem:{r}") for r in ranks if res.series(f"gpu_mem:{r}")},
@@ -193,4 +209,7 @@ async def usage_series(s: AsyncSession, resource_type: str, resource_id: str, w:
 
 async def deployment_metrics(s: AsyncSession, resource_type: str, resource_id: str, w: Window) -> dict[str, Any]:
     """All ten series (every key present, empty when there is no data)."""
-    return {**await request_series(s, resource_type, resource_id, w), **await usage_series(s, resource_type, resource_id, w)}
+    return {
+        **await request_series(s, resource_type, resource_id, w),
+        **await usage_series(s, resource_type, resource_id, w),
+    }

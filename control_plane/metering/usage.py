@@ -61,13 +61,21 @@ class UsageSampler:
                 continue
             gpus = _gpus(await read_hash(self.r.redis, q.worker_state_key(dep_id)))
             for i, u in enumerate(samples):
-                rows.append(UsageSample(
-                    resource_type="deployment", resource_id=dep_id, at=at, replica=u.replica[:253],
-                    node=u.node[:253] if u.node else None, cpu_cores=u.cpu_cores, memory_bytes=u.memory_bytes,
-                    ephemeral_bytes=u.ephemeral_bytes, ephemeral_capacity_bytes=u.ephemeral_capacity_bytes,
-                    # the worker reports its GPUs; one trainer process per deployment today
-                    gpus=gpus if i == 0 else None,
-                ))
+                rows.append(
+                    UsageSample(
+                        resource_type="deployment",
+                        resource_id=dep_id,
+                        at=at,
+                        replica=u.replica[:253],
+                        node=u.node[:253] if u.node else None,
+                        cpu_cores=u.cpu_cores,
+                        memory_bytes=u.memory_bytes,
+                        ephemeral_bytes=u.ephemeral_bytes,
+                        ephemeral_capacity_bytes=u.ephemeral_capacity_bytes,
+                        # the worker reports its GPUs; one trainer process per deployment today
+                        gpus=gpus if i == 0 else None,
+                    )
+                )
         if rows:
             async with self.r.db.transaction() as s:
                 s.add_all(rows)

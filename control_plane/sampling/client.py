@@ -9,6 +9,7 @@ spends ~13 ms of CPU per request (its request-to-connection assignment is quadra
 requests waiting); aiohttp spends ~0.3 ms. On a machine where the API shares cores with a CPU
 vLLM, that CPU comes straight out of sampling throughput (bench/sampling.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -89,8 +90,9 @@ def map_http_error(resp: Reply, *, model: str | None = None) -> SamplingError:
         what = f"model or adapter {model!r}" if model else "resource"
         return AdapterNotFound(f"sampler does not know {what}: {msg}", upstream_status=status)
     if status == 400 and "could not be loaded" in msg:
-        return AdapterLoadFailed(f"adapter {model!r} exists but the sampler could not load it: {msg}",
-                                 upstream_status=status)
+        return AdapterLoadFailed(
+            f"adapter {model!r} exists but the sampler could not load it: {msg}", upstream_status=status
+        )
     if status in (400, 422):
         return InvalidSampleRequest(f"sampler rejected the request: {msg}", upstream_status=status)
     if status in (429, 503):
@@ -134,12 +136,14 @@ class VLLMClient:
                 self._fresh = self._new_session(aiohttp.TCPConnector(limit=0, force_close=True))
             return self._fresh
         if self._session is None or self._session.closed:
-            self._session = self._new_session(aiohttp.TCPConnector(
-                limit=self.max_in_flight or 0,  # 0: admission is bounded by the caller
-                limit_per_host=0,
-                # below uvicorn's 5 s keep-alive in vLLM: never reuse a connection it is closing
-                keepalive_timeout=2.0,
-            ))
+            self._session = self._new_session(
+                aiohttp.TCPConnector(
+                    limit=self.max_in_flight or 0,  # 0: admission is bounded by the caller
+                    limit_per_host=0,
+                    # below uvicorn's 5 s keep-alive in vLLM: never reuse a connection it is closing
+                    keepalive_timeout=2.0,
+                )
+            )
         return self._session
 
     def _new_session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
@@ -165,16 +169,22 @@ class VLLMClient:
 
     # ----------------------------------------------------------------- transport
 
-    async def _send(self, method: str, path: str, data: bytes | None, timeout: aiohttp.ClientTimeout | None,
-                    *, pooled: bool = True) -> Reply:
+    async def _send(
+        self, method: str, path: str, data: bytes | None, timeout: aiohttp.ClientTimeout | None, *, pooled: bool = True
+    ) -> Reply:
         headers = {"content-type": "application/json"} if data is not None else None
-        async with self._http(pooled=pooled).request(method, self.base_url + path, data=data, headers=headers,
-                                                     timeout=timeout or self._timeout) as resp:
+        async with self._http(pooled=pooled).request(
+            method, self.base_url + path, data=data, headers=headers, timeout=timeout or self._timeout
+        ) as resp:
             return Reply(resp.status, await resp.read(), resp.reason or "")
 
     async def _raw(self, method: str, path: str, *, data: bytes | None = None, timeout: float | None = None) -> Reply:
         """One HTTP exchange; transport failures as our errors, any status returned."""
-        t = None if timeout is None else aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, self._connect_timeout_s))
+        t = (
+            None
+            if timeout is None
+            else aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, self._connect_timeout_s))
+        )
         try:
             try:
                 return await self._send(method, path, data, t)
@@ -191,8 +201,9 @@ class VLLMClient:
         except aiohttp.ClientError as e:
             raise SamplerFailed(f"HTTP error talking to sampler at {self.base_url}: {e!r}") from e
 
-    async def _request(self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None,
-                       model: str | None = None) -> Reply:
+    async def _request(
+        self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None, model: str | None = None
+    ) -> Reply:
         data = None if json_body is None else msgspec.json.encode(json_body)
         resp = await self._raw(method, path, data=data, timeout=timeout)
         if resp.status >= 300:
@@ -224,8 +235,9 @@ class VLLMClient:
         resp = await self._request("GET", "/v1/models", timeout=30.0)
         cards = []
         for m in resp.json().get("data", []):
-            cards.append(ModelCard(id=m["id"], parent=m.get("parent"), root=m.get("root"),
-                                   max_model_len=m.get("max_model_len")))
+            cards.append(
+                ModelCard(id=m["id"], parent=m.get("parent"), root=m.get("root"), max_model_len=m.get("max_model_len"))
+            )
         return cards
 
     async def max_model_len(self) -> int | None:
@@ -269,8 +281,9 @@ class VLLMClient:
         except msgspec.DecodeError as e:
             raise SamplerFailed(f"sampler answered non-JSON: {resp.text[:200]!r}") from e
 
-    async def sample(self, request: Mapping[str, Any] | SampleSpec, *, model: str,
-                     request_id: str | None = None) -> bytes:
+    async def sample(
+        self, request: Mapping[str, Any] | SampleSpec, *, model: str, request_id: str | None = None
+    ) -> bytes:
         """Run one Tinker ``asample`` body against ``model`` (the served base-model name, or an
         adapter's LoRA name); the serialized ``SampleResponse`` protobuf."""
         spec = request if isinstance(request, SampleSpec) else parse_sample_request(request)

@@ -119,7 +119,9 @@ class SamplingDispatcher:
             c = self._clients[endpoint] = VLLMClient(endpoint, max_in_flight=None)
         return c
 
-    async def wait_serving(self, org_id: str, sampler_id: str, timeout_s: float = READY_TIMEOUT_SECONDS) -> SamplerTarget:
+    async def wait_serving(
+        self, org_id: str, sampler_id: str, timeout_s: float = READY_TIMEOUT_SECONDS
+    ) -> SamplerTarget:
         """The target once its server serves; raises SamplerUnavailable when the sampler ended
         (failed, deactivated) or did not come up in time."""
         deadline = time.monotonic() + timeout_s
@@ -130,7 +132,9 @@ class SamplingDispatcher:
                     f"sampler {sampler_id} is {t.status.value}" + (f": {t.status_reason}" if t.status_reason else "")
                 )
             if time.monotonic() > deadline:
-                raise SamplerUnavailable(f"sampler {sampler_id} was not ready after {timeout_s:.0f} s ({t.status.value})")
+                raise SamplerUnavailable(
+                    f"sampler {sampler_id} was not ready after {timeout_s:.0f} s ({t.status.value})"
+                )
             await asyncio.sleep(READY_POLL_SECONDS)
             t = await self.target(org_id, sampler_id, max_age=READY_POLL_SECONDS)
         return t
@@ -185,7 +189,11 @@ class SamplingDispatcher:
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(
-                    self._queue.complete(wid, rid, q.FutureResult.failed("sampling was cancelled (server shutdown)", q.ErrorCategory.SERVER))
+                    self._queue.complete(
+                        wid,
+                        rid,
+                        q.FutureResult.failed("sampling was cancelled (server shutdown)", q.ErrorCategory.SERVER),
+                    )
                 )
             raise
         except Exception as exc:  # never leave a future pending
@@ -209,14 +217,14 @@ class SamplingDispatcher:
                 self._touched[target.sampler_id] = now
                 await record_activity(self._runtime.redis, SAMPLER, target.sampler_id)
 
-    async def run_direct(self, target: SamplerTarget, call: Callable[[VLLMClient, SamplerTarget], Awaitable[object]]) -> object:
+    async def run_direct(
+        self, target: SamplerTarget, call: Callable[[VLLMClient, SamplerTarget], Awaitable[object]]
+    ) -> object:
         """Run ``call`` against the target's server now (the OpenAI-compatible proxy), under
         the same in-flight bound."""
         wid = target.workload_id
         if not target.serving:
-            raise SamplerUnavailable(
-                f"sampler {target.sampler_id} is {target.status.value}; retry when it is ACTIVE"
-            )
+            raise SamplerUnavailable(f"sampler {target.sampler_id} is {target.status.value}; retry when it is ACTIVE")
         if self.in_flight(wid) >= self.max_in_flight:
             raise SamplerBusy(f"the sampler for {target.base_model} has {self.in_flight(wid)} requests in flight")
         self._in_flight[wid] = self.in_flight(wid) + 1
@@ -238,7 +246,9 @@ class SamplingDispatcher:
         async with self._db.session() as s:
             endpoint = (
                 await s.execute(
-                    select(Sampler.endpoint).where(Sampler.base_model == base_model, Sampler.endpoint.is_not(None)).limit(1)
+                    select(Sampler.endpoint)
+                    .where(Sampler.base_model == base_model, Sampler.endpoint.is_not(None))
+                    .limit(1)
                 )
             ).scalar_one_or_none()
         if endpoint is None:

@@ -68,7 +68,8 @@ class Routing:
         if not (r.run_id or r.sampler_id or r.checkpoint_path):
             raise RunOrSamplerRequired(
                 "name the run (X-Run-Id), the sampler (X-Sampler-Id) or the checkpoint (X-Checkpoint-Path) "
-                "this request is for", field="X-Run-Id",
+                "this request is for",
+                field="X-Run-Id",
             )
         return r
 
@@ -94,8 +95,9 @@ class LoopsSamplerPlane:
             raise NotFound("run", f"{routing.run_id} on sampler {sampler_id}")
         return t
 
-    async def serving(self, principal: Principal, t: SamplerTarget, routing: Routing,
-                      *, wait_s: float = FLOOR_WAIT_SECONDS) -> Serving:
+    async def serving(
+        self, principal: Principal, t: SamplerTarget, routing: Routing, *, wait_s: float = FLOOR_WAIT_SECONDS
+    ) -> Serving:
         pinned = await self._pinned(principal, t, routing.checkpoint_path) if routing.checkpoint_path else None
         floor = routing.min_policy_version
         if floor is None:
@@ -132,7 +134,9 @@ class LoopsSamplerPlane:
     def models_json(self, serving: Serving) -> dict[str, Any]:
         """``GET /v1/models``: the base model (``parent`` null) and the adapter that serves."""
         base = serving.target.base_model
-        data: list[dict[str, Any]] = [{"id": base, "object": "model", "owned_by": "openloops", "root": base, "parent": None}]
+        data: list[dict[str, Any]] = [
+            {"id": base, "object": "model", "owned_by": "openloops", "root": base, "parent": None}
+        ]
         if serving.model != base:
             data.append({"id": serving.label, "object": "model", "owned_by": "openloops", "root": base, "parent": base})
         return {"object": "list", "data": data}

@@ -128,9 +128,7 @@ def _stop(v: Any) -> tuple[str, ...] | tuple[int, ...] | None:
         return tuple(v)
     if all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in v):
         return tuple(v)
-    raise InvalidSampleRequest(
-        "sampling_params.stop must be all strings or all non-negative token ids, not a mix"
-    )
+    raise InvalidSampleRequest("sampling_params.stop must be all strings or all non-negative token ids, not a mix")
 
 
 def parse_sample_request(body: Mapping[str, Any]) -> SampleSpec:
@@ -313,9 +311,7 @@ def build_sample_response(spec: SampleSpec, completion: Mapping[str, Any]) -> pb
         seq = resp.sequences.add()
         seq.stop_reason = reason
         seq.tokens = np.asarray(tokens, dtype="<i4").tobytes()
-        seq.logprobs = np.asarray(
-            [float("nan") if v is None else v for v in token_lps], dtype="<f4"
-        ).tobytes()
+        seq.logprobs = np.asarray([float("nan") if v is None else v for v in token_lps], dtype="<f4").tobytes()
         if spec.topk_sample_logprobs > 0:
             k = spec.topk_sample_logprobs
             seq.topk_sampled_logprobs.CopyFrom(_topk_rows([_sample_topk(t, k) for t in top], k))

@@ -112,7 +112,9 @@ async def _wait_active(runtime: Runtime, k: Kind, resource_id: str, pubsub: obje
             return
         if status in TERMINAL or status == Status.DEACTIVATING:
             reason = await _reason(runtime, k, resource_id)
-            raise Unavailable(f"{k.name} {resource_id!r} could not be woken up: {status.value}" + (f" ({reason})" if reason else ""))
+            raise Unavailable(
+                f"{k.name} {resource_id!r} could not be woken up: {status.value}" + (f" ({reason})" if reason else "")
+            )
         if status == Status.SCALED_TO_ZERO:  # scaled down again before it woke (or never woken)
             await _request_wake(runtime, k, resource_id)
             await runtime.kick_controller()

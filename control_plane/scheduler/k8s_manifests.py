@@ -235,9 +235,7 @@ def pod_template(spec: WorkloadSpec, settings: KubernetesSettings, name: str) ->
     if spec.port is not None:
         if not 1 <= spec.port <= 65535:
             raise WorkloadSpecError(f"invalid port {spec.port}")
-        container["ports"] = [
-            {"name": CONTAINER_PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}
-        ]
+        container["ports"] = [{"name": CONTAINER_PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}]
     resources = container_resources(spec, settings)
     if resources:
         container["resources"] = resources
@@ -321,9 +319,7 @@ def owner_reference(deployment_name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def service_manifest(
-    spec: WorkloadSpec, settings: KubernetesSettings, owner_uid: str | None
-) -> dict[str, Any] | None:
+def service_manifest(spec: WorkloadSpec, settings: KubernetesSettings, owner_uid: str | None) -> dict[str, Any] | None:
     """ClusterIP Service in front of an HTTP workload, owned by its Deployment (so deleting the
     Deployment garbage-collects it). ``None`` when the workload serves no HTTP."""
     if spec.port is None:

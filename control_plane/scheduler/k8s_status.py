@@ -79,9 +79,7 @@ def pod_finding(
     """(phase, reason, exit_code) for one pod that exists and is not being deleted."""
     status = pod.get("status") or {}
     pod_phase = status.get("phase") or "Pending"
-    statuses = list(status.get("initContainerStatuses") or []) + list(
-        status.get("containerStatuses") or []
-    )
+    statuses = list(status.get("initContainerStatuses") or []) + list(status.get("containerStatuses") or [])
 
     ready = _cond(pod, "Ready")
     if pod_phase == "Running" and ready and ready.get("status") == "True":
@@ -120,7 +118,11 @@ def pod_finding(
                     if last_term.get("reason") == "OOMKilled":
                         finding = (Phase.FAILED, f"{text}, CrashLoopBackOff", code)
                     else:
-                        finding = (Phase.FAILED, f"CrashLoopBackOff (last exit code {code}: {last_term.get('reason') or 'Error'})", code)
+                        finding = (
+                            Phase.FAILED,
+                            f"CrashLoopBackOff (last exit code {code}: {last_term.get('reason') or 'Error'})",
+                            code,
+                        )
                 else:
                     finding = (Phase.FAILED, _with_message("CrashLoopBackOff", waiting.get("message")), None)
             elif wreason in FAILED_WAITING_REASONS:
@@ -141,9 +143,9 @@ def pod_finding(
                     text, code = _terminated_reason(last_term)
                     reason = f"restarted after {text}"
                 finding = (Phase.STARTING, reason, None)
-        if finding and _SEVERITY[finding[0]] > _SEVERITY[best[0]]:
-            best = finding
-        elif finding and best[1] is None and finding[0] == best[0]:
+        if (finding and _SEVERITY[finding[0]] > _SEVERITY[best[0]]) or (
+            finding and best[1] is None and finding[0] == best[0]
+        ):
             best = finding
     if best[0] == Phase.PENDING and best[1] is None:
         best = (Phase.PENDING, "scheduled, starting containers" if sched else "waiting to be scheduled", None)
@@ -151,9 +153,7 @@ def pod_finding(
 
 
 def deployment_port(deployment: dict[str, Any]) -> int | None:
-    containers = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
-        "containers"
-    ) or []
+    containers = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
     for c in containers:
         for p in c.get("ports") or []:
             if p.get("name") == CONTAINER_PORT_NAME and p.get("containerPort"):
@@ -174,7 +174,9 @@ def observe_workload(
 ) -> Observation:
     now = now or datetime.now(UTC)
 
-    def obs(phase: Phase, reason: str | None = None, exit_code: int | None = None, endpoint: str | None = None) -> Observation:
+    def obs(
+        phase: Phase, reason: str | None = None, exit_code: int | None = None, endpoint: str | None = None
+    ) -> Observation:
         return Observation(workload_id, role, phase, reason=reason, endpoint=endpoint, exit_code=exit_code)
 
     if deployment is None:
@@ -204,7 +206,11 @@ def observe_workload(
     if not findings:
         failure = _cond(deployment, "ReplicaFailure")
         if failure and failure.get("status") == "True":
-            return obs(Phase.FAILED, _with_message(failure.get("reason") or "ReplicaFailure", failure.get("message")), endpoint=endpoint)
+            return obs(
+                Phase.FAILED,
+                _with_message(failure.get("reason") or "ReplicaFailure", failure.get("message")),
+                endpoint=endpoint,
+            )
         return obs(Phase.PENDING, "waiting for pods to be created", endpoint=endpoint)
     phase, reason, code = max(findings, key=lambda f: _SEVERITY[f[0]])
     return obs(phase, reason, code, endpoint=endpoint)

@@ -116,7 +116,11 @@ def build_configuration(settings: KubernetesSettings) -> k8s_client.Configuratio
         else:
             k8s_config.load_kube_config(config_file=settings.kubeconfig, client_configuration=cfg)
     except (ConfigException, OSError, ValueError) as exc:
-        where = "in-cluster service account" if settings.in_cluster else f"kubeconfig {settings.kubeconfig or '~/.kube/config'}"
+        where = (
+            "in-cluster service account"
+            if settings.in_cluster
+            else f"kubeconfig {settings.kubeconfig or '~/.kube/config'}"
+        )
         raise KubernetesConfigError(f"cannot configure the Kubernetes client from the {where}: {exc}") from exc
     return cfg
 
@@ -344,7 +348,10 @@ class _Informer:
         name = meta.get("name")
         if not name:
             return
-        if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY or meta.get("namespace") not in (None, self._namespace):
+        if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY or meta.get("namespace") not in (
+            None,
+            self._namespace,
+        ):
             return
         with self.lock:
             if etype == "DELETED":
@@ -387,7 +394,11 @@ class KubernetesBackend:
             "deployments", k8s_client.AppsV1Api(self._watch_api).list_namespaced_deployment, self.namespace, settings
         )
         self.pods = _Informer(
-            "pods", k8s_client.CoreV1Api(self._watch_api).list_namespaced_pod, self.namespace, settings, self._on_pod_event
+            "pods",
+            k8s_client.CoreV1Api(self._watch_api).list_namespaced_pod,
+            self.namespace,
+            settings,
+            self._on_pod_event,
         )
         self._seen_ready: set[str] = set()  # pod uids/names that have been Ready at least once
         self._started = False
@@ -439,7 +450,9 @@ class KubernetesBackend:
         return True
 
     # --- API calls -------------------------------------------------------------------------
-    async def _call(self, what: str, fn: Callable[..., Any], *args: Any, ok_status: tuple[int, ...] = (), **kwargs: Any) -> dict[str, Any] | int:
+    async def _call(
+        self, what: str, fn: Callable[..., Any], *args: Any, ok_status: tuple[int, ...] = (), **kwargs: Any
+    ) -> dict[str, Any] | int:
         """Run ``fn`` in the pool, retrying transient failures. Returns the response body as a
         dict, or the status code when it is one of ``ok_status`` (e.g. 404, 409)."""
         got = await self._call_raw(what, fn, *args, ok_status=ok_status, **kwargs)
@@ -450,7 +463,9 @@ class KubernetesBackend:
         except ValueError as exc:
             raise KubernetesApiError(f"{what}: the API server's answer is not JSON: {exc}") from None
 
-    async def _call_raw(self, what: str, fn: Callable[..., Any], *args: Any, ok_status: tuple[int, ...] = (), **kwargs: Any) -> bytes | int:
+    async def _call_raw(
+        self, what: str, fn: Callable[..., Any], *args: Any, ok_status: tuple[int, ...] = (), **kwargs: Any
+    ) -> bytes | int:
         """``_call`` returning the raw body (e.g. a pod's log)."""
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -470,7 +485,9 @@ class KubernetesBackend:
                         f"{what}: forbidden ({status}): {message}", status=status, reason=exc.reason
                     ) from None
                 if status not in _RETRYABLE_STATUS:
-                    raise KubernetesApiError(f"{what}: {status} {exc.reason}: {message}", status=status, reason=exc.reason) from None
+                    raise KubernetesApiError(
+                        f"{what}: {status} {exc.reason}: {message}", status=status, reason=exc.reason
+                    ) from None
                 last = f"{status} {exc.reason}: {message}"
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -508,7 +525,9 @@ class KubernetesBackend:
                 log.info("k8s deployment is being deleted; ensure again once it is gone", name=name)
                 return
             if (meta.get("annotations") or {}).get(ANN_SPEC_HASH) != dep["metadata"]["annotations"][ANN_SPEC_HASH]:
-                log.warning("k8s deployment exists with a different spec; left unchanged (remove it to apply)", name=name)
+                log.warning(
+                    "k8s deployment exists with a different spec; left unchanged (remove it to apply)", name=name
+                )
             owner = existing
         else:
             assert isinstance(created, dict)
@@ -599,7 +618,10 @@ class KubernetesBackend:
             items = self.deployments.values()
         else:
             listed = await self._call(
-                "list deployments", self._apps.list_namespaced_deployment, self.namespace, label_selector=MANAGED_SELECTOR
+                "list deployments",
+                self._apps.list_namespaced_deployment,
+                self.namespace,
+                label_selector=MANAGED_SELECTOR,
             )
             assert isinstance(listed, dict)
             items = listed.get("items") or []
@@ -625,9 +647,14 @@ class KubernetesBackend:
         name = workload_name(workload_id, role)
         deployment, pods = await self._read_workload(name)
         obs = observe_workload(
-            workload_id, role, deployment, pods, now=datetime.now(UTC),
+            workload_id,
+            role,
+            deployment,
+            pods,
+            now=datetime.now(UTC),
             unschedulable_grace=self.settings.unschedulable_grace_seconds,
-            cluster_domain=self.settings.cluster_domain, was_ready=self._was_ready,
+            cluster_domain=self.settings.cluster_domain,
+            was_ready=self._was_ready,
         )
         events: list[WorkloadEvent] = []
         if max_events > 0:
@@ -652,7 +679,9 @@ class KubernetesBackend:
         found = await asyncio.gather(*reads)
         return select([line for lines in found for line in lines], query)
 
-    async def _pod_log(self, pod: dict[str, Any], container: str, previous: bool, query: LogQuery, now_ns: int) -> list[LogLine]:
+    async def _pod_log(
+        self, pod: dict[str, Any], container: str, previous: bool, query: LogQuery, now_ns: int
+    ) -> list[LogLine]:
         """One container's lines matching ``query`` (its oldest or newest ``limit`` of them)."""
         name = str((pod.get("metadata") or {}).get("name"))
         kwargs: dict[str, Any] = {"container": container, "timestamps": True}
@@ -667,7 +696,11 @@ class KubernetesBackend:
             bound = {"tail_lines": size} if desc else {"limit_bytes": size}
             raw = await self._call_raw(
                 f"read log of pod {name}" + (" (previous container)" if previous else ""),
-                self._core.read_namespaced_pod_log, name, self.namespace, **kwargs, **bound,
+                self._core.read_namespaced_pod_log,
+                name,
+                self.namespace,
+                **kwargs,
+                **bound,
                 ok_status=_SKIP_POD_STATUS,
             )
             if isinstance(raw, int):
@@ -678,7 +711,7 @@ class KubernetesBackend:
                 parsed = parse_kubelet_log(raw.decode("utf-8", "replace"), name)
                 complete = parsed.raw_lines < size or size >= most
                 # lines before the first record belong to one that was cut off: next time
-                lines = parsed.lines if complete else parsed.lines[parsed.first_record:]
+                lines = parsed.lines if complete else parsed.lines[parsed.first_record :]
                 done = complete or (bool(lines) and lines[0].timestamp_ns < query.start_ns)
             else:  # the oldest ``size`` bytes: the last line may be cut
                 cut = len(raw) >= size
@@ -687,15 +720,17 @@ class KubernetesBackend:
                 done = not cut or size >= most or (bool(lines) and lines[-1].timestamp_ns > query.end_ns)
             matching = [x for x in lines if in_query(x, query)]
             if done or len(matching) >= query.limit:
-                return matching[-query.limit:] if desc else matching[: query.limit]
+                return matching[-query.limit :] if desc else matching[: query.limit]
             size = min(size * 4, most)
 
     async def usage(self, workload_id: str, role: WorkloadRole) -> list[UsageSample]:
         """Direct reads (list pods, each running pod's PodMetrics): no watch is started."""
         role = WorkloadRole(role)
         pods = [
-            p for p in await self._read_pods(workload_name(workload_id, role))
-            if (p.get("status") or {}).get("phase") == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp")
+            p
+            for p in await self._read_pods(workload_name(workload_id, role))
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not (p.get("metadata") or {}).get("deletionTimestamp")
         ]
         metrics = await asyncio.gather(*(self._pod_metrics(p) for p in pods))
         return [usage_sample(p, m, role.value) for p, m in zip(pods, metrics, strict=True)]
@@ -704,7 +739,12 @@ class KubernetesBackend:
         name = str((pod.get("metadata") or {}).get("name"))
         got = await self._call(
             f"get metrics of pod {name}",
-            self._custom.get_namespaced_custom_object, "metrics.k8s.io", "v1beta1", self.namespace, "pods", name,
+            self._custom.get_namespaced_custom_object,
+            "metrics.k8s.io",
+            "v1beta1",
+            self.namespace,
+            "pods",
+            name,
             ok_status=_SKIP_POD_STATUS,
         )
         return got if isinstance(got, dict) else None
@@ -749,7 +789,9 @@ def _log_sources(pod: dict[str, Any], container: str, query: LogQuery) -> list[b
     return sources
 
 
-def _describe_details(namespace: str, name: str, deployment: dict[str, Any] | None, pods: list[dict[str, Any]]) -> dict[str, Any]:
+def _describe_details(
+    namespace: str, name: str, deployment: dict[str, Any] | None, pods: list[dict[str, Any]]
+) -> dict[str, Any]:
     details: dict[str, Any] = {"namespace": namespace, "deployment": None, "service": None, "pods": []}
     if deployment is not None:
         spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
@@ -789,12 +831,26 @@ def _events_about(items: list[dict[str, Any]], name: str, pod_names: set[Any]) -
         )
         if not mine:
             continue
-        when = ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp") or \
-            (ev.get("metadata") or {}).get("creationTimestamp") or ""
-        out.append((str(when), WorkloadEvent(
-            message=str(ev.get("message") or ""), reason=ev.get("reason"), type=ev.get("type"),
-            object=f"{kind}/{oname}", time=str(when) or None, count=ev.get("count"),
-        )))
+        when = (
+            ev.get("lastTimestamp")
+            or ev.get("eventTime")
+            or ev.get("firstTimestamp")
+            or (ev.get("metadata") or {}).get("creationTimestamp")
+            or ""
+        )
+        out.append(
+            (
+                str(when),
+                WorkloadEvent(
+                    message=str(ev.get("message") or ""),
+                    reason=ev.get("reason"),
+                    type=ev.get("type"),
+                    object=f"{kind}/{oname}",
+                    time=str(when) or None,
+                    count=ev.get("count"),
+                ),
+            )
+        )
     out.sort(key=lambda x: x[0])
     return [e for _, e in out]
 

@@ -227,7 +227,9 @@ class LocalProcessBackend:
             return Observation(workload_id, role, Phase.FAILED, reason=reason[:2000], exit_code=code)
         return await self._observe_http(workload_id, role, proc.spec.port, proc.spec.health_path)
 
-    async def _observe_http(self, workload_id: str, role: WorkloadRole, port: int | None, health_path: str | None) -> Observation:
+    async def _observe_http(
+        self, workload_id: str, role: WorkloadRole, port: int | None, health_path: str | None
+    ) -> Observation:
         if port is None:
             return Observation(workload_id, role, Phase.STARTING)
         endpoint = f"http://127.0.0.1:{port}"

@@ -85,7 +85,9 @@ async def validate_checkpoint(s: AsyncSession, principal: Principal, checkpoint_
         )
     ckpt = await find_by_ref(s, principal.org_id, ref)
     if ckpt is None:
-        raise InvalidInput(f"checkpoint {checkpoint_path!r} does not exist or is not accessible", field="checkpoint_path")
+        raise InvalidInput(
+            f"checkpoint {checkpoint_path!r} does not exist or is not accessible", field="checkpoint_path"
+        )
     return ckpt
 
 

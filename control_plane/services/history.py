@@ -19,9 +19,7 @@ class HasStatus(Protocol):
     updated_at: datetime
 
 
-def transition(
-    s: AsyncSession, resource_type: str, row: HasStatus, to: Status, reason: str | None = None
-) -> bool:
+def transition(s: AsyncSession, resource_type: str, row: HasStatus, to: Status, reason: str | None = None) -> bool:
     """Move ``row`` to ``to`` with a history row; a no-op (False) if already there."""
     if row.status == to.value and (reason is None or reason == row.status_reason):
         return False

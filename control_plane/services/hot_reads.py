@@ -72,11 +72,17 @@ class RunView:
     creator_service_account: str | None  # ... or a service account (both None: row gone)
 
 
-async def get_run(db: Database, principal: Principal, run_id: str, present: Callable[[RunView], T] | None = None,
-                  present_key: Hashable = None) -> Any:
+async def get_run(
+    db: Database,
+    principal: Principal,
+    run_id: str,
+    present: Callable[[RunView], T] | None = None,
+    present_key: Hashable = None,
+) -> Any:
     """The run's view, or ``present(view)`` — cached as presented, under ``present_key`` (so a
     route can keep its encoded answer; ``present`` must depend on nothing but the view and
     ``present_key``)."""
+
     async def load() -> Any:
         rec = await db.reader.one(_GET_RUN, run_id=run_id, org_id=principal.org_id)
         if rec is None:
@@ -93,8 +99,14 @@ async def get_run(db: Database, principal: Principal, run_id: str, present: Call
     return got
 
 
-async def run_checkpoints(db: Database, principal: Principal, run_id: str, scope: str | None,
-                          present: Callable[[tuple[Row, ...]], T] | None = None, present_key: Hashable = None) -> Any:
+async def run_checkpoints(
+    db: Database,
+    principal: Principal,
+    run_id: str,
+    scope: str | None,
+    present: Callable[[tuple[Row, ...]], T] | None = None,
+    present_key: Hashable = None,
+) -> Any:
     """The run's checkpoints, newest first (or ``present`` of them, as in :func:`get_run`)."""
     own = own_only(scope)
     values = {"run_id": run_id, "org_id": principal.org_id}

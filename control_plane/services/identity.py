@@ -68,20 +68,24 @@ async def create_service_account(s: AsyncSession, org: Org, name: str) -> Servic
 async def find_owner(s: AsyncSession, org: Org, ref: str) -> User | ServiceAccount:
     """A user (by id or email) or service account (by id or name) of ``org``."""
     user = (
-        await s.execute(
-            select(User).where(User.org_id == org.id, (User.id == ref) | (User.email == ref))
-        )
-    ).scalars().first()
+        (await s.execute(select(User).where(User.org_id == org.id, (User.id == ref) | (User.email == ref))))
+        .scalars()
+        .first()
+    )
     if user is not None:
         return user
     sa = (
-        await s.execute(
-            select(ServiceAccount).where(
-                ServiceAccount.org_id == org.id,
-                (ServiceAccount.id == ref) | (ServiceAccount.name == ref),
+        (
+            await s.execute(
+                select(ServiceAccount).where(
+                    ServiceAccount.org_id == org.id,
+                    (ServiceAccount.id == ref) | (ServiceAccount.name == ref),
+                )
             )
         )
-    ).scalars().first()
+        .scalars()
+        .first()
+    )
     if sa is None:
         raise NotFound("user or service account", ref)
     return sa
@@ -137,13 +141,7 @@ async def list_api_keys(s: AsyncSession, org: Org, include_revoked: bool = False
 
 async def get_api_key(s: AsyncSession, ref: str) -> ApiKey:
     """By id or display prefix (unique prefixes only)."""
-    rows = list(
-        (
-            await s.execute(
-                select(ApiKey).where((ApiKey.id == ref) | (ApiKey.display_prefix == ref))
-            )
-        ).scalars()
-    )
+    rows = list((await s.execute(select(ApiKey).where((ApiKey.id == ref) | (ApiKey.display_prefix == ref)))).scalars())
     if not rows:
         raise NotFound("api key", ref)
     if len(rows) > 1:

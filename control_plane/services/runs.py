@@ -101,9 +101,7 @@ async def create_run(
         raise InvalidInput(f"lora_rank must be between 1 and {MAX_LORA_RANK}", field="lora_rank")
     delay = req.scale_down_delay_seconds if req.scale_down_delay_seconds is not None else default_delay
     if not 1 <= delay <= 3600:
-        raise InvalidInput(
-            "scale_down_delay_seconds must be between 1 and 3600", field="scale_down_delay_seconds"
-        )
+        raise InvalidInput("scale_down_delay_seconds must be between 1 and 3600", field="scale_down_delay_seconds")
     if req.availability_model not in ("dedicated", "spot"):
         raise InvalidInput("availability_model must be 'dedicated' or 'spot'", field="availability_model")
     if req.replicas < 1:
@@ -122,8 +120,10 @@ async def create_run(
             )
     if req.base_checkpoint:
         if req.path:
-            raise InvalidInput("pass either path (resume a run) or base_checkpoint (start from a checkpoint), not both",
-                               field="base_checkpoint")
+            raise InvalidInput(
+                "pass either path (resume a run) or base_checkpoint (start from a checkpoint), not both",
+                field="base_checkpoint",
+            )
         await resolve_base_checkpoint(s, principal, req.base_checkpoint, model.name, req.lora_rank)
     now = datetime.now(UTC)
     run = Run(

@@ -33,9 +33,7 @@ class SamplerRequest:
     sampler_id: str | None = None
 
 
-async def create_sampler(
-    s: AsyncSession, principal: Principal, catalog: ModelCatalog, req: SamplerRequest
-) -> Sampler:
+async def create_sampler(s: AsyncSession, principal: Principal, catalog: ModelCatalog, req: SamplerRequest) -> Sampler:
     session_id = None
     if req.session_id is not None:
         session = await get_session(s, principal, req.session_id)
@@ -77,9 +75,7 @@ async def create_sampler(
         raise InvalidInput(f"base model {base_model!r} cannot be sampled", field="base_model")
     max_len = req.max_seq_length if req.max_seq_length is not None else model.max_context_length
     if not 1 <= max_len <= model.max_context_length:
-        raise InvalidInput(
-            f"max_seq_length must be between 1 and {model.max_context_length}", field="max_seq_length"
-        )
+        raise InvalidInput(f"max_seq_length must be between 1 and {model.max_context_length}", field="max_seq_length")
     now = datetime.now(UTC)
     smp = Sampler(
         id=req.sampler_id or new_id("smp"),

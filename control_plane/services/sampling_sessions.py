@@ -66,9 +66,13 @@ async def open_sampling_session(
     )
     # ON CONFLICT DO NOTHING: concurrent retries of the same call race safely
     inserted = (
-        await s.execute(pg_insert(Sampler).values(**values).on_conflict_do_nothing(index_elements=["id"]).returning(Sampler.id))
+        await s.execute(
+            pg_insert(Sampler).values(**values).on_conflict_do_nothing(index_elements=["id"]).returning(Sampler.id)
+        )
     ).scalar_one_or_none()
-    smp = (await s.execute(select(Sampler).where(Sampler.id == sid).execution_options(populate_existing=True))).scalar_one()
+    smp = (
+        await s.execute(select(Sampler).where(Sampler.id == sid).execution_options(populate_existing=True))
+    ).scalar_one()
     if inserted is None:
         if smp.org_id != org_id or smp.checkpoint_id != want_ckpt or smp.base_model != base_model:
             raise Conflict(f"sampling session {sid!r} already exists for a different model or checkpoint")

@@ -20,7 +20,11 @@ RESOURCE = "served_model"
 
 
 async def create_served_model(
-    s: AsyncSession, principal: Principal, checkpoint: Checkpoint, *, name: str | None = None,
+    s: AsyncSession,
+    principal: Principal,
+    checkpoint: Checkpoint,
+    *,
+    name: str | None = None,
     scale_down_delay_seconds: int = 3600,
 ) -> ServedModel:
     if checkpoint.kind != "sampler_weights":

@@ -19,12 +19,16 @@ from control_plane.statuses import TERMINAL, SessionStatus
 
 async def default_project(s: AsyncSession, principal: Principal) -> TrainingProject:
     proj = (
-        await s.execute(
-            select(TrainingProject).where(
-                TrainingProject.org_id == principal.org_id, TrainingProject.name == "default"
+        (
+            await s.execute(
+                select(TrainingProject).where(
+                    TrainingProject.org_id == principal.org_id, TrainingProject.name == "default"
+                )
             )
         )
-    ).scalars().first()
+        .scalars()
+        .first()
+    )
     if proj is None:
         proj = TrainingProject(
             id=new_id("proj"), org_id=principal.org_id, name="default", created_by=principal.principal_id
@@ -48,9 +52,7 @@ async def create_session(
     if training_project_id is not None:
         proj = await s.get(TrainingProject, training_project_id)
         if proj is None or proj.org_id != principal.org_id:
-            raise InvalidInput(
-                f"training project {training_project_id!r} not found", field="training_project_id"
-            )
+            raise InvalidInput(f"training project {training_project_id!r} not found", field="training_project_id")
     else:
         proj = await default_project(s, principal)
     now = datetime.now(UTC)
@@ -105,9 +107,7 @@ async def finish_session(
 async def end_session_runs(s: AsyncSession, session_id: str, reason: str) -> None:
     """Request teardown of a session's live runs (the controller finishes it)."""
     runs = (
-        await s.execute(
-            select(Run).where(Run.session_id == session_id, Run.status.notin_([x.value for x in TERMINAL]))
-        )
+        await s.execute(select(Run).where(Run.session_id == session_id, Run.status.notin_([x.value for x in TERMINAL])))
     ).scalars()
     for run in runs:
         if history.request_deactivation(s, "run", run, reason):

@@ -40,7 +40,12 @@ async def _last_of_runs(s: AsyncSession, run_ids: list[str]) -> dict[tuple[str, 
 
 
 async def list_training_runs(
-    s: AsyncSession, principal: Principal, *, limit: int, offset: int, scope: str | None,
+    s: AsyncSession,
+    principal: Principal,
+    *,
+    limit: int,
+    offset: int,
+    scope: str | None,
     project_id: str | None = None,
 ) -> RunPage:
     conds = list_scope_filter(Run, principal, scope)
@@ -62,7 +67,11 @@ async def with_last_checkpoints(
 
 async def list_run_checkpoints(s: AsyncSession, principal: Principal, run_id: str) -> list[Checkpoint]:
     run = await get_run(s, principal, run_id)
-    q = select(Checkpoint).where(Checkpoint.run_id == run.id).order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+    q = (
+        select(Checkpoint)
+        .where(Checkpoint.run_id == run.id)
+        .order_by(Checkpoint.created_at.desc(), Checkpoint.id.desc())
+    )
     return list((await s.execute(q)).scalars())
 
 

@@ -61,7 +61,7 @@ class CompletionConsumer:
                     await self.poll_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis or Postgres blip: retry, never die
+            except Exception as exc:  # noqa: BLE001 - Redis or Postgres blip: retry, never die
                 log.warning("completion consumer error; retrying", error=str(exc))
                 await asyncio.sleep(1.0)
 
@@ -99,7 +99,9 @@ class CompletionConsumer:
 
     async def handle(self, c: q.Completion) -> None:
         if c.error is not None:
-            await self.queue.complete(c.run_id, c.request_id, q.FutureResult.failed(c.error, c.category or q.ErrorCategory.SERVER))
+            await self.queue.complete(
+                c.run_id, c.request_id, q.FutureResult.failed(c.error, c.category or q.ErrorCategory.SERVER)
+            )
             return
         result = dict(c.result)
         async with self.r.db.transaction() as s:

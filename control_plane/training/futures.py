@@ -52,7 +52,7 @@ class FutureWaiter:
                         ev.set()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis blip: resubscribe
+            except Exception as exc:  # noqa: BLE001 - Redis blip: resubscribe
                 self._subscribed.clear()
                 log.warning("future listener lost redis; resubscribing", error=str(exc))
                 await asyncio.sleep(0.5)

@@ -40,7 +40,9 @@ async def enqueue_initial_op(r: Runtime, s: AsyncSession, run: Run) -> str:
         )
         kind = OpKind.LOAD_WEIGHTS
     else:
-        body = op_bodies.encode(op_bodies.CreateBody(lora=op_bodies.LoraSpec(rank=run.lora_rank, seed=run.seed, **LOOPS_LORA_TARGETS)))
+        body = op_bodies.encode(
+            op_bodies.CreateBody(lora=op_bodies.LoraSpec(rank=run.lora_rank, seed=run.seed, **LOOPS_LORA_TARGETS))
+        )
         kind = OpKind.CREATE
     rid, _ = await queue.submit(run.id, run.id, 0, kind, body, org_id=run.org_id)
     return rid

@@ -88,7 +88,9 @@ class LoopsTrainerOps:
     async def health(self, t: Target, base_model: str | None) -> tuple[bool, str]:
         """Whether the deployment's trainer executes the run now (and why not)."""
         if base_model and base_model != t.deployment.base_model:
-            raise NotFound("model", f"{base_model} on deployment {t.deployment.id} (it trains {t.deployment.base_model})")
+            raise NotFound(
+                "model", f"{base_model} on deployment {t.deployment.id} (it trains {t.deployment.base_model})"
+            )
         self.live(t)
         worker = await read_hash(self.r.redis, q.worker_state_key(t.deployment.id))
         state = await read_hash(self.r.redis, q.run_state_key(t.run.id))
@@ -133,12 +135,19 @@ class LoopsTrainerOps:
         await record_activity(self.r.redis, RUN, t.run.id)
         return operation_id
 
-    async def _enqueue(self, t: Target, operation_id: str, seq_id: int, kind: q.OpKind, payload: bytes,
-                       fingerprint: str, op: str) -> None:
+    async def _enqueue(
+        self, t: Target, operation_id: str, seq_id: int, kind: q.OpKind, payload: bytes, fingerprint: str, op: str
+    ) -> None:
         try:
             sub = await self.queue.submit(
-                run_id=t.run.id, operation_id=operation_id, seq_id=seq_id, kind=kind, body=payload,
-                org_id=t.run.org_id, fingerprint=fingerprint, starts_client=op == "init_trainer_server",
+                run_id=t.run.id,
+                operation_id=operation_id,
+                seq_id=seq_id,
+                kind=kind,
+                body=payload,
+                org_id=t.run.org_id,
+                fingerprint=fingerprint,
+                starts_client=op == "init_trainer_server",
             )
         except KeyReused:
             raise Conflict(f"Idempotency-Key {operation_id!r} was used for a different request") from None
@@ -150,19 +159,28 @@ class LoopsTrainerOps:
         if sub.is_new:
             await self._fail_if_ended(t.run.id, sub.request_id)
 
-    async def _reject(self, t: Target, operation_id: str, body: w._Op, op: str, fingerprint: str, exc: DomainError) -> None:
+    async def _reject(
+        self, t: Target, operation_id: str, body: w._Op, op: str, fingerprint: str, exc: DomainError
+    ) -> None:
         """Fill the refused op's seq slot and fail its future with the same message."""
         try:
             await self.queue.submit(
-                run_id=t.run.id, operation_id=operation_id, seq_id=body.seq_id, kind=q.OpKind.REJECTED,
-                body=exc.message.encode(), org_id=t.run.org_id, fingerprint=fingerprint,
+                run_id=t.run.id,
+                operation_id=operation_id,
+                seq_id=body.seq_id,
+                kind=q.OpKind.REJECTED,
+                body=exc.message.encode(),
+                org_id=t.run.org_id,
+                fingerprint=fingerprint,
                 starts_client=op == "init_trainer_server",
             )
         except (KeyReused, SeqTaken):
             return
         rid = await self.queue.request_id(t.run.id, operation_id)
         if rid is not None:
-            await TrainerQueue(self.r.redis).complete(t.run.id, rid, q.FutureResult.failed(exc.message, q.ErrorCategory.USER))
+            await TrainerQueue(self.r.redis).complete(
+                t.run.id, rid, q.FutureResult.failed(exc.message, q.ErrorCategory.USER)
+            )
 
     async def _fail_if_ended(self, run_id: str, request_id: str) -> None:
         """An op that joins the pending set after the controller's failure sweep fails itself
@@ -171,16 +189,21 @@ class LoopsTrainerOps:
             status, reason = (await s.execute(select(Run.status, Run.status_reason).where(Run.id == run_id))).one()
         if Status(status) in TERMINAL:
             msg = f"run {run_id!r} is {status}" + (f": {reason}" if reason else "")
-            await TrainerQueue(self.r.redis).complete(run_id, request_id, q.FutureResult.failed(msg, q.ErrorCategory.SERVER))
+            await TrainerQueue(self.r.redis).complete(
+                run_id, request_id, q.FutureResult.failed(msg, q.ErrorCategory.SERVER)
+            )
 
     async def _build(self, t: Target, op: str, body: w._Op) -> tuple[q.OpKind, bytes]:
         run = t.run
         if isinstance(body, w.InitBody):
             if body.lora_rank != run.lora_rank:
-                raise InvalidInput(f"lora_rank {body.lora_rank} differs from the run's {run.lora_rank}", field="lora_rank")
+                raise InvalidInput(
+                    f"lora_rank {body.lora_rank} differs from the run's {run.lora_rank}", field="lora_rank"
+                )
             if body.base_model and body.base_model != run.base_model:
-                raise InvalidInput(f"base_model {body.base_model!r} differs from the run's {run.base_model!r}",
-                                   field="base_model")
+                raise InvalidInput(
+                    f"base_model {body.base_model!r} differs from the run's {run.base_model!r}", field="base_model"
+                )
             return q.OpKind.INIT_TRAINER, op_bodies.encode(op_bodies.InitTrainerBody(lora_rank=body.lora_rank))
         if isinstance(body, w.ForwardBody):
             return q.OpKind.FORWARD_BACKWARD, w.forward_request(body, forward_only=op == "forward")
@@ -206,7 +229,9 @@ class LoopsTrainerOps:
             ttl_seconds=body.ttl_seconds,
             publish=kind == "sampler_weights" and body.bump_version,
         )
-        return (q.OpKind.SAVE_WEIGHTS if kind == "weights" else q.OpKind.SAVE_WEIGHTS_FOR_SAMPLER), op_bodies.encode(save)
+        return (q.OpKind.SAVE_WEIGHTS if kind == "weights" else q.OpKind.SAVE_WEIGHTS_FOR_SAMPLER), op_bodies.encode(
+            save
+        )
 
     async def _load(self, run: Run, op: str, body: w.LoadBody) -> bytes:
         optimizer = op == "load_state_with_optimizer"
@@ -221,10 +246,14 @@ class LoopsTrainerOps:
         async with self.r.db.session() as s:
             ckpt = await runs_svc.resolve_weights_checkpoint(s, principal, body.path, field="path", kind=kinds)
         if ckpt.base_model != run.base_model:
-            raise InvalidInput(f"checkpoint {body.path!r} was trained on {ckpt.base_model}, not {run.base_model}", field="path")
+            raise InvalidInput(
+                f"checkpoint {body.path!r} was trained on {ckpt.base_model}, not {run.base_model}", field="path"
+            )
         ref = parse_checkpoint_path(body.path)
         return op_bodies.encode(
-            op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=ref.tinker_path, optimizer=optimizer)
+            op_bodies.LoadWeightsBody(
+                storage_prefix=ckpt.storage_prefix, tinker_path=ref.tinker_path, optimizer=optimizer
+            )
         )
 
     # ---- results --------------------------------------------------------------------------------
@@ -241,9 +270,21 @@ class LoopsTrainerOps:
         if cur.state == q.FutureState.FAILED:
             err = json.loads(cur.body or b"{}")
             cls = ERROR_CLASS.get(cur.category or q.ErrorCategory.SERVER, "ServerError")
-            return PollAnswer(200, json.dumps({"status": "error", "error": err.get("error", "unknown error"),
-                                               "error_class": cls}).encode())
+            return PollAnswer(
+                200,
+                json.dumps(
+                    {"status": "error", "error": err.get("error", "unknown error"), "error_class": cls}
+                ).encode(),
+            )
         if cur.content_type != q.JSON_CONTENT:
-            return PollAnswer(200, json.dumps({"status": "error", "error": "this operation's result is not a Loops result",
-                                               "error_class": "ServerError"}).encode())
+            return PollAnswer(
+                200,
+                json.dumps(
+                    {
+                        "status": "error",
+                        "error": "this operation's result is not a Loops result",
+                        "error_class": "ServerError",
+                    }
+                ).encode(),
+            )
         return PollAnswer(200, b'{"status":"done","result":' + (cur.body or b"{}") + b"}")

@@ -90,15 +90,40 @@ class LoopsQueue:
         self._submit = redis.register_script(_SUBMIT)
 
     async def submit(
-        self, *, run_id: str, operation_id: str, seq_id: int, kind: q.OpKind, body: bytes, org_id: str,
-        fingerprint: str, starts_client: bool,
+        self,
+        *,
+        run_id: str,
+        operation_id: str,
+        seq_id: int,
+        kind: q.OpKind,
+        body: bytes,
+        org_id: str,
+        fingerprint: str,
+        starts_client: bool,
     ) -> Submitted:
         rid = new_request_id()
         status, rec = await self._submit(
-            keys=[op_key(run_id, operation_id), run_meta_key(run_id), q.run_pending_key(run_id), q.ops_stream(run_id),
-                  q.future_key(rid), q.run_state_key(run_id)],
-            args=[rid, q.FUTURE_TTL_SECONDS, run_id, seq_id, kind.value, body, org_id, q.Dialect.LOOPS.value,
-                  fingerprint, "1" if starts_client else "0", q.seq_claim_key(run_id, 0)[:-1]],
+            keys=[
+                op_key(run_id, operation_id),
+                run_meta_key(run_id),
+                q.run_pending_key(run_id),
+                q.ops_stream(run_id),
+                q.future_key(rid),
+                q.run_state_key(run_id),
+            ],
+            args=[
+                rid,
+                q.FUTURE_TTL_SECONDS,
+                run_id,
+                seq_id,
+                kind.value,
+                body,
+                org_id,
+                q.Dialect.LOOPS.value,
+                fingerprint,
+                "1" if starts_client else "0",
+                q.seq_claim_key(run_id, 0)[:-1],
+            ],
         )
         status = status.decode() if isinstance(status, bytes) else str(status)
         rec = rec.decode() if isinstance(rec, bytes) else str(rec)

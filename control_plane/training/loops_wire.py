@@ -22,7 +22,14 @@ from control_plane.errors import InvalidInput
 from data_plane.wire import tinker_wire_pb2 as pb
 
 MAX_TOP_K = 20
-INT_DTYPES = {"int64": np.int64, "int32": np.int64, "int16": np.int64, "int8": np.int64, "uint8": np.int64, "bool": np.int64}
+INT_DTYPES = {
+    "int64": np.int64,
+    "int32": np.int64,
+    "int16": np.int64,
+    "int8": np.int64,
+    "uint8": np.int64,
+    "bool": np.int64,
+}
 FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
 
@@ -128,8 +135,9 @@ def forward_request(body: ForwardBody, *, forward_only: bool) -> bytes:
 
 def _config(req: pb.ForwardBackwardRequest, key: str, value: Any) -> None:
     if key in ("top_k_logprobs",):
-        raise InvalidInput(f"loss_fn_config[{key!r}] is reserved; pass it as the top_k_logprobs argument",
-                           field="loss_fn_config")
+        raise InvalidInput(
+            f"loss_fn_config[{key!r}] is reserved; pass it as the top_k_logprobs argument", field="loss_fn_config"
+        )
     if isinstance(value, bool):
         value = 1.0 if value else 0.0
     if isinstance(value, int | float):
@@ -144,8 +152,9 @@ def _config(req: pb.ForwardBackwardRequest, key: str, value: Any) -> None:
 
 def _datum(msg: pb.Datum, d: Datum, where: str) -> None:
     if d.routed_experts_ref is not None:
-        raise InvalidInput(f"{where}.routed_experts_ref: router replay is not supported by this server",
-                           field="routed_experts_ref")
+        raise InvalidInput(
+            f"{where}.routed_experts_ref: router replay is not supported by this server", field="routed_experts_ref"
+        )
     if not d.model_input.chunks:
         raise InvalidInput(f"{where}.model_input is empty", field="model_input")
     for j, chunk in enumerate(d.model_input.chunks):
@@ -156,7 +165,9 @@ def _datum(msg: pb.Datum, d: Datum, where: str) -> None:
             )
         tokens = _ints(chunk.tokens, f"{where}.model_input.chunks[{j}].tokens")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**31):
-            raise InvalidInput(f"{where}.model_input.chunks[{j}].tokens: token ids must be in [0, 2^31)", field="model_input")
+            raise InvalidInput(
+                f"{where}.model_input.chunks[{j}].tokens: token ids must be in [0, 2^31)", field="model_input"
+            )
         msg.model_input.add().encoded_text.tokens = tokens.astype("<i4").tobytes()
     if "target_tokens" not in d.loss_fn_inputs:
         raise InvalidInput(f"{where}.loss_fn_inputs is missing 'target_tokens'", field="loss_fn_inputs")
@@ -200,8 +211,9 @@ def tensor(td: TensorData, what: str) -> pb.Tensor:
         raise InvalidInput(f"{what}: unsupported dtype {td.dtype!r}", field="loss_fn_inputs")
     shape = td.shape if td.shape is not None else [int(arr.size)]
     if any(s < 0 for s in shape) or math.prod(shape) != arr.size:
-        raise InvalidInput(f"{what}: shape {shape} needs {math.prod(shape)} values, data holds {arr.size}",
-                           field="loss_fn_inputs")
+        raise InvalidInput(
+            f"{what}: shape {shape} needs {math.prod(shape)} values, data holds {arr.size}", field="loss_fn_inputs"
+        )
     out.shape.extend(int(s) for s in shape)
     out.dense = raw
     return out

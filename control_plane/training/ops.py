@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import zstandard
-from sqlalchemy import select
 from google.protobuf.message import DecodeError
+from sqlalchemy import select
 
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Checkpoint, Run
@@ -177,13 +177,21 @@ class TrainingOps:
                 f"checkpoint {path!r} was trained on {ckpt.base_model}, not {base_model}", field="base_model"
             )
         run = await self._ensure_run(
-            principal, model_id, session_id, model_seq_id, ckpt.base_model, dict(ckpt.lora_config or {}),
-            user_metadata, init_path=path,
+            principal,
+            model_id,
+            session_id,
+            model_seq_id,
+            ckpt.base_model,
+            dict(ckpt.lora_config or {}),
+            user_metadata,
+            init_path=path,
         )
         body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
         return await self._submit(run, 0, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
 
-    async def _claim_model_id(self, principal: Principal, session_id: str, model_seq_id: int) -> tuple[str, Submitted | None]:
+    async def _claim_model_id(
+        self, principal: Principal, session_id: str, model_seq_id: int
+    ) -> tuple[str, Submitted | None]:
         """The model id the SDK also computes itself, and the existing future if seq 0 of that
         model was already submitted (a retried create)."""
         if model_seq_id < 0:
@@ -192,8 +200,15 @@ class TrainingOps:
         return model_id, await self._repeat(principal, model_id, 0)
 
     async def _ensure_run(
-        self, principal: Principal, model_id: str, session_id: str, model_seq_id: int, base_model: str,
-        lora_config: dict[str, Any], user_metadata: dict[str, Any] | None, init_path: str | None = None,
+        self,
+        principal: Principal,
+        model_id: str,
+        session_id: str,
+        model_seq_id: int,
+        base_model: str,
+        lora_config: dict[str, Any],
+        user_metadata: dict[str, Any] | None,
+        init_path: str | None = None,
     ) -> Run:
         """The run row of a Tinker training model (created once; a retry finds it)."""
         req = runs_svc.RunRequest(
@@ -215,7 +230,9 @@ class TrainingOps:
                     raise NotFound("session", session_id)
                 return existing
             run = (
-                await runs_svc.create_run(s, principal, self.r.catalog, req, self.r.settings.default_scale_down_delay_seconds)
+                await runs_svc.create_run(
+                    s, principal, self.r.catalog, req, self.r.settings.default_scale_down_delay_seconds
+                )
             ).run
             run.init_path = init_path
         return run
@@ -226,8 +243,9 @@ class TrainingOps:
         return ckpt
 
     # ---- ops on a live model ------------------------------------------------------------
-    async def _op(self, principal: Principal, model_id: str, seq_id: int,
-                  build: Callable[[Run], Awaitable[tuple[OpKind, bytes]]]) -> Submitted:
+    async def _op(
+        self, principal: Principal, model_id: str, seq_id: int, build: Callable[[Run], Awaitable[tuple[OpKind, bytes]]]
+    ) -> Submitted:
         """Claim ``(model_id, seq_id)`` and enqueue what ``build`` validates and encodes.
 
         The SDK numbers ops itself and never re-uses a number, and the worker runs them
@@ -276,8 +294,15 @@ class TrainingOps:
 
         return await self._op(principal, req.model_id, req.seq_id, build)
 
-    async def optim_step(self, principal: Principal, *, model_id: str, seq_id: int,
-                         adam: dict[str, Any] | None, optimizer_params: dict[str, Any] | None) -> Submitted:
+    async def optim_step(
+        self,
+        principal: Principal,
+        *,
+        model_id: str,
+        seq_id: int,
+        adam: dict[str, Any] | None,
+        optimizer_params: dict[str, Any] | None,
+    ) -> Submitted:
         async def build(_run: Run) -> tuple[OpKind, bytes]:
             if optimizer_params is not None:
                 kind = optimizer_params.get("type", "?")
@@ -290,9 +315,19 @@ class TrainingOps:
 
         return await self._op(principal, model_id, seq_id, build)
 
-    async def save(self, principal: Principal, *, model_id: str, seq_id: int, kind: str, name: str | None,
-                   sampling_session_seq_id: int | None, overwrite: bool, ttl_seconds: int | None,
-                   user_metadata: dict[str, Any] | None) -> Submitted:
+    async def save(
+        self,
+        principal: Principal,
+        *,
+        model_id: str,
+        seq_id: int,
+        kind: str,
+        name: str | None,
+        sampling_session_seq_id: int | None,
+        overwrite: bool,
+        ttl_seconds: int | None,
+        user_metadata: dict[str, Any] | None,
+    ) -> Submitted:
         async def build(run: Run) -> tuple[OpKind, bytes]:
             if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
                 raise InvalidInput(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}", field="ttl_seconds")

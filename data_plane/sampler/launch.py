@@ -33,7 +33,7 @@ def _cuda_available() -> bool:
         import torch
 
         return bool(torch.cuda.is_available())
-    except Exception:  # pragma: no cover - torch missing or broken
+    except Exception:  # noqa: BLE001 - torch missing or broken  # pragma: no cover
         return False
 
 
@@ -47,7 +47,7 @@ def resolve_device(launch: SamplerLaunch) -> str:
 
 def write_plugin_dist(root: Path) -> Path:
     """A minimal installed-distribution record that declares our vLLM plugin entry point."""
-    from data_plane.sampler.resolver import ENTRY_POINT, PLUGIN_NAME  # noqa: F401  (import check)
+    from data_plane.sampler.resolver import ENTRY_POINT, PLUGIN_NAME
 
     d = root / f"{PLUGIN_DIST}-{PLUGIN_VERSION}.dist-info"
     tmp = root / f".{d.name}.tmp{os.getpid()}"

@@ -152,7 +152,7 @@ def _die_with_parent() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - best effort on platforms without prctl  # pragma: no cover
         logger.warning("could not set PR_SET_PDEATHSIG for %s", os.getpid())
         return
     if os.getppid() != parent.pid:  # the parent already died before prctl

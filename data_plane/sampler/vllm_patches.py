@@ -26,6 +26,7 @@ to check whether a newer vLLM still needs them.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 
 logger = logging.getLogger("openloops.sampler.vllm_patches")
@@ -33,7 +34,6 @@ logger = logging.getLogger("openloops.sampler.vllm_patches")
 _PROMPT_ROW_OFFSET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "openloops_prompt_row_offset", default=None
 )
-_applied = False
 
 
 def _masked_bgmv_shrink(orig):
@@ -127,18 +127,15 @@ def _patch_cpu_prompt_logprobs() -> None:
     GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
 
 
+@functools.cache
 def apply() -> None:
     """Apply the CPU LoRA patches once per process (no-op on other platforms)."""
-    global _applied
-    if _applied:
-        return
-    _applied = True
     try:
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
             return
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001 - no vLLM platform: nothing to patch  # pragma: no cover
         return
     import os
 

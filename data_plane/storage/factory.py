@@ -30,5 +30,7 @@ def open_store(spec: StoreSpec) -> ObjectStore:
             raise ValueError("store kind 's3' needs 'bucket'")
         from data_plane.storage.s3 import S3Store
 
-        return S3Store(spec.bucket, endpoint_url=spec.endpoint_url or None, region=spec.region or None, prefix=spec.prefix)
+        return S3Store(
+            spec.bucket, endpoint_url=spec.endpoint_url or None, region=spec.region or None, prefix=spec.prefix
+        )
     raise ValueError(f"unknown store kind {spec.kind!r}: expected one of {', '.join(KINDS)}")

@@ -29,9 +29,7 @@ def validate_key(key: str) -> list[str]:
     segments = key.split("/")
     for seg in segments:
         if seg in ("", ".", ".."):
-            raise StoreError(
-                f"invalid object key {key!r}: it must be relative, with no empty, '.' or '..' segments"
-            )
+            raise StoreError(f"invalid object key {key!r}: it must be relative, with no empty, '.' or '..' segments")
         if "\x00" in seg or "\\" in seg:
             raise StoreError(f"invalid object key {key!r}: NUL and backslash are not allowed")
         if seg.startswith(TEMP_PREFIX):

@@ -86,7 +86,9 @@ def _param_key_from_saved(saved_key: str, adapter_name: str) -> str:
     return saved_key
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, named_params: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, named_params: list[tuple[str, torch.nn.Parameter]]
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, p in named_params:
         st = optimizer.state.get(p)
@@ -95,7 +97,9 @@ def optimizer_state(optimizer: torch.optim.Optimizer, named_params: list[tuple[s
         out[f"{name}::exp_avg"] = st["exp_avg"].detach().to("cpu").contiguous()
         out[f"{name}::exp_avg_sq"] = st["exp_avg_sq"].detach().to("cpu").contiguous()
         step = st["step"]
-        out[f"{name}::step"] = (step if torch.is_tensor(step) else torch.tensor(float(step))).detach().to("cpu", torch.float32).reshape(1)
+        out[f"{name}::step"] = (
+            (step if torch.is_tensor(step) else torch.tensor(float(step))).detach().to("cpu", torch.float32).reshape(1)
+        )
     return out
 
 
@@ -191,7 +195,9 @@ def load_adapter_into(peft_model, adapter: dict[str, torch.Tensor], adapter_name
         )
     for name, t in mapped.items():
         if tuple(t.shape) != tuple(params[name].shape):
-            raise UserError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, model expects {tuple(params[name].shape)}")
+            raise UserError(
+                f"checkpoint tensor {name} has shape {tuple(t.shape)}, model expects {tuple(params[name].shape)}"
+            )
     with torch.no_grad():
         for name, t in mapped.items():
             params[name].copy_(t.to(params[name].device, params[name].dtype))

@@ -380,8 +380,13 @@ def _split_head(model):
 
 
 _PLAIN_HEAD_ARCHS = {
-    "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Phi3ForCausalLM",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Phi3ForCausalLM",
 }
 
 
@@ -402,7 +407,11 @@ class Engine:
     def new_optimizer(self) -> torch.optim.AdamW:
         d = AdamSpec()
         return torch.optim.AdamW(
-            self.params, lr=d.learning_rate, betas=(d.beta1, d.beta2), eps=d.eps, weight_decay=d.weight_decay,
+            self.params,
+            lr=d.learning_rate,
+            betas=(d.beta1, d.beta2),
+            eps=d.eps,
+            weight_decay=d.weight_decay,
             foreach=True,
         )
 
@@ -477,7 +486,11 @@ class Engine:
             return metrics, t.loss
         count = batch.norm_count()
         loss = (t.loss / count if count else 0.0) if batch.normalize else t.loss
-        metrics = {"loss": loss, "num_tokens": float(tokens), "skip_token_normalization": 0.0 if batch.normalize else 1.0}
+        metrics = {
+            "loss": loss,
+            "num_tokens": float(tokens),
+            "skip_token_normalization": 0.0 if batch.normalize else 1.0,
+        }
         if batch.pairs:
             metrics["num_pairs"] = float(n_pairs)
         metrics.update(extra)
@@ -537,7 +550,9 @@ class Engine:
             end = start + d.length
             rec = {name: arr[start:end] for name, arr in fields.items()}
             if d.scored is not None:  # Loops: NaN where there is no target
-                rec = {name: np.where(d.scored, arr, np.float32(np.nan)).astype(np.float32) for name, arr in rec.items()}
+                rec = {
+                    name: np.where(d.scored, arr, np.float32(np.nan)).astype(np.float32) for name, arr in rec.items()
+                }
             if top_np is not None:
                 scored = d.scored if d.scored is not None else np.ones(d.targets.shape, dtype=bool)
                 rows = (scored if scored.ndim == 1 else scored.any(axis=1))[:, None]
@@ -572,8 +587,12 @@ class Engine:
     @staticmethod
     def validate_adam(a: AdamSpec) -> None:
         values = {
-            "learning_rate": a.learning_rate, "beta1": a.beta1, "beta2": a.beta2, "eps": a.eps,
-            "weight_decay": a.weight_decay, "grad_clip_norm": a.grad_clip_norm,
+            "learning_rate": a.learning_rate,
+            "beta1": a.beta1,
+            "beta2": a.beta2,
+            "eps": a.eps,
+            "weight_decay": a.weight_decay,
+            "grad_clip_norm": a.grad_clip_norm,
         }
         for k, v in values.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -620,4 +639,3 @@ class Engine:
             "learning_rate:mean": float(adam.learning_rate),
             "grad_clipped:mean": 1.0 if clipped else 0.0,
         }
-

@@ -205,13 +205,19 @@ LOSSES: dict[str, LossSpec] = {
     "cispo": LossSpec(cispo, _RL, _CLIP_INPUTS, config=_CLIP, check=_check_clip),
     "dro": LossSpec(dro, _RL, config={"beta": None}, check=_check_dro),
     "dppo": LossSpec(
-        dppo, _RL,
+        dppo,
+        _RL,
         config={"dppo_mask_high": 0.2, "dppo_mask_low": 0.2, "adv_tau": 1.0, "kl_tau": 1e-3},
-        check=_check_dppo, stats=dppo_stats,
+        check=_check_dppo,
+        stats=dppo_stats,
     ),
     "dpo": LossSpec(
-        dpo, ("ref_logprobs",), config={"beta": 0.1, "label_smoothing": 0.0},
-        kind="pair", optional_weights=True, check=_check_dpo,
+        dpo,
+        ("ref_logprobs",),
+        config={"beta": 0.1, "label_smoothing": 0.0},
+        kind="pair",
+        optional_weights=True,
+        check=_check_dpo,
     ),
 }
 UNSUPPORTED = {"gspo", "stable_reinforce", "custom"}

@@ -147,7 +147,7 @@ def attach_lora(base, settings: LoraSettings, adapter_name: str = "default"):
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
     # LoRA params in float32 even when the base is bf16: the optimizer state is then exact.
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     model.eval()

@@ -99,7 +99,13 @@ class TrainingModel:
             self.detach()
             raise
         n = sum(p.numel() for p in self.engine.params)
-        log.info("LoRA attached: rank=%d alpha=%g targets=%s trainable=%d", settings.rank, settings.alpha, settings.target_modules(), n)
+        log.info(
+            "LoRA attached: rank=%d alpha=%g targets=%s trainable=%d",
+            settings.rank,
+            settings.alpha,
+            settings.target_modules(),
+            n,
+        )
 
     # ---- seq 0 --------------------------------------------------------------------------
     def create(self, body: CreateBody) -> dict:
@@ -110,7 +116,9 @@ class TrainingModel:
     def create_from_checkpoint(self, body: LoadWeightsBody) -> dict:
         loaded = ckpt.read_checkpoint(self.store, body.storage_prefix, body.tinker_path, body.optimizer)
         if loaded.meta is not None and loaded.meta.base_model != self.base_model_name:
-            log.warning("checkpoint base model %r differs from this worker's %r", loaded.meta.base_model, self.base_model_name)
+            log.warning(
+                "checkpoint base model %r differs from this worker's %r", loaded.meta.base_model, self.base_model_name
+            )
         self._attach(loaded.lora)
         try:
             self._restore(loaded, body.optimizer)
@@ -120,7 +128,12 @@ class TrainingModel:
             self.detach()
             raise
         self._remember_initial()
-        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id, "step": self.optimizer_steps}
+        return {
+            "type": "load_weights",
+            "path": body.tinker_path,
+            "model_id": self.model_id,
+            "step": self.optimizer_steps,
+        }
 
     def _remember_initial(self) -> None:
         eng = self._require()
@@ -186,7 +199,12 @@ class TrainingModel:
                     p.copy_(snapshot[n])
             eng.optimizer, eng.optimizer_steps = old_opt, old_steps
             raise
-        return {"type": "load_weights", "path": body.tinker_path, "model_id": self.model_id, "step": eng.optimizer_steps}
+        return {
+            "type": "load_weights",
+            "path": body.tinker_path,
+            "model_id": self.model_id,
+            "step": eng.optimizer_steps,
+        }
 
     def forward_backward(self, raw: bytes) -> bytes:
         eng = self._require()
@@ -247,7 +265,10 @@ class TrainingModel:
         if kind == "weights":
             result = {"path": f"tinker://{self.model_id}/weights/{body.name}", "type": "save_weights"}
         elif body.name is not None:
-            result = {"path": f"tinker://{self.model_id}/sampler_weights/{body.name}", "type": "save_weights_for_sampler"}
+            result = {
+                "path": f"tinker://{self.model_id}/sampler_weights/{body.name}",
+                "type": "save_weights_for_sampler",
+            }
         else:
             result = {}  # unnamed sampler snapshot: the control plane fills in sampling_session_id
         return SaveOutcome(files, result, self.lora.to_dict())

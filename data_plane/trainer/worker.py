@@ -80,7 +80,7 @@ def redis_url(url: str) -> str:
     """redis-py only knows ``redis://``/``rediss://``; Valkey's schemes mean the same."""
     for scheme, replacement in (("valkey://", "redis://"), ("valkeys://", "rediss://")):
         if url.startswith(scheme):
-            return replacement + url[len(scheme):]
+            return replacement + url[len(scheme) :]
     return url
 
 
@@ -150,7 +150,11 @@ class Worker:
         run = self.run
         if run is None:
             return
-        fields = {"next_seq": run.buffer.next_seq, "optim_steps": self._optim_steps(), "updated_at": f"{time.time():.3f}"}
+        fields = {
+            "next_seq": run.buffer.next_seq,
+            "optim_steps": self._optim_steps(),
+            "updated_at": f"{time.time():.3f}",
+        }
         self._retrying("run state", lambda: self.r.hset(run_state_key(run.run_id), mapping=fields))
 
     def _optim_steps(self) -> int:
@@ -213,9 +217,11 @@ class Worker:
             t0 = time.perf_counter()
             self.model = self._load_model()
             log.info("base model %s loaded in %.2fs", self.launch.base_model, time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("loading the base model failed")
-            self.set_state(WorkerState.FAILED, f"loading base model {self.launch.base_model!r} failed: {type(exc).__name__}: {exc}")
+            self.set_state(
+                WorkerState.FAILED, f"loading base model {self.launch.base_model!r} failed: {type(exc).__name__}: {exc}"
+            )
             return False
         self._attach_latest()
         self.set_state(WorkerState.READY)
@@ -363,7 +369,9 @@ class Worker:
             log.error("dropping malformed stream entry %s: %s", run.last_id, exc)
             rid = fields.get(b"request_id")
             if rid:
-                self.write_result(run.run_id, rid.decode(), FutureResult.failed(f"malformed op envelope: {exc}", ErrorCategory.SERVER))
+                self.write_result(
+                    run.run_id, rid.decode(), FutureResult.failed(f"malformed op envelope: {exc}", ErrorCategory.SERVER)
+                )
             return
         if env.kind == OpKind.SHUTDOWN:
             log.info("shutdown requested (entry %s)", run.last_id)
@@ -373,7 +381,12 @@ class Worker:
             self._fail(run.run_id, env, f"invalid seq_id {env.seq_id}", ErrorCategory.SERVER)
             return
         if env.model_id != run.run_id:
-            self._fail(run.run_id, env, f"op for model {env.model_id!r} reached the stream of run {run.run_id!r}", ErrorCategory.SERVER)
+            self._fail(
+                run.run_id,
+                env,
+                f"op for model {env.model_id!r} reached the stream of run {run.run_id!r}",
+                ErrorCategory.SERVER,
+            )
             return
         if not run.buffer.add(env.seq_id, env):
             log.info("ignoring duplicate seq %d (%s, request %s)", env.seq_id, env.kind.value, env.request_id)
@@ -388,7 +401,9 @@ class Worker:
         for seq, env in run.buffer.ready():
             t0 = time.perf_counter()
             self.execute(run, seq, env)
-            log.info("seq %d %s done in %.3fs (request %s)", seq, env.kind.value, time.perf_counter() - t0, env.request_id)
+            log.info(
+                "seq %d %s done in %.3fs (request %s)", seq, env.kind.value, time.perf_counter() - t0, env.request_id
+            )
             self.progress()
             entry = run.entry_ids.pop(seq, None)
             if entry is not None:
@@ -410,7 +425,14 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed future
             msg, cat = _classify(exc)
             if cat == ErrorCategory.SERVER:
-                log.error("seq %d %s failed (request %s): %s\n%s", seq, env.kind.value, env.request_id, msg, traceback.format_exc())
+                log.error(
+                    "seq %d %s failed (request %s): %s\n%s",
+                    seq,
+                    env.kind.value,
+                    env.request_id,
+                    msg,
+                    traceback.format_exc(),
+                )
             else:
                 log.info("seq %d %s rejected (request %s): %s", seq, env.kind.value, env.request_id, msg)
             if seq == 0:
@@ -470,7 +492,11 @@ class Worker:
         if env.dialect == Dialect.LOOPS:
             assert body.name is not None
             path = CheckpointRef(run.run_id, body.checkpoint_kind, body.name).loops_path
-            result = {"mode": "lora", "path": path} if body.checkpoint_kind == "weights" else {"version": version, "path": path}
+            result = (
+                {"mode": "lora", "path": path}
+                if body.checkpoint_kind == "weights"
+                else {"version": version, "path": path}
+            )
         self.complete(
             Completion(
                 request_id=env.request_id,

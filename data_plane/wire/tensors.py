@@ -56,9 +56,7 @@ def _dtype_name(code: int) -> str:
 
 def _frombuffer(raw: bytes, wire: np.dtype, what: str) -> np.ndarray:
     if len(raw) % wire.itemsize:
-        raise TensorDecodeError(
-            f"{what}: {len(raw)} bytes is not a multiple of the {wire.itemsize}-byte element size"
-        )
+        raise TensorDecodeError(f"{what}: {len(raw)} bytes is not a multiple of the {wire.itemsize}-byte element size")
     return np.frombuffer(raw, dtype=wire)
 
 
@@ -96,9 +94,7 @@ def decode_tensor(msg: pb.Tensor, name: str = "tensor") -> np.ndarray:
             )
         nnz = values.size
         if col.size != nnz:
-            raise TensorDecodeError(
-                f"{name}: sparse CSR has {nnz} values but {col.size} col_indices"
-            )
+            raise TensorDecodeError(f"{name}: sparse CSR has {nnz} values but {col.size} col_indices")
         if crow[0] != 0 or crow[-1] != nnz or np.any(np.diff(crow) < 0):
             raise TensorDecodeError(
                 f"{name}: sparse CSR crow_indices must start at 0, never decrease and end at nnz={nnz}"
@@ -120,9 +116,7 @@ def decode_tensor(msg: pb.Tensor, name: str = "tensor") -> np.ndarray:
         return flat
     expected = math.prod(shape)
     if flat.size != expected:
-        raise TensorDecodeError(
-            f"{name}: shape {shape} needs {expected} elements, the data holds {flat.size}"
-        )
+        raise TensorDecodeError(f"{name}: shape {shape} needs {expected} elements, the data holds {flat.size}")
     return flat.reshape(shape)
 
 
@@ -141,9 +135,7 @@ def decode_model_input(chunks: Sequence[pb.Chunk]) -> np.ndarray:
         if kind == "encoded_text":
             parts.append(decode_tokens(chunk.encoded_text))
         elif kind == "image":
-            raise TensorDecodeError(
-                f"model_input chunk {i}: image inputs are not supported by this model (text only)"
-            )
+            raise TensorDecodeError(f"model_input chunk {i}: image inputs are not supported by this model (text only)")
         elif kind == "dmel":
             raise TensorDecodeError(
                 f"model_input chunk {i}: audio (dmel) inputs are not supported by this model (text only)"

@@ -10,25 +10,30 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-23 19:30:00
 """
+
 from alembic import op
 
-revision = '0003'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
     op.create_index(
-        'ix_checkpoints_org_creator_base_model_created', 'checkpoints',
-        ['org_id', 'created_by', 'base_model', 'created_at', 'id'], unique=False,
+        "ix_checkpoints_org_creator_base_model_created",
+        "checkpoints",
+        ["org_id", "created_by", "base_model", "created_at", "id"],
+        unique=False,
     )
     op.create_index(
-        'ix_runs_org_creator_base_model_created', 'runs',
-        ['org_id', 'created_by', 'base_model', 'created_at', 'id'], unique=False,
+        "ix_runs_org_creator_base_model_created",
+        "runs",
+        ["org_id", "created_by", "base_model", "created_at", "id"],
+        unique=False,
     )
 
 
 def downgrade() -> None:
-    op.drop_index('ix_runs_org_creator_base_model_created', table_name='runs')
-    op.drop_index('ix_checkpoints_org_creator_base_model_created', table_name='checkpoints')
+    op.drop_index("ix_runs_org_creator_base_model_created", table_name="runs")
+    op.drop_index("ix_checkpoints_org_creator_base_model_created", table_name="checkpoints")

@@ -11,14 +11,15 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-11-24 00:10:00
 """
+
 from alembic import op
 
-revision = '0004'
-down_revision = '0003'
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-CHANNEL = 'openloops_reads'
+CHANNEL = "openloops_reads"
 
 # an update that only moved last_request_at (the controller records activity every second
 # while a run or sampler is used; no cached read shows it) notifies nobody
@@ -30,26 +31,37 @@ _ONLY_ACTIVITY = """
 
 # table -> (function name, body): each notifies the run ids a change affects
 _FUNCTIONS = {
-    'runs': ('openloops_reads_notify_run', _ONLY_ACTIVITY + f"""
+    "runs": (
+        "openloops_reads_notify_run",
+        _ONLY_ACTIVITY
+        + f"""
         IF TG_OP <> 'INSERT' THEN PERFORM pg_notify('{CHANNEL}', OLD.id); END IF;
         IF TG_OP <> 'DELETE' THEN PERFORM pg_notify('{CHANNEL}', NEW.id); END IF;
-    """),
-    'samplers': ('openloops_reads_notify_by_run_id', _ONLY_ACTIVITY + f"""
+    """,
+    ),
+    "samplers": (
+        "openloops_reads_notify_by_run_id",
+        _ONLY_ACTIVITY
+        + f"""
         IF TG_OP <> 'INSERT' AND OLD.run_id IS NOT NULL THEN PERFORM pg_notify('{CHANNEL}', OLD.run_id); END IF;
         IF TG_OP <> 'DELETE' AND NEW.run_id IS NOT NULL THEN PERFORM pg_notify('{CHANNEL}', NEW.run_id); END IF;
-    """),
-    'users': ('openloops_reads_notify_all', f"""
+    """,
+    ),
+    "users": (
+        "openloops_reads_notify_all",
+        f"""
         PERFORM pg_notify('{CHANNEL}', '*');
-    """),
+    """,
+    ),
 }
 # checkpoints share the by-run-id function (they have no last_request_at: to_jsonb of both
 # sides just compares whole rows), service accounts the notify-all one
 _TRIGGERS = {
-    'runs': ('openloops_reads_notify_run', 'INSERT OR UPDATE OR DELETE'),
-    'samplers': ('openloops_reads_notify_by_run_id', 'INSERT OR UPDATE OR DELETE'),
-    'checkpoints': ('openloops_reads_notify_by_run_id', 'INSERT OR UPDATE OR DELETE'),
-    'users': ('openloops_reads_notify_all', 'UPDATE OR DELETE'),
-    'service_accounts': ('openloops_reads_notify_all', 'UPDATE OR DELETE'),
+    "runs": ("openloops_reads_notify_run", "INSERT OR UPDATE OR DELETE"),
+    "samplers": ("openloops_reads_notify_by_run_id", "INSERT OR UPDATE OR DELETE"),
+    "checkpoints": ("openloops_reads_notify_by_run_id", "INSERT OR UPDATE OR DELETE"),
+    "users": ("openloops_reads_notify_all", "UPDATE OR DELETE"),
+    "service_accounts": ("openloops_reads_notify_all", "UPDATE OR DELETE"),
 }
 
 

@@ -27,7 +27,9 @@ def make_settings(services: TestServices, data_dir: Path, **overrides: object) -
     cat = ModelCatalog(
         [
             CatalogModel(name=TEST_MODEL, source=str(data_dir / "models" / "tiny"), max_context_length=512),
-            CatalogModel(name=OTHER_MODEL, source=str(data_dir / "models" / "other"), max_context_length=1024, sampleable=False),
+            CatalogModel(
+                name=OTHER_MODEL, source=str(data_dir / "models" / "other"), max_context_length=1024, sampleable=False
+            ),
         ]
     )
     cat.dump(catalog)
@@ -56,7 +58,9 @@ class Tenant:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-async def make_tenant(runtime: Runtime, org_name: str, *, scopes: list[str] | None = None, email: str = "u@example.com") -> Tenant:
+async def make_tenant(
+    runtime: Runtime, org_name: str, *, scopes: list[str] | None = None, email: str = "u@example.com"
+) -> Tenant:
     async with runtime.db.transaction() as s:
         try:
             org = await identity.get_org(s, org_name)
@@ -65,7 +69,9 @@ async def make_tenant(runtime: Runtime, org_name: str, *, scopes: list[str] | No
         user = await identity.create_user(s, org, email)
         key = await identity.create_api_key(s, user, scopes=scopes)
     return Tenant(
-        org.id, user.id, key.plaintext,
+        org.id,
+        user.id,
+        key.plaintext,
         Principal(org.id, user.id, key.row.id, frozenset(key.row.scopes)),
     )
 

@@ -5,6 +5,7 @@ history."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -32,14 +33,23 @@ pytestmark = pytest.mark.usefixtures("clean_state")
 
 
 def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "control_plane.cli.main", "admin", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "control_plane.cli.main", "admin", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def base_env(services, data_dir: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENLOOPS_")}
-    env.update(OPENLOOPS_DATABASE_URL=services.database_url, OPENLOOPS_REDIS_URL=services.redis_url,
-               OPENLOOPS_DATA_DIR=str(data_dir), COLUMNS="200")
+    env.update(
+        OPENLOOPS_DATABASE_URL=services.database_url,
+        OPENLOOPS_REDIS_URL=services.redis_url,
+        OPENLOOPS_DATA_DIR=str(data_dir),
+        COLUMNS="200",
+    )
     return env
 
 
@@ -60,14 +70,17 @@ async def test_show_a_run_with_its_local_process(services, data_dir: Path) -> No
         dep = run.deployment_id  # a run executes on its deployment's trainer
         assert dep is not None
         code = "print('trainer says hello', flush=True); import time; time.sleep(120)"
-        await backend.ensure(WorkloadSpec(dep, WorkloadRole.TRAINER, t.org_id, run.session_id, TEST_MODEL,
-                                          command=["python", "-c", code]))
+        await backend.ensure(
+            WorkloadSpec(
+                dep, WorkloadRole.TRAINER, t.org_id, run.session_id, TEST_MODEL, command=["python", "-c", code]
+            )
+        )
         pid = backend.pid(dep, WorkloadRole.TRAINER)
         log = data_dir / "workers" / f"trainer-{dep}.log"
         deadline = time.monotonic() + 30
         while "hello" not in (log.read_text() if log.exists() else ""):
             assert time.monotonic() < deadline, "the workload never wrote its log line"
-            time.sleep(0.05)
+            await asyncio.sleep(0.05)
         env = base_env(services, data_dir)
 
         out = show("runs", run.id, env)
@@ -77,7 +90,9 @@ async def test_show_a_run_with_its_local_process(services, data_dir: Path) -> No
         assert w["details"]["pid"] == pid and w["details"]["log"] == str(log)
         assert [e["message"] for e in w["events"]] == ["trainer says hello"]
         assert [(h["from"], h["to"], h["reason"]) for h in out["history"]] == [
-            (None, "DEPLOYING", "created"), ("DEPLOYING", "LOADING_MODEL", "pod started")]
+            (None, "DEPLOYING", "created"),
+            ("DEPLOYING", "LOADING_MODEL", "pod started"),
+        ]
         assert [h["to"] for h in show("runs", run.id, env, "--history", "1")["history"]] == ["LOADING_MODEL"]
 
         text = cli(["runs", "show", run.id], env)
@@ -99,8 +114,9 @@ async def test_show_a_run_with_its_local_process(services, data_dir: Path) -> No
         assert show("runs", run.id, env)["workload"]["phase"] == "absent"
 
         async with rt.db.transaction() as s:
-            smp = await samplers_svc.create_sampler(s, t.principal, rt.catalog,
-                                                    samplers_svc.SamplerRequest(session_id=None, base_model=TEST_MODEL))
+            smp = await samplers_svc.create_sampler(
+                s, t.principal, rt.catalog, samplers_svc.SamplerRequest(session_id=None, base_model=TEST_MODEL)
+            )
         out = show("samplers", smp.id, env, "--org", "acme")
         assert out["sampler"]["id"] == smp.id
         assert out["workload"]["workload_id"] == sampler_workload_id(TEST_MODEL)  # the shared server
@@ -117,16 +133,28 @@ async def test_show_a_served_model_on_kubernetes(services, data_dir: Path, clust
     name = workload_name(dep.id, WorkloadRole.SERVED_MODEL)
     pod = kubelet.create_pod(name, "k1l2m")
     kubelet.set_status(pod, waiting("served-model", "CrashLoopBackOff", restarts=2, last=terminated(1, "Error")))
-    cluster.core.create_namespaced_event(NAMESPACE, k8s_event(
-        "ev1", "Pod", pod, "BackOff", "Back-off restarting failed container", "2026-01-01T00:00:03Z", "Warning"))
+    cluster.core.create_namespaced_event(
+        NAMESPACE,
+        k8s_event(
+            "ev1", "Pod", pod, "BackOff", "Back-off restarting failed container", "2026-01-01T00:00:03Z", "Warning"
+        ),
+    )
     env = base_env(services, data_dir)
-    env.update(OPENLOOPS_BACKEND="kubernetes", OPENLOOPS_KUBERNETES__API_URL=cluster.url,
-               OPENLOOPS_KUBERNETES__IN_CLUSTER="false", OPENLOOPS_KUBERNETES__NAMESPACE=NAMESPACE,
-               OPENLOOPS_KUBERNETES__WORKER_SECRET_NAME=WORKER_SECRET)
+    env.update(
+        OPENLOOPS_BACKEND="kubernetes",
+        OPENLOOPS_KUBERNETES__API_URL=cluster.url,
+        OPENLOOPS_KUBERNETES__IN_CLUSTER="false",
+        OPENLOOPS_KUBERNETES__NAMESPACE=NAMESPACE,
+        OPENLOOPS_KUBERNETES__WORKER_SECRET_NAME=WORKER_SECRET,
+    )
     out = show("served-models", dep.id, env)
     assert out["served_model"]["id"] == dep.id and out["served_model"]["status"] == "DEPLOYING"
     w = out["workload"]
-    assert (w["backend"], w["phase"], w["reason"]) == ("kubernetes", "failed", "CrashLoopBackOff (last exit code 1: Error)")
+    assert (w["backend"], w["phase"], w["reason"]) == (
+        "kubernetes",
+        "failed",
+        "CrashLoopBackOff (last exit code 1: Error)",
+    )
     assert w["details"]["deployment"] == name and w["details"]["service"] == name
     assert [p["name"] for p in w["details"]["pods"]] == [pod] and w["details"]["pods"][0]["restarts"] == 2
     assert [(e["object"], e["reason"], e["type"]) for e in w["events"]] == [(f"Pod/{pod}", "BackOff", "Warning")]

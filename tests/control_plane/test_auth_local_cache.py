@@ -43,7 +43,9 @@ def test_lease_size_follows_the_rate() -> None:
 
 
 async def test_a_lease_serves_requests_without_a_round_trip(clean_state, services, data_dir) -> None:
-    settings = make_settings(services, data_dir, rate_limit_enabled=True, rate_limit_per_second=100.0, rate_limit_burst=50)
+    settings = make_settings(
+        services, data_dir, rate_limit_enabled=True, rate_limit_per_second=100.0, rate_limit_burst=50
+    )
     async with replica(settings) as (rt, client):
         t = await make_tenant(rt, "acme")
         assert (await client.get(ROUTE, headers=t.headers)).status_code == 200

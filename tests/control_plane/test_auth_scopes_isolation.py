@@ -22,7 +22,9 @@ OWN = "manage_own_user_or_service_account"
 async def world(api, t):  # type: ignore[no-untyped-def]
     """One of every resource, owned by tenant ``t``."""
     sid = (await api.client.post("/v1/loops/sessions", headers=t.headers, json={})).json()["session"]["id"]
-    run = (await api.client.post("/v1/loops/runs", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL})).json()["run"]
+    run = (
+        await api.client.post("/v1/loops/runs", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL})
+    ).json()["run"]
     ck = await add_checkpoint(api.runtime, t, run["id"], "s1")
     return {"sid": sid, "run": run["id"], "sampler": run["sampler"]["id"], "ckpt": ck.id, "dep": run["deployment_id"]}
 
@@ -39,7 +41,12 @@ def routes(w):  # type: ignore[no-untyped-def]
         ("GET", "/v1/loops/samplers", None, OWN),
         ("GET", f"/v1/loops/samplers/{w['sampler']}", None, ORG),
         ("GET", f"/v1/loops/checkpoints?run_id={w['run']}", None, OWN),
-        ("POST", "/v1/loops/checkpoints/validate", {"checkpoint_path": f"bt://loops:{w['run']}/sampler_weights/s1"}, OWN),
+        (
+            "POST",
+            "/v1/loops/checkpoints/validate",
+            {"checkpoint_path": f"bt://loops:{w['run']}/sampler_weights/s1"},
+            OWN,
+        ),
         ("GET", f"/v1/loops/checkpoints/{w['ckpt']}/files", None, ORG),
         ("GET", "/v1/loops/deployments", None, ORG),
         ("GET", f"/v1/loops/deployments/{w['dep']}", None, ORG),
@@ -59,8 +66,10 @@ async def call(api, method, path, body, headers):  # type: ignore[no-untyped-def
 async def test_scope_table(api):
     owner = await api.tenant("acme")
     w = await world(api, owner)
-    only = {ORG: await api.tenant("acme", scopes=ORG_ONLY, email="org@acme.io"),
-            OWN: await api.tenant("acme", scopes=OWN_ONLY, email="own@acme.io")}
+    only = {
+        ORG: await api.tenant("acme", scopes=ORG_ONLY, email="org@acme.io"),
+        OWN: await api.tenant("acme", scopes=OWN_ONLY, email="own@acme.io"),
+    }
     for method, path, body, scope in routes(w):
         other = OWN if scope == ORG else ORG
         r = await call(api, method, path, body, only[other].headers)
@@ -102,7 +111,9 @@ async def test_legacy_routes_match_canonical(api):
     t = await api.tenant("acme")
     sid = (await api.client.post("/v1/trainer_sessions", headers=t.headers, json={})).json()["session"]["id"]
     assert (await api.client.get(f"/v1/loops/sessions/{sid}", headers=t.headers)).status_code == 200
-    r = await api.client.post(f"/v1/trainer_sessions/{sid}/trainers", headers=t.headers, json={"model": TEST_MODEL, "lora_rank": 4})
+    r = await api.client.post(
+        f"/v1/trainer_sessions/{sid}/trainers", headers=t.headers, json={"model": TEST_MODEL, "lora_rank": 4}
+    )
     assert r.status_code == 200, r.text
     ts = r.json()["trainer_server"]
     canon = (await api.client.get(f"/v1/loops/runs/{ts['id']}", headers=t.headers)).json()["run"]
@@ -110,21 +121,39 @@ async def test_legacy_routes_match_canonical(api):
     assert ts["base_url"] == canon["base_url"]
     r = await api.client.post(f"/v1/trainer_sessions/{sid}/samplers", headers=t.headers, json={"model": TEST_MODEL})
     smp = r.json()["sampling_server"]
-    assert (await api.client.get(f"/v1/loops/samplers/{smp['id']}", headers=t.headers)).json()["sampler"]["base_model"] == TEST_MODEL
+    assert (await api.client.get(f"/v1/loops/samplers/{smp['id']}", headers=t.headers)).json()["sampler"][
+        "base_model"
+    ] == TEST_MODEL
     ck = await add_checkpoint(api.runtime, t, ts["id"], "c1")
-    legacy = (await api.client.get(f"/v1/trainer_sessions/{sid}/trainers/{ts['id']}/checkpoints", headers=t.headers)).json()
+    legacy = (
+        await api.client.get(f"/v1/trainer_sessions/{sid}/trainers/{ts['id']}/checkpoints", headers=t.headers)
+    ).json()
     canon = (await api.client.get(f"/v1/loops/checkpoints?run_id={ts['id']}", headers=t.headers)).json()
     assert legacy["trainer_id"] == ts["id"]
     assert [c["id"] for c in legacy["checkpoints"]] == [c["id"] for c in canon["checkpoints"]] == [ck.id]
-    lf = (await api.client.get(f"/v1/trainer_sessions/{sid}/trainers/{ts['id']}/checkpoints/{ck.id}/files", headers=t.headers)).json()
+    lf = (
+        await api.client.get(
+            f"/v1/trainer_sessions/{sid}/trainers/{ts['id']}/checkpoints/{ck.id}/files", headers=t.headers
+        )
+    ).json()
     cf = (await api.client.get(f"/v1/loops/checkpoints/{ck.id}/files", headers=t.headers)).json()
     assert lf["total_count"] == cf["total_count"] == 2
-    assert [f["relative_file_name"] for f in lf["presigned_urls"]] == [f["relative_file_name"] for f in cf["presigned_urls"]]
+    assert [f["relative_file_name"] for f in lf["presigned_urls"]] == [
+        f["relative_file_name"] for f in cf["presigned_urls"]
+    ]
     r = await api.client.post("/v1/trainers/search", headers=t.headers, json={"trainer_id": ts["id"]})
     assert r.json()["trainers"] == [{"trainer_id": ts["id"], "session_id": sid, "base_model": TEST_MODEL}]
-    r = await api.client.post("/v1/trainers/checkpoints/search", headers=t.headers, json={"checkpoint_path": f"bt://loops:{ts['id']}/sampler_weights/c1"})
+    r = await api.client.post(
+        "/v1/trainers/checkpoints/search",
+        headers=t.headers,
+        json={"checkpoint_path": f"bt://loops:{ts['id']}/sampler_weights/c1"},
+    )
     assert r.json()["checkpoint"]["id"] == ck.id
-    r = await api.client.post("/v1/trainers/checkpoints/search", headers=t.headers, json={"checkpoint_path": f"bt://loops:{ts['id']}/sampler_weights/zz"})
+    r = await api.client.post(
+        "/v1/trainers/checkpoints/search",
+        headers=t.headers,
+        json={"checkpoint_path": f"bt://loops:{ts['id']}/sampler_weights/zz"},
+    )
     assert r.status_code == 400
     # legacy routes are tenant-isolated too
     other = await api.tenant("globex")
@@ -137,8 +166,13 @@ async def test_key_headers_and_401s(api):
     for headers in ({"Authorization": f"Bearer {t.key}"}, {"Authorization": f"Api-Key {t.key}"}, {"X-API-Key": t.key}):
         r = await api.client.get("/v1/loops/capabilities", headers=headers)
         assert r.status_code == 200, headers
-    for headers in ({}, {"Authorization": "Bearer tml-unknown-key-1234"}, {"X-API-Key": "sk-wrong-prefix"},
-                    {"Authorization": "Basic abc"}, {"Authorization": f"Bearer {t.key}x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer tml-unknown-key-1234"},
+        {"X-API-Key": "sk-wrong-prefix"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": f"Bearer {t.key}x"},
+    ):
         r = await api.client.get("/v1/loops/capabilities", headers=headers)
         assert r.status_code == 401, headers
         assert r.json()["code"] == "unauthenticated" and r.json()["detail"]
@@ -167,7 +201,10 @@ async def test_revocation_reaches_every_replica_within_1s(api, services, data_di
 
 
 async def test_rate_limit_429_with_retry_after(clean_state, services, data_dir):
-    rt = build_runtime(make_settings(services, data_dir, rate_limit_enabled=True, rate_limit_per_second=2.0, rate_limit_burst=3), with_backend=False)
+    rt = build_runtime(
+        make_settings(services, data_dir, rate_limit_enabled=True, rate_limit_per_second=2.0, rate_limit_burst=3),
+        with_backend=False,
+    )
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://testserver")
     try:
         from tests.control_plane.conftest import make_tenant
@@ -200,5 +237,3 @@ async def test_last_used_recorded_without_per_request_writes(api):
     assert await flush_last_seen(api.runtime.db, api.runtime.redis) == 1
     async with api.runtime.db.session() as s:
         assert (await identity.get_api_key(s, t.principal.key_id)).last_used_at is not None
-
-

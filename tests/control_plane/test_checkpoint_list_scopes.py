@@ -26,7 +26,11 @@ async def test_checkpoint_lists_by_scope(api):  # type: ignore[no-untyped-def]
     newest_first = [c2.id, c1.id]
     path = f"checkpoint_path=bt://loops:{run_id}/sampler_weights/step-1"
 
-    for query, expected in ((f"run_id={run_id}", newest_first), (f"base_model={TEST_MODEL}", newest_first), (path, [c1.id])):
+    for query, expected in (
+        (f"run_id={run_id}", newest_first),
+        (f"base_model={TEST_MODEL}", newest_first),
+        (path, [c1.id]),
+    ):
         assert await _ids(api, ana, query) == expected, query
         assert await _ids(api, ana, query + "&scope=org") == expected, query
         assert await _ids(api, bob, query) == [], query  # same org, not his

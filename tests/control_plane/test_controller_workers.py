@@ -98,7 +98,8 @@ class Stack:
         r = await self.client.post("/v1/loops/sessions", headers=h, json={})
         assert r.status_code == 200, r.text
         r = await self.client.post(
-            "/v1/loops/runs", headers=h,
+            "/v1/loops/runs",
+            headers=h,
             json={"session_id": r.json()["session"]["id"], "base_model": TEST_MODEL, "lora_rank": 4, **extra},
         )
         assert r.status_code == 200, r.text
@@ -107,7 +108,9 @@ class Stack:
     async def start_active_run(self, **extra: object) -> dict:
         run = await self.create_run(**extra)
         assert run["status"]["name"] == "DEPLOYING"
-        await self.drive("the run to become ACTIVE", lambda: self.status_is(run["id"], "ACTIVE", "FAILED", "DEPLOY_FAILED"))
+        await self.drive(
+            "the run to become ACTIVE", lambda: self.status_is(run["id"], "ACTIVE", "FAILED", "DEPLOY_FAILED")
+        )
         row = await self.run_row(run["id"])
         assert row.status == "ACTIVE", row.status_reason
         return run
@@ -138,7 +141,9 @@ async def stack(
     ).dump(settings.resolved_catalog_path)
     runtime = build_runtime(settings)
     tenant = await make_tenant(runtime, "acme")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://testserver") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://testserver"
+    ) as client:
         try:
             yield Stack(runtime, Controller(runtime), client, tenant)
         finally:
@@ -232,7 +237,11 @@ async def test_a_new_run_reuses_the_warm_worker_of_an_earlier_run(stack: Stack) 
     await stack.drive("the second run's create op", lambda: _settled(stack, create_rid))
     assert (await stack.future(create_rid)).state == q.FutureState.DONE
     dep = (await stack.client.get(f"/v1/loops/deployments/{dep_id}", headers=stack.tenant.headers)).json()["deployment"]
-    assert (dep["active_run_id"], dep["latest_run_id"], dep["status"]["name"]) == (second["id"], second["id"], "RUNNING")
+    assert (dep["active_run_id"], dep["latest_run_id"], dep["status"]["name"]) == (
+        second["id"],
+        second["id"],
+        "RUNNING",
+    )
     assert (await read_hash(stack.runtime.redis, q.run_state_key(first["id"])))["state"] == "detached"
     # a run that does not fit the warm deployment (another availability) gets one of its own
     other = await stack.create_run(reuse_from_run_id=first["id"], availability_model="spot")

@@ -42,9 +42,14 @@ def test_uvloop_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_serve_refuses_to_start_without_the_chosen_loop(tmp_path: Path) -> None:
     # a uvloop that cannot be imported, shadowing the installed one
     (tmp_path / "uvloop.py").write_text("raise ImportError('not here')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-           "OPENLOOPS_EVENT_LOOP": "uvloop", "OPENLOOPS_DATA_DIR": str(tmp_path / "data")}
-    r = subprocess.run([sys.executable, "-m", "control_plane.cli.main", "serve"], env=env,
-                       capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "OPENLOOPS_EVENT_LOOP": "uvloop",
+        "OPENLOOPS_DATA_DIR": str(tmp_path / "data"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "control_plane.cli.main", "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "OPENLOOPS_EVENT_LOOP=uvloop" in r.stderr and "not installed" in r.stderr

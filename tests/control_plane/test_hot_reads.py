@@ -11,8 +11,7 @@ from control_plane.db.engine import ReadOnlySessionError
 from control_plane.db.models import Org
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.services import checkpoints as ckpt_svc
-from control_plane.services import hot_reads
-from control_plane.services import identity
+from control_plane.services import hot_reads, identity
 from control_plane.services import runs as runs_svc
 from tests.control_plane.conftest import TEST_MODEL
 from tests.control_plane.seed import add_checkpoint
@@ -36,7 +35,8 @@ async def new_run(api, headers: dict[str, str], *, trainer_only: bool = False) -
     sid = (await api.client.post("/v1/loops/sessions", headers=headers, json={})).json()["session"]["id"]
     r = await api.client.post(
         "/v1/loops/trainers" if trainer_only else "/v1/loops/runs",
-        headers=headers, json={"session_id": sid, "base_model": TEST_MODEL, "lora_rank": 8},
+        headers=headers,
+        json={"session_id": sid, "base_model": TEST_MODEL, "lora_rank": 8},
     )
     assert r.status_code == 200, r.text
     return r.json()["run"]["id"]
@@ -87,11 +87,19 @@ async def test_run_checkpoints_match_the_orm_path_in_both_scopes(api) -> None:
         await add_checkpoint(api.runtime, t, run_id, f"step-{i}")
     await add_checkpoint(api.runtime, t, run_id, "state-0", kind="weights")
     for who, scope, expected in (
-        (t, None, 4), (t, "org", 4), (teammate, None, 0), (teammate, "org", 4), (other, "org", 0),
+        (t, None, 4),
+        (t, "org", 4),
+        (teammate, None, 0),
+        (teammate, "org", 4),
+        (other, "org", 0),
     ):
-        hot = [p.checkpoint_json(c) for c in await hot_reads.run_checkpoints(api.runtime.db, who.principal, run_id, scope)]
+        hot = [
+            p.checkpoint_json(c) for c in await hot_reads.run_checkpoints(api.runtime.db, who.principal, run_id, scope)
+        ]
         async with api.runtime.db.session() as s:
-            orm = await ckpt_svc.list_checkpoints(s, who.principal, run_id=run_id, base_model=None, checkpoint_path=None, scope=scope)
+            orm = await ckpt_svc.list_checkpoints(
+                s, who.principal, run_id=run_id, base_model=None, checkpoint_path=None, scope=scope
+            )
         assert hot == [p.checkpoint_json(c) for c in orm]
         assert len(hot) == expected, (who.user_id, scope)
     newest_first = await hot_reads.run_checkpoints(api.runtime.db, t.principal, run_id, None)
@@ -111,9 +119,16 @@ async def test_read_sessions_refuse_writes(api) -> None:
 def test_reader_connects_with_the_urls_driver_options() -> None:
     from control_plane.db.reader import Reader
 
-    r = Reader("postgresql+asyncpg://u:p@db.internal:5433/ol?ssl=require&prepared_statement_cache_size=10&command_timeout=5", max_size=2)
+    r = Reader(
+        "postgresql+asyncpg://u:p@db.internal:5433/ol?ssl=require&prepared_statement_cache_size=10&command_timeout=5",
+        max_size=2,
+    )
     assert r._connect_kwargs == {
-        "host": "db.internal", "port": 5433, "user": "u", "password": "p", "database": "ol",
-        "ssl": "require", "command_timeout": 5.0,
+        "host": "db.internal",
+        "port": 5433,
+        "user": "u",
+        "password": "p",
+        "database": "ol",
+        "ssl": "require",
+        "command_timeout": 5.0,
     }
-

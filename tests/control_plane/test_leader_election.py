@@ -32,8 +32,10 @@ async def lock_holder(rt: Runtime) -> int | None:
         return (
             await c.execute(
                 # advisory locks are per database; other tests' servers share the cluster
-                text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND granted"
-                     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+                text(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :k AND granted"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ),
                 {"k": LOCK_KEY},
             )
         ).scalar_one_or_none()
@@ -45,7 +47,10 @@ def leaders(*rs: Running) -> list[Running]:
 
 @contextlib.asynccontextmanager
 async def two_controllers(services, data_dir: Path, url: str) -> AsyncIterator[tuple[Runtime, Running, Running]]:  # type: ignore[no-untyped-def]
-    async with k8s_runtime(k8s_settings(services, data_dir, url)) as a, k8s_runtime(k8s_settings(services, data_dir, url)) as b:
+    async with (
+        k8s_runtime(k8s_settings(services, data_dir, url)) as a,
+        k8s_runtime(k8s_settings(services, data_dir, url)) as b,
+    ):
         ra, rb = start(a), start(b)
         try:
             yield a, ra, rb

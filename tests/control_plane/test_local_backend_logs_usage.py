@@ -57,7 +57,12 @@ def test_parse_worker_record() -> None:
 def test_parse_vllm_records() -> None:
     t = 1_796_000_000
     p = parse_line(f"{vllm_stamp('INFO', t)} [serving.py:12] done (request cmpl-7f3a-0)", reference_ns=(t + 5) * S)
-    assert (p.timestamp_ns, p.level, p.message, p.request_id) == (t * S, "INFO", "[serving.py:12] done (request cmpl-7f3a-0)", "cmpl-7f3a-0")
+    assert (p.timestamp_ns, p.level, p.message, p.request_id) == (
+        t * S,
+        "INFO",
+        "[serving.py:12] done (request cmpl-7f3a-0)",
+        "cmpl-7f3a-0",
+    )
     p = parse_line(f"(EngineCore_DP0 pid=123) {vllm_stamp('ERROR', t)} [core.py:9] boom", reference_ns=t * S)
     assert (p.timestamp_ns, p.level, p.message) == (t * S, "ERROR", "(EngineCore_DP0 pid=123) [core.py:9] boom")
 
@@ -71,7 +76,12 @@ def test_vllm_year_is_the_one_before_the_reference() -> None:
 
 
 def test_continuations_and_level_only_lines() -> None:
-    for text in ("Traceback (most recent call last):", '  File "x.py", line 3, in f', "ValueError: boom", "step 3 loss=0.1"):
+    for text in (
+        "Traceback (most recent call last):",
+        '  File "x.py", line 3, in f',
+        "ValueError: boom",
+        "step 3 loss=0.1",
+    ):
         p = parse_line(text)
         assert (p.timestamp_ns, p.level, p.message) == (None, None, text)
     p = parse_line('(APIServer pid=7) INFO:     127.0.0.1:5 - "GET /health HTTP/1.1" 200 OK')
@@ -109,7 +119,10 @@ def reference_lines(path: Path, replica: str) -> list[LogLine]:
             continue
         p = parse_line(text, st.st_mtime_ns)
         if p.timestamp_ns is not None:
-            lines += [LogLine(min(st.st_ctime_ns, p.timestamp_ns), o.message, replica, o.level or "INFO", o.request_id) for o in orphans]
+            lines += [
+                LogLine(min(st.st_ctime_ns, p.timestamp_ns), o.message, replica, o.level or "INFO", o.request_id)
+                for o in orphans
+            ]
             orphans = []
             ts, level, rid = p.timestamp_ns, p.level, p.request_id
             lines.append(LogLine(ts, p.message, replica, level or "INFO", rid))
@@ -154,8 +167,13 @@ def test_file_reads_match_a_forward_parse(tmp_path: Path) -> None:
         a = t0 + rng.uniform(-10, span)
         b = a + rng.choice([0.5, 3, 60, 600, span])
         queries.append(
-            LogQuery(int(a * S), int(b * S), rng.choice([1, 5, 50, 1000]), rng.choice(["asc", "desc"]),
-                     rng.choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]))
+            LogQuery(
+                int(a * S),
+                int(b * S),
+                rng.choice([1, 5, 50, 1000]),
+                rng.choice(["asc", "desc"]),
+                rng.choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]),
+            )
         )
     everything = reference_lines(path, "trainer-big.log")
     for q in queries:
@@ -231,11 +249,12 @@ async def wait_for(path: Path, text: str, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture
-async def workload(tmp_path: Path):  # noqa: ANN201
+async def workload(tmp_path: Path):
     backend = LocalProcessBackend(tmp_path / "workers", stop_timeout_s=3)
     base = int(time.time()) - 3600
-    spec = WorkloadSpec("run:w1", WorkloadRole.TRAINER, "org-1", None, "m",
-                        command=["python", "-c", WORKLOAD, str(base), str(ALLOC)])
+    spec = WorkloadSpec(
+        "run:w1", WorkloadRole.TRAINER, "org-1", None, "m", command=["python", "-c", WORKLOAD, str(base), str(ALLOC)]
+    )
     try:
         await backend.ensure(spec)
         await wait_for(tmp_path / "workers" / "trainer-run_w1.log", "ready request_id=live-1")
@@ -248,7 +267,7 @@ def msgs(lines: list[LogLine]) -> list[str]:
     return [x.message for x in lines]
 
 
-async def test_logs_of_a_running_workload(workload) -> None:  # noqa: ANN001
+async def test_logs_of_a_running_workload(workload) -> None:
     backend, spec, base = workload
     wid, role = spec.workload_id, spec.role
     now = time.time_ns()
@@ -266,9 +285,13 @@ async def test_logs_of_a_running_workload(workload) -> None:  # noqa: ANN001
 
     # oldest first: the line printed before logging was set up takes the first record's time
     oldest = await backend.logs(wid, role, LogQuery(0, now, 6, "asc"))
-    assert msgs(oldest) == ["booting, logging not configured yet"] + [
-        "test.worker: event 0 request_id=req-0", "test.worker: event 1", "test.worker: event 2",
-        "test.worker: event 3 request_id=req-3", "Traceback (most recent call last):",
+    assert msgs(oldest) == [
+        "booting, logging not configured yet",
+        "test.worker: event 0 request_id=req-0",
+        "test.worker: event 1",
+        "test.worker: event 2",
+        "test.worker: event 3 request_id=req-3",
+        "Traceback (most recent call last):",
     ]
     assert oldest[0].timestamp_ns == oldest[1].timestamp_ns == base * S
     assert [x.level for x in oldest] == ["INFO", "DEBUG", "INFO", "WARNING", "ERROR", "ERROR"]
@@ -276,8 +299,12 @@ async def test_logs_of_a_running_workload(workload) -> None:  # noqa: ANN001
     # a time range; the traceback's lines carry the time, level and request id of their record
     window = await backend.logs(wid, role, LogQuery((base + 2) * S, (base + 4) * S, 100, "asc"))
     assert msgs(window) == [
-        "test.worker: event 2", "test.worker: event 3 request_id=req-3", "Traceback (most recent call last):",
-        '  File "w.py", line 9, in step', "ValueError: boom", "test.worker: event 4",
+        "test.worker: event 2",
+        "test.worker: event 3 request_id=req-3",
+        "Traceback (most recent call last):",
+        '  File "w.py", line 9, in step',
+        "ValueError: boom",
+        "test.worker: event 4",
     ]
     assert [x.timestamp_ns // S - base for x in window] == [2, 3, 3, 3, 3, 4]
     assert [x.request_id for x in window] == [None, "req-3", "req-3", "req-3", "req-3", None]
@@ -287,8 +314,13 @@ async def test_logs_of_a_running_workload(workload) -> None:  # noqa: ANN001
     # min_level
     warnings = await backend.logs(wid, role, LogQuery(base * S, now, 100, "asc", min_level="WARNING"))
     assert msgs(warnings) == [
-        "test.worker: event 2", "test.worker: event 3 request_id=req-3", "Traceback (most recent call last):",
-        '  File "w.py", line 9, in step', "ValueError: boom", "test.worker: event 7", "test.worker: event 8",
+        "test.worker: event 2",
+        "test.worker: event 3 request_id=req-3",
+        "Traceback (most recent call last):",
+        '  File "w.py", line 9, in step',
+        "ValueError: boom",
+        "test.worker: event 7",
+        "test.worker: event 8",
         f"(EngineCore pid={backend.pid(wid, role)}) [core.py:3] kv cache low",
     ]
     errors = await backend.logs(wid, role, LogQuery(base * S, now, 2, "desc", min_level="error"))
@@ -299,7 +331,7 @@ async def test_logs_of_a_running_workload(workload) -> None:  # noqa: ANN001
     assert await backend.logs("nope", role, LogQuery(0, now, 10, "desc")) == []
 
 
-async def test_usage_of_a_running_workload(workload, tmp_path: Path) -> None:  # noqa: ANN001
+async def test_usage_of_a_running_workload(workload, tmp_path: Path) -> None:
     backend, spec, _ = workload
     pid = backend.pid(spec.workload_id, spec.role)
     (first,) = await backend.usage(spec.workload_id, spec.role)
@@ -323,7 +355,7 @@ async def test_usage_of_a_running_workload(workload, tmp_path: Path) -> None:  #
     assert await backend.usage(spec.workload_id, spec.role) == []
 
 
-async def test_another_backend_instance_reads_logs_and_usage(workload, tmp_path: Path) -> None:  # noqa: ANN001
+async def test_another_backend_instance_reads_logs_and_usage(workload, tmp_path: Path) -> None:
     backend, spec, base = workload
     other = LocalProcessBackend(tmp_path / "workers")  # e.g. the API process: it started nothing
     try:
@@ -346,8 +378,16 @@ async def test_usage_ignores_a_reused_pid(tmp_path: Path) -> None:
     work = tmp_path / "workers"
     work.mkdir()
     # a state file whose pid now belongs to another process (here: this test's own)
-    state = {"workload_id": "x", "role": "sampler", "pid": os.getpid(), "started_at": time.time() - 86400,
-             "port": None, "health_path": None, "scaled_down": False, "log": str(work / "sampler-x.log")}
+    state = {
+        "workload_id": "x",
+        "role": "sampler",
+        "pid": os.getpid(),
+        "started_at": time.time() - 86400,
+        "port": None,
+        "health_path": None,
+        "scaled_down": False,
+        "log": str(work / "sampler-x.log"),
+    }
     (work / "sampler-x.state.json").write_text(json.dumps(state))
     backend = LocalProcessBackend(work)
     try:
@@ -362,7 +402,9 @@ async def test_print_only_workload(tmp_path: Path) -> None:
     script = "import sys\nprint('hello')\nprint('Traceback (most recent call last):')\nsys.exit(3)\n"
     try:
         before = time.time_ns()
-        await backend.ensure(WorkloadSpec("p", WorkloadRole.SAMPLER, "o", None, "m", command=[sys.executable, "-c", script]))
+        await backend.ensure(
+            WorkloadSpec("p", WorkloadRole.SAMPLER, "o", None, "m", command=[sys.executable, "-c", script])
+        )
         await wait_for(tmp_path / "workers" / "sampler-p.log", "Traceback")
         await asyncio.sleep(0.1)
         lines = await backend.logs("p", WorkloadRole.SAMPLER, LogQuery(before - S, time.time_ns() + S, 10, "asc"))

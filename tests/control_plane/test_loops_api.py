@@ -15,7 +15,9 @@ async def new_session(api, t) -> str:  # type: ignore[no-untyped-def]
 
 
 async def new_run(api, t, sid, **kw):  # type: ignore[no-untyped-def]
-    r = await api.client.post("/v1/loops/runs", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL, **kw})
+    r = await api.client.post(
+        "/v1/loops/runs", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL, **kw}
+    )
     assert r.status_code == 200, r.text
     return r.json()["run"]
 
@@ -94,7 +96,9 @@ async def test_create_run_validation(api):
 async def test_trainer_only_run_and_path_resume(api):
     t = await api.tenant("acme")
     sid = await new_session(api, t)
-    r = await api.client.post("/v1/loops/trainers", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL})
+    r = await api.client.post(
+        "/v1/loops/trainers", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL}
+    )
     assert r.status_code == 200 and r.json()["run"]["sampler"] is None
     rid = r.json()["run"]["id"]
     await add_checkpoint(api.runtime, t, rid, "state-1", kind="weights")
@@ -103,7 +107,11 @@ async def test_trainer_only_run_and_path_resume(api):
 
     entries = await api.runtime.redis.xrange(ops_stream(run["id"]))
     assert entries[0][1][b"kind"] == b"load_weights"
-    r = await api.client.post("/v1/loops/runs", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL, "path": f"bt://loops:{rid}/sampler_weights/state-1"})
+    r = await api.client.post(
+        "/v1/loops/runs",
+        headers=t.headers,
+        json={"session_id": sid, "base_model": TEST_MODEL, "path": f"bt://loops:{rid}/sampler_weights/state-1"},
+    )
     assert r.status_code == 400 and r.json()["field"] == "path"
 
 
@@ -137,7 +145,9 @@ async def test_run_deactivate(api):
     got = (await api.client.get(f"/v1/loops/runs/{run['id']}", headers=t.headers)).json()["run"]
     assert got["status"]["name"] == "DEACTIVATING" and got["sampler"]["status"]["name"] == "DEACTIVATING"
     # the run was what its deployment executed: the deployment's trainer stops too
-    dep = (await api.client.get(f"/v1/loops/deployments/{run['deployment_id']}", headers=t.headers)).json()["deployment"]
+    dep = (await api.client.get(f"/v1/loops/deployments/{run['deployment_id']}", headers=t.headers)).json()[
+        "deployment"
+    ]
     assert dep["status"]["name"] == "STOPPED" and dep["status"]["detail"] == "DEACTIVATING"
 
 
@@ -145,7 +155,9 @@ async def test_samplers(api):
     t = await api.tenant("acme")
     sid = await new_session(api, t)
     run = await new_run(api, t, sid)
-    r = await api.client.post("/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL})
+    r = await api.client.post(
+        "/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL}
+    )
     assert r.status_code == 200, r.text
     standalone = r.json()["sampler"]
     assert standalone["status"]["name"] == "DEPLOYING" and standalone["run_id"] is None
@@ -155,7 +167,11 @@ async def test_samplers(api):
     assert paired["id"] == run["sampler"]["id"]  # a run's paired sampler is created once (idempotent)
     assert paired["base_url"] == f"http://testserver/v1/loops/samplers/{paired['id']}/sync"
     ck = await add_checkpoint(api.runtime, t, run["id"], "s1")
-    r = await api.client.post("/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "model_path": f"bt://loops:{run['id']}/sampler_weights/s1"})
+    r = await api.client.post(
+        "/v1/loops/samplers",
+        headers=t.headers,
+        json={"session_id": sid, "model_path": f"bt://loops:{run['id']}/sampler_weights/s1"},
+    )
     assert r.status_code == 200 and r.json()["sampler"]["model_path"].endswith("/s1")
     assert ck.id
     lst = (await api.client.get("/v1/loops/samplers", headers=t.headers)).json()["samplers"]
@@ -188,19 +204,40 @@ async def test_checkpoints_list_validate_files(api):
     cks = r.json()["checkpoints"]
     assert [c["id"] for c in cks] == [c2.id, c1.id]
     c = cks[0]
-    for field in ("checkpoint_id", "created_at", "checkpoint_type", "base_model", "lora_adapter_config", "size_bytes", "id", "run_id", "target"):
+    for field in (
+        "checkpoint_id",
+        "created_at",
+        "checkpoint_type",
+        "base_model",
+        "lora_adapter_config",
+        "size_bytes",
+        "id",
+        "run_id",
+        "target",
+    ):
         assert field in c
     assert c["checkpoint_id"] == "step-2" and c["target"] == "sampler" and c["size_bytes"] == sum(s for _, s in files)
     r = await api.client.get(f"/v1/loops/checkpoints?base_model={TEST_MODEL}", headers=t.headers)
     assert len(r.json()["checkpoints"]) == 2 and r.headers["content-type"] == "application/json"
-    r = await api.client.get(f"/v1/loops/checkpoints?checkpoint_path=bt://loops:{run['id']}/sampler_weights/step-1", headers=t.headers)
+    r = await api.client.get(
+        f"/v1/loops/checkpoints?checkpoint_path=bt://loops:{run['id']}/sampler_weights/step-1", headers=t.headers
+    )
     assert [x["id"] for x in r.json()["checkpoints"]] == [c1.id]
     for q in ("", f"?run_id={run['id']}&base_model={TEST_MODEL}", "?checkpoint_path=garbage"):
         r = await api.client.get(f"/v1/loops/checkpoints{q}", headers=t.headers)
         assert r.status_code == 400, q
-    ok = await api.client.post("/v1/loops/checkpoints/validate", headers=t.headers, json={"checkpoint_path": f"bt://loops:{run['id']}/sampler_weights/step-1"})
+    ok = await api.client.post(
+        "/v1/loops/checkpoints/validate",
+        headers=t.headers,
+        json={"checkpoint_path": f"bt://loops:{run['id']}/sampler_weights/step-1"},
+    )
     assert ok.status_code == 200 and ok.json() == {}
-    for p in ("tinker://x/y", f"bt://loops:{run['id']}/sampler_weights/missing", f"bt://loops:{run['id']}/weights/step-1", "bt://loops:a/b"):
+    for p in (
+        "tinker://x/y",
+        f"bt://loops:{run['id']}/sampler_weights/missing",
+        f"bt://loops:{run['id']}/weights/step-1",
+        "bt://loops:a/b",
+    ):
         r = await api.client.post("/v1/loops/checkpoints/validate", headers=t.headers, json={"checkpoint_path": p})
         assert r.status_code == 400 and r.json()["field"] == "checkpoint_path", p
     # files: offset pagination with per-file signed URLs that really download
@@ -211,7 +248,11 @@ async def test_checkpoints_list_validate_files(api):
     seen = [f["relative_file_name"] for f in body["presigned_urls"]]
     token = body["next_page_token"]
     while token is not None:
-        page = (await api.client.get(f"/v1/loops/checkpoints/{c2.id}/files?page_size=2&page_token={token}", headers=t.headers)).json()
+        page = (
+            await api.client.get(
+                f"/v1/loops/checkpoints/{c2.id}/files?page_size=2&page_token={token}", headers=t.headers
+            )
+        ).json()
         seen += [f["relative_file_name"] for f in page["presigned_urls"]]
         token = page["next_page_token"]
     assert seen == [f for f, _ in files]

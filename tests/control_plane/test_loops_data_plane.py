@@ -32,14 +32,18 @@ ACCEPT = {"X-Baseten-Accept-Error": "1"}
 async def api(clean_state: None, services, data_dir: Path) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
     """The API with short long-polls (0.3 s)."""
     runtime = build_runtime(make_settings(services, data_dir, future_poll_timeout_seconds=0.3), with_backend=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://testserver") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://testserver"
+    ) as c:
         yield Api(runtime, c)
     await runtime.close()
 
 
 async def new_run(api: Api, t, **kw) -> dict:  # type: ignore[no-untyped-def]
     sid = (await api.client.post("/v1/loops/sessions", headers=t.headers, json={})).json()["session"]["id"]
-    r = await api.client.post("/v1/loops/trainers", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL, **kw})
+    r = await api.client.post(
+        "/v1/loops/trainers", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL, **kw}
+    )
     assert r.status_code == 200, r.text
     return r.json()["run"]
 
@@ -49,8 +53,11 @@ def run_headers(t, run: dict, **extra: str) -> dict[str, str]:  # type: ignore[n
 
 
 async def submit(api: Api, t, run: dict, op: str, body: dict, key: str) -> httpx.Response:  # type: ignore[no-untyped-def]
-    return await api.client.post(f"{run['base_url']}/{op}", headers=run_headers(t, run, **{"Idempotency-Key": key}),
-                                 json={"run_id": run["id"], **body})
+    return await api.client.post(
+        f"{run['base_url']}/{op}",
+        headers=run_headers(t, run, **{"Idempotency-Key": key}),
+        json={"run_id": run["id"], **body},
+    )
 
 
 async def stream(api: Api, run_id: str) -> list[OpEnvelope]:
@@ -107,25 +114,41 @@ async def test_addressing_and_error_headers(api: Api) -> None:
 async def test_ops_keys_seq_ids_and_polls(api: Api) -> None:
     t = await api.tenant("acme")
     run = await new_run(api, t, lora_rank=8)
-    r = await submit(api, t, run, "init_trainer_server", {"lora_rank": 8, "base_model": TEST_MODEL, "seq_id": 1}, "op-1")
+    r = await submit(
+        api, t, run, "init_trainer_server", {"lora_rank": 8, "base_model": TEST_MODEL, "seq_id": 1}, "op-1"
+    )
     assert r.status_code == 202, r.text
     assert r.json() == {"operation_id": "op-1", "schema_version": 1}
     assert r.headers["location"] == f"/v1/loops/deployments/{run['deployment_id']}/trainer/operations/op-1"
     # a retry with the same key is the same operation: nothing new is enqueued
-    again = await submit(api, t, run, "init_trainer_server", {"lora_rank": 8, "base_model": TEST_MODEL, "seq_id": 1}, "op-1")
+    again = await submit(
+        api, t, run, "init_trainer_server", {"lora_rank": 8, "base_model": TEST_MODEL, "seq_id": 1}, "op-1"
+    )
     assert again.status_code == 202 and again.json()["operation_id"] == "op-1"
-    fb = {"seq_id": 2, "data": [DATUM], "loss_fn": "cross_entropy", "loss_fn_config": {"skip_token_normalization": True},
-          "top_k_logprobs": 3}
+    fb = {
+        "seq_id": 2,
+        "data": [DATUM],
+        "loss_fn": "cross_entropy",
+        "loss_fn_config": {"skip_token_normalization": True},
+        "top_k_logprobs": 3,
+    }
     assert (await submit(api, t, run, "forward_backward", fb, "op-2")).status_code == 202
     ops = await stream(api, run["id"])
     assert [(e.seq_id, e.kind, e.dialect) for e in ops] == [
-        (0, OpKind.CREATE, Dialect.TINKER), (1, OpKind.INIT_TRAINER, Dialect.LOOPS), (2, OpKind.FORWARD_BACKWARD, Dialect.LOOPS)]
+        (0, OpKind.CREATE, Dialect.TINKER),
+        (1, OpKind.INIT_TRAINER, Dialect.LOOPS),
+        (2, OpKind.FORWARD_BACKWARD, Dialect.LOOPS),
+    ]
     assert json.loads(ops[1].body) == {"lora_rank": 8}
     req = pb.ForwardBackwardRequest.FromString(ops[2].body)
     assert req.loss_fn == "cross_entropy" and not req.forward_only
-    assert req.loss_fn_config_v2["top_k_logprobs"].number == 3 and req.loss_fn_config_v2["skip_token_normalization"].number == 1
+    assert (
+        req.loss_fn_config_v2["top_k_logprobs"].number == 3
+        and req.loss_fn_config_v2["skip_token_normalization"].number == 1
+    )
     assert bytes(req.data[0].loss_fn_inputs["target_tokens"].dense) == b"".join(
-        x.to_bytes(8, "little", signed=True) for x in (-100, 7, 8, 9))
+        x.to_bytes(8, "little", signed=True) for x in (-100, 7, 8, 9)
+    )
     # the same key with another body is a conflict; a key is required
     r = await submit(api, t, run, "init_trainer_server", {"lora_rank": 8, "seq_id": 9}, "op-1")
     assert r.status_code == 409
@@ -143,7 +166,9 @@ async def test_ops_keys_seq_ids_and_polls(api: Api) -> None:
     r = await api.client.get(poll, headers=run_headers(t, run))
     assert r.status_code == 200 and r.json() == {"status": "done", "result": result}
     init_rid = await _request_id(api, run, "op-1")
-    await TrainerQueue(api.runtime.redis).complete(run["id"], init_rid, FutureResult.failed("boom", q.ErrorCategory.USER))
+    await TrainerQueue(api.runtime.redis).complete(
+        run["id"], init_rid, FutureResult.failed("boom", q.ErrorCategory.USER)
+    )
     r = await api.client.get(f"{run['base_url']}/operations/op-1", headers=run_headers(t, run))
     assert r.json() == {"status": "error", "error": "boom", "error_class": "UserError"}
     r = await api.client.get(f"{run['base_url']}/operations/nope", headers=run_headers(t, run))
@@ -178,8 +203,11 @@ async def test_a_refused_op_fills_its_seq_slot(api: Api) -> None:
     r = await api.client.get(f"{run['base_url']}/operations/bad-1", headers=run_headers(t, run))
     assert r.json()["status"] == "error" and r.json()["error_class"] == "UserError"
     # a body that is not JSON at all cannot say its seq: refused without a slot
-    r = await api.client.post(f"{run['base_url']}/optim_step", content=b"{nope",
-                              headers={**run_headers(t, run), "Idempotency-Key": "junk", "content-type": "application/json"})
+    r = await api.client.post(
+        f"{run['base_url']}/optim_step",
+        content=b"{nope",
+        headers={**run_headers(t, run), "Idempotency-Key": "junk", "content-type": "application/json"},
+    )
     assert r.status_code == 400
 
 
@@ -215,7 +243,9 @@ async def test_sampler_plane_routing_status_and_versions(api: Api) -> None:
     r = await api.client.post("/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "run_id": run["id"]})
     smp = r.json()["sampler"]
     assert (smp["model_id"], smp["deployment_id"]) == (smp["id"], smp["id"])
-    again = await api.client.post("/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "run_id": run["id"]})
+    again = await api.client.post(
+        "/v1/loops/samplers", headers=t.headers, json={"session_id": sid, "run_id": run["id"]}
+    )
     assert again.json()["sampler"]["id"] == smp["id"]  # idempotent per run
     base = smp["base_url"]
     assert base == f"http://testserver/v1/loops/samplers/{smp['id']}/sync"
@@ -224,7 +254,9 @@ async def test_sampler_plane_routing_status_and_versions(api: Api) -> None:
     assert st.status_code == 200 and st.json()["status"] == "DEPLOYING"
     assert (await api.client.get(f"/v1/models/{smp['id']}/deployments/other", headers=t.headers)).status_code == 404
     intruder = await api.tenant("intruder")
-    assert (await api.client.get(f"/v1/models/{smp['id']}/deployments/{smp['id']}", headers=intruder.headers)).status_code == 404
+    assert (
+        await api.client.get(f"/v1/models/{smp['id']}/deployments/{smp['id']}", headers=intruder.headers)
+    ).status_code == 404
     # routing headers: exactly one of run / sampler, or a checkpoint path
     body = {"prompt": [1, 2, 3], "max_tokens": 2}
     r = await api.client.post(f"{base}/sample", json=body, headers={**t.headers, **ACCEPT})
@@ -232,7 +264,9 @@ async def test_sampler_plane_routing_status_and_versions(api: Api) -> None:
     gateway(r, "run_or_sampler_required")
     r = await api.client.post(f"{base}/sample", json=body, headers={**t.headers, "X-Run-Id": "run-other", **ACCEPT})
     assert r.status_code == 404
-    r = await api.client.post(f"{base}/sample", json={"prompt": "text"}, headers={**t.headers, "X-Run-Id": run["id"], **ACCEPT})
+    r = await api.client.post(
+        f"{base}/sample", json={"prompt": "text"}, headers={**t.headers, "X-Run-Id": run["id"], **ACCEPT}
+    )
     assert r.status_code == 400 and r.json()["field"] == "prompt"
     # not serving yet: 503, which the SDK retries
     r = await api.client.post(f"{base}/sample", json=body, headers={**t.headers, "X-Run-Id": run["id"], **ACCEPT})
@@ -252,7 +286,9 @@ async def test_sampler_plane_routing_status_and_versions(api: Api) -> None:
     with pytest.raises(PolicyVersionBehind):
         await plane.serving(t.principal, target, Routing(run["id"], None, None, 4), wait_s=0.3)
     pinned_ck = await add_checkpoint(api.runtime, t, run["id"], "older")
-    pinned = await plane.serving(t.principal, target, Routing(run["id"], None, f"bt://loops:{run['id']}/sampler_weights/older", 4))
+    pinned = await plane.serving(
+        t.principal, target, Routing(run["id"], None, f"bt://loops:{run['id']}/sampler_weights/older", 4)
+    )
     assert pinned.label == "older" and pinned.model != live.model and pinned_ck.id
     models = plane.models_json(live)
     assert [(m["id"], m["parent"]) for m in models["data"]] == [(TEST_MODEL, None), ("default", TEST_MODEL)]

@@ -34,24 +34,50 @@ async def test_upgrade_downgrade_upgrade(migrated_db, clean_state):
     assert await migrate.current_revision(migrated_db) is None
     migrate.upgrade(migrated_db)
     assert await migrate.current_revision(migrated_db) == migrate.head_revision()
-    assert {"orgs", "api_keys", "runs", "samplers", "checkpoints", "deployments", "status_history"} <= await _tables(migrated_db)
+    assert {"orgs", "api_keys", "runs", "samplers", "checkpoints", "deployments", "status_history"} <= await _tables(
+        migrated_db
+    )
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "control_plane.cli.main", *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "control_plane.cli.main", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_admin_cli(migrated_db, clean_state, services, tmp_path):
-    env = {**os.environ, "OPENLOOPS_DATABASE_URL": migrated_db, "OPENLOOPS_REDIS_URL": services.redis_url,
-           "OPENLOOPS_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "OPENLOOPS_DATABASE_URL": migrated_db,
+        "OPENLOOPS_REDIS_URL": services.redis_url,
+        "OPENLOOPS_DATA_DIR": str(tmp_path),
+        "COLUMNS": "200",
+    }
     r = _cli(["admin", "orgs", "create", "acme", "--json"], env)
     assert r.returncode == 0, r.stderr
     org = json.loads(r.stdout)
     assert org["name"] == "acme"
     assert _cli(["admin", "orgs", "create", "acme"], env).returncode == 1  # conflict, clear error
     assert _cli(["admin", "users", "create", "--org", "acme", "--email", "a@acme.io", "--json"], env).returncode == 0
-    assert _cli(["admin", "service-accounts", "create", "--org", "acme", "--name", "ci-bot", "--json"], env).returncode == 0
-    r = _cli(["admin", "keys", "create", "--org", "acme", "--owner", "ci-bot", "--scope", "manage_own_user_or_service_account", "--json"], env)
+    assert (
+        _cli(["admin", "service-accounts", "create", "--org", "acme", "--name", "ci-bot", "--json"], env).returncode
+        == 0
+    )
+    r = _cli(
+        [
+            "admin",
+            "keys",
+            "create",
+            "--org",
+            "acme",
+            "--owner",
+            "ci-bot",
+            "--scope",
+            "manage_own_user_or_service_account",
+            "--json",
+        ],
+        env,
+    )
     assert r.returncode == 0, r.stderr
     key = json.loads(r.stdout)
     assert key["key"].startswith("tml-") and key["scopes"] == ["manage_own_user_or_service_account"]
@@ -65,7 +91,12 @@ def test_admin_cli(migrated_db, clean_state, services, tmp_path):
     r = _cli(["admin", "keys", "revoke", key["id"], "--json"], env)
     assert r.returncode == 0 and json.loads(r.stdout)["revoked_at"]
     assert json.loads(_cli(["admin", "keys", "list", "--org", "acme", "--json"], env).stdout) == []
-    for sub in (["runs", "list"], ["samplers", "list"], ["deployments", "list"], ["checkpoints", "list", "--base-model", "x"]):
+    for sub in (
+        ["runs", "list"],
+        ["samplers", "list"],
+        ["deployments", "list"],
+        ["checkpoints", "list", "--base-model", "x"],
+    ):
         r = _cli(["admin", *sub, "--org", "acme", "--json"], env)
         assert r.returncode == 0 and json.loads(r.stdout) == [], (sub, r.stderr)
     r = _cli(["admin", "deployments", "deactivate", "dep-missing", "--org", "acme"], env)
@@ -78,8 +109,22 @@ def _start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], str, st
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENLOOPS_")}
     env["COLUMNS"] = "200"
     p = subprocess.Popen(
-        [sys.executable, "-m", "control_plane.cli.main", "up", "--port", str(port), "--data-dir", str(data_dir), "--model", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "control_plane.cli.main",
+            "up",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--model",
+            "tiny",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     url = key = None
     deadline = time.time() + 180

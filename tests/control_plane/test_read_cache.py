@@ -27,7 +27,9 @@ PROMPT_S = 1.0  # "promptly": well under the TTL
 @pytest.fixture
 async def cached(clean_state: None, services: TestServices, data_dir: Path) -> AsyncIterator[Api]:
     runtime = build_runtime(make_settings(services, data_dir, read_cache_seconds=TTL), with_backend=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://testserver") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(runtime)), base_url="http://testserver"
+    ) as c:
         yield Api(runtime, c)
     await runtime.close()
 
@@ -42,7 +44,9 @@ async def elsewhere(clean_state: None, services: TestServices, data_dir: Path) -
 
 async def new_run(api: Api, headers: dict[str, str]) -> str:
     sid = (await api.client.post("/v1/loops/sessions", headers=headers, json={})).json()["session"]["id"]
-    r = await api.client.post("/v1/loops/runs", headers=headers, json={"session_id": sid, "base_model": TEST_MODEL, "lora_rank": 8})
+    r = await api.client.post(
+        "/v1/loops/runs", headers=headers, json={"session_id": sid, "base_model": TEST_MODEL, "lora_rank": 8}
+    )
     assert r.status_code == 200, r.text
     return r.json()["run"]["id"]
 
@@ -249,7 +253,9 @@ async def test_concurrent_misses_share_one_query(cached: Api) -> None:
         raise RuntimeError("database down")
 
     cache.invalidate("run-y")
-    results = await asyncio.gather(*(cache.get_or_load("run-y", "k", failing) for _ in range(5)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(cache.get_or_load("run-y", "k", failing) for _ in range(5)), return_exceptions=True
+    )
     assert all(isinstance(r, RuntimeError) for r in results) and len(loads) == 2
     assert await cache.get_or_load("run-y", "k", slow_load) == "v3"  # the failure was not cached
 

@@ -18,9 +18,11 @@ from tests.control_plane.conftest import TEST_MODEL, Api
 
 
 async def _session(api: Api, headers: dict[str, str]) -> str:
-    res = await api.client.post("/api/v1/create_session", json={"tags": ["t"], "user_metadata": {"a": 1},
-                                                                "sdk_version": "0.38.0", "type": "create_session"},
-                                headers=headers)
+    res = await api.client.post(
+        "/api/v1/create_session",
+        json={"tags": ["t"], "user_metadata": {"a": 1}, "sdk_version": "0.38.0", "type": "create_session"},
+        headers=headers,
+    )
     assert res.status_code == 200, res.text
     return res.json()["session_id"]
 
@@ -54,7 +56,10 @@ async def test_create_model_validation_and_rows(api: Api) -> None:
     cases = [
         ({**body, "base_model": "nope/nope"}, "base_model"),
         ({**body, "lora_config": {"rank": 0}}, "lora_rank"),
-        ({**body, "lora_config": {"rank": 8, "train_attn": False, "train_mlp": False, "train_unembed": False}}, "lora_config"),
+        (
+            {**body, "lora_config": {"rank": 8, "train_attn": False, "train_mlp": False, "train_unembed": False}},
+            "lora_config",
+        ),
         ({**body, "optimizer_config": {"type": "dimuon", "version": 1}}, "optimizer_config"),
         ({**body, "model_seq_id": -1}, "model_seq_id"),
         ({**body, "session_id": "no-such-session"}, None),
@@ -84,8 +89,13 @@ async def test_create_model_validation_and_rows(api: Api) -> None:
 async def test_training_op_validation(api: Api) -> None:
     t = await api.tenant("acme")
     sid = await _session(api, t.headers)
-    mid = (await api.client.post("/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0,
-                                                               "base_model": TEST_MODEL}, headers=t.headers)).json()["model_id"]
+    mid = (
+        await api.client.post(
+            "/api/v1/create_model",
+            json={"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL},
+            headers=t.headers,
+        )
+    ).json()["model_id"]
     h = {**t.headers, "Content-Type": "application/x-protobuf"}
     garbage = await api.client.post("/api/v1/forward_backward", content=b"\xff\xff\xff", headers=h)
     assert garbage.status_code == 400 and "ForwardBackwardRequest" in garbage.json()["detail"]
@@ -93,8 +103,9 @@ async def test_training_op_validation(api: Api) -> None:
     assert seq0.status_code == 400 and seq0.json()["field"] == "seq_id"
     unknown = await api.client.post("/api/v1/forward_backward", content=_fwd("nope:train:0", 1, [1, 2]), headers=h)
     assert unknown.status_code == 404
-    bad_zstd = await api.client.post("/api/v1/forward_backward", content=b"not zstd",
-                                     headers={**h, "Content-Encoding": "zstd"})
+    bad_zstd = await api.client.post(
+        "/api/v1/forward_backward", content=b"not zstd", headers={**h, "Content-Encoding": "zstd"}
+    )
     assert bad_zstd.status_code == 400 and "zstd" in bad_zstd.json()["detail"]
     packed = zstandard.ZstdCompressor().compress(_fwd(mid, 1, [1, 2, 3]))
     ok = await api.client.post("/api/v1/forward_backward", content=packed, headers={**h, "Content-Encoding": "zstd"})
@@ -108,30 +119,39 @@ async def test_training_op_validation(api: Api) -> None:
         res = await api.client.post(f"/api/v1/{route}", json=body, headers=t.headers)
         assert res.status_code == 400 and res.json().get("field") == field, (route, body, res.text)
 
-    for adam, field in (({"learning_rate": "x"}, "adam_params.learning_rate"), ({"eps": 0}, "adam_params.eps"),
-                        ({"grad_clip_norm": -1}, "adam_params.grad_clip_norm")):
+    for adam, field in (
+        ({"learning_rate": "x"}, "adam_params.learning_rate"),
+        ({"eps": 0}, "adam_params.eps"),
+        ({"grad_clip_norm": -1}, "adam_params.grad_clip_norm"),
+    ):
         await expect_400("optim_step", {"model_id": mid, "seq_id": next(seq), "adam_params": adam}, field)
-    await expect_400("optim_step", {"model_id": mid, "seq_id": next(seq), "optimizer_params": {"type": "dimuon"}},
-                     "optimizer_params")
+    await expect_400(
+        "optim_step", {"model_id": mid, "seq_id": next(seq), "optimizer_params": {"type": "dimuon"}}, "optimizer_params"
+    )
     for body, field in (({"path": "a/b"}, "path"), ({}, "path"), ({"path": "ok", "ttl_seconds": 0}, "ttl_seconds")):
         await expect_400("save_weights", {"model_id": mid, "seq_id": next(seq), **body}, field)
     await expect_400("save_weights_for_sampler", {"model_id": mid, "seq_id": next(seq)}, "sampling_session_seq_id")
     for path in ("s3://x/y", f"tinker://{mid}/weights/missing"):
-        await expect_400("load_weights", {"model_id": mid, "seq_id": next(seq), "path": path, "optimizer": True}, "path")
+        await expect_400(
+            "load_weights", {"model_id": mid, "seq_id": next(seq), "path": path, "optimizer": True}, "path"
+        )
     last = next(seq) - 1
     # refused before the seq_id is known: nothing is enqueued
     await expect_400("save_weights", {"model_id": mid, "path": "ok"}, "seq_id")
-    inflight = await api.client.post("/api/v1/save_weights_for_sampler",
-                                     json={"model_id": mid, "seq_id": 99, "kind": "inflight"}, headers=t.headers)
+    inflight = await api.client.post(
+        "/api/v1/save_weights_for_sampler", json={"model_id": mid, "seq_id": 99, "kind": "inflight"}, headers=t.headers
+    )
     assert inflight.status_code == 400 and inflight.json()["field"] == "kind"
     # seq 0 (create), seq 1 (forward_backward) and one "rejected" filler per refused op
     assert await api.runtime.redis.xlen(ops_stream(mid)) == 2 + (last - 1)
     # a retry of a refused op gets its future, failed with the same message (category user)
-    retry = await api.client.post("/api/v1/optim_step", json={"model_id": mid, "seq_id": 3, "adam_params": {"eps": 0}},
-                                  headers=t.headers)
+    retry = await api.client.post(
+        "/api/v1/optim_step", json={"model_id": mid, "seq_id": 3, "adam_params": {"eps": 0}}, headers=t.headers
+    )
     assert retry.status_code == 200
-    failed = await api.client.post("/api/v1/retrieve_future", json={"request_id": retry.json()["request_id"]},
-                                   headers=t.headers)
+    failed = await api.client.post(
+        "/api/v1/retrieve_future", json={"request_id": retry.json()["request_id"]}, headers=t.headers
+    )
     assert failed.json()["category"] == "user" and "eps" in failed.json()["error"]
     # another org cannot touch the model
     other = await api.tenant("other-org")
@@ -155,18 +175,24 @@ async def test_heartbeats_expiry_and_finish(api: Api) -> None:
     assert await expire_sessions(api.runtime.db, timedelta(minutes=5)) == [sid]
     gone = await api.client.post("/api/v1/session_heartbeat", json={"session_id": sid}, headers=t.headers)
     assert gone.status_code == 410 and "expired" in gone.json()["detail"]
-    create = await api.client.post("/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0,
-                                                                 "base_model": TEST_MODEL}, headers=t.headers)
+    create = await api.client.post(
+        "/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL}, headers=t.headers
+    )
     assert create.status_code == 400 and create.json()["field"] == "session_id"
 
     sid2 = await _session(api, t.headers)
-    await api.client.post("/api/v1/create_model", json={"session_id": sid2, "model_seq_id": 0,
-                                                        "base_model": TEST_MODEL}, headers=t.headers)
-    fin = await api.client.post(f"/api/v1/sessions/{sid2}/finish", json={"reason": {"type": "errored"}, "detail": "boom"},
-                                headers=t.headers)
+    await api.client.post(
+        "/api/v1/create_model",
+        json={"session_id": sid2, "model_seq_id": 0, "base_model": TEST_MODEL},
+        headers=t.headers,
+    )
+    fin = await api.client.post(
+        f"/api/v1/sessions/{sid2}/finish", json={"reason": {"type": "errored"}, "detail": "boom"}, headers=t.headers
+    )
     assert fin.status_code == 200
-    again = await api.client.post(f"/api/v1/sessions/{sid2}/finish", json={"reason": {"type": "success"}},
-                                  headers=t.headers)
+    again = await api.client.post(
+        f"/api/v1/sessions/{sid2}/finish", json={"reason": {"type": "success"}}, headers=t.headers
+    )
     assert again.json()["reason"] == "errored"  # the first reason wins
     async with api.runtime.db.session() as s:
         run = await s.get(Run, f"{sid2}:train:0")
@@ -180,10 +206,16 @@ async def test_rest_listing_pages_and_scopes(api: Api) -> None:
     mate = await api.tenant("acme", email="mate@example.com")
     sid = await _session(api, t.headers)
     for n in range(3):
-        res = await api.client.post("/api/v1/create_model", json={"session_id": sid, "model_seq_id": n,
-                                                                  "base_model": TEST_MODEL,
-                                                                  "user_metadata": {"renderer_name": "qwen3", "n": n}},
-                                    headers=t.headers)
+        res = await api.client.post(
+            "/api/v1/create_model",
+            json={
+                "session_id": sid,
+                "model_seq_id": n,
+                "base_model": TEST_MODEL,
+                "user_metadata": {"renderer_name": "qwen3", "n": n},
+            },
+            headers=t.headers,
+        )
         assert res.status_code == 200
     page = (await api.client.get("/api/v1/training_runs", params={"limit": 2, "offset": 0}, headers=t.headers)).json()
     assert page["cursor"] == {"offset": 0, "limit": 2, "total_count": 3}
@@ -195,13 +227,19 @@ async def test_rest_listing_pages_and_scopes(api: Api) -> None:
     # a teammate sees them only with access_scope=accessible
     own = (await api.client.get("/api/v1/training_runs", headers=mate.headers)).json()
     assert own["cursor"]["total_count"] == 0
-    org = (await api.client.get("/api/v1/training_runs", params={"access_scope": "accessible"}, headers=mate.headers)).json()
+    org = (
+        await api.client.get("/api/v1/training_runs", params={"access_scope": "accessible"}, headers=mate.headers)
+    ).json()
     assert org["cursor"]["total_count"] == 3
     async with api.runtime.db.session() as s:
         project = (await s.get(Session, sid)).training_project_id
-    in_project = (await api.client.get("/api/v1/training_runs", params={"project_id": project}, headers=t.headers)).json()
+    in_project = (
+        await api.client.get("/api/v1/training_runs", params={"project_id": project}, headers=t.headers)
+    ).json()
     assert in_project["cursor"]["total_count"] == 3
-    elsewhere = (await api.client.get("/api/v1/training_runs", params={"project_id": "proj-none"}, headers=t.headers)).json()
+    elsewhere = (
+        await api.client.get("/api/v1/training_runs", params={"project_id": "proj-none"}, headers=t.headers)
+    ).json()
     assert elsewhere["cursor"]["total_count"] == 0
     bad = await api.client.get("/api/v1/training_runs", params={"limit": 0}, headers=t.headers)
     assert bad.status_code == 400 and bad.json()["field"] == "limit"
@@ -210,7 +248,9 @@ async def test_rest_listing_pages_and_scopes(api: Api) -> None:
     sess = (await api.client.get(f"/api/v1/sessions/{sid}", headers=t.headers)).json()
     assert len(sess["training_run_ids"]) == 3 and sess["user_metadata"] == {"a": 1}
     assert sid in (await api.client.get("/api/v1/sessions", headers=t.headers)).json()["sessions"]
-    missing = await api.client.delete(f"/api/v1/training_runs/{sid}:train:0/checkpoints/weights/nope", headers=t.headers)
+    missing = await api.client.delete(
+        f"/api/v1/training_runs/{sid}:train:0/checkpoints/weights/nope", headers=t.headers
+    )
     assert missing.status_code == 404
     bad_id = await api.client.delete(f"/api/v1/training_runs/{sid}:train:0/checkpoints/other/x", headers=t.headers)
     assert bad_id.status_code == 400

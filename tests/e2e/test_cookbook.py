@@ -80,8 +80,12 @@ def test_rl_importance_sampling_on_arithmetic(cookbook_env, stack: LiveStack, tm
     cfg = train.Config(
         learning_rate=1e-3,
         dataset_builder=ArithmeticDatasetBuilder(
-            batch_size=2, model_name_for_tokenizer=stack.base_model, renderer_name=RENDERER, n_batches=2,
-            group_size=4, include_fewshot=False,
+            batch_size=2,
+            model_name_for_tokenizer=stack.base_model,
+            renderer_name=RENDERER,
+            n_batches=2,
+            group_size=4,
+            include_fewshot=False,
         ),
         model_name=stack.base_model,
         recipe_name="test_rl",
@@ -112,14 +116,16 @@ def test_dpo_from_local_comparisons(cookbook_env, stack: LiveStack, tmp_path: Pa
     rows = []
     for i in range(8):
         q = f"what is {i} plus {i}?"
-        rows.append({
-            "comparison": {
-                "prompt_conversation": [{"role": "user", "content": q}],
-                "completion_A": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
-                "completion_B": [{"role": "assistant", "content": "I do not know."}],
-            },
-            "label": "A",
-        })
+        rows.append(
+            {
+                "comparison": {
+                    "prompt_conversation": [{"role": "user", "content": q}],
+                    "completion_A": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
+                    "completion_B": [{"role": "assistant", "content": "I do not know."}],
+                },
+                "label": "A",
+            }
+        )
     path = tmp_path / "comparisons.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = train_dpo.Config(

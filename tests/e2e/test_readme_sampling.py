@@ -32,7 +32,7 @@ def run_block(code: str, stack: LiveStack) -> list[str]:
     def _print(*args: object, **_: object) -> None:  # the example's output, not the server's logs
         printed.append(" ".join(str(a) for a in args))
 
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme", "print": _print})  # noqa: S102
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme", "print": _print})
     return printed
 
 

@@ -33,8 +33,11 @@ def datum(tok, text: str) -> types.Datum:
 
 
 def greedy(sc: tinker.SamplingClient, prompt: list[int], n: int = 12) -> list[int]:
-    r = sc.sample(prompt=types.ModelInput.from_ints(prompt), num_samples=1,
-                  sampling_params=types.SamplingParams(max_tokens=n, temperature=0.0, stop=[])).result()
+    r = sc.sample(
+        prompt=types.ModelInput.from_ints(prompt),
+        num_samples=1,
+        sampling_params=types.SamplingParams(max_tokens=n, temperature=0.0, stop=[]),
+    ).result()
     return list(r.sequences[0].tokens)
 
 
@@ -70,12 +73,17 @@ def test_adapter_after_training_changes_output_and_pinned_clients_keep_theirs(tr
     snap1 = service.create_sampling_client(model_path=named.path).result()
     after = greedy(snap1, prompt)
     assert after != before
+
     # the adapter vLLM serves is the trained one: the trained text became much more likely
     def total_lp(sc: tinker.SamplingClient) -> float:
         return float(sum(sc.compute_logprobs(types.ModelInput.from_ints(ids)).result()[1:]))
 
-    trainer_total = float(tc.forward([datum(tok, TEXT)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy().sum())
-    print(f"\n[e2e] log p(text): base {total_lp(base):.2f}, trained (vLLM) {total_lp(snap1):.2f}, trainer {trainer_total:.2f}")
+    trainer_total = float(
+        tc.forward([datum(tok, TEXT)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy().sum()
+    )
+    print(
+        f"\n[e2e] log p(text): base {total_lp(base):.2f}, trained (vLLM) {total_lp(snap1):.2f}, trainer {trainer_total:.2f}"
+    )
     assert total_lp(snap1) == pytest.approx(trainer_total, abs=1e-2)
     assert total_lp(snap1) > total_lp(base) + 1.0
     assert snap1.get_base_model() == stack.base_model
@@ -114,8 +122,11 @@ def test_sampler_logprobs_agree_with_trainer_forward(trained, service):
     assert diff < LOGPROB_ATOL
 
     # and for sampled tokens: the sampler's per-token logprobs vs the trainer's forward
-    r = sc.sample(prompt=types.ModelInput.from_ints(ids[:5]), num_samples=2,
-                  sampling_params=types.SamplingParams(max_tokens=10, seed=3, temperature=1.0, stop=[])).result()
+    r = sc.sample(
+        prompt=types.ModelInput.from_ints(ids[:5]),
+        num_samples=2,
+        sampling_params=types.SamplingParams(max_tokens=10, seed=3, temperature=1.0, stop=[]),
+    ).result()
     for seq in r.sequences:
         full = ids[:5] + list(seq.tokens)
         tgt = full[1:]
@@ -130,6 +141,7 @@ def test_sampler_logprobs_agree_with_trainer_forward(trained, service):
         sampled = np.asarray(seq.logprobs, dtype=np.float64)
         dsample = float(np.abs(lp[4:] - sampled).max())
         MEASURED["trainer_vs_vllm_sampled_logprob_max_abs_diff"] = max(
-            dsample, MEASURED.get("trainer_vs_vllm_sampled_logprob_max_abs_diff", 0.0))
+            dsample, MEASURED.get("trainer_vs_vllm_sampled_logprob_max_abs_diff", 0.0)
+        )
         assert dsample < LOGPROB_ATOL
     print(f"[e2e] sampled-token logprobs: max |diff| = {MEASURED['trainer_vs_vllm_sampled_logprob_max_abs_diff']:.2e}")

@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.db import migrate
 from control_plane.event_loop import loop_factory
+from control_plane.ports import free_port
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.server import serve
-from control_plane.ports import free_port
 from control_plane.services import identity
 from control_plane.settings import Settings
 
@@ -86,7 +86,7 @@ class LiveServer:
 
             try:
                 loop.run_until_complete(_serve())
-            except BaseException as exc:  # noqa: BLE001 - surfaced to the fixture
+            except BaseException as exc:
                 self._error.append(exc)
                 ready.set()
             finally:
@@ -109,8 +109,9 @@ class LiveServer:
             self._thread.join(30)
 
 
-def start_live_server(database_url: str, redis_url: str, data_dir: Path, model: CatalogModel,
-                      *, redis_db: int = 7, **overrides: Any) -> LiveServer:
+def start_live_server(
+    database_url: str, redis_url: str, data_dir: Path, model: CatalogModel, *, redis_db: int = 7, **overrides: Any
+) -> LiveServer:
     """A fresh database (migrated by Alembic) and Redis db for one server, plus a tenant."""
     db_url = asyncio.run(_create_database(database_url, f"openloops_live_{secrets.token_hex(4)}"))
     migrate.upgrade(db_url)

@@ -77,10 +77,7 @@ def _tail(text: str, limit: int = _STDERR_TAIL) -> str:
 def client_env(base_url: str, api_key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a client script runs with: this process's, less anything that would
     configure the SDK or Python behind the test's back, plus the SDK's settings, offline."""
-    env = {
-        k: v for k, v in os.environ.items()
-        if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)
-    }
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)}
     env.update(
         LOOPS_BASE_URL=base_url,
         BASETEN_API_KEY=api_key,

@@ -203,8 +203,13 @@ class Kubelet:
                 "annotations": dict(template["metadata"].get("annotations") or {}),
                 # a real pod is owned by the ReplicaSet that the Deployment owns
                 "ownerReferences": [
-                    {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment,
-                     "uid": dep["metadata"]["uid"], "controller": True}
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "Deployment",
+                        "name": deployment,
+                        "uid": dep["metadata"]["uid"],
+                        "controller": True,
+                    }
                 ],
             },
             "spec": template["spec"],
@@ -243,7 +248,7 @@ class ReplicaSetPlayer:
         while not self._stop.wait(self.interval):
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - objects come and go under us; next round
+            except Exception:
                 pass
 
     def step(self) -> None:
@@ -266,7 +271,9 @@ class ReplicaSetPlayer:
 # --- pod statuses as a kubelet writes them -------------------------------------------------
 
 
-def cond(ctype: str, status: bool, reason: str | None = None, message: str | None = None, ago: float = 0) -> dict[str, Any]:
+def cond(
+    ctype: str, status: bool, reason: str | None = None, message: str | None = None, ago: float = 0
+) -> dict[str, Any]:
     c: dict[str, Any] = {"type": ctype, "status": "True" if status else "False", "lastTransitionTime": now_iso(-ago)}
     if reason:
         c["reason"] = reason
@@ -275,10 +282,24 @@ def cond(ctype: str, status: bool, reason: str | None = None, message: str | Non
     return c
 
 
-def container(name: str, state: dict[str, Any], *, ready: bool = False, started: bool | None = None,
-              restarts: int = 0, last: dict[str, Any] | None = None) -> dict[str, Any]:
-    cs: dict[str, Any] = {"name": name, "image": "img", "imageID": "", "ready": ready,
-                          "restartCount": restarts, "state": state, "lastState": last or {}}
+def container(
+    name: str,
+    state: dict[str, Any],
+    *,
+    ready: bool = False,
+    started: bool | None = None,
+    restarts: int = 0,
+    last: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    cs: dict[str, Any] = {
+        "name": name,
+        "image": "img",
+        "imageID": "",
+        "ready": ready,
+        "restartCount": restarts,
+        "state": state,
+        "lastState": last or {},
+    }
     if started is not None:
         cs["started"] = started
     return cs
@@ -287,13 +308,28 @@ def container(name: str, state: dict[str, Any], *, ready: bool = False, started:
 def unschedulable(ago: float) -> dict[str, Any]:
     return {
         "phase": "Pending",
-        "conditions": [cond("PodScheduled", False, "Unschedulable",
-                            "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.", ago=ago)],
+        "conditions": [
+            cond(
+                "PodScheduled",
+                False,
+                "Unschedulable",
+                "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+                ago=ago,
+            )
+        ],
     }
 
 
-def scheduled(role: str, state: dict[str, Any], *, phase: str = "Pending", ready: bool = False,
-              started: bool | None = None, restarts: int = 0, last: dict[str, Any] | None = None) -> dict[str, Any]:
+def scheduled(
+    role: str,
+    state: dict[str, Any],
+    *,
+    phase: str = "Pending",
+    ready: bool = False,
+    started: bool | None = None,
+    restarts: int = 0,
+    last: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "phase": phase,
         "conditions": [cond("PodScheduled", True), cond("Ready", ready), cond("ContainersReady", ready)],
@@ -301,10 +337,18 @@ def scheduled(role: str, state: dict[str, Any], *, phase: str = "Pending", ready
     }
 
 
-def running(role: str, *, ready: bool, started: bool | None = None, restarts: int = 0,
-            last: dict[str, Any] | None = None) -> dict[str, Any]:
-    return scheduled(role, {"running": {"startedAt": now_iso()}}, phase="Running", ready=ready,
-                     started=started, restarts=restarts, last=last)
+def running(
+    role: str, *, ready: bool, started: bool | None = None, restarts: int = 0, last: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return scheduled(
+        role,
+        {"running": {"startedAt": now_iso()}},
+        phase="Running",
+        ready=ready,
+        started=started,
+        restarts=restarts,
+        last=last,
+    )
 
 
 def waiting(role: str, reason: str, message: str | None = None, **kw: Any) -> dict[str, Any]:
@@ -419,8 +463,14 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float
         await asyncio.sleep(0.02)
 
 
-async def wait_phase(backend: KubernetesBackend, spec_or_id: WorkloadSpec | str, role: WorkloadRole | None = None,
-                     phase: Phase | None = None, timeout: float = 5.0, reason: str | None = None) -> Observation:
+async def wait_phase(
+    backend: KubernetesBackend,
+    spec_or_id: WorkloadSpec | str,
+    role: WorkloadRole | None = None,
+    phase: Phase | None = None,
+    timeout: float = 5.0,
+    reason: str | None = None,
+) -> Observation:
     if isinstance(spec_or_id, WorkloadSpec):
         wid, role = spec_or_id.workload_id, spec_or_id.role
     else:

@@ -78,7 +78,9 @@ async def new_run(runtime: Runtime, t: Tenant, **kw: Any) -> Run:
     async with runtime.db.transaction() as s:
         sess = await sessions_svc.create_session(s, t.principal, origin="loops")
         req = runs_svc.RunRequest(session_id=sess.id, base_model=TEST_MODEL, with_sampler=False, **kw)
-        created = await runs_svc.create_run(s, t.principal, runtime.catalog, req, runtime.settings.default_scale_down_delay_seconds)
+        created = await runs_svc.create_run(
+            s, t.principal, runtime.catalog, req, runtime.settings.default_scale_down_delay_seconds
+        )
     return created.run
 
 

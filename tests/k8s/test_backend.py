@@ -51,11 +51,11 @@ from tests.k8s.conftest import (
     Cluster,
     Kubelet,
     backend_settings,
-    served_model_spec,
     eventually,
     running,
     sampler_spec,
     scheduled,
+    served_model_spec,
     terminated,
     trainer_spec,
     unschedulable,
@@ -223,62 +223,105 @@ async def test_watch_drives_observations_without_relisting(
 FAILURES = [
     pytest.param(
         scheduled("sampler", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}, phase="Running", restarts=1),
-        Phase.FAILED, "OOMKilled (exit code 137)", 137, id="oomkilled",
+        Phase.FAILED,
+        "OOMKilled (exit code 137)",
+        137,
+        id="oomkilled",
     ),
     pytest.param(
-        waiting("sampler", "CrashLoopBackOff", "back-off 40s restarting failed container", restarts=3,
-                last={"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
-        Phase.FAILED, "OOMKilled (exit code 137), CrashLoopBackOff", 137, id="oomkilled-crashloop",
+        waiting(
+            "sampler",
+            "CrashLoopBackOff",
+            "back-off 40s restarting failed container",
+            restarts=3,
+            last={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+        ),
+        Phase.FAILED,
+        "OOMKilled (exit code 137), CrashLoopBackOff",
+        137,
+        id="oomkilled-crashloop",
     ),
     pytest.param(
         waiting("sampler", "ImagePullBackOff", 'Back-off pulling image "registry.example.com/openloops/sampler:0.1.0"'),
-        Phase.FAILED, 'ImagePullBackOff: Back-off pulling image "registry.example.com/openloops/sampler:0.1.0"', None,
+        Phase.FAILED,
+        'ImagePullBackOff: Back-off pulling image "registry.example.com/openloops/sampler:0.1.0"',
+        None,
         id="imagepullbackoff",
     ),
     pytest.param(
         waiting("sampler", "ErrImagePull", "manifest unknown"),
-        Phase.FAILED, "ErrImagePull: manifest unknown", None, id="errimagepull",
+        Phase.FAILED,
+        "ErrImagePull: manifest unknown",
+        None,
+        id="errimagepull",
     ),
     pytest.param(
         waiting("sampler", "CrashLoopBackOff", "back-off", restarts=5, last=terminated(3, "Error")),
-        Phase.FAILED, "CrashLoopBackOff (last exit code 3: Error)", 3, id="crashloopbackoff",
+        Phase.FAILED,
+        "CrashLoopBackOff (last exit code 3: Error)",
+        3,
+        id="crashloopbackoff",
     ),
     pytest.param(
         waiting("sampler", "CreateContainerConfigError", 'secret "openloops-worker" not found'),
-        Phase.FAILED, 'CreateContainerConfigError: secret "openloops-worker" not found', None, id="missing-secret",
+        Phase.FAILED,
+        'CreateContainerConfigError: secret "openloops-worker" not found',
+        None,
+        id="missing-secret",
     ),
     pytest.param(
         lambda: unschedulable(ago=3600),
-        Phase.FAILED, "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.", None,
+        Phase.FAILED,
+        "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        None,
         id="unschedulable-past-grace",
     ),
     pytest.param(
         lambda: unschedulable(ago=5),  # built when the test runs, not at collection
-        Phase.PENDING, "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.", None,
+        Phase.PENDING,
+        "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        None,
         id="unschedulable-within-grace",
     ),
     pytest.param(
         scheduled("sampler", terminated(2, "Error")),
-        Phase.FAILED, "Error (exit code 2)", 2, id="error-exit-code",
+        Phase.FAILED,
+        "Error (exit code 2)",
+        2,
+        id="error-exit-code",
     ),
     pytest.param(
         scheduled("sampler", terminated(0, "Completed")),
-        Phase.FAILED, "Completed (exit code 0)", 0, id="completed",
+        Phase.FAILED,
+        "Completed (exit code 0)",
+        0,
+        id="completed",
     ),
     pytest.param(
         {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."},
-        Phase.FAILED, "Evicted: The node was low on resource: memory.", None, id="evicted",
+        Phase.FAILED,
+        "Evicted: The node was low on resource: memory.",
+        None,
+        id="evicted",
     ),
     pytest.param(
         running("sampler", ready=False, started=False, restarts=1, last=terminated(1, "Error")),
-        Phase.STARTING, "restarted after Error (exit code 1)", None, id="restarted",
+        Phase.STARTING,
+        "restarted after Error (exit code 1)",
+        None,
+        id="restarted",
     ),
 ]
 
 
 @pytest.mark.parametrize(("status", "phase", "reason", "exit_code"), FAILURES)
 async def test_pod_failure_reasons(
-    backend: KubernetesBackend, kubelet: Kubelet, status: dict | Callable[[], dict], phase: Phase, reason: str, exit_code: int | None
+    backend: KubernetesBackend,
+    kubelet: Kubelet,
+    status: dict | Callable[[], dict],
+    phase: Phase,
+    reason: str,
+    exit_code: int | None,
 ) -> None:
     spec = sampler_spec()
     await backend.ensure(spec)
@@ -356,8 +399,10 @@ async def test_scale_to_zero_and_back(backend: KubernetesBackend, cluster: Clust
     assert cluster.get(DEPLOYMENTS, name)["spec"]["replicas"] == 1
     await wait_phase(backend, spec, phase=Phase.PENDING)
     patches = [r for r in cluster.requests() if r.method.value.upper() == "PATCH" and r.resource == DEPLOYMENTS]
-    assert [p.data for p in patches][-2:] == [{"spec": {"replicas": 0}, "metadata": patches[-2].data["metadata"]},
-                                               {"spec": {"replicas": 1}, "metadata": patches[-1].data["metadata"]}]
+    assert [p.data for p in patches][-2:] == [
+        {"spec": {"replicas": 0}, "metadata": patches[-2].data["metadata"]},
+        {"spec": {"replicas": 1}, "metadata": patches[-1].data["metadata"]},
+    ]
     assert all(p.headers.get("Content-Type") == "application/merge-patch+json" for p in patches)
 
     with pytest.raises(WorkloadNotFoundError):
@@ -369,17 +414,29 @@ async def test_list_workloads_for_garbage_collection(backend: KubernetesBackend,
     for s in specs:
         await backend.ensure(s)
     # something in the namespace that openloops does not manage
-    cluster.apps.create_namespaced_deployment(NAMESPACE, {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "someone-else", "namespace": NAMESPACE, "labels": {"app": "x"}},
-        "spec": {"selector": {"matchLabels": {"app": "x"}},
-                 "template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}}},
-    })
+    cluster.apps.create_namespaced_deployment(
+        NAMESPACE,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "someone-else", "namespace": NAMESPACE, "labels": {"app": "x"}},
+            "spec": {
+                "selector": {"matchLabels": {"app": "x"}},
+                "template": {
+                    "metadata": {"labels": {"app": "x"}},
+                    "spec": {"containers": [{"name": "c", "image": "nginx"}]},
+                },
+            },
+        },
+    )
     got = await backend.list_workloads()
     assert got == sorted((s.workload_id, s.role) for s in specs)
     # the label selector was sent (a real apiserver filters; kmock does not, so we filter too)
-    lists = [r for r in cluster.requests() if r.resource == DEPLOYMENTS and r.method.value.upper() == "GET"
-             and r.params.get("watch") is None]
+    lists = [
+        r
+        for r in cluster.requests()
+        if r.resource == DEPLOYMENTS and r.method.value.upper() == "GET" and r.params.get("watch") is None
+    ]
     assert lists and all(r.params.get("labelSelector") == "app.kubernetes.io/managed-by=openloops" for r in lists)
     for wid, role in got:
         await backend.remove(wid, role)
@@ -397,8 +454,9 @@ async def test_watch_resumes_from_last_resource_version(
     await wait_phase(backend, spec, phase=Phase.PENDING)
     # observe() may have answered from its direct read before the watch delivered the pod:
     # wait for the watch's own event (a resourceVersion past the LIST's 1000)
-    await eventually(lambda: int(backend.pods.resource_version or 0) > 1000, timeout=5,
-                     what="the watch to deliver the pod")
+    await eventually(
+        lambda: int(backend.pods.resource_version or 0) > 1000, timeout=5, what="the watch to deliver the pod"
+    )
     # kmock ignores timeoutSeconds, so each watch ends on the client's read timeout (~1.7 s
     # here) and is restarted from the last resourceVersion, without a new LIST
     await eventually(lambda: backend.pods.watches >= 2, timeout=6, what="a watch restart")
@@ -422,8 +480,12 @@ async def test_410_gone_triggers_a_full_relist(backend: KubernetesBackend, clust
     # a change the watch never delivers (as if it happened while the watch was down) ...
     def silently_ready() -> None:
         obj = cluster.emu.objects[PODS, NAMESPACE, pod]
-        obj.patch({"status": running("sampler", ready=True, started=True),
-                   "metadata": {"resourceVersion": cluster.emu.next_rv()}})
+        obj.patch(
+            {
+                "status": running("sampler", ready=True, started=True),
+                "metadata": {"resourceVersion": cluster.emu.next_rv()},
+            }
+        )
         cluster.emu.expired_below = cluster.emu.rv + 1  # ... and history compacted past it
 
     cluster.on_loop(silently_ready)
@@ -491,7 +553,7 @@ async def test_invalid_specs_are_rejected_before_any_call(cluster: Cluster) -> N
         await b.close()
 
 
-def test_from_settings(tmp_path, cluster: Cluster) -> None:  # noqa: ANN001
+def test_from_settings(tmp_path, cluster: Cluster) -> None:
     # the application Settings (nested kubernetes settings from the environment)
     s = Settings(backend="kubernetes", kubernetes={"api_url": cluster.url, "namespace": "ns1"})
     b = KubernetesBackend.from_settings(s)
@@ -504,14 +566,17 @@ def test_from_settings(tmp_path, cluster: Cluster) -> None:  # noqa: ANN001
         "users: [{name: u, user: {token: abc}}]\n"
         "contexts: [{name: t, context: {cluster: c, user: u}}]\n"
     )
-    b = KubernetesBackend.from_settings(backend_settings("", api_url=None, in_cluster=False, kubeconfig=str(kubeconfig)))
+    b = KubernetesBackend.from_settings(
+        backend_settings("", api_url=None, in_cluster=False, kubeconfig=str(kubeconfig))
+    )
     assert b._cfg.host == cluster.url
     # in-cluster without a service account: a clear error, not a ConfigException
     with pytest.raises(KubernetesConfigError, match="in-cluster"):
         KubernetesBackend.from_settings(backend_settings("", api_url=None, in_cluster=True))
     with pytest.raises(KubernetesConfigError):
-        KubernetesBackend.from_settings(backend_settings("", api_url=None, in_cluster=False,
-                                                         kubeconfig=str(tmp_path / "missing")))
+        KubernetesBackend.from_settings(
+            backend_settings("", api_url=None, in_cluster=False, kubeconfig=str(tmp_path / "missing"))
+        )
 
 
 async def test_close_is_prompt_and_final(cluster: Cluster) -> None:
@@ -536,15 +601,22 @@ async def test_errors_are_our_types(backend: KubernetesBackend, cluster: Cluster
 
 def k8s_event(name: str, kind: str, obj: str, reason: str, message: str, at: str, etype: str = "Normal") -> dict:
     return {
-        "apiVersion": "v1", "kind": "Event",
+        "apiVersion": "v1",
+        "kind": "Event",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "involvedObject": {"kind": kind, "name": obj, "namespace": NAMESPACE},
-        "reason": reason, "message": message, "type": etype, "count": 1,
-        "firstTimestamp": at, "lastTimestamp": at,
+        "reason": reason,
+        "message": message,
+        "type": etype,
+        "count": 1,
+        "firstTimestamp": at,
+        "lastTimestamp": at,
     }
 
 
-async def test_describe_shows_objects_pods_and_their_events(backend: KubernetesBackend, cluster: Cluster, kubelet: Kubelet) -> None:
+async def test_describe_shows_objects_pods_and_their_events(
+    backend: KubernetesBackend, cluster: Cluster, kubelet: Kubelet
+) -> None:
     spec, other = sampler_spec(), sampler_spec("smp:other")
     await backend.ensure(spec)
     await backend.ensure(other)
@@ -552,10 +624,23 @@ async def test_describe_shows_objects_pods_and_their_events(backend: KubernetesB
     pod = kubelet.create_pod(name, "x1y2z")
     kubelet.set_status(pod, waiting("sampler", "CrashLoopBackOff", restarts=3, last=terminated(137, "OOMKilled")))
     for ev in (
-        k8s_event("e3", "Pod", pod, "BackOff", "Back-off restarting failed container", "2026-01-01T00:00:03Z", "Warning"),
-        k8s_event("e1", "Deployment", name, "ScalingReplicaSet", f"Scaled up replica set {name}-5d8f7 to 1", "2026-01-01T00:00:01Z"),
-        k8s_event("e2", "ReplicaSet", f"{name}-5d8f7", "SuccessfulCreate", f"Created pod: {pod}", "2026-01-01T00:00:02Z"),
-        k8s_event("x1", "Deployment", other_name, "ScalingReplicaSet", "not about this workload", "2026-01-01T00:00:00Z"),
+        k8s_event(
+            "e3", "Pod", pod, "BackOff", "Back-off restarting failed container", "2026-01-01T00:00:03Z", "Warning"
+        ),
+        k8s_event(
+            "e1",
+            "Deployment",
+            name,
+            "ScalingReplicaSet",
+            f"Scaled up replica set {name}-5d8f7 to 1",
+            "2026-01-01T00:00:01Z",
+        ),
+        k8s_event(
+            "e2", "ReplicaSet", f"{name}-5d8f7", "SuccessfulCreate", f"Created pod: {pod}", "2026-01-01T00:00:02Z"
+        ),
+        k8s_event(
+            "x1", "Deployment", other_name, "ScalingReplicaSet", "not about this workload", "2026-01-01T00:00:00Z"
+        ),
         k8s_event("x2", "Pod", f"{other_name}-aaaaa", "Pulled", "not about this workload", "2026-01-01T00:00:00Z"),
     ):
         cluster.core.create_namespaced_event(NAMESPACE, ev)
@@ -581,5 +666,11 @@ async def test_describe_shows_objects_pods_and_their_events(backend: KubernetesB
 
 def test_transient_and_permanent_errors_for_the_controller() -> None:
     assert issubclass(KubernetesUnavailableError, TransientBackendError)
-    for permanent in (KubernetesApiError, KubernetesPermissionError, WorkloadSpecError, WorkloadNotFoundError, KubernetesConfigError):
+    for permanent in (
+        KubernetesApiError,
+        KubernetesPermissionError,
+        WorkloadSpecError,
+        WorkloadNotFoundError,
+        KubernetesConfigError,
+    ):
         assert issubclass(permanent, BackendError) and not issubclass(permanent, TransientBackendError)

@@ -84,12 +84,14 @@ class PodLogs:
         key = (str(request.name), container, previous)
         if key not in self.lines:
             what = "previous terminated container" if previous else "container"
-            raise kmock.KubernetesError(status=400, reason="BadRequest", message=f"{what} {container} not found / waiting to start")
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message=f"{what} {container} not found / waiting to start"
+            )
         lines = self.lines[key]
         if "sinceSeconds" in q:
             lines = [x for x in lines if x[0] >= time.time_ns() - int(q["sinceSeconds"]) * S]
         if "tailLines" in q:
-            lines = lines[-int(q["tailLines"]):] if int(q["tailLines"]) else []
+            lines = lines[-int(q["tailLines"]) :] if int(q["tailLines"]) else []
         stamps = q.get("timestamps") == "true"
         body = "".join((f"{rfc3339nano(ts)} " if stamps else "") + text + "\n" for ts, text in lines).encode()
         if "limitBytes" in q:
@@ -99,8 +101,11 @@ class PodLogs:
 
 def put_metrics(cluster: Cluster, pod: str, containers: dict[str, dict[str, str]]) -> None:
     obj = {
-        "apiVersion": "metrics.k8s.io/v1beta1", "kind": "PodMetrics",
-        "metadata": {"name": pod, "namespace": NAMESPACE}, "timestamp": "2026-12-06T10:00:00Z", "window": "15s",
+        "apiVersion": "metrics.k8s.io/v1beta1",
+        "kind": "PodMetrics",
+        "metadata": {"name": pod, "namespace": NAMESPACE},
+        "timestamp": "2026-12-06T10:00:00Z",
+        "window": "15s",
         "containers": [{"name": name, "usage": usage} for name, usage in containers.items()],
     }
     cluster.on_loop(lambda: cluster.emu.objects.__setitem__((METRICS, NAMESPACE, pod), obj))
@@ -113,7 +118,9 @@ def worker_line(ts_ns: int, level: str, text: str) -> str:
 
 def running_since(role: str, started_ns: int, **kw: Any) -> dict[str, Any]:
     """A Running, Ready pod status whose container started at ``started_ns``."""
-    return scheduled(role, {"running": {"startedAt": rfc3339nano(started_ns)}}, phase="Running", ready=True, started=True, **kw)
+    return scheduled(
+        role, {"running": {"startedAt": rfc3339nano(started_ns)}}, phase="Running", ready=True, started=True, **kw
+    )
 
 
 @pytest.fixture
@@ -135,7 +142,11 @@ def msgs(lines: list[LogLine]) -> list[str]:
 def test_quantities() -> None:
     assert parse_quantity("250m") == Decimal("0.25")
     assert parse_quantity("12345678n") == Decimal("0.012345678")
-    assert parse_quantity("1") == 1 and parse_quantity("1.5") == Decimal("1.5") and parse_quantity("2u") == Decimal("0.000002")
+    assert (
+        parse_quantity("1") == 1
+        and parse_quantity("1.5") == Decimal("1.5")
+        and parse_quantity("2u") == Decimal("0.000002")
+    )
     assert quantity_bytes("123456Ki") == 123456 * 1024
     assert quantity_bytes("1Gi") == 2**30 and quantity_bytes("1G") == 10**9 and quantity_bytes("1e3") == 1000
     assert quantity_bytes("512M") == 512 * 10**6 and quantity_bytes("0") == 0
@@ -144,12 +155,27 @@ def test_quantities() -> None:
 
 
 def test_usage_sample_from_pod_metrics() -> None:
-    pod = {"metadata": {"name": "p"}, "spec": {"nodeName": "n1", "containers": [
-        {"name": "trainer", "resources": {"limits": {"ephemeral-storage": "10Gi"}}}]}}
-    metrics = {"containers": [{"name": "trainer", "usage": {"cpu": "1500m", "memory": "1Gi"}},
-                              {"name": "sidecar", "usage": {"cpu": "12345678n", "memory": "1024Ki"}}]}
+    pod = {
+        "metadata": {"name": "p"},
+        "spec": {
+            "nodeName": "n1",
+            "containers": [{"name": "trainer", "resources": {"limits": {"ephemeral-storage": "10Gi"}}}],
+        },
+    }
+    metrics = {
+        "containers": [
+            {"name": "trainer", "usage": {"cpu": "1500m", "memory": "1Gi"}},
+            {"name": "sidecar", "usage": {"cpu": "12345678n", "memory": "1024Ki"}},
+        ]
+    }
     s = usage_sample(pod, metrics, "trainer")
-    assert (s.replica, s.node, s.memory_bytes, s.ephemeral_bytes, s.ephemeral_capacity_bytes) == ("p", "n1", 2**30 + 2**20, None, 10 * 2**30)
+    assert (s.replica, s.node, s.memory_bytes, s.ephemeral_bytes, s.ephemeral_capacity_bytes) == (
+        "p",
+        "n1",
+        2**30 + 2**20,
+        None,
+        10 * 2**30,
+    )
     assert s.cpu_cores == pytest.approx(1.512345678)
     none = usage_sample(pod, None, "trainer")
     assert (none.cpu_cores, none.memory_bytes, none.node) == (None, None, "n1")
@@ -160,12 +186,12 @@ def test_kubelet_log_text() -> None:
     assert parse_rfc3339_ns("2026-12-06T10:12:17Z") == 1_796_551_937 * S
     assert parse_rfc3339_ns("2026-12-06T11:12:17.5+01:00") == 1_796_551_937 * S + S // 2
     text = (
-        "2026-12-06T10:12:17.1Z   File \"x.py\", line 1\n"  # its record was before the window
+        '2026-12-06T10:12:17.1Z   File "x.py", line 1\n'  # its record was before the window
         "2026-12-06T10:12:18Z INFO 12-06 10:12:18 [api.py:1] Received (request cmpl-1)\n"
         "2026-12-06T10:12:19Z 2026-12-06 10:12:19,000 ERROR openloops.worker: failed request_id=r-9\n"
         "2026-12-06T10:12:19.5Z Traceback (most recent call last):\n"
         "2026-12-06T10:12:19.6Z \n"
-        "2026-12-06T10:12:20Z INFO:     10.0.0.1:1 - \"GET /health\" 200\n"
+        '2026-12-06T10:12:20Z INFO:     10.0.0.1:1 - "GET /health" 200\n'
         "2026-12-06T10:12:21Z partial li"
     )
     parsed = parse_kubelet_log(text, "pod-a", truncated_end=True)
@@ -196,19 +222,27 @@ async def test_logs_merge_pods_in_time_order(cluster: Cluster, kubelet: Kubelet,
             kubelet.set_status(pod, running_since("sampler", t0 - 60 * S))
         pod_logs.add(a, "sampler", [(t0 + 2 * i * S, worker_line(t0, "INFO", f"a{i}")) for i in range(5)])
         pod_logs.add(c, "sampler", [(t0 + (2 * i + 1) * S, worker_line(t0, "INFO", f"c{i}")) for i in range(5)])
-        pod_logs.add(c, "sampler", [
-            (t0 + 20 * S, worker_line(t0, "ERROR", "step failed request_id=req-7")),
-            (t0 + 20 * S + 1000, "Traceback (most recent call last):"),
-            (t0 + 20 * S + 2000, "RuntimeError: CUDA error"),
-        ])
+        pod_logs.add(
+            c,
+            "sampler",
+            [
+                (t0 + 20 * S, worker_line(t0, "ERROR", "step failed request_id=req-7")),
+                (t0 + 20 * S + 1000, "Traceback (most recent call last):"),
+                (t0 + 20 * S + 2000, "RuntimeError: CUDA error"),
+            ],
+        )
         pending = kubelet.create_pod(name, "ppppp")  # not started: its log answers 400, skipped
         await b.close()
         b = await fresh_backend(cluster)  # another process (the API server): no watches, direct reads
 
         q = LogQuery(t0 - S, time.time_ns(), 4, "desc")
         newest = await b.logs(spec.workload_id, spec.role, q)
-        assert msgs(newest) == ["RuntimeError: CUDA error", "Traceback (most recent call last):",
-                                "openloops.worker: step failed request_id=req-7", "openloops.worker: c4"]
+        assert msgs(newest) == [
+            "RuntimeError: CUDA error",
+            "Traceback (most recent call last):",
+            "openloops.worker: step failed request_id=req-7",
+            "openloops.worker: c4",
+        ]
         assert [x.level for x in newest] == ["ERROR", "ERROR", "ERROR", "INFO"]
         assert [x.request_id for x in newest] == ["req-7", "req-7", "req-7", None]
         assert {x.replica for x in newest} == {c}
@@ -229,7 +263,7 @@ async def test_logs_merge_pods_in_time_order(cluster: Cluster, kubelet: Kubelet,
             assert p["container"] == "sampler" and p["timestamps"] == "true" and "previous" not in p
             assert 600 <= int(p["sinceSeconds"]) <= 610 and p["tailLines"] == "256"
         assert any(p["pod"] == pending for p in pod_logs.params)
-        assert not b._started  # noqa: SLF001 - no watch was started for this
+        assert not b._started
     finally:
         await b.close()
 
@@ -258,13 +292,17 @@ async def test_logs_read_more_until_the_limit_is_met(cluster: Cluster, kubelet: 
         pod_logs.add(pod, "trainer", lines)
         q_desc = LogQuery(t0, time.time_ns(), 2, "desc", "ERROR")
         assert msgs(await b.logs(spec.workload_id, spec.role, q_desc)) == [
-            "openloops.worker: late error", "openloops.worker: early error"]
+            "openloops.worker: late error",
+            "openloops.worker: early error",
+        ]
         assert [p["tailLines"] for p in pod_logs.params] == ["256", "1024", "4096"]
 
         pod_logs.params.clear()
         q_asc = LogQuery(t0, time.time_ns(), 2, "asc", "ERROR")
         assert msgs(await b.logs(spec.workload_id, spec.role, q_asc)) == [
-            "openloops.worker: early error", "openloops.worker: late error"]
+            "openloops.worker: early error",
+            "openloops.worker: late error",
+        ]
         assert [p["limitBytes"] for p in pod_logs.params] == [str(256 * 1024), str(1024 * 1024)]
 
         pod_logs.params.clear()  # enough in the first read: one request
@@ -275,7 +313,9 @@ async def test_logs_read_more_until_the_limit_is_met(cluster: Cluster, kubelet: 
         await b.close()
 
 
-async def test_logs_never_guess_the_level_of_a_cut_record(cluster: Cluster, kubelet: Kubelet, pod_logs: PodLogs) -> None:
+async def test_logs_never_guess_the_level_of_a_cut_record(
+    cluster: Cluster, kubelet: Kubelet, pod_logs: PodLogs
+) -> None:
     """A traceback longer than the first tail: its lines are not read as INFO orphans, the
     backend reads further back until it has their record."""
     b = await fresh_backend(cluster)
@@ -285,8 +325,11 @@ async def test_logs_never_guess_the_level_of_a_cut_record(cluster: Cluster, kube
         pod = kubelet.create_pod(workload_name(spec.workload_id, spec.role))
         t0 = (time.time_ns() // S - 100) * S
         kubelet.set_status(pod, running_since("trainer", t0 - S))
-        pod_logs.add(pod, "trainer", [(t0, worker_line(t0, "INFO", "fine")),
-                                      (t0 + S, worker_line(t0, "ERROR", "crashed request_id=r1"))])
+        pod_logs.add(
+            pod,
+            "trainer",
+            [(t0, worker_line(t0, "INFO", "fine")), (t0 + S, worker_line(t0, "ERROR", "crashed request_id=r1"))],
+        )
         pod_logs.add(pod, "trainer", [(t0 + S + i, f'  File "deep.py", line {i}') for i in range(300)])
         got = await b.logs(spec.workload_id, spec.role, LogQuery(t0, time.time_ns(), 1000, "desc", "ERROR"))
         assert len(got) == 301 and got[-1].message == "openloops.worker: crashed request_id=r1"
@@ -296,21 +339,37 @@ async def test_logs_never_guess_the_level_of_a_cut_record(cluster: Cluster, kube
         await b.close()
 
 
-async def test_logs_include_the_previous_container_after_a_restart(cluster: Cluster, kubelet: Kubelet, pod_logs: PodLogs) -> None:
+async def test_logs_include_the_previous_container_after_a_restart(
+    cluster: Cluster, kubelet: Kubelet, pod_logs: PodLogs
+) -> None:
     b = await fresh_backend(cluster)
     spec = trainer_spec()
     try:
         await b.ensure(spec)
         pod = kubelet.create_pod(workload_name(spec.workload_id, spec.role))
         t0 = (time.time_ns() // S - 120) * S
-        crashed = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "startedAt": rfc3339nano(t0),
-                                  "finishedAt": rfc3339nano(t0 + 10 * S)}}
+        crashed = {
+            "terminated": {
+                "exitCode": 137,
+                "reason": "OOMKilled",
+                "startedAt": rfc3339nano(t0),
+                "finishedAt": rfc3339nano(t0 + 10 * S),
+            }
+        }
         kubelet.set_status(pod, running_since("trainer", t0 + 15 * S, restarts=1, last=crashed))
-        pod_logs.add(pod, "trainer", [(t0 + S, worker_line(t0, "INFO", "loading")),
-                                      (t0 + 9 * S, worker_line(t0, "CRITICAL", "out of memory"))], previous=True)
+        pod_logs.add(
+            pod,
+            "trainer",
+            [(t0 + S, worker_line(t0, "INFO", "loading")), (t0 + 9 * S, worker_line(t0, "CRITICAL", "out of memory"))],
+            previous=True,
+        )
         pod_logs.add(pod, "trainer", [(t0 + 20 * S, worker_line(t0, "INFO", "restarted"))])
         got = await b.logs(spec.workload_id, spec.role, LogQuery(t0, time.time_ns(), 10, "asc"))
-        assert msgs(got) == ["openloops.worker: loading", "openloops.worker: out of memory", "openloops.worker: restarted"]
+        assert msgs(got) == [
+            "openloops.worker: loading",
+            "openloops.worker: out of memory",
+            "openloops.worker: restarted",
+        ]
         assert {p.get("previous") for p in pod_logs.params} == {None, "true"}
         # a window after the crash does not read the previous container
         pod_logs.params.clear()
@@ -345,7 +404,7 @@ async def test_usage_from_pod_metrics(cluster: Cluster, kubelet: Kubelet) -> Non
             (c, "gpu-2", None, None, None),
         ]
         assert await b.usage("nope", spec.role) == []
-        assert not b._started  # noqa: SLF001
+        assert not b._started
     finally:
         await b.close()
 
@@ -362,7 +421,9 @@ async def test_usage_without_metrics_server(cluster: Cluster, kubelet: Kubelet) 
         assert (s.replica, s.cpu_cores, s.memory_bytes) == (pod, None, None)
 
         def unavailable(request: kmock.Request) -> None:
-            raise kmock.KubernetesError(status=503, reason="ServiceUnavailable", message="the server is currently unable to handle the request")
+            raise kmock.KubernetesError(
+                status=503, reason="ServiceUnavailable", message="the server is currently unable to handle the request"
+            )
 
         cluster.on_loop(lambda: cluster.emu[METRICS] << unavailable)
         before = len(cluster.requests())
@@ -374,7 +435,9 @@ async def test_usage_without_metrics_server(cluster: Cluster, kubelet: Kubelet) 
 
 
 async def test_unreachable_api_server_is_transient() -> None:
-    b = KubernetesBackend.from_settings(backend_settings("http://127.0.0.1:9", api_retry_attempts=2, api_timeout_seconds=1))
+    b = KubernetesBackend.from_settings(
+        backend_settings("http://127.0.0.1:9", api_retry_attempts=2, api_timeout_seconds=1)
+    )
     try:
         with pytest.raises(KubernetesUnavailableError) as err:
             await b.logs("x", WorkloadRole.TRAINER, LogQuery(0, time.time_ns(), 10, "desc"))

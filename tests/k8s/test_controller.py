@@ -20,7 +20,18 @@ from control_plane.db.models import Deployment, Run, ServedModel
 from control_plane.scheduler.k8s_manifests import workload_name
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.wire import queue as q
-from tests.k8s.conftest import DEPLOYMENTS, NAMESPACE, PODS, SERVICES, Cluster, Kubelet, eventually, running, terminated, waiting
+from tests.k8s.conftest import (
+    DEPLOYMENTS,
+    NAMESPACE,
+    PODS,
+    SERVICES,
+    Cluster,
+    Kubelet,
+    eventually,
+    running,
+    terminated,
+    waiting,
+)
 from tests.k8s.controller_env import (
     FlakyProxy,
     history,
@@ -48,7 +59,9 @@ def trainer_name(run: Run) -> str:
     return workload_name(run.deployment_id, WorkloadRole.TRAINER)
 
 
-async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path, cluster: Cluster, kubelet: Kubelet) -> None:
+async def test_run_lifecycle_from_pods_and_worker_state(
+    services, data_dir: Path, cluster: Cluster, kubelet: Kubelet
+) -> None:
     async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
         ctl = Controller(rt)
         t = await tenant(rt)
@@ -79,6 +92,7 @@ async def test_run_lifecycle_from_pods_and_worker_state(services, data_dir: Path
         dep_hist = await history(rt, run.deployment_id)
         assert collapse([h[1] for h in dep_hist]) == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "FAILED"], dep_hist
         assert dep_hist[-1][2] == "OOMKilled (exit code 137), CrashLoopBackOff"
+
         # a failed run's workload is garbage-collected (its pods go with it)
         async def collected() -> bool:
             await ctl.reconcile_once()
@@ -235,8 +249,13 @@ async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_noth
 
         async def all_gone() -> bool:
             await ctl.reconcile_once()
-            got = {await status(rt, ServedModel, sm.id), await status(rt, Run, run.id), await status(rt, Run, ckpt_run.id),
-                   await status(rt, Deployment, run.deployment_id), await status(rt, Deployment, ckpt_run.deployment_id)}
+            got = {
+                await status(rt, ServedModel, sm.id),
+                await status(rt, Run, run.id),
+                await status(rt, Run, ckpt_run.id),
+                await status(rt, Deployment, run.deployment_id),
+                await status(rt, Deployment, ckpt_run.deployment_id),
+            }
             return got == {"INACTIVE"}
 
         await eventually(all_gone, T, what="both INACTIVE")

@@ -88,8 +88,18 @@ def test_chart_lints_strictly(case: str) -> None:
 def test_every_rendered_object_validates_strictly(case: str) -> None:
     docs = render(load_values(case))
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job", "Pod",
-            "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Job",
+        "Pod",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    } <= kinds
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -103,8 +113,13 @@ def test_validation_catches_a_broken_render() -> None:
 
 
 def test_default_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    docs = render({"database": {"url": "postgresql+asyncpg://u:p@db:5432/ol"}, "redis": {"url": "redis://r:6379/0"},
-                   "s3": {"bucket": "b", "accessKeyId": "AK", "secretAccessKey": "SK"}})
+    docs = render(
+        {
+            "database": {"url": "postgresql+asyncpg://u:p@db:5432/ol"},
+            "redis": {"url": "redis://r:6379/0"},
+            "s3": {"bucket": "b", "accessKeyId": "AK", "secretAccessKey": "SK"},
+        }
+    )
     dep = control_plane(docs)
     assert dep["spec"]["replicas"] == 2
     pod = dep["spec"]["template"]["spec"]
@@ -120,9 +135,13 @@ def test_default_install(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(data["signing-secret"]) == 48  # generated
     # credentials only through secret references
     env = env_of(c)
-    for name, key in [("OPENLOOPS_DATABASE_URL", "database-url"), ("OPENLOOPS_REDIS_URL", "redis-url"),
-                      ("OPENLOOPS_SIGNING_SECRET", "signing-secret"), ("AWS_ACCESS_KEY_ID", "s3-access-key-id"),
-                      ("AWS_SECRET_ACCESS_KEY", "s3-secret-access-key")]:
+    for name, key in [
+        ("OPENLOOPS_DATABASE_URL", "database-url"),
+        ("OPENLOOPS_REDIS_URL", "redis-url"),
+        ("OPENLOOPS_SIGNING_SECRET", "signing-secret"),
+        ("AWS_ACCESS_KEY_ID", "s3-access-key-id"),
+        ("AWS_SECRET_ACCESS_KEY", "s3-secret-access-key"),
+    ]:
         assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "openloops", "key": key}
     assert "u:p@" not in json.dumps(dep)
 
@@ -140,8 +159,12 @@ def test_default_install(monkeypatch: pytest.MonkeyPatch) -> None:
     worker_secret = one(docs, "Secret", "-worker")
     assert worker_secret["metadata"]["namespace"] == NAMESPACE
     wdata = {k: base64.b64decode(v).decode() for k, v in worker_secret["data"].items()}
-    assert wdata == {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK",
-                     "OPENLOOPS_REDIS_URL": "redis://r:6379/0", "HF_TOKEN": ""}
+    assert wdata == {
+        "AWS_ACCESS_KEY_ID": "AK",
+        "AWS_SECRET_ACCESS_KEY": "SK",
+        "OPENLOOPS_REDIS_URL": "redis://r:6379/0",
+        "HF_TOKEN": "",
+    }
     wsa = one(docs, "ServiceAccount", "-worker")
     assert wsa["automountServiceAccountToken"] is False
 
@@ -151,10 +174,14 @@ def test_default_install(monkeypatch: pytest.MonkeyPatch) -> None:
     hook_secret = one(docs, "Secret", "-migrate")
     assert hook_secret["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert int(hook_secret["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
-        job["metadata"]["annotations"]["helm.sh/hook-weight"])
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
     (jc,) = job["spec"]["template"]["spec"]["containers"]
     assert jc["command"] == ["openloops", "admin", "db", "upgrade"]
-    assert env_of(jc)["OPENLOOPS_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "openloops-migrate", "key": "database-url"}
+    assert env_of(jc)["OPENLOOPS_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "openloops-migrate",
+        "key": "database-url",
+    }
     assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
     # helm test pod
@@ -170,8 +197,16 @@ def test_default_install(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not selector.items() <= other["metadata"]["labels"].items()
     netpol = one(docs, "NetworkPolicy")
     assert netpol["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "openloops"}}
-    assert netpol["spec"]["ingress"] == [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
-                                                    "podSelector": {"matchLabels": selector}}]}]
+    assert netpol["spec"]["ingress"] == [
+        {
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+                    "podSelector": {"matchLabels": selector},
+                }
+            ]
+        }
+    ]
     # worker pods are labelled managed-by=openloops; the chart's own pods are not
     for d in docs:
         labels = (d.get("spec", {}).get("template", {}).get("metadata", {}) or {}).get("labels", {})
@@ -187,12 +222,17 @@ def test_gpu_example(monkeypatch: pytest.MonkeyPatch) -> None:
     dep = control_plane(docs)
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     env = env_of(c)
-    assert env["OPENLOOPS_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "openloops-credentials", "key": "database-url"}
+    assert env["OPENLOOPS_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "openloops-credentials",
+        "key": "database-url",
+    }
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["optional"] is True
     (jc,) = one(docs, "Job")["spec"]["template"]["spec"]["containers"]
     assert env_of(jc)["OPENLOOPS_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "openloops-credentials"
 
-    s = settings_from(c, monkeypatch, {"OPENLOOPS_DATABASE_URL": "postgresql+asyncpg://x/y", "OPENLOOPS_REDIS_URL": "redis://r"})
+    s = settings_from(
+        c, monkeypatch, {"OPENLOOPS_DATABASE_URL": "postgresql+asyncpg://x/y", "OPENLOOPS_REDIS_URL": "redis://r"}
+    )
     k = s.kubernetes
     assert k.namespace == "openloops-workloads"
     assert k.trainer_image == "registry.example.com/openloops/trainer:0.1.0"
@@ -253,11 +293,23 @@ def test_all_options_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env["EXTRA_FROM_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "extra", "key": "value"}
     assert env["OPENLOOPS_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "openloops-all", "key": "db"}
 
-    s = settings_from(c, monkeypatch, {"OPENLOOPS_DATABASE_URL": values["database"]["url"], "OPENLOOPS_REDIS_URL": values["redis"]["url"],
-                                       "OPENLOOPS_SIGNING_SECRET": values["signingSecret"]})
+    s = settings_from(
+        c,
+        monkeypatch,
+        {
+            "OPENLOOPS_DATABASE_URL": values["database"]["url"],
+            "OPENLOOPS_REDIS_URL": values["redis"]["url"],
+            "OPENLOOPS_SIGNING_SECRET": values["signingSecret"],
+        },
+    )
     assert s.public_base_url == "https://api.openloops.example.com"
     assert s.log_level == "debug" and s.log_json is False
-    assert (s.s3_bucket, s.s3_endpoint_url, s.s3_region, s.s3_prefix) == ("ckpts", "http://minio.storage:9000", "eu-west-1", "openloops/")
+    assert (s.s3_bucket, s.s3_endpoint_url, s.s3_region, s.s3_prefix) == (
+        "ckpts",
+        "http://minio.storage:9000",
+        "eu-west-1",
+        "openloops/",
+    )
     assert s.signing_secret is not None and s.signing_secret.get_secret_value() == "s3cr3t-signing-key"
     k = s.kubernetes
     assert k.namespace == "ml-workloads"
@@ -267,7 +319,11 @@ def test_all_options_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     assert k.tolerations[1]["tolerationSeconds"] == 300
     assert k.priority_class_name == "ml-high" and k.service_account_name == "ml-worker"
     assert k.worker_secret_name == "openloops-all-worker"
-    assert (k.gpu_resource_name, k.gpu_type_label, k.tolerate_gpu_taint) == ("nvidia.com/gpu", "cloud.google.com/gke-accelerator", False)
+    assert (k.gpu_resource_name, k.gpu_type_label, k.tolerate_gpu_taint) == (
+        "nvidia.com/gpu",
+        "cloud.google.com/gke-accelerator",
+        False,
+    )
     assert (k.startup_timeout_seconds, k.unschedulable_grace_seconds, k.cluster_domain) == (3600, 600, "k8s.internal")
 
     secret = one(docs, "Secret", "openloops-all")
@@ -297,10 +353,17 @@ def test_all_options_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_options_switch_objects_off() -> None:
-    docs = render({"rbac": {"create": False}, "networkPolicy": {"enabled": False}, "podDisruptionBudget": {"enabled": False},
-                   "migrations": {"enabled": False}, "serviceAccount": {"create": False, "name": "pre-made"},
-                   "workloads": {"serviceAccount": {"create": False, "name": ""}},
-                   "modelCatalog": {"existingConfigMap": "my-catalog"}})
+    docs = render(
+        {
+            "rbac": {"create": False},
+            "networkPolicy": {"enabled": False},
+            "podDisruptionBudget": {"enabled": False},
+            "migrations": {"enabled": False},
+            "serviceAccount": {"create": False, "name": "pre-made"},
+            "workloads": {"serviceAccount": {"create": False, "name": ""}},
+            "modelCatalog": {"existingConfigMap": "my-catalog"},
+        }
+    )
     kinds = [d["kind"] for d in docs]
     for kind in ("Role", "RoleBinding", "NetworkPolicy", "PodDisruptionBudget", "Job", "ServiceAccount", "ConfigMap"):
         assert kind not in kinds
@@ -334,10 +397,16 @@ BAD_VALUES = [
     pytest.param({"networkPolicy": {"enabled": "yes"}}, "enabled", id="bool-as-string"),
     pytest.param({"workloads": {"tolerations": [{"key": "a", "operator": "Maybe"}]}}, "operator", id="bad-toleration"),
     pytest.param({"modelCatalog": {"models": [{"name": "m"}]}}, "source", id="catalog-missing-source"),
-    pytest.param({"modelCatalog": {"models": [{"name": "m", "source": "s", "resources": {"trainer": {"gpus": "one"}}}]}},
-                 "gpus", id="catalog-bad-gpus"),
-    pytest.param({"modelCatalog": {"models": [{"name": "m", "source": "s", "maxContext": 5}]}}, "maxContext",
-                 id="catalog-unknown-field"),
+    pytest.param(
+        {"modelCatalog": {"models": [{"name": "m", "source": "s", "resources": {"trainer": {"gpus": "one"}}}]}},
+        "gpus",
+        id="catalog-bad-gpus",
+    ),
+    pytest.param(
+        {"modelCatalog": {"models": [{"name": "m", "source": "s", "maxContext": 5}]}},
+        "maxContext",
+        id="catalog-unknown-field",
+    ),
     pytest.param({"imagePullSecrets": [{"name": "x"}]}, "imagePullSecrets", id="pull-secrets-are-names"),
 ]
 

@@ -27,9 +27,15 @@ S = 1_000_000_000
 
 
 async def test_deployment_reuse_logs_metrics_and_deactivation_on_kubernetes(
-    services, data_dir: Path, cluster: Cluster, kubelet: Kubelet, pod_logs: PodLogs  # type: ignore[no-untyped-def]
+    services,
+    data_dir: Path,
+    cluster: Cluster,
+    kubelet: Kubelet,
+    pod_logs: PodLogs,  # type: ignore[no-untyped-def]
 ) -> None:
-    settings = k8s_settings(services, data_dir, cluster.url, usage_sample_seconds=0.01, public_base_url="http://testserver")
+    settings = k8s_settings(
+        services, data_dir, cluster.url, usage_sample_seconds=0.01, public_base_url="http://testserver"
+    )
     async with k8s_runtime(settings) as rt:
         ctl = Controller(rt)
         t = await tenant(rt)
@@ -64,17 +70,29 @@ async def test_deployment_reuse_logs_metrics_and_deactivation_on_kubernetes(
 
         # its logs are its pods' logs; its metrics include what metrics-server says of them
         now = time.time_ns()
-        pod_logs.add(pod, "trainer", [(now - 2 * S, worker_line(now - 2 * S, "INFO", f"attached run {second.id}")),
-                                      (now - S, worker_line(now - S, "ERROR", "seq 3 optim_step failed (request req-9): boom"))])
+        pod_logs.add(
+            pod,
+            "trainer",
+            [
+                (now - 2 * S, worker_line(now - 2 * S, "INFO", f"attached run {second.id}")),
+                (now - S, worker_line(now - S, "ERROR", "seq 3 optim_step failed (request req-9): boom")),
+            ],
+        )
         put_metrics(cluster, pod, {"trainer": {"cpu": "1500m", "memory": "2Gi"}})
         await ctl.reconcile_once()  # samples usage
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://testserver",
-                                     headers=t.headers) as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://testserver", headers=t.headers
+        ) as c:
             logs = (await c.get(f"/v1/loops/deployments/{dep_id}/logs")).json()["logs"]
-            assert [(x["level"], x["replica"], x["request_id"]) for x in logs] == [("ERROR", pod, "req-9"), ("INFO", pod, None)]
+            assert [(x["level"], x["replica"], x["request_id"]) for x in logs] == [
+                ("ERROR", pod, "req-9"),
+                ("INFO", pod, None),
+            ]
             assert logs[1]["message"].endswith(f"attached run {second.id}") and int(logs[0]["timestamp"]) == now - S
             metrics = (await c.post(f"/v1/loops/deployments/{dep_id}/metrics", json={})).json()["metrics"]
-            assert metrics["cpu_usage"][-1]["value"] == 1.5 and metrics["cpu_memory_usage_bytes"][-1]["value"] == 2 * 2**30
+            assert (
+                metrics["cpu_usage"][-1]["value"] == 1.5 and metrics["cpu_memory_usage_bytes"][-1]["value"] == 2 * 2**30
+            )
             assert [n["node_id"] for n in metrics["per_node_metrics"]] == ["gpu-node-1"]
             dep = (await c.get(f"/v1/loops/deployments/{dep_id}")).json()["deployment"]
             assert (dep["status"]["name"], dep["active_run_id"]) == ("RUNNING", second.id)

@@ -28,9 +28,9 @@ from tests.k8s.conftest import (
     SERVICES,
     Cluster,
     backend_settings,
-    served_model_spec,
     running,
     sampler_spec,
+    served_model_spec,
     trainer_spec,
 )
 
@@ -56,7 +56,7 @@ CPU_ONLY = Resources(cpu="500m", memory="2Gi")
 NONE = Resources()
 
 
-def _specs():  # noqa: ANN202
+def _specs():
     for role, make in (("trainer", trainer_spec), ("sampler", sampler_spec), ("served-model", served_model_spec)):
         for res_name, res in (("gpu", GPU), ("cpu", CPU_ONLY), ("no-resources", NONE)):
             for settings_name, settings in (("bare", BARE), ("full", FULL)):
@@ -65,7 +65,7 @@ def _specs():  # noqa: ANN202
 
 
 @pytest.mark.parametrize(("spec", "settings"), list(_specs()))
-def test_generated_manifests_validate_strictly(spec, settings) -> None:  # noqa: ANN001
+def test_generated_manifests_validate_strictly(spec, settings) -> None:
     docs = workload_manifests(spec, settings)
     assert [d["kind"] for d in docs] == (["Deployment"] if spec.port is None else ["Deployment", "Service"])
     for doc in docs:
@@ -144,7 +144,9 @@ def test_label_values() -> None:
 
 
 def test_secret_env_wins_over_plain_env_and_is_never_inlined() -> None:
-    spec = sampler_spec(env={"AWS_ACCESS_KEY_ID": "leaked", "A": "1"}, secret_env=["AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"])
+    spec = sampler_spec(
+        env={"AWS_ACCESS_KEY_ID": "leaked", "A": "1"}, secret_env=["AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"]
+    )
     env = container_env(spec, BARE)
     assert env == [
         {"name": "A", "value": "1"},
@@ -162,7 +164,7 @@ def test_secret_env_wins_over_plain_env_and_is_never_inlined() -> None:
         (sampler_spec(replicas=-1), "replicas"),
     ],
 )
-def test_invalid_specs(spec, match: str) -> None:  # noqa: ANN001
+def test_invalid_specs(spec, match: str) -> None:
     with pytest.raises(WorkloadSpecError, match=match):
         workload_manifests(spec, BARE)
 
@@ -173,33 +175,47 @@ def test_secret_env_needs_a_worker_secret() -> None:
 
 
 def test_probes_and_settings_knobs() -> None:
-    s = KubernetesSettings(worker_secret_name="w", startup_timeout_seconds=3600, gpu_type_label="cloud.google.com/gke-accelerator",
-                           gpu_resource_name="amd.com/gpu", tolerate_gpu_taint=False, cluster_domain="")
+    s = KubernetesSettings(
+        worker_secret_name="w",
+        startup_timeout_seconds=3600,
+        gpu_type_label="cloud.google.com/gke-accelerator",
+        gpu_resource_name="amd.com/gpu",
+        tolerate_gpu_taint=False,
+        cluster_domain="",
+    )
     dep = deployment_manifest(sampler_spec(health_path="/ready"), s)
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] == 3600
     assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert c["resources"]["limits"]["amd.com/gpu"] == "1"
-    assert dep["spec"]["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "NVIDIA-H100-80GB-HBM3"}
+    assert dep["spec"]["template"]["spec"]["nodeSelector"] == {
+        "cloud.google.com/gke-accelerator": "NVIDIA-H100-80GB-HBM3"
+    }
     assert "tolerations" not in dep["spec"]["template"]["spec"]
     assert service_manifest(trainer_spec(), s, "uid") is None
 
 
 def test_role_rules_cover_exactly_the_permissions() -> None:
-    flat = {(g, r, v) for rule in backend_role_rules() for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    flat = {
+        (g, r, v)
+        for rule in backend_role_rules()
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
     assert flat == set(BACKEND_PERMISSIONS)
 
 
 # --- status mapping edge cases ------------------------------------------------------------------
 
 
-def _dep(**spec):  # noqa: ANN003, ANN202
+def _dep(**spec):
     d = deployment_manifest(sampler_spec(), BARE)
     d["spec"].update(spec)
     return d
 
 
-def _pod(status, **meta):  # noqa: ANN001, ANN003, ANN202
+def _pod(status, **meta):
     return {"metadata": {"name": "p", **meta}, "status": status}
 
 
@@ -213,8 +229,16 @@ def test_status_mapping_edge_cases() -> None:
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     assert observe_workload(wid, role, deleting, []).phase == Phase.ABSENT
     failure = _dep()
-    failure["status"] = {"conditions": [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
-                                         "message": 'pods "x" is forbidden: exceeded quota: gpu'}]}
+    failure["status"] = {
+        "conditions": [
+            {
+                "type": "ReplicaFailure",
+                "status": "True",
+                "reason": "FailedCreate",
+                "message": 'pods "x" is forbidden: exceeded quota: gpu',
+            }
+        ]
+    }
     obs = observe_workload(wid, role, failure, [])
     assert (obs.phase, obs.reason) == (Phase.FAILED, 'FailedCreate: pods "x" is forbidden: exceeded quota: gpu')
     # a terminating pod does not count as running

@@ -43,7 +43,9 @@ def test_dockerfiles_pin_their_bases_and_copy_existing_paths(name: str) -> None:
             continue
         repo, _, tag = image.rpartition(":")
         assert repo and tag and tag != "latest", image
-    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    ignored = [
+        p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     for op, rest in instructions(path):
         if op == "COPY" and "--from" not in rest and "--mount" not in rest:
             *sources, _dest = rest.split()
@@ -51,7 +53,9 @@ def test_dockerfiles_pin_their_bases_and_copy_existing_paths(name: str) -> None:
                 if src.endswith("*"):
                     continue  # optional (README.md*)
                 assert (ROOT / src).exists(), src
-                assert not any(fnmatch.fnmatch(src, pat.lstrip("/")) for pat in ignored), f"{src} is excluded by .dockerignore"
+                assert not any(fnmatch.fnmatch(src, pat.lstrip("/")) for pat in ignored), (
+                    f"{src} is excluded by .dockerignore"
+                )
 
 
 def test_dockerfile_specifics() -> None:

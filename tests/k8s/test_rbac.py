@@ -9,7 +9,16 @@ import kmock
 from control_plane.scheduler.k8s_manifests import BACKEND_PERMISSIONS, workload_name
 from control_plane.scheduler.kubernetes import KubernetesBackend
 from control_plane.scheduler.protocol import LogQuery, Phase
-from tests.k8s.conftest import Cluster, Kubelet, backend_settings, served_model_spec, running, sampler_spec, trainer_spec, wait_phase
+from tests.k8s.conftest import (
+    Cluster,
+    Kubelet,
+    backend_settings,
+    running,
+    sampler_spec,
+    served_model_spec,
+    trainer_spec,
+    wait_phase,
+)
 from tests.k8s.test_backend_logs_usage import PodLogs
 from tests.k8s.test_helm import VALUES_FILES, by_kind, load_values, render
 
@@ -52,7 +61,7 @@ async def exercise_backend(cluster: Cluster) -> set[tuple[str, str, str]]:
         await b.close()
     # observe before the caches are synced reads directly (get deployment, list pods)
     cold = KubernetesBackend.from_settings(backend_settings(cluster.url, api_timeout_seconds=0.5))
-    cold._started = True  # noqa: SLF001 - no watches: force the direct-read path
+    cold._started = True
     try:
         assert (await cold.observe("x", specs[0].role)).phase == Phase.ABSENT
     finally:
@@ -71,7 +80,13 @@ async def exercise_backend(cluster: Cluster) -> set[tuple[str, str, str]]:
 
 def role_permissions(values: dict) -> set[tuple[str, str, str]]:
     (role,) = by_kind(render(values), "Role")
-    return {(g, res, v) for rule in role["rules"] for g in rule["apiGroups"] for res in rule["resources"] for v in rule["verbs"]}
+    return {
+        (g, res, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for res in rule["resources"]
+        for v in rule["verbs"]
+    }
 
 
 async def test_role_grants_exactly_what_the_backend_calls(cluster: Cluster) -> None:

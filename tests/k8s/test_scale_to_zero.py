@@ -64,7 +64,9 @@ async def new_idle_sampler(rt: Runtime, t: Tenant) -> Sampler:
     return smp
 
 
-async def test_idle_served_model_scales_to_zero_and_a_request_wakes_it(services, data_dir: Path, cluster: Cluster) -> None:
+async def test_idle_served_model_scales_to_zero_and_a_request_wakes_it(
+    services, data_dir: Path, cluster: Cluster
+) -> None:
     async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
         dep = await new_served_model(rt, await tenant(rt), scale_down_delay_seconds=1)
         name = workload_name(dep.id, WorkloadRole.SERVED_MODEL)
@@ -136,7 +138,9 @@ async def test_a_wake_that_takes_too_long_is_a_503_and_a_later_request_succeeds(
                 await ctl.halt()
 
 
-async def test_shared_sampler_scales_to_zero_when_all_its_rows_sleep(services, data_dir: Path, cluster: Cluster) -> None:
+async def test_shared_sampler_scales_to_zero_when_all_its_rows_sleep(
+    services, data_dir: Path, cluster: Cluster
+) -> None:
     async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
         t = await tenant(rt)
         smp = await new_idle_sampler(rt, t)
@@ -189,12 +193,16 @@ async def test_the_loops_sampler_route_wakes_its_sampler(services, data_dir: Pat
                 await set_delay(rt, Sampler, smp.id, 3600)
                 async with httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=t.headers) as c:
                     other = await tenant(rt, "other-org")
-                    r = await c.post(f"/v1/loops/samplers/{smp.id}/sync/v1/completions",
-                                     json={"prompt": "hi", "max_tokens": 1}, headers=other.headers)
+                    r = await c.post(
+                        f"/v1/loops/samplers/{smp.id}/sync/v1/completions",
+                        json={"prompt": "hi", "max_tokens": 1},
+                        headers=other.headers,
+                    )
                     assert r.status_code == 404  # another org's sampler is neither found nor woken
                     assert await status(rt, Sampler, smp.id) == "SCALED_TO_ZERO"
-                    r = await c.post(f"/v1/loops/samplers/{smp.id}/sync/v1/completions",
-                                     json={"prompt": "hi", "max_tokens": 1})
+                    r = await c.post(
+                        f"/v1/loops/samplers/{smp.id}/sync/v1/completions", json={"prompt": "hi", "max_tokens": 1}
+                    )
                 # the request waited for the wake-up and was then forwarded to the (emulated,
                 # unreachable) vLLM Service: not refused as "not ACTIVE"
                 assert await status(rt, Sampler, smp.id) == "ACTIVE"

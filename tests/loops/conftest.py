@@ -20,10 +20,10 @@ class LoopsClient:
     base_url: str
     api_key: str
 
-    def run(self, script: str | Path, *, env: dict[str, str] | None = None, timeout: float = 600,
-            cwd: Path | None = None) -> ClientResult:
-        return run_client(script, base_url=self.base_url, api_key=self.api_key, env=env,
-                          timeout=timeout, cwd=cwd)
+    def run(
+        self, script: str | Path, *, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None
+    ) -> ClientResult:
+        return run_client(script, base_url=self.base_url, api_key=self.api_key, env=env, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,9 @@ def _end_module_runs(request: pytest.FixtureRequest):  # type: ignore[no-untyped
 
     def active() -> set[str]:
         runs = httpx.get(f"{live_server.base_url}/v1/loops/runs", params={"scope": "org"}, headers=headers, timeout=30)
-        return {r["id"] for r in runs.json()["runs"] if r["status"]["name"] not in ("INACTIVE", "FAILED", "DEACTIVATING")}
+        return {
+            r["id"] for r in runs.json()["runs"] if r["status"]["name"] not in ("INACTIVE", "FAILED", "DEACTIVATING")
+        }
 
     before = active()
     yield

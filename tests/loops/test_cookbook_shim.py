@@ -56,8 +56,10 @@ def run_id(recipe: dict) -> str:
 
 def _get(live_server, path: str, **params: str) -> dict:  # type: ignore[no-untyped-def]
     r = httpx.get(
-        f"{live_server.base_url}{path}", params=params,
-        headers={"Authorization": f"Api-Key {live_server.api_key}"}, timeout=30,
+        f"{live_server.base_url}{path}",
+        params=params,
+        headers={"Authorization": f"Api-Key {live_server.api_key}"},
+        timeout=30,
     )
     assert r.status_code == 200, (r.status_code, r.text)
     return r.json()

@@ -36,19 +36,26 @@ def _result(c: httpx.Client, base: str, op_id: str, deadline_s: float = 120) -> 
 def test_a_retried_op_is_applied_once_and_a_reconnected_client_gets_its_result(live_server) -> None:  # type: ignore[no-untyped-def]
     with _client(live_server) as c:
         sid = c.post("/v1/loops/sessions").json()["session"]["id"]
-        run = c.post("/v1/loops/trainers", json={"session_id": sid, "base_model": live_server.model.name, "lora_rank": 4}).json()["run"]
+        run = c.post(
+            "/v1/loops/trainers", json={"session_id": sid, "base_model": live_server.model.name, "lora_rank": 4}
+        ).json()["run"]
     base = run["base_url"].removeprefix(live_server.base_url)
     with _client(live_server, run["id"]) as c:
         deadline = time.monotonic() + 180
         while c.get(f"{base}/health", params={"base_model": live_server.model.name}).status_code != 200:
             assert time.monotonic() < deadline, "the trainer never became ready"
             time.sleep(0.2)
-        init = c.post(f"{base}/init_trainer_server", json={"lora_rank": 4, "seq_id": 1, "run_id": run["id"]},
-                      headers={"Idempotency-Key": "init-1"})
+        init = c.post(
+            f"{base}/init_trainer_server",
+            json={"lora_rank": 4, "seq_id": 1, "run_id": run["id"]},
+            headers={"Idempotency-Key": "init-1"},
+        )
         assert init.status_code == 202, init.text
         assert _result(c, base, "init-1") == {"status": "done", "result": {"step": 0, "lora_rank": 4}}
-        datum = {"model_input": {"chunks": [{"type": "encoded_text", "tokens": [11, 12, 13, 14, 15]}]},
-                 "loss_fn_inputs": {"target_tokens": {"data": [12, 13, 14, 15, 16], "dtype": "int64", "shape": [5]}}}
+        datum = {
+            "model_input": {"chunks": [{"type": "encoded_text", "tokens": [11, 12, 13, 14, 15]}]},
+            "loss_fn_inputs": {"target_tokens": {"data": [12, 13, 14, 15, 16], "dtype": "int64", "shape": [5]}},
+        }
         fb = {"data": [datum], "loss_fn": "cross_entropy", "seq_id": 2, "run_id": run["id"]}
         step = {"adam_params": {"learning_rate": 1e-2, "grad_clip_norm": 1.0}, "seq_id": 3, "run_id": run["id"]}
         key = uuid.uuid4().hex
@@ -67,38 +74,67 @@ def test_a_retried_op_is_applied_once_and_a_reconnected_client_gets_its_result(l
 def _ready_run(live_server, lora_rank: int = 4) -> tuple[dict, str]:  # type: ignore[no-untyped-def]
     with _client(live_server) as c:
         sid = c.post("/v1/loops/sessions").json()["session"]["id"]
-        run = c.post("/v1/loops/trainers", json={"session_id": sid, "base_model": live_server.model.name,
-                                                 "lora_rank": lora_rank, "seed": 1}).json()["run"]
+        run = c.post(
+            "/v1/loops/trainers",
+            json={"session_id": sid, "base_model": live_server.model.name, "lora_rank": lora_rank, "seed": 1},
+        ).json()["run"]
     base = run["base_url"].removeprefix(live_server.base_url)
     with _client(live_server, run["id"]) as c:
         deadline = time.monotonic() + 180
         while c.get(f"{base}/health").status_code != 200:
             assert time.monotonic() < deadline, "the trainer never became ready"
             time.sleep(0.2)
-        r = c.post(f"{base}/init_trainer_server", json={"lora_rank": lora_rank, "seq_id": 1}, headers={"Idempotency-Key": "init"})
+        r = c.post(
+            f"{base}/init_trainer_server",
+            json={"lora_rank": lora_rank, "seq_id": 1},
+            headers={"Idempotency-Key": "init"},
+        )
         assert r.status_code == 202 and _result(c, base, "init")["status"] == "done"
     return run, base
 
 
 def test_a_split_forward_backward_is_the_same_as_one(live_server) -> None:  # type: ignore[no-untyped-def]
-    datums = [{"model_input": {"chunks": [{"type": "encoded_text", "tokens": [20 + i, 21 + i, 22 + i, 23 + i]}]},
-               "loss_fn_inputs": {"target_tokens": {"data": [-100, 22 + i, 23 + i, 24 + i], "dtype": "int64", "shape": [4]}}}
-              for i in range(4)]
+    datums = [
+        {
+            "model_input": {"chunks": [{"type": "encoded_text", "tokens": [20 + i, 21 + i, 22 + i, 23 + i]}]},
+            "loss_fn_inputs": {
+                "target_tokens": {"data": [-100, 22 + i, 23 + i, 24 + i], "dtype": "int64", "shape": [4]}
+            },
+        }
+        for i in range(4)
+    ]
     step = {"adam_params": {"learning_rate": 1e-2, "grad_clip_norm": 1.0}}
     after = []
     for split in (False, True):
         run, base = _ready_run(live_server)
         with _client(live_server, run["id"]) as c:
             if split:  # chunks with seq ids 2 and 3, the second one sent first
-                b = c.post(f"{base}/forward_backward", json={"data": datums[2:], "seq_id": 3}, headers={"Idempotency-Key": "c2"})
-                a = c.post(f"{base}/forward_backward", json={"data": datums[:2], "seq_id": 2}, headers={"Idempotency-Key": "c1"})
+                b = c.post(
+                    f"{base}/forward_backward",
+                    json={"data": datums[2:], "seq_id": 3},
+                    headers={"Idempotency-Key": "c2"},
+                )
+                a = c.post(
+                    f"{base}/forward_backward",
+                    json={"data": datums[:2], "seq_id": 2},
+                    headers={"Idempotency-Key": "c1"},
+                )
                 assert a.status_code == b.status_code == 202
                 nxt = 4
             else:
-                assert c.post(f"{base}/forward_backward", json={"data": datums, "seq_id": 2},
-                              headers={"Idempotency-Key": "c1"}).status_code == 202
+                assert (
+                    c.post(
+                        f"{base}/forward_backward",
+                        json={"data": datums, "seq_id": 2},
+                        headers={"Idempotency-Key": "c1"},
+                    ).status_code
+                    == 202
+                )
                 nxt = 3
-            assert c.post(f"{base}/optim_step", json={**step, "seq_id": nxt}, headers={"Idempotency-Key": "s"}).status_code == 202
+            assert (
+                c.post(f"{base}/optim_step", json={**step, "seq_id": nxt}, headers={"Idempotency-Key": "s"}).status_code
+                == 202
+            )
             assert _result(c, base, "s")["status"] == "done"
             r = c.post(f"{base}/forward", json={"data": datums, "seq_id": nxt + 1}, headers={"Idempotency-Key": "f"})
             assert r.status_code == 202

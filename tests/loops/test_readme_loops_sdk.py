@@ -30,10 +30,16 @@ def test_readme_loops_sdk_example_runs(loops_client, live_server, tmp_path: Path
         assert old in src, f"README example no longer contains {old}"
         src = src.replace(old, new)
     script = tmp_path / "readme_loops.py"
-    script.write_text(src + "\nimport json\nprint(json.dumps({'state': state, 'version': out.policy_version, "
-                            "'samples': len(out.sequences)}))\n")
+    script.write_text(
+        src + "\nimport json\nprint(json.dumps({'state': state, 'version': out.policy_version, "
+        "'samples': len(out.sequences)}))\n"
+    )
     res = loops_client.run(script, timeout=800)
     losses = [float(line.split()[1]) for line in res.stdout.splitlines() if re.match(r"^\d+ ", line)]
     assert len(losses) == 10 and losses[-1] < losses[0], res.stdout
-    assert res.result is not None and res.result["state"].startswith("bt://loops:") and res.result["state"].endswith("/weights/step-10")
+    assert (
+        res.result is not None
+        and res.result["state"].startswith("bt://loops:")
+        and res.result["state"].endswith("/weights/step-10")
+    )
     assert res.result["version"] == 10 and res.result["samples"] == 2

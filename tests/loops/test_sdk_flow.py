@@ -35,7 +35,9 @@ def test_training_loss_falls_and_pipelined_ops_run_in_order(flow: dict) -> None:
     assert {"grad_norm:mean", "learning_rate:mean"} <= set(flow["optim_metrics"])
     assert all(names == ["elementwise_loss", "logprobs"] for names in flow["forward_outputs"])
     # ignored (-100) positions come back as null logprobs (NaN in the SDK's tensors)
-    assert any(x is None for x in flow["forward_logprobs"][0]) and any(x is not None for x in flow["forward_logprobs"][0])
+    assert any(x is None for x in flow["forward_logprobs"][0]) and any(
+        x is not None for x in flow["forward_logprobs"][0]
+    )
 
 
 def test_checkpoints_are_listed_with_loops_paths(flow: dict) -> None:
@@ -50,7 +52,11 @@ def test_sampling_the_published_weights(flow: dict) -> None:
     assert flow["sample_policy_version"] == 4
     assert len(flow["samples"]) == 2
     for s in flow["samples"]:
-        assert 1 <= len(s["tokens"]) <= 6 and len(s["logprobs"]) == len(s["tokens"]) and all(lp <= 0 for lp in s["logprobs"])
+        assert (
+            1 <= len(s["tokens"]) <= 6
+            and len(s["logprobs"]) == len(s["tokens"])
+            and all(lp <= 0 for lp in s["logprobs"])
+        )
     lps = flow["prompt_logprobs"]
     assert lps[0] is None and all(x is not None and x <= 0 for x in lps[1:])
     assert flow["sampler_adapter"] == "default" and flow["sampler_base_model"]
@@ -91,11 +97,15 @@ def test_the_tinker_sdk_trains_a_loops_run_further(flow: dict, live_server) -> N
         tokens, targets = p + a, [0] * (len(p) - 1) + a + [0]
         weights = [0.0] * (len(p) - 1) + [1.0] * len(a) + [0.0]
         active += len(a)
-        data.append(types.Datum(
-            model_input=types.ModelInput.from_ints(tokens),
-            loss_fn_inputs={"target_tokens": types.TensorData(data=targets, dtype="int64", shape=[len(targets)]),
-                            "weights": types.TensorData(data=weights, dtype="float32", shape=[len(weights)])},
-        ))
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens),
+                loss_fn_inputs={
+                    "target_tokens": types.TensorData(data=targets, dtype="int64", shape=[len(targets)]),
+                    "weights": types.TensorData(data=weights, dtype="float32", shape=[len(weights)]),
+                },
+            )
+        )
     tinker_path = flow["state_path"].replace("bt://loops:", "tinker://")
     service = tinker.ServiceClient(base_url=live_server.base_url, api_key=live_server.api_key)
     try:

@@ -48,7 +48,9 @@ def test_transformers_loads_and_runs_it(tiny_dir):
     assert tok.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(len(SPECIAL_TOKENS)))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|pad|>"
     assert len(tok) <= cfg["vocab_size"]
-    text = tok.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hello world"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"
     ids = tok.encode("<think>paris</think> is the capital")
     assert tok.decode(ids, skip_special_tokens=True) == "<think>paris</think> is the capital"
@@ -61,7 +63,11 @@ def test_cli_build_list_and_registry(tmp_path):
     root = tmp_path / "models"
     proc = subprocess.run(
         [sys.executable, "-m", "data_plane.models", "build", "tiny", "--out", str(root / "tiny")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -74,19 +80,31 @@ def test_cli_build_list_and_registry(tmp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "data_plane.models", "list", "--dir", str(root)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
     )
     assert proc.returncode == 0 and "openloops/tiny" in proc.stdout
     proc = subprocess.run(
         [sys.executable, "-m", "data_plane.models", "list", "--dir", str(root), "--json"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
     )
     assert [m["name"] for m in json.loads(proc.stdout)] == ["openloops/tiny"]
     assert [m.name for m in scan(root)] == ["openloops/tiny"]
 
     bad = subprocess.run(
         [sys.executable, "-m", "data_plane.models", "build", "huge", "--out", str(root / "x")],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
     )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 

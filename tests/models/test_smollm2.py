@@ -46,8 +46,10 @@ def test_import_smollm2_answers_sensibly(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     gen = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(gen[0][ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(gen[0][ids["input_ids"].shape[1] :])

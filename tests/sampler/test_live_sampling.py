@@ -99,11 +99,15 @@ def test_loops_base_url_serves_openai_completions(live_stack: LiveStack, vllm_se
     sid = vllm_server.extra["keepalive_sampler_id"]
     with live_stack.http() as c:
         base = c.get(f"/v1/loops/samplers/{sid}").json()["sampler"]["base_url"]
-        r = c.post(f"{base}/v1/completions", json={"model": "anything", "prompt": PROMPT, "max_tokens": 5, "temperature": 0})
+        r = c.post(
+            f"{base}/v1/completions", json={"model": "anything", "prompt": PROMPT, "max_tokens": 5, "temperature": 0}
+        )
         assert r.status_code == 200, r.text
         out = r.json()
         assert out["model"] == "anything" and out["usage"]["completion_tokens"] == 5 and out["choices"][0]["text"]
-        r = c.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        r = c.post(
+            f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["role"] == "assistant"
         assert c.post(f"{base}/v1/completions", json={"prompt": "x", "stream": True}).status_code == 400
@@ -129,26 +133,39 @@ def test_same_seed_same_sample(base_sampler: tinker.SamplingClient):
     params = tinker.SamplingParams(max_tokens=12, seed=1234, temperature=1.0)
     a = base_sampler.sample(prompt=ints(PROMPT), num_samples=2, sampling_params=params).result()
     b = base_sampler.sample(prompt=ints(PROMPT), num_samples=2, sampling_params=params).result()
-    c = base_sampler.sample(prompt=ints(PROMPT), num_samples=2, sampling_params=tinker.SamplingParams(max_tokens=12, seed=99, temperature=1.0)).result()
+    c = base_sampler.sample(
+        prompt=ints(PROMPT),
+        num_samples=2,
+        sampling_params=tinker.SamplingParams(max_tokens=12, seed=99, temperature=1.0),
+    ).result()
     assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
     assert [s.tokens for s in a.sequences] != [s.tokens for s in c.sequences]
 
 
 def test_stop_tokens_and_strings(base_sampler: tinker.SamplingClient, tokenizer):
-    free = base_sampler.sample(prompt=ints(PROMPT), num_samples=1,
-                               sampling_params=tinker.SamplingParams(max_tokens=16, seed=5, temperature=0.0)).result()
+    free = base_sampler.sample(
+        prompt=ints(PROMPT),
+        num_samples=1,
+        sampling_params=tinker.SamplingParams(max_tokens=16, seed=5, temperature=0.0),
+    ).result()
     toks = free.sequences[0].tokens
     assert len(toks) >= 4
     stop_tok = toks[3]
     first = toks.index(stop_tok)
-    r = base_sampler.sample(prompt=ints(PROMPT), num_samples=1,
-                            sampling_params=tinker.SamplingParams(max_tokens=16, seed=5, temperature=0.0, stop=[stop_tok])).result()
+    r = base_sampler.sample(
+        prompt=ints(PROMPT),
+        num_samples=1,
+        sampling_params=tinker.SamplingParams(max_tokens=16, seed=5, temperature=0.0, stop=[stop_tok]),
+    ).result()
     assert r.sequences[0].tokens == toks[: first + 1] and r.sequences[0].stop_reason == "stop"
     text = tokenizer.decode(toks)
     stop_str = tokenizer.decode(toks[2:4]).strip() or tokenizer.decode(toks[3:4])
     assert stop_str and stop_str in text
-    r = base_sampler.sample(prompt=ints(PROMPT), num_samples=1,
-                            sampling_params=tinker.SamplingParams(max_tokens=16, seed=5, temperature=0.0, stop=[stop_str])).result()
+    r = base_sampler.sample(
+        prompt=ints(PROMPT),
+        num_samples=1,
+        sampling_params=tinker.SamplingParams(max_tokens=16, seed=5, temperature=0.0, stop=[stop_str]),
+    ).result()
     seq = r.sequences[0]
     assert seq.stop_reason == "stop"
     out = tokenizer.decode(seq.tokens)
@@ -160,16 +177,26 @@ def test_prompt_logprobs_and_compute_logprobs(base_sampler: tinker.SamplingClien
     lps = base_sampler.compute_logprobs(ints(PROMPT)).result()
     assert len(lps) == len(PROMPT) and lps[0] is None
     assert all(isinstance(x, float) and x <= 0 and math.isfinite(x) for x in lps[1:])
-    r = base_sampler.sample(prompt=ints(PROMPT), num_samples=1, include_prompt_logprobs=True, topk_prompt_logprobs=3,
-                            sampling_params=tinker.SamplingParams(max_tokens=1, seed=1)).result()
+    r = base_sampler.sample(
+        prompt=ints(PROMPT),
+        num_samples=1,
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=3,
+        sampling_params=tinker.SamplingParams(max_tokens=1, seed=1),
+    ).result()
     np.testing.assert_allclose(r.prompt_logprobs[1:], lps[1:], atol=1e-5)
     assert r.topk_prompt_logprobs[0] is None and all(len(row) == 3 for row in r.topk_prompt_logprobs[1:])
 
 
 def test_bad_requests_are_rejected_before_a_future(live_stack: LiveStack, base_sampler: tinker.SamplingClient):
-    sid = base_sampler._sampling_session_id  # noqa: SLF001
-    body = {"sampling_session_id": sid, "seq_id": 0, "num_samples": 1, "prompt": {"chunks": []},
-            "sampling_params": {"max_tokens": 2}}
+    sid = base_sampler._sampling_session_id
+    body = {
+        "sampling_session_id": sid,
+        "seq_id": 0,
+        "num_samples": 1,
+        "prompt": {"chunks": []},
+        "sampling_params": {"max_tokens": 2},
+    }
     with live_stack.http() as c:
         r = c.post("/api/v1/asample", json=body)
         assert r.status_code == 400 and "prompt" in r.json()["detail"]
@@ -180,11 +207,19 @@ def test_bad_requests_are_rejected_before_a_future(live_stack: LiveStack, base_s
         assert r.status_code == 400
         r = c.post("/api/v1/asample", json={**body, "sampling_session_id": "nope:sample:0"})
         assert r.status_code == 404
-        r = c.post("/api/v1/create_sampling_session", json={"session_id": sid.split(":")[0], "sampling_session_seq_id": 99,
-                                                             "model_path": "tinker://x:train:0/sampler_weights/none"})
+        r = c.post(
+            "/api/v1/create_sampling_session",
+            json={
+                "session_id": sid.split(":")[0],
+                "sampling_session_seq_id": 99,
+                "model_path": "tinker://x:train:0/sampler_weights/none",
+            },
+        )
         assert r.status_code == 404
-        r = c.post("/api/v1/create_sampling_session", json={"session_id": sid.split(":")[0], "sampling_session_seq_id": 98,
-                                                             "model_path": "tinker://bad"})
+        r = c.post(
+            "/api/v1/create_sampling_session",
+            json={"session_id": sid.split(":")[0], "sampling_session_seq_id": 98, "model_path": "tinker://bad"},
+        )
         assert r.status_code == 400
         r = c.get(f"/api/v1/samplers/{sid}")
         assert r.json() == {"sampler_id": sid, "base_model": live_stack.base_model, "model_path": None}
@@ -192,9 +227,14 @@ def test_bad_requests_are_rejected_before_a_future(live_stack: LiveStack, base_s
 
 def test_saturated_server_answers_429(live_stack: LiveStack, base_sampler: tinker.SamplingClient):
     d = dispatcher_for(live_stack.runtime)
-    sid = base_sampler._sampling_session_id  # noqa: SLF001
-    body = {"sampling_session_id": sid, "seq_id": 0, "num_samples": 1,
-            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}, "sampling_params": {"max_tokens": 2}}
+    sid = base_sampler._sampling_session_id
+    body = {
+        "sampling_session_id": sid,
+        "seq_id": 0,
+        "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+        "sampling_params": {"max_tokens": 2},
+    }
     saved = d.max_in_flight
     d.max_in_flight = 0
     try:
@@ -213,8 +253,10 @@ def test_deleted_checkpoint_adapter_is_unloaded(live_stack: LiveStack, vllm_serv
 
     async def load_then_unload() -> tuple[bool, bool, bool]:
         async with VLLMClient(vllm_server.base_url) as c:
-            body = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
-                    "sampling_params": {"max_tokens": 2, "temperature": 0.0}}
+            body = {
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+                "sampling_params": {"max_tokens": 2, "temperature": 0.0},
+            }
             await c.sample(body, model=prefix)
             loaded = prefix in {m.id for m in await c.list_models()}
             d = dispatcher_for(live_stack.runtime)
@@ -227,10 +269,14 @@ def test_deleted_checkpoint_adapter_is_unloaded(live_stack: LiveStack, vllm_serv
 
 @pytest.mark.kills_sampler
 def test_killed_sampler_fails_rows_and_pending_futures(live_stack: LiveStack, vllm_server: VLLMServer, base_sampler):
-    sid = base_sampler._sampling_session_id  # noqa: SLF001
-    body = {"sampling_session_id": sid, "seq_id": 0, "num_samples": 8,
-            "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
-            "sampling_params": {"max_tokens": 400, "temperature": 1.0, "stop": []}}
+    sid = base_sampler._sampling_session_id
+    body = {
+        "sampling_session_id": sid,
+        "seq_id": 0,
+        "num_samples": 8,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+        "sampling_params": {"max_tokens": 400, "temperature": 1.0, "stop": []},
+    }
     with live_stack.http() as c:
         rids = [c.post("/api/v1/asample", json=body).json()["request_id"] for _ in range(4)]
         pid = live_stack.sampler_pid()

@@ -65,8 +65,15 @@ async def env(clean_state: None, services: TestServices, data_dir: Path):
     async with r.db.transaction() as s:
         sess = await sessions_svc.create_session(s, t.principal, origin="tinker")
         for seq in (0, 1):
-            await open_sampling_session(s, org_id=t.org_id, created_by=t.user_id, session_id=sess.id, seq_id=seq,
-                                        base_model=TEST_MODEL, checkpoint=None)
+            await open_sampling_session(
+                s,
+                org_id=t.org_id,
+                created_by=t.user_id,
+                session_id=sess.id,
+                seq_id=seq,
+                base_model=TEST_MODEL,
+                checkpoint=None,
+            )
     yield r, backend, sess.id
     await r.close()
 
@@ -109,9 +116,16 @@ async def test_shared_workload_statuses_and_failure(env):
     res = await queue.read("req-pending")
     assert res is not None and res.state == q.FutureState.FAILED and b"SIGKILL" in res.body
     async with r.db.session() as s:
-        hist = [h.to_status for h in (await s.execute(
-            select(StatusHistory).where(StatusHistory.resource_id == f"{sid}:sample:0")
-            .order_by(StatusHistory.id))).scalars()]
+        hist = [
+            h.to_status
+            for h in (
+                await s.execute(
+                    select(StatusHistory)
+                    .where(StatusHistory.resource_id == f"{sid}:sample:0")
+                    .order_by(StatusHistory.id)
+                )
+            ).scalars()
+        ]
     assert hist == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "UNHEALTHY", "FAILED"]
 
 

@@ -17,7 +17,7 @@ from tests.control_plane.conftest import TEST_MODEL, make_settings
 from tests.infra.services import TestServices
 
 
-def _launch(spec) -> SamplerLaunch:  # noqa: ANN001
+def _launch(spec) -> SamplerLaunch:
     return SamplerLaunch.from_json(spec.env[ENV_VAR])
 
 

@@ -30,15 +30,28 @@ async def _setup(r):
     async with r.db.transaction() as s:
         sess = await sessions_svc.create_session(s, t.principal, origin="tinker")
         run = Run(
-            id=f"{sess.id}:train:0", org_id=t.org_id, created_by=t.user_id, session_id=sess.id, origin="tinker",
-            name="r", base_model=TEST_MODEL, status="ACTIVE", lora_rank=8, max_seq_len=512,
+            id=f"{sess.id}:train:0",
+            org_id=t.org_id,
+            created_by=t.user_id,
+            session_id=sess.id,
+            origin="tinker",
+            name="r",
+            base_model=TEST_MODEL,
+            status="ACTIVE",
+            lora_rank=8,
+            max_seq_len=512,
             scale_down_delay_seconds=3600,
         )
         s.add(run)
         await s.flush()
         ckpt = await record_checkpoint(
-            s, run, kind="sampler_weights", name="s1", storage_prefix=f"ckpt/{run.id}/sampler_weights/s1",
-            files=[("adapter_config.json", 10)], lora_config={"rank": 8},
+            s,
+            run,
+            kind="sampler_weights",
+            name="s1",
+            storage_prefix=f"ckpt/{run.id}/sampler_weights/s1",
+            files=[("adapter_config.json", 10)],
+            lora_config={"rank": 8},
         )
     return t, sess.id, ckpt
 

@@ -41,7 +41,15 @@ def req(**kw):
 
 def test_chunks_are_concatenated_and_defaults():
     spec = parse_sample_request(
-        req(prompt={"chunks": [{"tokens": [1, 2], "type": "encoded_text"}, {"tokens": [3]}, {"tokens": [4, 5], "type": "encoded_text"}]})
+        req(
+            prompt={
+                "chunks": [
+                    {"tokens": [1, 2], "type": "encoded_text"},
+                    {"tokens": [3]},
+                    {"tokens": [4, 5], "type": "encoded_text"},
+                ]
+            }
+        )
     )
     assert spec.prompt_tokens == (1, 2, 3, 4, 5)
     body = build_completion_body(spec, model="m")
@@ -194,7 +202,13 @@ def test_max_tokens_zero_returns_empty_sequences():
     assert build_completion_body(spec, model="m")["max_tokens"] == 1
     completion = {
         "choices": [
-            _choice(0, [7], [-1.0], "length", prompt_lps=[None, {"5": {"logprob": -1, "rank": 1}}, {"9": {"logprob": -2, "rank": 3}}])
+            _choice(
+                0,
+                [7],
+                [-1.0],
+                "length",
+                prompt_lps=[None, {"5": {"logprob": -1, "rank": 1}}, {"9": {"logprob": -2, "rank": 3}}],
+            )
         ]
     }
     out = deserialize_sample_response(completion_to_sample_response(spec, completion))

@@ -206,8 +206,16 @@ async def test_eos_stops_and_empty_stop_list_disables_it(client: VLLMClient, vll
 
 async def test_logprobs_agree_with_hf_and_topk_shapes(client: VLLMClient, vllm_server: VLLMServer, hf):
     t0 = time.perf_counter()
-    r = await sample(client, vllm_server.served_model_name, n=2, max_tokens=10, seed=5,
-                     prompt_logprobs=True, topk_prompt=4, topk_sample=3)
+    r = await sample(
+        client,
+        vllm_server.served_model_name,
+        n=2,
+        max_tokens=10,
+        seed=5,
+        prompt_logprobs=True,
+        topk_prompt=4,
+        topk_sample=3,
+    )
     MEASURED["sample_n2_10tok_with_prompt_logprobs_s"] = time.perf_counter() - t0
     L = len(PROMPT)
     plp = r.prompt_logprobs_np
@@ -233,7 +241,9 @@ async def test_logprobs_agree_with_hf_and_topk_shapes(client: VLLMClient, vllm_s
         top_ids = s.topk_logprobs_np.token_ids.astype(int)
         top1_s = np.take_along_axis(rows_s[L - 1 :], top_ids[:, :1], 1)[:, 0]
         assert (top1_s >= rows_s[L - 1 :].max(-1) - LOGPROB_ATOL).all()
-        worst = max(worst, float(np.abs(s.topk_logprobs_np.logprobs - np.take_along_axis(rows_s[L - 1 :], top_ids, 1)).max()))
+        worst = max(
+            worst, float(np.abs(s.topk_logprobs_np.logprobs - np.take_along_axis(rows_s[L - 1 :], top_ids, 1)).max())
+        )
     MEASURED["base_logprob_max_abs_diff"] = worst
     assert worst < LOGPROB_ATOL
 
@@ -279,8 +289,10 @@ async def test_adapter_resolved_from_store_changes_output(client, vllm_server, a
     peft_model = hf(vllm_server, adapters["a1"])
     picked, _ = hf_logprobs(peft_model, PROMPT + lora.sequences[0].tokens)
     L = len(PROMPT)
-    worst = max(float(np.abs(lora.prompt_logprobs_np[1:] - picked[: L - 1]).max()),
-                float(np.abs(lora.sequences[0].logprobs_np - picked[L - 1 :]).max()))
+    worst = max(
+        float(np.abs(lora.prompt_logprobs_np[1:] - picked[: L - 1]).max()),
+        float(np.abs(lora.sequences[0].logprobs_np - picked[L - 1 :]).max()),
+    )
     MEASURED["adapter_logprob_max_abs_diff"] = worst
     assert worst < LOGPROB_ATOL
     # Greedy under the adapter = argmax of the HF+PEFT model, token by token.
@@ -343,14 +355,17 @@ async def test_mixed_batch_keeps_each_model_apart(client, vllm_server, adapters)
             np.testing.assert_allclose(r.prompt_logprobs_np[1:], ref.prompt_logprobs_np[1:], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["../x", "checkpoints/../x", "checkpoints/../../etc", "/etc/passwd", "outside/a1", "checkpoints/nope/missing"])
+@pytest.mark.parametrize(
+    "name",
+    ["../x", "checkpoints/../x", "checkpoints/../../etc", "/etc/passwd", "outside/a1", "checkpoints/nope/missing"],
+)
 async def test_bad_or_missing_adapter_names_are_refused(client, vllm_server, adapters, name):
     if name == "outside/a1":  # a real adapter, but outside the sampler's adapter prefix
         write_test_adapter(vllm_server, None, name, seed=3)
-    before = set(p.name for p in vllm_server.cache_dir.iterdir()) if vllm_server.cache_dir.exists() else set()
+    before = {p.name for p in vllm_server.cache_dir.iterdir()} if vllm_server.cache_dir.exists() else set()
     with pytest.raises(AdapterNotFound):
         await client.sample(body(), model=name)
-    after = set(p.name for p in vllm_server.cache_dir.iterdir())
+    after = {p.name for p in vllm_server.cache_dir.iterdir()}
     assert after == before  # nothing was downloaded
     assert await client.health()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from control_plane.ports import free_port
 from control_plane.sampling import (
     AdapterLoadFailed,
     AdapterNotFound,
@@ -29,14 +30,25 @@ from data_plane.sampler.names import (
     validate_adapter_name,
 )
 from data_plane.wire.worker_config import StoreSpec
-from control_plane.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", "ckpt/../x", "/etc/passwd", "ckpt//a", "ckpt/a/", "ckpt\\a", "ckpt/./a", ".hidden/a", "", "a b", "ckpt/a\x00"],
+    [
+        "../x",
+        "ckpt/../x",
+        "/etc/passwd",
+        "ckpt//a",
+        "ckpt/a/",
+        "ckpt\\a",
+        "ckpt/./a",
+        ".hidden/a",
+        "",
+        "a b",
+        "ckpt/a\x00",
+    ],
 )
 def test_bad_adapter_names(name):
     with pytest.raises(InvalidAdapterName):
@@ -57,18 +69,35 @@ def test_launch_roundtrip_and_exec_plan(tmp_path):
     from data_plane.sampler.launch import build_exec
 
     launch = SamplerLaunch(
-        sampler_id="s1", model_source="/models/tiny", served_model_name="openloops/tiny",
-        store=StoreSpec(kind="local", root=str(tmp_path / "store")), adapter_cache_dir=str(tmp_path / "cache"),
-        port=8123, max_model_len=1024, max_lora_rank=12, max_loras=3, adapter_key_prefixes=["ckpt/"], device="cpu",
+        sampler_id="s1",
+        model_source="/models/tiny",
+        served_model_name="openloops/tiny",
+        store=StoreSpec(kind="local", root=str(tmp_path / "store")),
+        adapter_cache_dir=str(tmp_path / "cache"),
+        port=8123,
+        max_model_len=1024,
+        max_lora_rank=12,
+        max_loras=3,
+        adapter_key_prefixes=["ckpt/"],
+        device="cpu",
         extra_vllm_args=["--seed", "1"],
     )
     assert SamplerLaunch.from_env(launch.to_env()) == launch
     argv, env = build_exec(launch, environ={"PATH": "/usr/bin"})
     assert argv[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"]
     joined = " ".join(argv)
-    for frag in ("--model /models/tiny", "--served-model-name openloops/tiny", "--port 8123", "--enable-lora",
-                 "--max-lora-rank 16", "--max-loras 3", "--max-model-len 1024", "--enforce-eager",
-                 "--gpu-memory-utilization 0.2", "--seed 1"):
+    for frag in (
+        "--model /models/tiny",
+        "--served-model-name openloops/tiny",
+        "--port 8123",
+        "--enable-lora",
+        "--max-lora-rank 16",
+        "--max-loras 3",
+        "--max-model-len 1024",
+        "--enforce-eager",
+        "--gpu-memory-utilization 0.2",
+        "--seed 1",
+    ):
         assert frag in joined
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert SamplerLaunch.from_json(env[ENV_VAR]) == launch
@@ -77,8 +106,14 @@ def test_launch_roundtrip_and_exec_plan(tmp_path):
         "from importlib.metadata import entry_points;"
         "print([e.value for e in entry_points(group='vllm.general_plugins') if e.name=='openloops_store_resolver'])"
     )
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "PATH": "/usr/bin"}, capture_output=True,
-                         text=True, check=True, cwd="/")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    )
     assert "data_plane.sampler.resolver:register" in out.stdout
 
 
@@ -143,7 +178,10 @@ async def _stand_in(handler):
 
 
 def _err(status, message, typ="BadRequestError"):
-    return {"status": status, "body": json.dumps({"error": {"message": message, "type": typ, "param": None, "code": status}})}
+    return {
+        "status": status,
+        "body": json.dumps({"error": {"message": message, "type": typ, "param": None, "code": status}}),
+    }
 
 
 @pytest.mark.parametrize(
@@ -264,8 +302,14 @@ def test_in_flight_limit_raises_busy():
 def test_cli_overrides_and_dry_run(tmp_path, capsys, monkeypatch):
     from data_plane.sampler.launch import main
 
-    launch = SamplerLaunch(sampler_id="s1", model_source="/m", served_model_name="b",
-                           adapter_cache_dir=str(tmp_path / "cache"), port=1, device="cpu")
+    launch = SamplerLaunch(
+        sampler_id="s1",
+        model_source="/m",
+        served_model_name="b",
+        adapter_cache_dir=str(tmp_path / "cache"),
+        port=1,
+        device="cpu",
+    )
     monkeypatch.setenv(ENV_VAR, launch.to_env()[ENV_VAR])
     main(["--port", "8000", "--host", "0.0.0.0", "--dry-run", "--seed", "3"])
     out = capsys.readouterr().out

@@ -31,7 +31,9 @@ def test_key_maps_to_file_under_root(store: LocalDirStore) -> None:
     assert (store.root / "run:1" / "weights" / "000005" / "adapter.safetensors").read_bytes() == b"w"
 
 
-def test_failed_write_keeps_old_object_and_leaves_no_temp(store: LocalDirStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_keeps_old_object_and_leaves_no_temp(
+    store: LocalDirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store.put_bytes("a/obj", b"old")
 
     def broken_replace(src, dst):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from control_plane.ports import free_ports
 from data_plane.storage import ObjectNotFound, S3Store, StoreError
 from data_plane.storage import s3 as s3_module
-from control_plane.ports import free_ports
 from tests.infra.s3_servers import S3Server, seed_moto_objects
 
 MIB = 1 << 20

@@ -166,8 +166,10 @@ def test_user_errors_are_reported(service, live_server: LiveServer) -> None:
         tc.optim_step(types.AdamParams(learning_rate=-1.0)).result()
     far = types.Datum(
         model_input=types.ModelInput.from_ints([1, 10**6]),
-        loss_fn_inputs={"target_tokens": types.TensorData(data=[2, 3], dtype="int64", shape=[2]),
-                        "weights": types.TensorData(data=[1.0, 1.0], dtype="float32", shape=[2])},
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=[2, 3], dtype="int64", shape=[2]),
+            "weights": types.TensorData(data=[1.0, 1.0], dtype="float32", shape=[2]),
+        },
     )
     with pytest.raises(tinker.RequestFailedError, match="vocab|token"):
         tc.forward_backward([far], "cross_entropy").result()
@@ -188,11 +190,16 @@ def test_importance_sampling_matches_hand_computation(service, live_server: Live
         lp = out["logprobs"].to_numpy().astype(np.float32)
         adv = np.full(lp.shape, 0.5 * (i + 1), dtype=np.float32)
         adv_total += float(adv.sum())
-        rl.append(types.Datum(model_input=d.model_input, loss_fn_inputs={
-            "target_tokens": d.loss_fn_inputs["target_tokens"],
-            "logprobs": types.TensorData(data=lp.tolist(), dtype="float32", shape=list(lp.shape)),
-            "advantages": types.TensorData(data=adv.tolist(), dtype="float32", shape=list(adv.shape)),
-        }))
+        rl.append(
+            types.Datum(
+                model_input=d.model_input,
+                loss_fn_inputs={
+                    "target_tokens": d.loss_fn_inputs["target_tokens"],
+                    "logprobs": types.TensorData(data=lp.tolist(), dtype="float32", shape=list(lp.shape)),
+                    "advantages": types.TensorData(data=adv.tolist(), dtype="float32", shape=list(adv.shape)),
+                },
+            )
+        )
     out = tc.forward_backward(rl, "importance_sampling").result()
     assert _loss(out) == pytest.approx(-adv_total, rel=1e-4)
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
@@ -239,7 +246,12 @@ def _post(live_server: LiveServer, path: str, body: dict, key: str | None = None
 def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> None:
     sess = _post(live_server, "create_session", {"tags": [], "user_metadata": {}, "type": "create_session"}).json()
     sid = sess["session_id"]
-    create = {"session_id": sid, "model_seq_id": 0, "base_model": live_server.model.name, "lora_config": {"rank": 4, "seed": 0}}
+    create = {
+        "session_id": sid,
+        "model_seq_id": 0,
+        "base_model": live_server.model.name,
+        "lora_config": {"rank": 4, "seed": 0},
+    }
     f0 = _post(live_server, "create_model", create).json()
     assert f0["model_id"] == f"{sid}:train:0"
     # a repeated (model_id, seq_id) gets the same future
@@ -277,10 +289,13 @@ def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> 
     gone = _post(live_server, "retrieve_future", {"request_id": "req-does-not-exist"})
     assert gone.status_code == 410 and "req-does-not-exist" in gone.json()["detail"]
     # an unnamed sampler save opens a sampling session pinned to that snapshot
-    snap = _post(live_server, "save_weights_for_sampler",
-                 {"model_id": f0["model_id"], "seq_id": 3, "sampling_session_seq_id": 5}).json()
+    snap = _post(
+        live_server, "save_weights_for_sampler", {"model_id": f0["model_id"], "seq_id": 3, "sampling_session_seq_id": 5}
+    ).json()
     deadline = time.monotonic() + 120
-    while (res := _post(live_server, "retrieve_future", {"request_id": snap["request_id"]}).json()).get("type") == "try_again":
+    while (res := _post(live_server, "retrieve_future", {"request_id": snap["request_id"]}).json()).get(
+        "type"
+    ) == "try_again":
         assert time.monotonic() < deadline
     assert res["sampling_session_id"] == f"{sid}:sample:5"
     smp = live_server.call(_sampler_row(live_server, res["sampling_session_id"]))
@@ -357,13 +372,22 @@ def _dpo_and_dppo(service: tinker.ServiceClient, live_server: LiveServer) -> Non
     tc = service.create_lora_training_client(live_server.model.name, rank=4, seed=6).result()
     tok = tc.get_tokenizer()
     plain = _datums(tok, TEXTS[:2])  # one (chosen, rejected) pair
-    lps = [o["logprobs"].to_numpy().astype(np.float64) for o in tc.forward(plain, "cross_entropy").result().loss_fn_outputs]
+    lps = [
+        o["logprobs"].to_numpy().astype(np.float64) for o in tc.forward(plain, "cross_entropy").result().loss_fn_outputs
+    ]
     weights = [d.loss_fn_inputs["weights"].to_numpy().astype(np.float64) for d in plain]
     ref = [lp - 0.01 * (i + 1) for i, lp in enumerate(lps)]  # a reference policy a little behind
-    pairs = [types.Datum(model_input=d.model_input, loss_fn_inputs={
-        "target_tokens": d.loss_fn_inputs["target_tokens"], "weights": d.loss_fn_inputs["weights"],
-        "ref_logprobs": types.TensorData(data=r.tolist(), dtype="float32", shape=list(r.shape)),
-    }) for d, r in zip(plain, ref, strict=True)]
+    pairs = [
+        types.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "weights": d.loss_fn_inputs["weights"],
+                "ref_logprobs": types.TensorData(data=r.tolist(), dtype="float32", shape=list(r.shape)),
+            },
+        )
+        for d, r in zip(plain, ref, strict=True)
+    ]
     beta = 0.5
     out = tc.forward_backward(pairs, "dpo", {"beta": beta}).result()  # type: ignore[arg-type]
     s = [float((w * (lp - r)).sum()) for w, lp, r in zip(weights, lps, ref, strict=True)]
@@ -376,11 +400,19 @@ def _dpo_and_dppo(service: tinker.ServiceClient, live_server: LiveServer) -> Non
 
     # dppo with the behaviour policy equal to the learner: every ratio is 1, nothing is masked,
     # the KL term is 0, and the loss is -sum(advantages)
-    rl = [types.Datum(model_input=d.model_input, loss_fn_inputs={
-        "target_tokens": d.loss_fn_inputs["target_tokens"],
-        "logprobs": types.TensorData(data=lp.astype(np.float32).tolist(), dtype="float32", shape=list(lp.shape)),
-        "advantages": types.TensorData(data=[0.5] * len(lp), dtype="float32", shape=[len(lp)]),
-    }) for d, lp in zip(plain, lps, strict=True)]
+    rl = [
+        types.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "logprobs": types.TensorData(
+                    data=lp.astype(np.float32).tolist(), dtype="float32", shape=list(lp.shape)
+                ),
+                "advantages": types.TensorData(data=[0.5] * len(lp), dtype="float32", shape=[len(lp)]),
+            },
+        )
+        for d, lp in zip(plain, lps, strict=True)
+    ]
     out = tc.forward_backward(rl, "dppo", {"adv_tau": 2.0}).result()  # type: ignore[arg-type]
     assert _loss(out) == pytest.approx(-sum(0.5 / 2.0 * len(lp) for lp in lps), rel=1e-4)
     assert out.metrics["dppo_masked_fraction:mean"] == 0.0

@@ -35,9 +35,22 @@ def _runtime(tmp_path: Path, backend: str):
 
 def _run() -> Run:
     now = datetime.now(UTC)
-    return Run(id="s:train:0", org_id="org-1", created_by="usr-1", session_id="s", origin="tinker",
-               name="n", base_model="tiny/tiny-llm", status="DEPLOYING", lora_rank=8, lora_config={},
-               max_seq_len=256, scale_down_delay_seconds=60, created_at=now, updated_at=now)
+    return Run(
+        id="s:train:0",
+        org_id="org-1",
+        created_by="usr-1",
+        session_id="s",
+        origin="tinker",
+        name="n",
+        base_model="tiny/tiny-llm",
+        status="DEPLOYING",
+        lora_rank=8,
+        lora_config={},
+        max_seq_len=256,
+        scale_down_delay_seconds=60,
+        created_at=now,
+        updated_at=now,
+    )
 
 
 async def test_kubernetes_trainer_gets_redis_from_the_secret(tmp_path: Path) -> None:

@@ -74,7 +74,9 @@ def dense(arr: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(arr.shape), dense=arr.astype("<f4").tobytes())
 
 
-def fwd_request(datums: list[dict], loss_fn: str = "cross_entropy", forward_only: bool = False, config: dict | None = None) -> bytes:
+def fwd_request(
+    datums: list[dict], loss_fn: str = "cross_entropy", forward_only: bool = False, config: dict | None = None
+) -> bytes:
     """``datums``: dicts with ``tokens`` (model input) and loss input arrays."""
     req = pb.ForwardBackwardRequest(model_id="m", loss_fn=loss_fn, forward_only=forward_only)
     for k, v in (config or {}).items():
@@ -167,7 +169,9 @@ class Driver:
 
     # convenience ops
     def create(self, rank: int = 8, seed: int = 0, **kw) -> str:
-        return self.send(OpKind.CREATE, op_bodies.encode(op_bodies.CreateBody(op_bodies.LoraSpec(rank=rank, seed=seed, **kw))))
+        return self.send(
+            OpKind.CREATE, op_bodies.encode(op_bodies.CreateBody(op_bodies.LoraSpec(rank=rank, seed=seed, **kw)))
+        )
 
     def fwd(self, datums, **kw) -> str:
         return self.send(OpKind.FORWARD_BACKWARD, fwd_request(datums, **kw))
@@ -178,7 +182,9 @@ class Driver:
 
     def save(self, kind: str, prefix: str, name: str | None, **kw) -> str:
         op = OpKind.SAVE_WEIGHTS if kind == "weights" else OpKind.SAVE_WEIGHTS_FOR_SAMPLER
-        return self.send(op, op_bodies.encode(op_bodies.SaveBody(checkpoint_kind=kind, storage_prefix=prefix, name=name, **kw)))
+        return self.send(
+            op, op_bodies.encode(op_bodies.SaveBody(checkpoint_kind=kind, storage_prefix=prefix, name=name, **kw))
+        )
 
     def state(self) -> dict[str, str]:
         """The worker's own state (of its deployment)."""
@@ -215,7 +221,9 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
     """Start ``python -m data_plane.trainer`` for a run; returns a :class:`Driver`."""
     started: list[Driver] = []
 
-    def _start(run_id: str, microbatch_tokens: int = 64, max_seq_len: int = 256, deployment_id: str | None = None) -> Driver:
+    def _start(
+        run_id: str, microbatch_tokens: int = 64, max_seq_len: int = 256, deployment_id: str | None = None
+    ) -> Driver:
         """A worker for deployment ``deployment_id`` (default ``dep-{run_id}``) with ``run_id``
         attached; the run's model id is the run id, as the control plane makes it."""
         deployment_id = deployment_id or f"dep-{run_id}"
@@ -231,11 +239,19 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
         )
         log_path = tmp_path / f"worker-{run_id}-{len(started)}.log"
         # a lower-case level, as the control plane spells it, must not break the worker
-        env = {**os.environ, **launch.to_env(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2",
-               "OPENLOOPS_LOG_LEVEL": "info"}
+        env = {
+            **os.environ,
+            **launch.to_env(),
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "2",
+            "OPENLOOPS_LOG_LEVEL": "info",
+        }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "data_plane.trainer"], cwd=REPO, env=env,
-            stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "data_plane.trainer"],
+            cwd=REPO,
+            env=env,
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
         )
         d = Driver(redis.Redis.from_url(valkey_url), run_id, run_id, deployment_id, proc=proc, _log=log_path)
         d.attach(max_seq_len)

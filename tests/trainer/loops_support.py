@@ -17,20 +17,34 @@ from data_plane.wire import tinker_wire_pb2 as pb
 from tests.trainer.conftest import dense
 
 
-def new_model(tiny_model: Path, store_dir: Path, *, microbatch_tokens: int = 4096, rank: int = 4,
-              seed: int = 3, create: bool = True, **lora) -> TrainingModel:
+def new_model(
+    tiny_model: Path,
+    store_dir: Path,
+    *,
+    microbatch_tokens: int = 4096,
+    rank: int = 4,
+    seed: int = 3,
+    create: bool = True,
+    **lora,
+) -> TrainingModel:
     base = load_base(str(tiny_model), torch.device("cpu"), torch.float32)
     m = TrainingModel(
-        model_id="s:train:0", base_model_name="openloops/tiny", base=base, device=torch.device("cpu"),
-        store=LocalDirStore(store_dir), max_seq_len=512, microbatch_tokens=microbatch_tokens,
+        model_id="s:train:0",
+        base_model_name="openloops/tiny",
+        base=base,
+        device=torch.device("cpu"),
+        store=LocalDirStore(store_dir),
+        max_seq_len=512,
+        microbatch_tokens=microbatch_tokens,
     )
     if create:
         m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=rank, seed=seed, **lora)))
     return m
 
 
-def loops_request(datums: list[dict], loss_fn: str = "cross_entropy", forward_only: bool = False,
-                  config: dict | None = None) -> bytes:
+def loops_request(
+    datums: list[dict], loss_fn: str = "cross_entropy", forward_only: bool = False, config: dict | None = None
+) -> bytes:
     """What the control plane builds from the Loops SDK's JSON: config numbers in
     ``loss_fn_config_v2`` only (options included)."""
     req = pb.ForwardBackwardRequest(model_id="m", loss_fn=loss_fn, forward_only=forward_only)

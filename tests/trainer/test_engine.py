@@ -27,8 +27,13 @@ def make_model(tiny_model, tmp_path):
     def _make(microbatch_tokens: int = 4096, rank: int = 4, **lora) -> TrainingModel:
         base = load_base(str(tiny_model), torch.device("cpu"), torch.float32)
         m = TrainingModel(
-            model_id="s:train:0", base_model_name="openloops/tiny", base=base, device=torch.device("cpu"),
-            store=LocalDirStore(tmp_path / "store"), max_seq_len=512, microbatch_tokens=microbatch_tokens,
+            model_id="s:train:0",
+            base_model_name="openloops/tiny",
+            base=base,
+            device=torch.device("cpu"),
+            store=LocalDirStore(tmp_path / "store"),
+            max_seq_len=512,
+            microbatch_tokens=microbatch_tokens,
         )
         m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=rank, seed=3, **lora)))
         return m
@@ -118,12 +123,18 @@ def test_two_dim_targets_dense_and_sparse_via_sdk(make_model):
     targets = torch.from_numpy(rng.integers(6, 2048, (n, k)))
     weights = torch.zeros(n, k)
     weights[2, 0], weights[4, 1], weights[5, 2] = 1.0, -0.5, 2.0  # sparse: the SDK sends CSR
-    datum = tt.Datum(model_input=tt.ModelInput.from_ints(tokens.tolist()),
-                     loss_fn_inputs={"target_tokens": targets, "weights": weights})
-    one_d = tt.Datum(model_input=tt.ModelInput.from_ints(tokens.tolist()),
-                     loss_fn_inputs={"target_tokens": tokens[::-1].copy(), "weights": np.ones(n, np.float32)})
+    datum = tt.Datum(
+        model_input=tt.ModelInput.from_ints(tokens.tolist()),
+        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+    )
+    one_d = tt.Datum(
+        model_input=tt.ModelInput.from_ints(tokens.tolist()),
+        loss_fn_inputs={"target_tokens": tokens[::-1].copy(), "weights": np.ones(n, np.float32)},
+    )
     req = tt.ForwardBackwardRequest(
-        forward_backward_input=tt.ForwardBackwardInput(data=[datum, one_d], loss_fn="cross_entropy"), model_id="x", seq_id=1
+        forward_backward_input=tt.ForwardBackwardInput(data=[datum, one_d], loss_fn="cross_entropy"),
+        model_id="x",
+        seq_id=1,
     )
     msg = request_conv.forward_backward_request_to_proto(req)
     assert msg.data[0].loss_fn_inputs["weights"].WhichOneof("encoding") == "sparse_csr"
@@ -134,18 +145,32 @@ def test_two_dim_targets_dense_and_sparse_via_sdk(make_model):
         full = torch.log_softmax(m.peft(input_ids=torch.from_numpy(tokens)[None]).logits[0], -1)
     np.testing.assert_allclose(lp, full.gather(-1, targets).numpy(), **TOL)
     assert out.loss_fn_outputs[1]["logprobs"].to_numpy().shape == (n,)
-    want = -(full.gather(-1, targets) * weights).sum() - full.gather(-1, torch.from_numpy(tokens[::-1].copy())[:, None]).sum()
+    want = (
+        -(full.gather(-1, targets) * weights).sum()
+        - full.gather(-1, torch.from_numpy(tokens[::-1].copy())[:, None]).sum()
+    )
     assert out.metrics["loss:sum"] == pytest.approx(float(want), rel=1e-5)
 
 
 def test_rl_losses_through_the_engine(make_model):
     m = make_model()
     d = sft_batch(2, n=2)
-    rl = [{"tokens": x["tokens"], "target_tokens": x["target_tokens"],
-           "logprobs": np.full(len(x["tokens"]), -7.0, np.float32),
-           "advantages": np.linspace(-1, 1, len(x["tokens"])).astype(np.float32)} for x in d]
+    rl = [
+        {
+            "tokens": x["tokens"],
+            "target_tokens": x["target_tokens"],
+            "logprobs": np.full(len(x["tokens"]), -7.0, np.float32),
+            "advantages": np.linspace(-1, 1, len(x["tokens"])).astype(np.float32),
+        }
+        for x in d
+    ]
     rl[0]["clip_low_threshold"] = np.full(len(rl[0]["tokens"]), 0.5, np.float32)  # per-token, one datum only
-    for loss_fn, cfg in [("importance_sampling", None), ("ppo", None), ("cispo", {"clip_high_threshold": 1.5}), ("dro", {"beta": 0.1})]:
+    for loss_fn, cfg in [
+        ("importance_sampling", None),
+        ("ppo", None),
+        ("cispo", {"clip_high_threshold": 1.5}),
+        ("dro", {"beta": 0.1}),
+    ]:
         out = run(m, rl, loss_fn=loss_fn, config=cfg)
         assert [o["logprobs"].to_numpy().shape for o in out.loss_fn_outputs] == [(len(x["tokens"]),) for x in rl]
         el = sum(float(o["elementwise_loss"].to_numpy().sum()) for o in out.loss_fn_outputs)
@@ -198,7 +223,9 @@ def test_checkpoint_roundtrip_and_layout_mismatch(make_model, tmp_path):
 
 
 def test_lora_settings_defaults_and_targets(make_model):
-    s = LoraSettings.resolve(op_bodies.LoraSpec(rank=16, seed=None, train_attn=False, train_mlp=True, train_unembed=False))
+    s = LoraSettings.resolve(
+        op_bodies.LoraSpec(rank=16, seed=None, train_attn=False, train_mlp=True, train_unembed=False)
+    )
     assert s.alpha == 32.0 and s.seed >= 0 and s.target_modules() == ["gate_proj", "up_proj", "down_proj"]
     with pytest.raises(UserError, match="at least one"):
         LoraSettings.resolve(op_bodies.LoraSpec(train_attn=False, train_mlp=False, train_unembed=False))
@@ -214,4 +241,13 @@ def test_empty_and_malformed_requests(make_model):
     out = pb.ForwardBackwardOutput.FromString(m.forward_backward(fwd_request([])))
     assert out.metrics["loss:sum"] == 0.0 and len(out.loss_fn_outputs) == 0
     with pytest.raises(UserError, match="empty"):
-        run(m, [{"tokens": np.zeros(0, np.int64), "target_tokens": np.zeros(0, np.int64), "weights": np.zeros(0, np.float32)}])
+        run(
+            m,
+            [
+                {
+                    "tokens": np.zeros(0, np.int64),
+                    "target_tokens": np.zeros(0, np.int64),
+                    "weights": np.zeros(0, np.float32),
+                }
+            ],
+        )

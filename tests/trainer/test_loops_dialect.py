@@ -66,7 +66,9 @@ def test_ignored_positions_match_tinker_weights(make_model):
     assert set(out) == {"loss", "loss_fn_output_type", "loss_fn_outputs", "metrics"}
     assert out["loss_fn_output_type"] == "TensorData"
     assert out["loss"] == pytest.approx(ref.metrics["loss:sum"] / active, rel=1e-5)
-    assert out["metrics"] == pytest.approx({"loss": out["loss"], "num_tokens": float(active), "skip_token_normalization": 0.0})
+    assert out["metrics"] == pytest.approx(
+        {"loss": out["loss"], "num_tokens": float(active), "skip_token_normalization": 0.0}
+    )
     assert len(out["loss_fn_outputs"]) == len(data)
     for d, o, r in zip(data, out["loss_fn_outputs"], ref.loss_fn_outputs):
         assert set(o) == {"logprobs", "elementwise_loss"}
@@ -97,7 +99,9 @@ def test_weights_are_optional_and_zero_weights_count_nothing_but_are_scored(make
     # NaN only where there is no target: a zero weight still gets its logprob (the SDK's
     # forward_backward_custom reads logprobs with all-zero weights)
     assert np.isnan(lp[~scored]).all() and np.isfinite(lp[scored]).all() and not active[5]
-    full = full_logprobs(m, d["tokens"])[torch.arange(n), torch.as_tensor(np.where(active, d["target_tokens"], 0))].numpy()
+    full = full_logprobs(m, d["tokens"])[
+        torch.arange(n), torch.as_tensor(np.where(active, d["target_tokens"], 0))
+    ].numpy()
     assert out["metrics"]["num_tokens"] == active.sum()
     assert out["loss"] == pytest.approx(float(-(full * w)[active].sum() / active.sum()), rel=1e-5)
     assert m.engine.accumulation == (None, 0) and grads(m) == {}  # forward_only
@@ -115,7 +119,9 @@ def test_deferred_normalization_equals_one_call(make_model):
     one = loops_run(whole, a + b)
     count = la["metrics"]["num_tokens"] + lb["metrics"]["num_tokens"]
     assert one["metrics"]["num_tokens"] == count
-    assert one["loss"] == pytest.approx((la["loss"] * la["metrics"]["num_tokens"] + lb["loss"] * lb["metrics"]["num_tokens"]) / count, rel=1e-5)
+    assert one["loss"] == pytest.approx(
+        (la["loss"] * la["metrics"]["num_tokens"] + lb["loss"] * lb["metrics"]["num_tokens"]) / count, rel=1e-5
+    )
     assert split.engine.accumulation == whole.engine.accumulation == ("mean", count)
     summed = grads(whole)
     norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in summed.values()]))) / count
@@ -188,9 +194,15 @@ def test_failed_call_keeps_the_counters(make_model):
     data = loopsify(sft_batch(7, n=2))
     loops_run(m, data)
     before, acc = grads(m), m.engine.accumulation
-    rl = [{"tokens": d["tokens"], "target_tokens": d["target_tokens"],
-           "logprobs": np.full(len(d["tokens"]), -1e4, np.float32),
-           "advantages": np.ones(len(d["tokens"]), np.float32)} for d in data]
+    rl = [
+        {
+            "tokens": d["tokens"],
+            "target_tokens": d["target_tokens"],
+            "logprobs": np.full(len(d["tokens"]), -1e4, np.float32),
+            "advantages": np.ones(len(d["tokens"]), np.float32),
+        }
+        for d in data
+    ]
     with pytest.raises(NonFiniteLoss):
         loops_run(m, rl, loss_fn="importance_sampling")
     assert m.engine.accumulation == acc
@@ -300,8 +312,16 @@ def test_empty_request(make_model):
 
 
 def test_json_encoding():
-    assert tensor_data(np.array([1.5, np.nan, -np.inf], np.float32)) == {"data": [1.5, None, None], "dtype": "float32", "shape": [3]}
-    assert tensor_data(np.arange(6, dtype=np.int64).reshape(2, 3)) == {"data": [0, 1, 2, 3, 4, 5], "dtype": "int64", "shape": [2, 3]}
+    assert tensor_data(np.array([1.5, np.nan, -np.inf], np.float32)) == {
+        "data": [1.5, None, None],
+        "dtype": "float32",
+        "shape": [3],
+    }
+    assert tensor_data(np.arange(6, dtype=np.int64).reshape(2, 3)) == {
+        "data": [0, 1, 2, 3, 4, 5],
+        "dtype": "int64",
+        "shape": [2, 3],
+    }
     assert tensor_data(np.zeros((0, 4), np.float32)) == {"data": [], "dtype": "float32", "shape": [0, 4]}
     raw = encode_forward_backward(
         float("nan"), [{"logprobs": np.array([np.nan, -0.5], np.float32)}], {"loss": math.inf, "num_tokens": 1.0}

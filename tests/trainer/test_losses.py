@@ -66,7 +66,7 @@ def test_ppo_per_token_thresholds_override_config():
 
 
 def test_cispo():
-    el, loss, grad = _run("cispo")
+    el, _, grad = _run("cispo")
     clipped = [1.2, 0.8, 1.2]  # clip(r, 0.8, 1.2), stop-gradient
     assert el == pytest.approx([-clipped[i] * TLP[i] * ADV[i] for i in range(3)])
     assert grad == pytest.approx([-clipped[i] * ADV[i] for i in range(3)])
@@ -74,7 +74,7 @@ def test_cispo():
 
 def test_dro():
     beta = 0.3
-    el, loss, grad = _run("dro", {"beta": beta})
+    el, _, grad = _run("dro", {"beta": beta})
     d = [TLP[i] - SLP[i] for i in range(3)]
     assert el == pytest.approx([-(TLP[i] * ADV[i] - 0.5 * beta * d[i] ** 2) for i in range(3)])
     assert grad == pytest.approx([-(ADV[i] - beta * d[i]) for i in range(3)])

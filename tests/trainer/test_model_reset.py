@@ -90,7 +90,10 @@ def test_detach_then_create_again_is_a_fresh_run(make_model):
         m.loops_forward_backward(b"")
     m.detach()  # no adapter: nothing to do
     m.model_id, m.max_seq_len = "next:train:0", 256  # the worker switches runs
-    assert m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=4, seed=11))) == {"model_id": "next:train:0", "type": "create_model"}
+    assert m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=4, seed=11))) == {
+        "model_id": "next:train:0",
+        "type": "create_model",
+    }
     assert _same(fresh_initial, params(m))
     assert _train_step(m) == pytest.approx(fresh_loss, rel=1e-6)
     assert m.optimizer_steps == 1
@@ -114,7 +117,9 @@ def test_create_from_checkpoint_initial_values_and_steps(make_model):
     assert _same(saved, params(m)) and m.optimizer_steps == 0
     # the live-model load reports the steps after it
     assert m.load(body)["step"] == 2
-    no_opt = op_bodies.LoadWeightsBody(storage_prefix="c/w", tinker_path="tinker://s:train:0/weights/w", optimizer=False)
+    no_opt = op_bodies.LoadWeightsBody(
+        storage_prefix="c/w", tinker_path="tinker://s:train:0/weights/w", optimizer=False
+    )
     assert m.load(no_opt)["step"] == 2  # the weights' own step count, as before
 
 
@@ -127,7 +132,9 @@ def test_failed_create_from_checkpoint_leaves_a_bare_base(make_model):
     src.store.put_bytes(meta_key, json.dumps(meta).encode())
     m = make_model(create=False)
     with pytest.raises(UserError, match="shape"):
-        m.create_from_checkpoint(op_bodies.LoadWeightsBody(storage_prefix="c/bad", tinker_path="tinker://x/weights/bad", optimizer=False))
+        m.create_from_checkpoint(
+            op_bodies.LoadWeightsBody(storage_prefix="c/bad", tinker_path="tinker://x/weights/bad", optimizer=False)
+        )
     assert not m.created and _lora_modules(m) == 0
     m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=4, seed=3)))
     assert _same(params(src), params(m))

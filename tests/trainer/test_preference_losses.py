@@ -75,12 +75,20 @@ def test_dpo_scores_values_and_gradients():
     beta, eps = 0.5, 0.1
     cfg = resolve_config("dpo", {"beta": beta, "label_smoothing": eps}, {})
     pair = dpo(s[0::2], s[1::2], cfg)
-    sig = lambda x: 1 / (1 + math.exp(-x))
+
+    def sig(x: float) -> float:
+        return 1 / (1 + math.exp(-x))
+
     z = [beta * (want_s[0] - want_s[1]), beta * (want_s[2] - want_s[3])]  # 0.75, -0.25
     want = [-(1 - eps) * math.log(sig(zi)) - eps * math.log(sig(-zi)) for zi in z]
     assert pair.tolist() == pytest.approx(want)
     pair.sum().backward()
-    ds = [beta * (sig(z[0]) - 1 + eps), -beta * (sig(z[0]) - 1 + eps), beta * (sig(z[1]) - 1 + eps), -beta * (sig(z[1]) - 1 + eps)]
+    ds = [
+        beta * (sig(z[0]) - 1 + eps),
+        -beta * (sig(z[0]) - 1 + eps),
+        beta * (sig(z[1]) - 1 + eps),
+        -beta * (sig(z[1]) - 1 + eps),
+    ]
     assert tlp.grad.tolist() == pytest.approx([ds[int(seg[i])] * float(w[i]) for i in range(8)])
 
 
@@ -107,7 +115,12 @@ def test_bad_configs(name, v2, match):
 
 def test_config_defaults():
     assert resolve_config("dpo", {}, {}) == {"beta": 0.1, "label_smoothing": 0.0}
-    assert resolve_config("dppo", {}, {}) == {"dppo_mask_high": 0.2, "dppo_mask_low": 0.2, "adv_tau": 1.0, "kl_tau": 1e-3}
+    assert resolve_config("dppo", {}, {}) == {
+        "dppo_mask_high": 0.2,
+        "dppo_mask_low": 0.2,
+        "adv_tau": 1.0,
+        "kl_tau": 1e-3,
+    }
     assert get_loss("dpo").kind == "pair" and get_loss("dppo").kind == "token"
 
 
@@ -148,8 +161,11 @@ def _pairs_data(seed: int, loops: bool) -> list[dict]:
     out = []
     for d in data:
         n = len(d["tokens"])
-        x = {"tokens": d["tokens"], "target_tokens": d["target_tokens"].copy(),
-             "ref_logprobs": rng.uniform(-9, -6, n).astype(np.float32)}
+        x = {
+            "tokens": d["tokens"],
+            "target_tokens": d["target_tokens"].copy(),
+            "ref_logprobs": rng.uniform(-9, -6, n).astype(np.float32),
+        }
         if loops:
             x["target_tokens"][:3] = -100  # the prompt
             x["ref_logprobs"][:3] = np.nan  # nothing there: null from the SDK
@@ -233,7 +249,9 @@ def test_dpo_needs_pairs_and_reference(make_model):
     with pytest.raises(UserError, match="odd number"):
         loops_run(m, _pairs_data(2, loops=True)[:1], loss_fn="dpo")
     with pytest.raises(UserError, match="missing 'ref_logprobs'"):
-        m.forward_backward(fwd_request([{k: v for k, v in d.items() if k != "ref_logprobs"} for d in data], loss_fn="dpo"))
+        m.forward_backward(
+            fwd_request([{k: v for k, v in d.items() if k != "ref_logprobs"} for d in data], loss_fn="dpo")
+        )
     assert grads(m) == {}
 
 
@@ -242,9 +260,12 @@ def _rl_data(seed: int, loops: bool) -> list[dict]:
     rng = np.random.default_rng(seed)
     for d in sft_batch(seed, n=2):
         n = len(d["tokens"])
-        x = {"tokens": d["tokens"], "target_tokens": d["target_tokens"].copy(),
-             "logprobs": rng.uniform(-8.5, -7.0, n).astype(np.float32),
-             "advantages": rng.normal(size=n).astype(np.float32)}
+        x = {
+            "tokens": d["tokens"],
+            "target_tokens": d["target_tokens"].copy(),
+            "logprobs": rng.uniform(-8.5, -7.0, n).astype(np.float32),
+            "advantages": rng.normal(size=n).astype(np.float32),
+        }
         if loops:
             x["target_tokens"][:3] = -100
         out.append(x)
@@ -266,7 +287,9 @@ def test_dppo_through_both_dialects(make_model):
     cfg = {"dppo_mask_high": 1e-4, "dppo_mask_low": 1e-4, "kl_tau": 0.05}  # tiny model: small probabilities
     tink = make_model()
     data = _rl_data(3, loops=False)
-    out = response_conv.deserialize_forward_backward_output(tink.forward_backward(fwd_request(data, loss_fn="dppo", config=cfg)))
+    out = response_conv.deserialize_forward_backward_output(
+        tink.forward_backward(fwd_request(data, loss_fn="dppo", config=cfg))
+    )
     want_el = _manual_dppo_el(make_model(), data, cfg, False)
     got_el = np.concatenate([o["elementwise_loss"].to_numpy() for o in out.loss_fn_outputs])
     np.testing.assert_allclose(got_el, want_el.numpy(), rtol=1e-4, atol=1e-6)

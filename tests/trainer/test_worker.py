@@ -49,8 +49,13 @@ class Reference:
     def __init__(self, tiny_model: Path, store_root: Path) -> None:
         base = load_base(str(tiny_model), torch.device("cpu"), torch.float32)
         self.m = TrainingModel(
-            model_id="ref", base_model_name="openloops/tiny", base=base, device=torch.device("cpu"),
-            store=LocalDirStore(store_root), max_seq_len=256, microbatch_tokens=64,
+            model_id="ref",
+            base_model_name="openloops/tiny",
+            base=base,
+            device=torch.device("cpu"),
+            store=LocalDirStore(store_root),
+            max_seq_len=256,
+            microbatch_tokens=64,
         )
         self.m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=8, seed=0)))
 
@@ -60,7 +65,9 @@ class Reference:
         return out.metrics["loss:sum"]
 
     def eval(self) -> list[np.ndarray]:
-        return logprobs_of(pb.ForwardBackwardOutput.FromString(self.m.forward_backward(fwd_request(EVAL, forward_only=True))))
+        return logprobs_of(
+            pb.ForwardBackwardOutput.FromString(self.m.forward_backward(fwd_request(EVAL, forward_only=True)))
+        )
 
 
 def bad_ops(d) -> list[tuple[str, str]]:
@@ -81,15 +88,27 @@ def bad_ops(d) -> list[tuple[str, str]]:
     fwd([{**good, "weights": good["weights"][:-1]}], "shape")
     fwd([{**good, "weights": np.where(np.arange(n) == 4, np.nan, 1.0).astype(np.float32)}], "NaN")
     fwd([good], "unknown loss_fn_config", config={"beta": 0.1})
-    fwd([{**good, "logprobs": np.zeros(n, np.float32), "advantages": np.ones(n, np.float32)}], "ratio bounds",
-        loss_fn="ppo", config={"clip_low_threshold": 1.5, "clip_high_threshold": 1.2})
+    fwd(
+        [{**good, "logprobs": np.zeros(n, np.float32), "advantages": np.ones(n, np.float32)}],
+        "ratio bounds",
+        loss_fn="ppo",
+        config={"clip_low_threshold": 1.5, "clip_high_threshold": 1.2},
+    )
     # importance sampling whose ratio overflows in the *second* micro-batch: the first one's
     # backward already ran, so the worker must restore the gradients it had before the call.
     big = sft_batch(8, n=1, length=40)[0]
-    rl_ok = {"tokens": big["tokens"], "target_tokens": big["target_tokens"],
-             "logprobs": np.zeros(40, np.float32), "advantages": np.ones(40, np.float32)}
-    rl_bad = {"tokens": good["tokens"], "target_tokens": good["target_tokens"],
-              "logprobs": np.full(n, -100.0, np.float32), "advantages": np.ones(n, np.float32)}
+    rl_ok = {
+        "tokens": big["tokens"],
+        "target_tokens": big["target_tokens"],
+        "logprobs": np.zeros(40, np.float32),
+        "advantages": np.ones(40, np.float32),
+    }
+    rl_bad = {
+        "tokens": good["tokens"],
+        "target_tokens": good["target_tokens"],
+        "logprobs": np.full(n, -100.0, np.float32),
+        "advantages": np.ones(n, np.float32),
+    }
     fwd([rl_bad, rl_ok], "not finite", loss_fn="importance_sampling")
     img = pb.ForwardBackwardRequest(loss_fn="cross_entropy")
     c = img.data.add().model_input.add()
@@ -125,7 +144,9 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
     expected = -sum(float((o["logprobs"].to_numpy() * x["weights"]).sum()) for o, x in zip(sdk.loss_fn_outputs, batch1))
     assert out1.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
     np.testing.assert_allclose(
-        sdk.loss_fn_outputs[0]["elementwise_loss"].to_numpy(), -sdk.loss_fn_outputs[0]["logprobs"].to_numpy() * batch1[0]["weights"], **TOL
+        sdk.loss_fn_outputs[0]["elementwise_loss"].to_numpy(),
+        -sdk.loss_fn_outputs[0]["logprobs"].to_numpy() * batch1[0]["weights"],
+        **TOL,
     )
 
     # forward_only between forward_backward and optim_step must not touch the gradients
@@ -148,7 +169,9 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
 
     # step 3 with optim_step (seq k+1) arriving before its forward_backward (seq k)
     k = a.seq
-    m3 = a.send(OpKind.OPTIM_STEP, op_bodies.encode(op_bodies.OptimStepBody(op_bodies.AdamSpec(learning_rate=LR))), seq=k + 1)
+    m3 = a.send(
+        OpKind.OPTIM_STEP, op_bodies.encode(op_bodies.OptimStepBody(op_bodies.AdamSpec(learning_rate=LR))), seq=k + 1
+    )
     f3 = a.send(OpKind.FORWARD_BACKWARD, fwd_request(TRAIN), seq=k)
     a.seq = k + 2
     losses[2] = a.ok_proto(f3).metrics["loss:sum"]
@@ -176,9 +199,21 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
     assert cw.result == {"path": f"tinker://{a.model_id}/weights/ckpt-3", "type": "save_weights"}
     assert (cw.checkpoint_kind, cw.checkpoint_name, cw.storage_prefix) == ("weights", "ckpt-3", prefix)
     assert cw.ttl_seconds == 7200 and cw.user_metadata == {"k": "v"}
-    assert cw.lora_config == {"rank": 8, "alpha": 32.0, "seed": 0, "train_attn": True, "train_mlp": True, "train_unembed": True}
+    assert cw.lora_config == {
+        "rank": 8,
+        "alpha": 32.0,
+        "seed": 0,
+        "train_attn": True,
+        "train_mlp": True,
+        "train_unembed": True,
+    }
     listed = {o.key: o.size_bytes for o in store.list(prefix + "/")}
-    assert {f.relative_path for f in cw.files} == {ckpt.ADAPTER_CONFIG, ckpt.ADAPTER_WEIGHTS, ckpt.OPTIMIZER_STATE, ckpt.METADATA}
+    assert {f.relative_path for f in cw.files} == {
+        ckpt.ADAPTER_CONFIG,
+        ckpt.ADAPTER_WEIGHTS,
+        ckpt.OPTIMIZER_STATE,
+        ckpt.METADATA,
+    }
     assert listed == {f"{prefix}/{f.relative_path}": f.size_bytes for f in cw.files}
     meta = json.loads(store.get_bytes(f"{prefix}/{ckpt.METADATA}"))
     assert meta["optimizer_step"] == 3 and meta["base_model"] == "openloops/tiny" and meta["kind"] == "weights"
@@ -216,7 +251,9 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
     for got, want in zip(logprobs_of(b.ok_proto(b.fwd(EVAL, forward_only=True))), eval3):
         np.testing.assert_allclose(got, want, **TOL)
     # loading a checkpoint that does not exist is a user error and changes nothing
-    missing = op_bodies.LoadWeightsBody(storage_prefix="runs/nope/weights/x", tinker_path="tinker://nope/weights/x", optimizer=True)
+    missing = op_bodies.LoadWeightsBody(
+        storage_prefix="runs/nope/weights/x", tinker_path="tinker://nope/weights/x", optimizer=True
+    )
     res = b.result(b.send(OpKind.LOAD_WEIGHTS, op_bodies.encode(missing)))
     assert res.state == FutureState.FAILED and res.category == ErrorCategory.USER
 
@@ -229,8 +266,19 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
         store.download_file(f"runs/wa/sampler_weights/s3/{f.relative_path}", adapter_dir / f.relative_path)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "openloops/tiny" and cfg["r"] == 8 and cfg["lora_alpha"] == 32
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
-    peft_model = PeftModel.from_pretrained(load_base(str(tiny_model), torch.device("cpu"), torch.float32), str(adapter_dir))
+    assert set(cfg["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    }
+    peft_model = PeftModel.from_pretrained(
+        load_base(str(tiny_model), torch.device("cpu"), torch.float32), str(adapter_dir)
+    )
     with torch.no_grad():
         for d, want in zip(EVAL, eval3):
             logits = peft_model(input_ids=torch.from_numpy(d["tokens"])[None]).logits[0]
@@ -259,13 +307,20 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
 
 def test_base_model_load_failure_sets_failed_state(valkey_url, store_root, tmp_path):
     launch = TrainerLaunch(
-        deployment_id="dep-broken", base_model="nope", model_source=str(tmp_path / "missing"),
-        redis_url=valkey_url, store=StoreSpec(kind="local", root=str(store_root)), device="cpu",
+        deployment_id="dep-broken",
+        base_model="nope",
+        model_source=str(tmp_path / "missing"),
+        redis_url=valkey_url,
+        store=StoreSpec(kind="local", root=str(store_root)),
+        device="cpu",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "data_plane.trainer"], cwd=REPO,
+        [sys.executable, "-m", "data_plane.trainer"],
+        cwd=REPO,
         env={**os.environ, **launch.to_env(), "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     st = Driver(redis.Redis.from_url(valkey_url), "broken", "broken", "dep-broken").state()

@@ -38,11 +38,15 @@ def loops_data() -> list[dict]:
 
 def init_and_step(d: Driver) -> tuple[float, float]:
     assert d.ok_json(send(d, OpKind.INIT_TRAINER, op_bodies.encode(op_bodies.InitTrainerBody(lora_rank=8)), 1)) == {
-        "step": 0, "lora_rank": 8}
+        "step": 0,
+        "lora_rank": 8,
+    }
     fb = json.loads(d.result(send(d, OpKind.FORWARD_BACKWARD, loops_request(loops_data()), 2)).body)
     adam = op_bodies.encode(op_bodies.OptimStepBody(op_bodies.AdamSpec(learning_rate=1e-2, grad_clip_norm=1.0)))
     d.ok_json(send(d, OpKind.OPTIM_STEP, adam, 3))
-    after = json.loads(d.result(send(d, OpKind.FORWARD_BACKWARD, loops_request(loops_data(), forward_only=True), 4)).body)
+    after = json.loads(
+        d.result(send(d, OpKind.FORWARD_BACKWARD, loops_request(loops_data(), forward_only=True), 4)).body
+    )
     return fb["loss"], after["loss"]
 
 

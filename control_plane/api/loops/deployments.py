@@ -27,7 +27,9 @@ class LoopsDeploymentsController(Controller):
     tags = ["loops"]
 
     @get("", opt=ORG)
-    async def list_deployments(self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)) -> dict[str, Any]:
+    async def list_deployments(
+        self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)
+    ) -> dict[str, Any]:
         r = rt(request)
         async with r.db.session() as s:
             rows = await dep_svc.list_deployments(s, principal, scope=visibility)
@@ -57,8 +59,9 @@ class LoopsDeploymentsController(Controller):
     ) -> dict[str, Any]:
         """The trainer's request, CPU, memory, disk and GPU series (``series`` explains them)."""
         body = data or MetricsBody()
-        window = series.Window.parse(body.start_epoch_millis, body.end_epoch_millis, body.step_seconds,
-                                     body.time_divisor_seconds)
+        window = series.Window.parse(
+            body.start_epoch_millis, body.end_epoch_millis, body.step_seconds, body.time_divisor_seconds
+        )
         async with rt(request).db.session() as s:
             dep = await dep_svc.get_deployment(s, principal, deployment_id)
             metrics = await series.deployment_metrics(s, dep_svc.RESOURCE, dep.id, window)
@@ -66,25 +69,44 @@ class LoopsDeploymentsController(Controller):
 
     @get("/{deployment_id:str}/logs", opt=ORG)
     async def deployment_logs(
-        self, request: Request, principal: Principal, deployment_id: str,
-        start_epoch_millis: int | None = None, end_epoch_millis: int | None = None,
-        direction: str = "desc", limit: int = 500, min_level: str = "DEBUG",
+        self,
+        request: Request,
+        principal: Principal,
+        deployment_id: str,
+        start_epoch_millis: int | None = None,
+        end_epoch_millis: int | None = None,
+        direction: str = "desc",
+        limit: int = 500,
+        min_level: str = "DEBUG",
     ) -> dict[str, Any]:
         """The log lines of the deployment's trainer workers (its log file locally, its pods'
         logs on Kubernetes), newest first unless ``direction=asc``."""
-        q = LogsQuery.parse(start_epoch_millis, end_epoch_millis, direction, limit, min_level, now_ms=int(time.time() * 1000))
+        q = LogsQuery.parse(
+            start_epoch_millis, end_epoch_millis, direction, limit, min_level, now_ms=int(time.time() * 1000)
+        )
         r = rt(request)
         async with r.db.session() as s:
             dep = await dep_svc.get_deployment(s, principal, deployment_id)
         lines = await r.workload_backend().logs(
-            dep.id, WorkloadRole.TRAINER,
-            LogQuery(start_ns=q.start_ms * NS, end_ns=q.end_ms * NS, limit=q.limit, direction=q.direction,
-                     min_level=q.min_level),
+            dep.id,
+            WorkloadRole.TRAINER,
+            LogQuery(
+                start_ns=q.start_ms * NS,
+                end_ns=q.end_ms * NS,
+                limit=q.limit,
+                direction=q.direction,
+                min_level=q.min_level,
+            ),
         )
         return {
             "logs": [
-                {"timestamp": str(x.timestamp_ns), "message": x.message, "replica": x.replica,
-                 "request_id": x.request_id, "level": x.level}
+                {
+                    "timestamp": str(x.timestamp_ns),
+                    "message": x.message,
+                    "replica": x.replica,
+                    "request_id": x.request_id,
+                    "level": x.level,
+                }
                 for x in lines
             ]
         }

@@ -31,7 +31,9 @@ async def principal_names(s: AsyncSession, ids: set[str]) -> dict[str, dict[str,
         for u in (await s.execute(select(User.id, User.email).where(User.id.in_(users)))).all():
             out[u.id] = user_json(u.id, email=u.email)
     if sas:
-        for sa in (await s.execute(select(ServiceAccount.id, ServiceAccount.name).where(ServiceAccount.id.in_(sas)))).all():
+        for sa in (
+            await s.execute(select(ServiceAccount.id, ServiceAccount.name).where(ServiceAccount.id.in_(sas)))
+        ).all():
             out[sa.id] = user_json(sa.id, service_account=sa.name)
     return out
 
@@ -66,7 +68,9 @@ def sampler_json(smp: Sampler | Row, base_url: str, users: dict[str, dict[str, A
     }
 
 
-def run_json(run: Run | Row, sampler: Sampler | Row | None, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_json(
+    run: Run | Row, sampler: Sampler | Row | None, base_url: str, users: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "id": run.id,
         "session_id": run.session_id,

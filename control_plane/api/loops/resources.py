@@ -31,11 +31,18 @@ class LoopsResourcesController(Controller):
 
     @get("/checkpoints", opt=OWN)
     async def list_checkpoints(
-        self, request: Request, principal: Principal, run_id: str | None = None,
-        base_model: str | None = None, checkpoint_path: str | None = None, visibility: str | None = Parameter(query="scope", default=None),
+        self,
+        request: Request,
+        principal: Principal,
+        run_id: str | None = None,
+        base_model: str | None = None,
+        checkpoint_path: str | None = None,
+        visibility: str | None = Parameter(query="scope", default=None),
     ) -> EncodedJSON:
         if run_id and not base_model and not checkpoint_path:  # what training loops poll
-            body = await hot_reads.run_checkpoints(rt(request).db, principal, run_id, visibility, _checkpoints_body, "json")
+            body = await hot_reads.run_checkpoints(
+                rt(request).db, principal, run_id, visibility, _checkpoints_body, "json"
+            )
             return EncodedJSON(body)
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
@@ -44,7 +51,9 @@ class LoopsResourcesController(Controller):
         return EncodedJSON(_checkpoints_body(rows))
 
     @post("/checkpoints/validate", opt=OWN, status_code=200)
-    async def validate_checkpoint(self, request: Request, principal: Principal, data: ValidateCheckpointBody) -> dict[str, Any]:
+    async def validate_checkpoint(
+        self, request: Request, principal: Principal, data: ValidateCheckpointBody
+    ) -> dict[str, Any]:
         async with rt(request).db.session() as s:
             await ckpt_svc.validate_checkpoint(s, principal, data.checkpoint_path)
         return {}
@@ -56,7 +65,9 @@ class LoopsResourcesController(Controller):
         r = rt(request)
         async with r.db.session() as s:
             ckpt = await ckpt_svc.get_checkpoint(s, principal, checkpoint_id)
-            page = await ckpt_svc.checkpoint_files(s, ckpt, page_size=page_size, page_token=page_token, url_for=r.download_url)
+            page = await ckpt_svc.checkpoint_files(
+                s, ckpt, page_size=page_size, page_token=page_token, url_for=r.download_url
+            )
         return {"presigned_urls": page.files, "total_count": page.total_count, "next_page_token": page.next_page_token}
 
     @get("/checkpoints/{checkpoint_id:str}/source", opt=ORG)

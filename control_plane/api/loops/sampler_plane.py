@@ -48,8 +48,9 @@ def _behind(request: Request, exc: PolicyVersionBehind) -> Response[Any]:
 HANDLERS = {**DATA_PLANE_EXCEPTION_HANDLERS, PolicyVersionBehind: _behind}
 
 
-async def _ready(request: Request, principal: Principal, sampler_id: str, plane: LoopsSamplerPlane,
-                 routing: Routing) -> SamplerTarget:
+async def _ready(
+    request: Request, principal: Principal, sampler_id: str, plane: LoopsSamplerPlane, routing: Routing
+) -> SamplerTarget:
     """The sampler, awake: a scaled-to-zero one is woken and waited for; one still starting
     answers 503 (the SDK retries)."""
     t = await plane.target(principal, sampler_id, routing)
@@ -73,8 +74,9 @@ async def _forward(plane: LoopsSamplerPlane, serving: Serving, path: str, body: 
         raise SamplerUnavailable(exc.message) from exc
     if isinstance(payload, dict) and "model" in payload:
         payload["model"] = body.get("model") or serving.label
-    return Response(payload, status_code=status, media_type=MediaType.JSON,
-                    headers={POLICY_VERSION_HEADER: str(serving.version)})
+    return Response(
+        payload, status_code=status, media_type=MediaType.JSON, headers={POLICY_VERSION_HEADER: str(serving.version)}
+    )
 
 
 def _object(data: Any) -> dict[str, Any]:
@@ -97,10 +99,15 @@ class LoopsSamplerPlaneController(Controller):
         if body.get("model_input_chunks") is not None:
             raise InvalidInput("image prompts are not supported by this server (text only)", field="model_input_chunks")
         if body.get("include_routed_experts"):
-            raise InvalidInput("router replay (include_routed_experts) is not supported by this server",
-                               field="include_routed_experts")
+            raise InvalidInput(
+                "router replay (include_routed_experts) is not supported by this server", field="include_routed_experts"
+            )
         prompt = body.get("prompt")
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        if (
+            not isinstance(prompt, list)
+            or not prompt
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in prompt)
+        ):
             raise InvalidInput("prompt must be a non-empty list of token ids", field="prompt")
         plane = LoopsSamplerPlane(rt(request))
         routing = Routing.of(request.headers)
@@ -121,11 +128,14 @@ class LoopsSamplerPlaneController(Controller):
         return await self._openai(request, principal, sampler_id, "/v1/completions", _object(data))
 
     @post("/sync/v1/chat/completions", opt=ORG, status_code=200)
-    async def chat_completions(self, request: Request, principal: Principal, sampler_id: str, data: Any) -> Response[Any]:
+    async def chat_completions(
+        self, request: Request, principal: Principal, sampler_id: str, data: Any
+    ) -> Response[Any]:
         return await self._openai(request, principal, sampler_id, "/v1/chat/completions", _object(data))
 
-    async def _openai(self, request: Request, principal: Principal, sampler_id: str, path: str,
-                      body: dict[str, Any]) -> Response[Any]:
+    async def _openai(
+        self, request: Request, principal: Principal, sampler_id: str, path: str, body: dict[str, Any]
+    ) -> Response[Any]:
         plane = LoopsSamplerPlane(rt(request))
         # plain OpenAI clients send no routing headers: the URL names the sampler
         routing = Routing.of(request.headers) if _routed(request) else Routing(None, sampler_id, None, None)
@@ -167,5 +177,12 @@ class SamplerStatusController(Controller):
             from control_plane.errors import NotFound
 
             raise NotFound("deployment", f"{deployment_id} of model {model_id}")
-        return {"id": smp.id, "model_id": smp.id, "name": smp.id, "status": smp.status,
-                "status_reason": smp.status_reason, "created_at": smp.created_at, "is_production": True}
+        return {
+            "id": smp.id,
+            "model_id": smp.id,
+            "name": smp.id,
+            "status": smp.status,
+            "status_reason": smp.status_reason,
+            "created_at": smp.created_at,
+            "is_production": True,
+        }

@@ -42,8 +42,6 @@ class ValidateCheckpointBody(msgspec.Struct, kw_only=True):
     checkpoint_path: str
 
 
-
-
 class MetricsBody(msgspec.Struct, kw_only=True):
     start_epoch_millis: int | None = None
     end_epoch_millis: int | None = None
@@ -67,12 +65,15 @@ class LogsQuery:
     min_level: str
 
     @classmethod
-    def parse(cls, start_ms: int | None, end_ms: int | None, direction: str, limit: int, min_level: str,
-              *, now_ms: int) -> LogsQuery:
+    def parse(
+        cls, start_ms: int | None, end_ms: int | None, direction: str, limit: int, min_level: str, *, now_ms: int
+    ) -> LogsQuery:
         end = end_ms if end_ms is not None else now_ms
         start = start_ms if start_ms is not None else end - LOG_WINDOW_DEFAULT_MS
         if not 0 <= start < end:
-            raise InvalidInput("start_epoch_millis must be >= 0 and before end_epoch_millis", field="start_epoch_millis")
+            raise InvalidInput(
+                "start_epoch_millis must be >= 0 and before end_epoch_millis", field="start_epoch_millis"
+            )
         if end - start > LOG_WINDOW_MAX_MS:
             raise InvalidInput("the window may span at most 7 days", field="start_epoch_millis")
         if direction not in ("asc", "desc"):

@@ -40,8 +40,9 @@ def run_header(request: Request) -> str:
     """The run a trainer request names: ``X-Run-Id`` and no ``X-Sampler-Id``."""
     run_id = request.headers.get("x-run-id")
     if not run_id or request.headers.get("x-sampler-id"):
-        raise RunOrSamplerRequired("name exactly one of X-Run-Id or X-Sampler-Id (a trainer request names its run)",
-                                   field="X-Run-Id")
+        raise RunOrSamplerRequired(
+            "name exactly one of X-Run-Id or X-Sampler-Id (a trainer request names its run)", field="X-Run-Id"
+        )
     return run_id
 
 
@@ -67,8 +68,9 @@ class LoopsTrainerPlaneController(Controller):
     tags = ["loops data plane"]
 
     @get("/health", opt=ORG)
-    async def health(self, request: Request, principal: Principal, deployment_id: str,
-                     base_model: str | None = None) -> Response[Any]:
+    async def health(
+        self, request: Request, principal: Principal, deployment_id: str, base_model: str | None = None
+    ) -> Response[Any]:
         with metered(request, deployment_id) as out:
             ops = LoopsTrainerOps(rt(request))
             t = await ops.target(principal, deployment_id, run_header(request))
@@ -87,7 +89,9 @@ class LoopsTrainerPlaneController(Controller):
             return {"policy_version": await ops.policy_version(t), "run_id": t.run.id}
 
     @get("/operations/{operation_id:str}", opt=ORG)
-    async def operation(self, request: Request, principal: Principal, deployment_id: str, operation_id: str) -> Response[Any]:
+    async def operation(
+        self, request: Request, principal: Principal, deployment_id: str, operation_id: str
+    ) -> Response[Any]:
         with metered(request, deployment_id) as out:
             ops = LoopsTrainerOps(rt(request))
             t = await ops.target(principal, deployment_id, run_header(request))
@@ -102,7 +106,9 @@ class LoopsTrainerPlaneController(Controller):
             op = request.url.path.rstrip("/").rsplit("/", 1)[-1]
             ops = LoopsTrainerOps(rt(request))
             t = await ops.target(principal, deployment_id, run_header(request))
-            operation_id = await ops.submit(principal, t, op, await request.body(), request.headers.get("idempotency-key"))
+            operation_id = await ops.submit(
+                principal, t, op, await request.body(), request.headers.get("idempotency-key")
+            )
             out.status = 202
             location = f"{request.url.path.rsplit('/', 1)[0]}/operations/{operation_id}"
             return _json(202, {"operation_id": operation_id, "schema_version": SCHEMA_VERSION}, {"Location": location})

@@ -37,7 +37,9 @@ class LoopsTrainingController(Controller):
     tags = ["loops"]
 
     @post("/sessions", opt=ORG, status_code=200)
-    async def create_session(self, request: Request, principal: Principal, data: CreateSessionBody | None = None) -> dict[str, Any]:
+    async def create_session(
+        self, request: Request, principal: Principal, data: CreateSessionBody | None = None
+    ) -> dict[str, Any]:
         r = rt(request)
         async with r.db.transaction() as s:
             row = await sessions_svc.create_session(
@@ -51,7 +53,9 @@ class LoopsTrainingController(Controller):
             row = await sessions_svc.get_session(s, principal, session_id)
         return {"session": {"id": row.id, "status": row.status, "created_at": row.created_at}}
 
-    async def _create_run(self, request: Request, principal: Principal, data: CreateRunBody, with_sampler: bool) -> dict[str, Any]:
+    async def _create_run(
+        self, request: Request, principal: Principal, data: CreateRunBody, with_sampler: bool
+    ) -> dict[str, Any]:
         r = rt(request)
         req = runs_svc.RunRequest(
             session_id=data.session_id,
@@ -70,7 +74,9 @@ class LoopsTrainingController(Controller):
             with_sampler=with_sampler,
         )
         async with r.db.transaction() as s:
-            created = await runs_svc.create_run(s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds)
+            created = await runs_svc.create_run(
+                s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds
+            )
             await enqueue_initial_op(r, s, created.run)
             users = await p.principal_names(s, {created.run.created_by})
         for rid in created.replaced_run_ids:
@@ -88,8 +94,12 @@ class LoopsTrainingController(Controller):
 
     @get("/runs", opt=OWN)
     async def list_runs(
-        self, request: Request, principal: Principal, run_id: str | None = None,
-        base_model: str | None = None, visibility: str | None = Parameter(query="scope", default=None),
+        self,
+        request: Request,
+        principal: Principal,
+        run_id: str | None = None,
+        base_model: str | None = None,
+        visibility: str | None = Parameter(query="scope", default=None),
     ) -> dict[str, Any]:
         r = rt(request)
         async with r.db.session() as s:
@@ -120,8 +130,11 @@ class LoopsTrainingController(Controller):
     async def create_sampler(self, request: Request, principal: Principal, data: CreateSamplerBody) -> dict[str, Any]:
         r = rt(request)
         req = samplers_svc.SamplerRequest(
-            session_id=data.session_id, base_model=data.base_model, run_id=data.run_id,
-            max_seq_length=data.max_seq_length, model_path=data.model_path,
+            session_id=data.session_id,
+            base_model=data.base_model,
+            run_id=data.run_id,
+            max_seq_length=data.max_seq_length,
+            model_path=data.model_path,
         )
         async with r.db.transaction() as s:
             smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
@@ -130,7 +143,9 @@ class LoopsTrainingController(Controller):
         return {"sampler": p.sampler_json(smp, r.settings.base_url, users)}
 
     @get("/samplers", opt=OWN)
-    async def list_samplers(self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)) -> dict[str, Any]:
+    async def list_samplers(
+        self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)
+    ) -> dict[str, Any]:
         r = rt(request)
         async with r.db.session() as s:
             rows = await samplers_svc.list_samplers(s, principal, scope=visibility)

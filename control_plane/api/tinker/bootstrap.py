@@ -71,8 +71,9 @@ class TinkerBootstrapController(Controller):
     tags = ["tinker"]
 
     @post("/client/config", opt=OWN, status_code=200)
-    async def client_config(self, request: Request, principal: Principal,
-                            data: ClientConfigBody | None = None) -> dict[str, Any]:
+    async def client_config(
+        self, request: Request, principal: Principal, data: ClientConfigBody | None = None
+    ) -> dict[str, Any]:
         return {**CLIENT_CONFIG, "fwdbwd_max_chunk_len": rt(request).settings.tinker_fwdbwd_max_chunk_len}
 
     @post("/client/dynamic_config", opt=OWN, status_code=200)
@@ -86,8 +87,11 @@ class TinkerBootstrapController(Controller):
             raise InvalidInput("events must be a list", field="events")
         errors = [ev for ev in events if isinstance(ev, dict) and ev.get("event") == "UNHANDLED_EXCEPTION"]
         for ev in errors[:5]:
-            log.warning("client reported an unhandled exception", session_id=data.get("session_id"),
-                        error=str(ev.get("error_message") or ev.get("error_type") or "")[:500])
+            log.warning(
+                "client reported an unhandled exception",
+                session_id=data.get("session_id"),
+                error=str(ev.get("error_message") or ev.get("error_type") or "")[:500],
+            )
         return {"status": "accepted"}
 
     @get("/healthz", opt=OWN)
@@ -133,8 +137,9 @@ class TinkerBootstrapController(Controller):
         return {"type": "session_heartbeat"}
 
     @post("/sessions/{session_id:str}/finish", opt=OWN, status_code=200)
-    async def finish(self, request: Request, principal: Principal, session_id: str,
-                     data: FinishSessionBody | None = None) -> dict[str, Any]:
+    async def finish(
+        self, request: Request, principal: Principal, session_id: str, data: FinishSessionBody | None = None
+    ) -> dict[str, Any]:
         body = data or FinishSessionBody()
         r = rt(request)
         async with r.db.transaction() as s:
@@ -143,8 +148,14 @@ class TinkerBootstrapController(Controller):
         return {"session_id": row.id, "status": row.status, "reason": row.finish_reason}
 
     @get("/sessions", opt=OWN)
-    async def list_sessions(self, request: Request, principal: Principal, limit: int = 20, offset: int = 0,
-                            scope_: str | None = Parameter(query="access_scope", default=None)) -> dict[str, Any]:
+    async def list_sessions(
+        self,
+        request: Request,
+        principal: Principal,
+        limit: int = 20,
+        offset: int = 0,
+        scope_: str | None = Parameter(query="access_scope", default=None),
+    ) -> dict[str, Any]:
         limit, offset = page(limit, offset)
         conds = list_scope_filter(Session, principal, access_scope(scope_))
         async with rt(request).db.session() as s:
@@ -165,8 +176,9 @@ class TinkerBootstrapController(Controller):
         return out
 
     @put("/sessions/{session_id:str}/project", opt=OWN, status_code=200)
-    async def set_project(self, request: Request, principal: Principal, session_id: str,
-                          data: dict[str, Any]) -> dict[str, Any]:
+    async def set_project(
+        self, request: Request, principal: Principal, session_id: str, data: dict[str, Any]
+    ) -> dict[str, Any]:
         project_id = data.get("project_id") if isinstance(data, dict) else None
         if not isinstance(project_id, str) or not project_id:
             raise InvalidInput("project_id is required", field="project_id")
@@ -177,4 +189,3 @@ class TinkerBootstrapController(Controller):
                 raise InvalidInput(f"project {project_id!r} not found", field="project_id")
             row.training_project_id = proj.id
         return {"session_id": session_id, "project_id": project_id}
-

@@ -21,7 +21,9 @@ class TinkerFuturesController(Controller):
     tags = ["tinker"]
 
     @post("/retrieve_future", opt=OWN, status_code=200)
-    async def retrieve_future(self, request: Request, principal: Principal, data: RetrieveFutureBody) -> Response[bytes]:
+    async def retrieve_future(
+        self, request: Request, principal: Principal, data: RetrieveFutureBody
+    ) -> Response[bytes]:
         if not data.request_id:
             raise InvalidInput("request_id is required", field="request_id")
         r = rt(request)

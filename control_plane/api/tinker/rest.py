@@ -32,9 +32,15 @@ class TinkerRestController(Controller):
         return p.weights_info_json(ckpt)
 
     @get("/training_runs", opt=OWN)
-    async def list_runs(self, request: Request, principal: Principal, limit: int = 20, offset: int = 0,
-                        scope_: str | None = Parameter(query="access_scope", default=None),
-                        project_id: str | None = None) -> dict[str, Any]:
+    async def list_runs(
+        self,
+        request: Request,
+        principal: Principal,
+        limit: int = 20,
+        offset: int = 0,
+        scope_: str | None = Parameter(query="access_scope", default=None),
+        project_id: str | None = None,
+    ) -> dict[str, Any]:
         limit, offset = page(limit, offset)
         async with rt(request).db.session() as s:
             res = await tr_svc.list_training_runs(
@@ -46,8 +52,13 @@ class TinkerRestController(Controller):
         }
 
     @get("/training_runs/{run_id:str}", opt=OWN)
-    async def get_run(self, request: Request, principal: Principal, run_id: str,
-                      scope_: str | None = Parameter(query="access_scope", default=None)) -> dict[str, Any]:
+    async def get_run(
+        self,
+        request: Request,
+        principal: Principal,
+        run_id: str,
+        scope_: str | None = Parameter(query="access_scope", default=None),
+    ) -> dict[str, Any]:
         access_scope(scope_)
         async with rt(request).db.session() as s:
             run = await runs_svc.get_run(s, principal, run_id)
@@ -61,8 +72,9 @@ class TinkerRestController(Controller):
         return {"checkpoints": [p.checkpoint_json(c) for c in rows]}
 
     @delete("/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}", opt=OWN, status_code=200)
-    async def delete_checkpoint(self, request: Request, principal: Principal, run_id: str,
-                                checkpoint_id: str) -> dict[str, Any]:
+    async def delete_checkpoint(
+        self, request: Request, principal: Principal, run_id: str, checkpoint_id: str
+    ) -> dict[str, Any]:
         r = rt(request)
         async with r.db.transaction() as s:
             ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, checkpoint_id.lstrip("/"))
@@ -75,8 +87,9 @@ class TinkerRestController(Controller):
         return {"deleted": tinker_path, "files_removed": removed}
 
     @put("/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}", opt=OWN, status_code=200)
-    async def set_checkpoint_ttl(self, request: Request, principal: Principal, run_id: str, checkpoint_id: str,
-                                 data: CheckpointTtlBody) -> dict[str, Any]:
+    async def set_checkpoint_ttl(
+        self, request: Request, principal: Principal, run_id: str, checkpoint_id: str, data: CheckpointTtlBody
+    ) -> dict[str, Any]:
         cid = checkpoint_id.lstrip("/")
         if not cid.endswith("/ttl"):
             raise NotFound("route", f"PUT {request.url.path}")
@@ -86,8 +99,14 @@ class TinkerRestController(Controller):
             return p.checkpoint_json(ckpt)
 
     @get("/checkpoints", opt=OWN)
-    async def all_checkpoints(self, request: Request, principal: Principal, limit: int = 100, offset: int = 0,
-                              scope_: str | None = Parameter(query="access_scope", default=None)) -> dict[str, Any]:
+    async def all_checkpoints(
+        self,
+        request: Request,
+        principal: Principal,
+        limit: int = 100,
+        offset: int = 0,
+        scope_: str | None = Parameter(query="access_scope", default=None),
+    ) -> dict[str, Any]:
         limit, offset = page(limit, offset)
         async with rt(request).db.session() as s:
             rows, total = await tr_svc.list_all_checkpoints(

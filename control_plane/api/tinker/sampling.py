@@ -24,8 +24,8 @@ from control_plane.sampling.errors import InvalidSampleRequest
 from control_plane.sampling.translate import parse_sample_request
 from control_plane.services import checkpoints as checkpoints_svc
 from control_plane.services import sessions as sessions_svc
-from control_plane.services.sampling_sessions import open_sampling_session
 from control_plane.services.samplers import get_sampler
+from control_plane.services.sampling_sessions import open_sampling_session
 from control_plane.statuses import Scope, SessionStatus
 from data_plane.sampler.config import DEFAULT_MAX_LOGPROBS
 from data_plane.wire.paths import PathError, parse_checkpoint_path
@@ -57,7 +57,9 @@ class TinkerSamplingController(Controller):
     ) -> dict[str, Any]:
         r = rt(request)
         if not 0 <= data.sampling_session_seq_id <= MAX_SEQ_ID:
-            raise InvalidInput("sampling_session_seq_id must be a non-negative integer", field="sampling_session_seq_id")
+            raise InvalidInput(
+                "sampling_session_seq_id must be a non-negative integer", field="sampling_session_seq_id"
+            )
         if data.base_model is None and data.model_path is None:
             raise InvalidInput("one of base_model or model_path is required", field="base_model")
         async with r.db.transaction() as s:

@@ -40,8 +40,16 @@ class TinkerTrainingController(Controller):
     @post("/create_model", opt=OWN, status_code=200)
     async def create_model(self, request: Request, principal: Principal, data: CreateModelBody) -> dict[str, Any]:
         lc = data.lora_config
-        lora = LoraRequest() if lc is None else LoraRequest(
-            rank=lc.rank, seed=lc.seed, train_attn=lc.train_attn, train_mlp=lc.train_mlp, train_unembed=lc.train_unembed
+        lora = (
+            LoraRequest()
+            if lc is None
+            else LoraRequest(
+                rank=lc.rank,
+                seed=lc.seed,
+                train_attn=lc.train_attn,
+                train_mlp=lc.train_mlp,
+                train_unembed=lc.train_unembed,
+            )
         )
         sub = await ops(request).create_model(
             principal,
@@ -86,7 +94,9 @@ class TinkerTrainingController(Controller):
             model_id=data.model_id,
             seq_id=_seq(data.seq_id),
             adam=data.adam_params if data.adam_params is not None else _adam_alias(data.optim_params),
-            optimizer_params=data.optimizer_params if data.optimizer_params is not None else _other_alias(data.optim_params),
+            optimizer_params=data.optimizer_params
+            if data.optimizer_params is not None
+            else _other_alias(data.optim_params),
         )
         return sub.future()
 
@@ -106,8 +116,9 @@ class TinkerTrainingController(Controller):
         return sub.future()
 
     @post("/save_weights_for_sampler", opt=OWN, status_code=200)
-    async def save_weights_for_sampler(self, request: Request, principal: Principal,
-                                       data: SaveWeightsForSamplerBody) -> dict[str, Any]:
+    async def save_weights_for_sampler(
+        self, request: Request, principal: Principal, data: SaveWeightsForSamplerBody
+    ) -> dict[str, Any]:
         if data.kind != "snapshot":
             raise InvalidInput(
                 f"sampling client kind {data.kind!r} is not supported by this server; use 'snapshot'", field="kind"
@@ -144,7 +155,9 @@ class TinkerTrainingController(Controller):
             )
             return sub.future()
         if data.model_id is None:
-            raise InvalidInput("load_weights needs model_id and seq_id, or session_id and model_seq_id", field="model_id")
+            raise InvalidInput(
+                "load_weights needs model_id and seq_id, or session_id and model_seq_id", field="model_id"
+            )
         sub = await ops(request).load(
             principal, model_id=data.model_id, seq_id=_seq(data.seq_id), path=data.path, optimizer=data.optimizer
         )

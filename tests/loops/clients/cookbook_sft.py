@@ -25,11 +25,10 @@ import os
 import sys
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 import tinker
 import tinker_cookbook
 from tinker_cookbook import tokenizer_utils
+from transformers import AutoTokenizer
 
 MODEL = os.environ["OPENLOOPS_TEST_MODEL"]
 TOKENIZER = os.environ["OPENLOOPS_TEST_TOKENIZER"]

@@ -9,10 +9,9 @@ import json
 import os
 import sys
 
-from transformers import AutoTokenizer
-
 from baseten.loops import AdamParams, Datum, ModelInput, SamplingParams, ServiceClient, TensorData
 from baseten.loops.helpers.datum import attach_reference_logprobs
+from transformers import AutoTokenizer
 
 MODEL = os.environ["OPENLOOPS_TEST_MODEL"]
 tok = AutoTokenizer.from_pretrained(os.environ["OPENLOOPS_TEST_TOKENIZER"])
@@ -53,8 +52,9 @@ state = tc.save_state("state-4").result()
 out["state_path"] = state.path
 staged = tc.save_weights_for_sampler("staged-4").result()
 out["staged"] = {"version": staged.version, "path": staged.path}
-out["checkpoints"] = sorted((c.checkpoint_id, c.target.value if c.target else None, c.lora_adapter_config.rank)
-                            for c in tc.list_checkpoints())
+out["checkpoints"] = sorted(
+    (c.checkpoint_id, c.target.value if c.target else None, c.lora_adapter_config.rank) for c in tc.list_checkpoints()
+)
 
 sc = tc.save_weights_and_get_sampling_client("default")
 prompt = ModelInput.from_ints(tok.encode("the quick brown"))
