@@ -17,7 +17,7 @@ from control_plane import event_loop
 from control_plane.server import settle_heap, uvicorn_config
 from control_plane.settings import Settings
 
-BARE_BODY = {"run": {"id": "run-static", "status": {"name": "ACTIVE"}, "base_model": "bench/model"}}
+BARE_BODY: dict[str, object] = {"run": {"id": "run-static", "status": {"name": "ACTIVE"}, "base_model": "bench/model"}}
 
 
 @get("/static")

@@ -74,11 +74,11 @@ def _worker_peak_rss_mib(stack: Stack, run_id: str) -> float | None:
     """VmHWM (peak resident set) of the run's trainer worker process (its deployment's), from /proc."""
     import redis
 
-    from data_plane.wire.queue import run_state_key, worker_state_key
+    from data_plane.wire.queue import run_state_key, text, worker_state_key
 
     r = redis.Redis.from_url(stack.redis_url.replace("valkey://", "redis://", 1))
     dep = r.hget(run_state_key(run_id), "deployment_id")
-    pid = r.hget(worker_state_key(dep.decode()), "pid") if dep else None
+    pid = r.hget(worker_state_key(text(dep)), "pid") if dep else None
     r.close()
     if not pid:
         return None

@@ -12,4 +12,4 @@ async def drain_hash(redis: aioredis.Redis, key: str) -> dict[bytes, bytes]:
         pipe.hgetall(key)
         pipe.delete(key)
         seen, _ = await pipe.execute()
-    return seen  # type: ignore[no-any-return]
+    return seen

@@ -48,7 +48,7 @@ class Runtime:
             backend = self.extras.get("read_backend")
             if backend is None:
                 backend = self.extras["read_backend"] = build_backend(self.settings, self.redis)
-            return backend  # type: ignore[no-any-return]
+            return backend
         return self.backend
 
     async def kick_controller(self) -> None:
@@ -104,7 +104,7 @@ def build_backend(settings: Settings, redis: aioredis.Redis) -> SchedulerBackend
     if settings.backend == BackendKind.KUBERNETES:
         from control_plane.scheduler.kubernetes import KubernetesBackend
 
-        return KubernetesBackend.from_settings(settings.kubernetes)  # type: ignore[attr-defined,no-any-return]
+        return KubernetesBackend.from_settings(settings.kubernetes)
     from control_plane.scheduler.local import LocalProcessBackend
 
     return LocalProcessBackend(settings.data_dir / "workers", python=settings.worker_python)

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import structlog
 import uvicorn
@@ -22,9 +23,12 @@ from control_plane.training.completions import CompletionConsumer
 log = structlog.get_logger("openloops.server")
 
 
-def background_tasks(runtime: Runtime) -> list[Callable[[asyncio.Event], object]]:
+BackgroundTask = Callable[[asyncio.Event], Coroutine[Any, Any, Any]]
+
+
+def background_tasks(runtime: Runtime) -> list[BackgroundTask]:
     """Long-running coroutines of a control-plane process, each taking the stop event."""
-    tasks: list[Callable[[asyncio.Event], object]] = [
+    tasks: list[BackgroundTask] = [
         CompletionConsumer(runtime).run_forever,
         runtime.meter.run_forever,
     ]
@@ -34,7 +38,16 @@ def background_tasks(runtime: Runtime) -> list[Callable[[asyncio.Event], object]
     return tasks
 
 
-def uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` (or whoever embeds it) owns
+    SIGINT/SIGTERM and stops the server through its stop event."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
     """The HTTP server settings of every API process (the benchmark's bare app uses them too).
     The event loop is the caller's (``control_plane.event_loop.run``)."""
     return uvicorn.Config(
@@ -42,7 +55,7 @@ def uvicorn_config(app: object, host: str, port: int) -> uvicorn.Config:
         host=host,
         port=port,
         log_config=None,
-        access_log=False,  # type: ignore[arg-type]
+        access_log=False,
         lifespan="off",
         timeout_keep_alive=75,
         http=http_implementation(),
@@ -63,14 +76,13 @@ async def serve(
     runtime = build_runtime(settings)
     app = create_app(runtime)
     settle_heap()
-    server = uvicorn.Server(uvicorn_config(app, settings.host, settings.port))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = _Server(uvicorn_config(app, settings.host, settings.port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-    bg = [asyncio.create_task(fn(stop)) for fn in background_tasks(runtime)]  # type: ignore[arg-type]
+    bg = [asyncio.create_task(fn(stop)) for fn in background_tasks(runtime)]
     srv = asyncio.create_task(server.serve())
     try:
         while not server.started and not srv.done():  # noqa: ASYNC110 - uvicorn exposes no started event

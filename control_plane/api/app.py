@@ -20,7 +20,7 @@ from control_plane.api.tinker.routes import TINKER_HANDLERS
 from control_plane.runtime import Runtime
 
 
-def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Litestar:  # type: ignore[type-arg]
+def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Litestar:
     http_metrics = HttpMetrics()
     handlers = [
         healthz,

@@ -195,7 +195,7 @@ class Authenticator:
             self._entries[key_hash] = entry
         return entry
 
-    async def _run(self, key_hash: str) -> list:  # type: ignore[type-arg]
+    async def _run(self, key_hash: str) -> list:
         return await self._script(
             keys=[CACHE_PREFIX + key_hash, BUCKET_PREFIX + key_hash, LAST_SEEN_KEYS],
             args=[

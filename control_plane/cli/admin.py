@@ -61,10 +61,9 @@ ORG = typer.Option(..., "--org", help="Org id or name.")
 
 def _run(fn: Callable[[Database, Resolved], Awaitable[T]], *, need_redis: bool = False) -> T:
     resolved = Resolved(Settings(), need_redis=need_redis)
-    assert resolved.settings.database_url
 
     async def main() -> T:
-        database = Database(resolved.settings.database_url)  # type: ignore[arg-type]
+        database = Database(resolved.database_url)
         try:
             return await fn(database, resolved)
         finally:
@@ -189,7 +188,7 @@ def key_revoke(key: str = typer.Argument(..., help="Key id or display prefix."),
     async def go(d: Database, r: Resolved) -> dict[str, Any]:
         async with d.transaction() as s:
             row = await identity.revoke_api_key(s, await identity.get_api_key(s, key))
-        redis = aioredis.Redis.from_url(r.settings.redis_url)  # type: ignore[arg-type]
+        redis = aioredis.Redis.from_url(r.redis_url)
         try:
             await invalidate_key(redis, row.key_hash)
         finally:
@@ -444,8 +443,8 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply migrations up to REVISION (default head)."""
     resolved = Resolved(Settings(), need_redis=False)
     try:
-        migrate.upgrade(resolved.settings.database_url, revision)  # type: ignore[arg-type]
-        console.print(f"database at revision {migrate.current_revision_sync(resolved.settings.database_url)}")  # type: ignore[arg-type]
+        migrate.upgrade(resolved.database_url, revision)
+        console.print(f"database at revision {migrate.current_revision_sync(resolved.database_url)}")
     finally:
         resolved.close()
 
@@ -454,7 +453,7 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 def db_current(as_json: bool = JSON) -> None:
     resolved = Resolved(Settings(), need_redis=False)
     try:
-        cur = migrate.current_revision_sync(resolved.settings.database_url)  # type: ignore[arg-type]
+        cur = migrate.current_revision_sync(resolved.database_url)
         emit_one(
             {"current": cur, "head": migrate.head_revision(), "up_to_date": cur == migrate.head_revision()},
             as_json=as_json,

@@ -14,10 +14,10 @@ from sqlalchemy import inspect, select
 from control_plane.cli.context import console
 from control_plane.controller.workloads import sampler_workload_id
 from control_plane.db.engine import Database
-from control_plane.db.models import Org, StatusHistory
+from control_plane.db.models import Org, Run, Sampler, StatusHistory
 from control_plane.errors import NotFound
 from control_plane.runtime import build_backend
-from control_plane.scaling.kinds import DEPLOYMENT, RUN, SAMPLER, kind_of
+from control_plane.scaling.kinds import DEPLOYMENT, kind_of
 from control_plane.settings import Settings
 
 
@@ -34,7 +34,7 @@ async def gather(
 ) -> dict[str, Any]:
     kind = kind_of(kind_name)
     async with db.session() as s:
-        row = await s.get(kind.model, rid)
+        row = await kind.get(s, rid)
         if row is not None and org is not None:
             o = await s.get(Org, row.org_id)
             if o is None or org not in (o.id, o.name):
@@ -53,9 +53,10 @@ async def gather(
         )
     # a sampler row is served by the shared vLLM workload of its base model; a run executes
     # on its deployment's trainer
-    if kind is SAMPLER:
+    workload_id: str | None
+    if isinstance(row, Sampler):
         workload_id, role = sampler_workload_id(row.base_model), kind.owned_role
-    elif kind is RUN:
+    elif isinstance(row, Run):
         workload_id, role = row.deployment_id, DEPLOYMENT.owned_role
     else:
         workload_id, role = row.id, kind.owned_role

@@ -38,6 +38,17 @@ class Resolved:
                 updates["redis_url"] = vk.url
         self.settings = settings.model_copy(update=updates)
 
+    @property
+    def database_url(self) -> str:
+        assert self.settings.database_url  # set or started above
+        return self.settings.database_url
+
+    @property
+    def redis_url(self) -> str:
+        if not self.settings.redis_url:
+            raise RuntimeError("this command was resolved without Redis")
+        return self.settings.redis_url
+
     def close(self) -> None:
         for h in reversed(self._handles):
             h.stop()

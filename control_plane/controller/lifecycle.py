@@ -81,7 +81,7 @@ class RowReconciler:
 
     async def reconcile(self, kind: Kind, rid: str) -> None:
         async with self.r.db.session() as s:
-            row = await s.get(kind.model, rid)
+            row = await kind.get(s, rid)
         if row is None or Status(row.status) in TERMINAL:
             return
         status = Status(row.status)
@@ -156,7 +156,7 @@ class RowReconciler:
         if run_id is None:
             return
         stream = q.deployment_runs_stream(dep.id)
-        last = await self.r.redis.xrevrange(stream, count=1)
+        last = q.stream_entries(await self.r.redis.xrevrange(stream, count=1))
         if last and last[0][1].get(b"run_id", b"").decode() == run_id:
             return
         async with self.r.db.session() as s:
@@ -246,9 +246,7 @@ class RowReconciler:
 
     async def _transition(self, kind: Kind, rid: str, expected: Status, to: Status, reason: str | None) -> bool:
         async with self.r.db.transaction() as s:
-            row = (
-                await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())
-            ).scalar_one_or_none()
+            row = await kind.locked(s, rid)
             if row is None or row.status != expected.value:
                 return False  # changed under us (deactivated, woken): the next pass decides
             changed = history.transition(s, kind.name, row, to, reason)
@@ -267,9 +265,7 @@ class RowReconciler:
 
     async def _maybe_scale_down(self, kind: Kind, rid: str) -> None:
         async with self.r.db.transaction() as s:
-            row = (
-                await s.execute(select(kind.model).where(kind.model.id == rid).with_for_update())
-            ).scalar_one_or_none()
+            row = await kind.locked(s, rid)
             if row is None or not await scale_down_if_idle(s, self.r.redis, kind, row, datetime.now(UTC)):
                 return
         log.info("scaling to zero", kind=kind.name, id=rid, reason=row.status_reason)
@@ -304,9 +300,7 @@ class RowReconciler:
             return
         self._specs.pop(key, None)
         async with self.r.db.transaction() as s:
-            locked = (
-                await s.execute(select(kind.model).where(kind.model.id == row.id).with_for_update())
-            ).scalar_one_or_none()
+            locked = await kind.locked(s, row.id)
             if locked is None or locked.status != Status.DEACTIVATING.value:
                 return
             history.transition(s, kind.name, locked, Status.INACTIVE, "deactivated")

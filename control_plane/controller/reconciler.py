@@ -194,7 +194,7 @@ class Controller:
             for wid, role in workloads:
                 if role == WorkloadRole.SAMPLER and is_sampler_workload_id(wid):
                     continue  # shared per base model: SamplerReconciler owns its lifetime
-                row = await s.get(KIND_OF_ROLE[role].model, wid)
+                row = await KIND_OF_ROLE[role].get(s, wid)
                 if row is None or Status(row.status) in TERMINAL:
                     log.info(
                         "garbage-collecting workload",

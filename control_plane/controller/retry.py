@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from control_plane.settings import Settings
+
 
 @dataclass
 class _Failing:
@@ -44,12 +46,12 @@ class BackendRetry:
         self._failing: dict[Hashable, _Failing] = {}
 
     @classmethod
-    def from_settings(cls, settings: object) -> BackendRetry:
+    def from_settings(cls, settings: Settings) -> BackendRetry:
         return cls(
-            attempts=settings.backend_retry_attempts,  # type: ignore[attr-defined]
-            max_seconds=settings.backend_retry_max_seconds,  # type: ignore[attr-defined]
-            base_delay=settings.backend_retry_base_delay_seconds,  # type: ignore[attr-defined]
-            max_delay=settings.backend_retry_max_delay_seconds,  # type: ignore[attr-defined]
+            attempts=settings.backend_retry_attempts,
+            max_seconds=settings.backend_retry_max_seconds,
+            base_delay=settings.backend_retry_base_delay_seconds,
+            max_delay=settings.backend_retry_max_delay_seconds,
         )
 
     def due(self, key: Hashable) -> bool:

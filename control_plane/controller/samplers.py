@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.controller.retry import BackendRetry
 from control_plane.controller.workloads import is_sampler_workload_id, sampler_spec, sampler_workload_id
@@ -188,7 +189,7 @@ class SamplerReconciler:
             await self.backend.remove(wid, WorkloadRole.SAMPLER)
             self._specs.pop(wid, None)
 
-    def _apply(self, s, smp: Sampler, obs: Observation) -> None:  # type: ignore[no-untyped-def]
+    def _apply(self, s: AsyncSession, smp: Sampler, obs: Observation) -> None:
         current = Status(smp.status)
         if obs.phase == Phase.FAILED:
             history.transition(s, "sampler", smp, Status.FAILED, (obs.reason or "sampler exited")[:2000])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -24,7 +25,7 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def _in_thread(fn, *args) -> None:  # type: ignore[no-untyped-def]
+def _in_thread(fn: Callable[..., object], *args: object) -> None:
     # env.py runs its own event loop; keep it off any loop the caller is running.
     import threading
 

@@ -77,7 +77,7 @@ class ReadCache:
             hit = bucket.get(key)
             if hit is not None and hit[0] > now:
                 self.hits += 1
-                return hit[1]  # type: ignore[no-any-return]
+                return hit[1]
         self.misses += 1
         token = (self._epoch, self._gens.get(run_id, 0))
         # single flight: requests that miss together (an entry just expired under load) share
@@ -85,7 +85,7 @@ class ReadCache:
         flight = (run_id, key, token)
         pending = self._loading.get(flight)
         if pending is not None:
-            return await asyncio.shield(pending)  # type: ignore[no-any-return]
+            return await asyncio.shield(pending)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._loading[flight] = fut
         try:
@@ -129,11 +129,11 @@ class ReadCache:
         if len(self._entries) >= self._max_runs:
             self._entries.clear()  # all fresh: start over (bounded memory beats a hit rate)
 
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload == ALL:
             self.clear()
         else:
-            self.invalidate(payload)
+            self.invalidate(str(payload))
 
     # ------------------------------------------------------------------ listener
 

@@ -15,12 +15,13 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
 
 _DIALECT = asyncpg_dialect()
 _CONNECTION_LOST = (asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError, ConnectionResetError)
@@ -36,8 +37,9 @@ class Prepared:
     defaults: Mapping[str, Any]
 
     @classmethod
-    def of(cls, statement: Executable) -> Prepared:
+    def of(cls, statement: ClauseElement) -> Prepared:
         compiled = statement.compile(dialect=_DIALECT)
+        assert isinstance(compiled, SQLCompiler)  # a statement, not DDL
         return cls(compiled.string, tuple(compiled.positiontup or ()), dict(compiled.params))
 
     def args(self, values: Mapping[str, Any]) -> list[Any]:
@@ -60,6 +62,10 @@ class Row:
 
     def __repr__(self) -> str:
         return f"Row({self.__dict__!r})"
+
+    if TYPE_CHECKING:  # the columns are only known at runtime
+
+        def __getattr__(self, name: str) -> Any: ...
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -109,10 +115,10 @@ class Reader:
         return self._pool
 
     async def one(self, query: Prepared, **values: Any) -> asyncpg.Record | None:
-        return await self._run("fetchrow", query, values)  # type: ignore[no-any-return]
+        return await self._run("fetchrow", query, values)
 
     async def all(self, query: Prepared, **values: Any) -> list[asyncpg.Record]:
-        return await self._run("fetch", query, values)  # type: ignore[no-any-return]
+        return await self._run("fetch", query, values)
 
     async def _run(self, method: str, query: Prepared, values: Mapping[str, Any]) -> Any:
         args = query.args(values)

@@ -28,7 +28,7 @@ def read_live(data_dir: Path) -> dict[str, Any] | None:
         os.kill(int(info["pid"]), 0)
     except (OSError, ValueError, KeyError):
         return None
-    return info  # type: ignore[no-any-return]
+    return info
 
 
 def remove(data_dir: Path) -> None:

@@ -277,7 +277,7 @@ class VLLMClient:
         finally:
             self._in_flight -= 1
         try:
-            return resp.json()  # type: ignore[no-any-return]
+            return resp.json()
         except msgspec.DecodeError as e:
             raise SamplerFailed(f"sampler answered non-JSON: {resp.text[:200]!r}") from e
 

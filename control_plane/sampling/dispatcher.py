@@ -277,4 +277,4 @@ def dispatcher_for(r: Runtime) -> SamplingDispatcher:
         d = r.extras["sampling_dispatcher"] = SamplingDispatcher(
             r.db, TrainerQueue(r.redis), max_in_flight=r.settings.sampler_max_in_flight, runtime=r
         )
-    return d  # type: ignore[no-any-return]
+    return d

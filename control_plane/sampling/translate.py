@@ -323,8 +323,8 @@ def build_sample_response(spec: SampleSpec, completion: Mapping[str, Any]) -> pb
         if spec.prompt_logprobs:
             vals = np.full(n, np.nan, dtype="<f4")
             for i in range(1, n):
-                e = entries[i]
-                v = e.get(str(spec.prompt_tokens[i])) if e else None
+                row = entries[i]
+                v = row.get(str(spec.prompt_tokens[i])) if row else None
                 if v is None:
                     raise SamplerFailed(f"vLLM prompt logprobs lack the prompt token at position {i}")
                 vals[i] = v["logprob"]

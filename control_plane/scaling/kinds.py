@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import Deployment, Run, Sampler, ServedModel
 from control_plane.scheduler.protocol import WorkloadRole
 
 KindName = Literal["run", "sampler", "deployment", "served_model"]
+StatusRow = Run | Sampler | Deployment | ServedModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +32,15 @@ class Kind:
         if self.role is None:
             raise ValueError(f"{self.name} rows own no workload")
         return self.role
+
+    async def get(self, s: AsyncSession, rid: str) -> StatusRow | None:
+        """The row (None when gone)."""
+        return cast("StatusRow | None", await s.get(self.model, rid))
+
+    async def locked(self, s: AsyncSession, rid: str) -> StatusRow | None:
+        """The row, locked ``FOR UPDATE`` until the transaction ends (None when gone)."""
+        stmt = select(self.model).where(self.model.id == rid).with_for_update()
+        return cast("StatusRow | None", (await s.execute(stmt)).scalar_one_or_none())
 
 
 RUN = Kind("run", Run, None, scales_to_zero=False)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.client import PubSub
 from sqlalchemy import select
 
 from control_plane.errors import NotFound, Unavailable
@@ -99,12 +100,12 @@ async def _status(runtime: Runtime, k: Kind, resource_id: str) -> Status:
 
 async def _request_wake(runtime: Runtime, k: Kind, resource_id: str) -> None:
     async with runtime.db.transaction() as s:
-        row = (await s.execute(select(k.model).where(k.model.id == resource_id).with_for_update())).scalar_one_or_none()
+        row = await k.locked(s, resource_id)
         if row is not None and row.status == Status.SCALED_TO_ZERO.value:
             history.transition(s, k.name, row, Status.WAKING_UP, "woken by a request")
 
 
-async def _wait_active(runtime: Runtime, k: Kind, resource_id: str, pubsub: object, deadline: float) -> None:
+async def _wait_active(runtime: Runtime, k: Kind, resource_id: str, pubsub: PubSub, deadline: float) -> None:
     me = f"{k.name}:{resource_id}".encode()
     while True:
         status = await _status(runtime, k, resource_id)
@@ -127,11 +128,11 @@ async def _wait_active(runtime: Runtime, k: Kind, resource_id: str, pubsub: obje
         await _next_message(pubsub, me, min(RECHECK_SECONDS, remaining))
 
 
-async def _next_message(pubsub: object, me: bytes, timeout: float) -> None:
+async def _next_message(pubsub: PubSub, me: bytes, timeout: float) -> None:
     """Wait up to ``timeout`` for a notification about ``me`` (others are skipped)."""
     end = time.monotonic() + timeout
     while (left := end - time.monotonic()) > 0:
-        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)  # type: ignore[attr-defined]
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
         if msg is not None and msg.get("data") == me:
             return
         if msg is None:  # get_message may return early without a message: do not spin

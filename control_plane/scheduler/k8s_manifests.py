@@ -211,9 +211,9 @@ def node_selector(spec: WorkloadSpec, settings: KubernetesSettings) -> dict[str,
 
 
 def tolerations(spec: WorkloadSpec, settings: KubernetesSettings) -> list[dict[str, Any]]:
-    tols = [dict(t) for t in settings.tolerations]
+    tols: list[dict[str, Any]] = [dict(t) for t in settings.tolerations]
     if spec.resources.gpus and settings.tolerate_gpu_taint:
-        gpu_tol = {"key": settings.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
+        gpu_tol: dict[str, Any] = {"key": settings.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
         if gpu_tol not in tols:
             tols.append(gpu_tol)
     return tols

@@ -633,7 +633,7 @@ class KubernetesBackend:
                 continue
             workload_id = (meta.get("annotations") or {}).get(ANN_WORKLOAD_ID)
             try:
-                role = WorkloadRole(labels.get(LABEL_ROLE))
+                role = WorkloadRole(labels.get(LABEL_ROLE, ""))
             except ValueError:
                 continue
             if workload_id:

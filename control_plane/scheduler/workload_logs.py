@@ -205,9 +205,8 @@ _MAX_PROBE = 1024 * 1024  # bytes a bisection probe reads looking for a record
 def _source_start_ns(st: os.stat_result) -> int:
     """The earliest time the file's first lines can be given: its creation time where the
     platform records one, else its ctime (on Linux the last status change, i.e. an upper bound)."""
-    birth = getattr(st, "st_birthtime_ns", None) or (
-        int(st.st_birthtime * 1e9) if getattr(st, "st_birthtime", None) else None
-    )
+    birth_s = getattr(st, "st_birthtime", None)
+    birth = getattr(st, "st_birthtime_ns", None) or (int(birth_s * 1e9) if birth_s else None)
     return int(birth) if birth else int(st.st_ctime_ns)
 
 

@@ -71,14 +71,14 @@ class CompletionConsumer:
         _next, claimed, *_ = await self.r.redis.xautoclaim(
             q.COMPLETIONS_STREAM, q.COMPLETIONS_GROUP, self.name, min_idle_time=CLAIM_IDLE_MS, count=READ_COUNT
         )
-        for entry_id, fields in claimed or []:
+        for entry_id, fields in q.stream_entries(claimed):
             if fields:
                 await self._handle_entry(entry_id, fields)
                 n += 1
         resp = await self.r.redis.xreadgroup(
             q.COMPLETIONS_GROUP, self.name, {q.COMPLETIONS_STREAM: ">"}, count=READ_COUNT, block=block_ms
         )
-        for _stream, entries in resp or []:
+        for _stream, entries in q.xread_streams(resp):
             for entry_id, fields in entries:
                 await self._handle_entry(entry_id, fields)
                 n += 1

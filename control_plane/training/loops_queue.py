@@ -140,7 +140,7 @@ class LoopsQueue:
         rec = await self._redis.get(op_key(run_id, operation_id))
         if rec is None:
             return None
-        rid, fp, _seq = rec.decode().split("|")
+        rid, fp, _seq = q.text(rec).split("|")
         return rid, fp
 
     async def request_id(self, run_id: str, operation_id: str) -> str | None:

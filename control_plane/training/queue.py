@@ -24,8 +24,8 @@ return ARGV[1]
 async def read_future(redis: aioredis.Redis, request_id: str, org_id: str | None = None) -> q.FutureResult | None:
     """The stored future; ``None`` if unknown, expired, or (when ``org_id`` is given) recorded
     for another org: one org cannot even learn that another's future exists."""
-    fields = await redis.hgetall(q.future_key(request_id))
-    if not fields or b"state" not in fields:
+    fields = q.fields_of(await redis.hgetall(q.future_key(request_id)))
+    if b"state" not in fields:
         return None
     owner = fields.get(b"org", b"").decode()
     if org_id is not None and owner and owner != org_id:
@@ -35,7 +35,7 @@ async def read_future(redis: aioredis.Redis, request_id: str, org_id: str | None
 
 async def read_hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
     """A Redis hash with its fields and values decoded (worker and run state)."""
-    raw = await redis.hgetall(key)
+    raw = q.fields_of(await redis.hgetall(key))
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
@@ -66,7 +66,7 @@ class TrainerQueue:
     async def complete(self, run_id: str | None, request_id: str, result: q.FutureResult) -> None:
         key = q.future_key(request_id)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=result.to_fields())  # type: ignore[arg-type]
+            pipe.hset(key, mapping=result.to_fields())
             pipe.expire(key, q.FUTURE_TTL_SECONDS)
             if run_id:
                 pipe.srem(q.run_pending_key(run_id), request_id)
@@ -76,7 +76,7 @@ class TrainerQueue:
     async def claimed(self, model_id: str, seq_id: int) -> str | None:
         """The request id already holding ``(model_id, seq_id)``, if any."""
         got = await self._redis.get(q.seq_claim_key(model_id, seq_id))
-        return got.decode() if got is not None else None
+        return q.text(got) if got is not None else None
 
     async def create_future(self, request_id: str, run_id: str | None = None, *, org_id: str = "") -> None:
         """A pending future not backed by a worker op (e.g. sampling)."""
@@ -96,7 +96,7 @@ class TrainerQueue:
         failed = q.FutureResult.failed(message, q.ErrorCategory.SERVER)
         n = 0
         for raw in ids:
-            rid = raw.decode()
+            rid = q.text(raw)
             cur = await self.read(rid)
             if cur is None or cur.state == q.FutureState.PENDING:
                 await self.complete(run_id, rid, failed)

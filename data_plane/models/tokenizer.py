@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|pad|>"]
 # Like Qwen3: <think>/</think> are added tokens that decoding keeps (not "special").
@@ -170,7 +174,7 @@ def _corpus(lines: int, seed: int) -> list[str]:
     return out
 
 
-def train_tokenizer(vocab_size: int, corpus_lines: int, seed: int):
+def train_tokenizer(vocab_size: int, corpus_lines: int, seed: int) -> Tokenizer:
     """A ``tokenizers.Tokenizer``; special tokens get ids 0..5 in :data:`SPECIAL_TOKENS` order."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -191,7 +195,7 @@ def train_tokenizer(vocab_size: int, corpus_lines: int, seed: int):
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def save_tokenizer(tok, out_dir: Path, max_length: int) -> None:
+def save_tokenizer(tok: Tokenizer, out_dir: Path, max_length: int) -> None:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja``."""
     out = Path(out_dir)
     tok.save(str(out / "tokenizer.json"))

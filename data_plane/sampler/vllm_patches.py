@@ -28,6 +28,11 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 logger = logging.getLogger("openloops.sampler.vllm_patches")
 
@@ -36,8 +41,10 @@ _PROMPT_ROW_OFFSET: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 )
 
 
-def _masked_bgmv_shrink(orig):
-    def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+def _masked_bgmv_shrink(orig: Callable[..., None]) -> Callable[..., None]:
+    def bgmv_shrink(
+        inputs: Tensor, lora_a_weights: Tensor, output_tensor: Tensor, lora_indices_tensor: Tensor, scaling: float = 1.0
+    ) -> None:
         orig(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
         neg = lora_indices_tensor < 0
         if bool(neg.any()):
@@ -59,9 +66,10 @@ def _patch_cpu_no_lora_rows() -> None:
         return
     patched = _masked_bgmv_shrink(orig)
     # sgmv_shrink looks bgmv_shrink up in lora_ops' globals; the others imported the name.
+    name = "bgmv_shrink"
     for mod in (lora_ops, torch_ops, punica_cpu):
-        if getattr(mod, "bgmv_shrink", None) is orig:
-            mod.bgmv_shrink = patched
+        if getattr(mod, name, None) is orig:
+            setattr(mod, name, patched)
 
 
 def _patch_cpu_prompt_logprobs() -> None:
@@ -74,7 +82,17 @@ def _patch_cpu_prompt_logprobs() -> None:
     orig_add = PunicaWrapperCPU.add_lora_logits
     orig_get = GPUModelRunner._get_prompt_logprobs_dict
 
-    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+    def add_lora_logits(
+        self: PunicaWrapperCPU,
+        y: Tensor,
+        x: Tensor,
+        lora_a_stacked: Tensor,
+        lora_b_stacked: Tensor,
+        scale: float,
+        *,
+        buffer: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor | None:
         rows = x.reshape(-1, x.shape[-1]).shape[0]
         offset = _PROMPT_ROW_OFFSET.get()
         if offset is None or rows == self.sampler_indices.shape[0]:
@@ -98,15 +116,15 @@ def _patch_cpu_prompt_logprobs() -> None:
 
     add_lora_logits._openloops_patched = True  # type: ignore[attr-defined]
 
-    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+    def _get_prompt_logprobs_dict(self: GPUModelRunner, hidden_states: Tensor, num_scheduled_tokens: Any) -> Any:
         if not getattr(self, "num_prompt_logprobs", None) or not getattr(self, "lora_config", None):
             return orig_get(self, hidden_states, num_scheduled_tokens)
-        model = self.model
+        model: Any = self.model
         orig_compute = model.compute_logits
         row_bytes = hidden_states.stride(0) * hidden_states.element_size()
         base_ptr = hidden_states.data_ptr()
 
-        def compute_logits(h, *args, **kw):
+        def compute_logits(h: Tensor, *args: Any, **kw: Any) -> Any:
             offset = (h.data_ptr() - base_ptr) // row_bytes if row_bytes else 0
             token = _PROMPT_ROW_OFFSET.set(int(offset))
             try:
@@ -123,8 +141,12 @@ def _patch_cpu_prompt_logprobs() -> None:
             except AttributeError:
                 pass
 
-    PunicaWrapperCPU.add_lora_logits = add_lora_logits
-    GPUModelRunner._get_prompt_logprobs_dict = _get_prompt_logprobs_dict
+    patches: tuple[tuple[type, str, Callable[..., Any]], ...] = (
+        (PunicaWrapperCPU, "add_lora_logits", add_lora_logits),
+        (GPUModelRunner, "_get_prompt_logprobs_dict", _get_prompt_logprobs_dict),
+    )
+    for cls, attr, fn in patches:
+        setattr(cls, attr, fn)
 
 
 @functools.cache

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -63,7 +64,7 @@ def _parse_code_from_text(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _drop_expect_on_empty_body(request, **_kwargs) -> None:
+def _drop_expect_on_empty_body(request: Any, **_kwargs: Any) -> None:
     """botocore sends ``Expect: 100-continue`` on PutObject even for an empty body; SeaweedFS
     then stalls the next request on that connection until the read timeout (60 s). Nothing
     is gained by waiting for "100 Continue" before sending zero bytes, so drop the header."""

@@ -27,7 +27,7 @@ from safetensors.torch import save as st_save
 
 from data_plane.storage.base import ObjectNotFound, ObjectStore
 from data_plane.trainer.errors import UserError
-from data_plane.trainer.model import LoraSettings
+from data_plane.trainer.model import CausalLM, LoraSettings
 from data_plane.wire.queue import CheckpointFile
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,7 +57,7 @@ def key(prefix: str, name: str) -> str:
     return f"{prefix.rstrip('/')}/{name}"
 
 
-def adapter_state(peft_model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def adapter_state(peft_model: CausalLM, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The LoRA tensors under PEFT's saved key names (no adapter name, no embeddings)."""
     from peft import get_peft_model_state_dict
 
@@ -65,7 +65,7 @@ def adapter_state(peft_model, adapter_name: str = "default") -> dict[str, torch.
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
-def adapter_config_json(peft_model, base_model_name: str, adapter_name: str = "default") -> bytes:
+def adapter_config_json(peft_model: CausalLM, base_model_name: str, adapter_name: str = "default") -> bytes:
     cfg = peft_model.peft_config[adapter_name]
     with tempfile.TemporaryDirectory() as tmp:
         cfg.save_pretrained(tmp)  # PEFT's own serialisation (sets/lists, enums...)
@@ -108,7 +108,7 @@ def write_checkpoint(
     prefix: str,
     *,
     kind: str,
-    peft_model,
+    peft_model: CausalLM,
     meta: CheckpointMeta,
     optimizer: torch.optim.Optimizer | None,
     named_params: list[tuple[str, torch.nn.Parameter]],
@@ -181,7 +181,7 @@ def lora_from_adapter_config(cfg: dict) -> LoraSettings:
     )
 
 
-def load_adapter_into(peft_model, adapter: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+def load_adapter_into(peft_model: CausalLM, adapter: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Copy saved LoRA tensors into the live adapter. Checks names and shapes of every tensor
     before copying anything (a mismatch raises :class:`UserError` and changes nothing)."""
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}

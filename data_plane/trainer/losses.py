@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -125,10 +126,10 @@ def dppo_stats(tlp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, f
     return {"dppo_masked_fraction": 1.0 - dppo_keep_mask(tlp, inputs, config)}
 
 
-def sequence_scores(tlp: Tensor, ref: Tensor, weights: Tensor, segments: Tensor, n: int) -> Tensor:
+def sequence_scores(tlp: Tensor, ref: Tensor, weights: Tensor | None, segments: Tensor, n: int) -> Tensor:
     """DPO's per-datum ``s = sum_t w_t * (tlp_t - ref_t)`` for flattened tokens whose datum index
-    (``0 <= segments < n``) is given per token."""
-    contrib = weights * (tlp - ref)
+    (``0 <= segments < n``) is given per token (no weights: all 1)."""
+    contrib = tlp - ref if weights is None else weights * (tlp - ref)
     return torch.zeros(n, dtype=contrib.dtype, device=contrib.device).index_add(0, segments, contrib)
 
 
@@ -186,12 +187,24 @@ class LossSpec:
     fn: LossFn | PairLossFn  # PairLossFn when kind == "pair"
     required: tuple[str, ...]  # loss_fn_inputs besides target_tokens (float32, shape of target_tokens)
     optional: tuple[str, ...] = ()  # float [N] inputs used when present (else the config value)
-    config: Mapping[str, float | None] = None  # key -> default (None: required)
+    config: Mapping[str, float | None] = field(default_factory=dict)  # key -> default (None: required)
     allow_2d: bool = False  # [N, K] target_tokens / inputs
     kind: str = "token"  # "token": elementwise loss | "pair": dpo-style (chosen, rejected) datum pairs
     optional_weights: bool = False  # Tinker dialect: an optional `weights` mask shaped like target_tokens
     check: Callable[[Mapping[str, float]], None] | None = None  # extra config validation
     stats: StatsFn | None = None  # per-token metrics, averaged over (active) tokens
+
+    @property
+    def token_loss(self) -> LossFn:
+        if self.kind != "token":
+            raise TypeError("a pair loss has no elementwise form")
+        return cast("LossFn", self.fn)
+
+    @property
+    def pair_loss(self) -> PairLossFn:
+        if self.kind != "pair":
+            raise TypeError("an elementwise loss has no pair form")
+        return cast("PairLossFn", self.fn)
 
 
 _CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -242,7 +255,7 @@ def resolve_config(
     spec = get_loss(name)
     merged: dict[str, float | str] = dict(legacy)
     merged.update(v2)
-    allowed = dict(spec.config or {})
+    allowed = dict(spec.config)
     unknown = sorted(set(merged) - set(allowed))
     if unknown:
         hint = f"; it accepts {sorted(allowed)}" if allowed else "; it takes no loss_fn_config"

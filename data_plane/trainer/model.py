@@ -17,11 +17,16 @@ import logging
 import os
 import secrets
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from data_plane.trainer.errors import ServerError, UserError
 from data_plane.wire.op_bodies import LoraSpec
+
+# A transformers causal LM, or its PEFT wrapper. Their annotations of ``.to()``, ``.config`` and
+# the PEFT wrapper's forwarded attributes do not type-check as used, so these stay ``Any``.
+CausalLM = Any
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +106,12 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_base(source: str, device: torch.device, dtype: torch.dtype):
+def load_base(source: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
     """The frozen base model, in eval mode (no dropout), on ``device``."""
     from transformers import AutoModelForCausalLM
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model: CausalLM = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device)
     model.eval()
     for p in model.parameters():
@@ -116,11 +121,11 @@ def load_base(source: str, device: torch.device, dtype: torch.dtype):
     return model
 
 
-def vocab_size(base) -> int:
+def vocab_size(base: CausalLM) -> int:
     return int(base.get_output_embeddings().weight.shape[0])
 
 
-def attach_lora(base, settings: LoraSettings, adapter_name: str = "default"):
+def attach_lora(base: CausalLM, settings: LoraSettings, adapter_name: str = "default") -> CausalLM:
     """Wrap ``base`` with a fresh, seeded LoRA adapter; returns the PEFT model (train mode off:
     the base has no dropout to toggle and LoRA dropout is 0)."""
     from peft import LoraConfig, get_peft_model
@@ -130,7 +135,7 @@ def attach_lora(base, settings: LoraSettings, adapter_name: str = "default"):
         raise UserError(f"this base model has no {missing} modules to put LoRA on")
     cfg = LoraConfig(
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # annotated int; a float alpha works
         lora_dropout=0.0,
         bias="none",
         target_modules=settings.target_modules(),
@@ -154,9 +159,9 @@ def attach_lora(base, settings: LoraSettings, adapter_name: str = "default"):
     return model
 
 
-def _has_module(base, suffix: str) -> bool:
+def _has_module(base: CausalLM, suffix: str) -> bool:
     return any(name == suffix or name.endswith("." + suffix) for name, _ in base.named_modules())
 
 
-def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable_parameters(model: CausalLM) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -21,10 +21,11 @@ from google.protobuf.message import DecodeError
 
 from data_plane.storage.base import ObjectStore
 from data_plane.trainer import checkpoint as ckpt
-from data_plane.trainer.engine import Engine, prepare, prepare_loops
+from data_plane.trainer.batches import prepare, prepare_loops
+from data_plane.trainer.engine import Engine
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.loops_output import encode_forward_backward
-from data_plane.trainer.model import LoraSettings, attach_lora, vocab_size
+from data_plane.trainer.model import CausalLM, LoraSettings, attach_lora, vocab_size
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.op_bodies import (
     CreateBody,
@@ -53,7 +54,7 @@ class TrainingModel:
         *,
         model_id: str,
         base_model_name: str,
-        base,
+        base: CausalLM,
         device: torch.device,
         store: ObjectStore,
         max_seq_len: int,
@@ -70,7 +71,7 @@ class TrainingModel:
         self.microbatch_tokens = microbatch_tokens
         self.vocab_size = vocab_size(base)
         self.lora: LoraSettings | None = None
-        self.peft = None
+        self.peft: CausalLM | None = None
         self.engine: Engine | None = None
         self._initial: dict[str, torch.Tensor] | None = None  # trainable params right after seq 0 (CPU)
 

@@ -33,12 +33,15 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
+from redis.typing import KeyT, StreamIdT
 
-from data_plane.storage.base import StoreError
+from data_plane.storage.base import ObjectStore, StoreError
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.ordering import SeqBuffer
 from data_plane.wire import op_bodies
@@ -56,6 +59,7 @@ from data_plane.wire.queue import (
     FutureState,
     OpEnvelope,
     OpKind,
+    OutFields,
     RunState,
     WorkerState,
     deployment_runs_stream,
@@ -63,9 +67,16 @@ from data_plane.wire.queue import (
     ops_stream,
     run_pending_key,
     run_state_key,
+    stream_entries,
     worker_state_key,
+    xread_streams,
 )
 from data_plane.wire.worker_config import TrainerLaunch
+
+if TYPE_CHECKING:
+    from data_plane.trainer.training import TrainingModel
+
+T = TypeVar("T")
 
 log = logging.getLogger("openloops.trainer")
 
@@ -113,11 +124,13 @@ class AttachedRun:
 
 
 class Worker:
-    def __init__(self, launch: TrainerLaunch, client: redis.Redis | None = None, store=None) -> None:
+    def __init__(
+        self, launch: TrainerLaunch, client: redis.Redis | None = None, store: ObjectStore | None = None
+    ) -> None:
         self.launch = launch
         self.r = client or redis.Redis.from_url(redis_url(launch.redis_url))
         self.store = store
-        self.model = None  # TrainingModel once the base is loaded
+        self.model: TrainingModel | None = None  # once the base is loaded
         self.run: AttachedRun | None = None
         self.runs_last_id = "0"  # position in the deployment's attach stream
         self.stopping = False
@@ -125,7 +138,7 @@ class Worker:
 
     # ---- redis helpers ------------------------------------------------------------------
     def set_state(self, state: WorkerState, detail: str | None = None) -> None:
-        fields: dict[str, Any] = {
+        fields: OutFields = {
             "state": state.value,
             "pid": os.getpid(),
             "updated_at": f"{time.time():.3f}",
@@ -139,8 +152,12 @@ class Worker:
         p.hset(worker_state_key(self.launch.deployment_id), mapping=fields)
         p.execute()
 
-    def set_run_state(self, run_id: str, state: RunState, detail: str | None = None, **extra: Any) -> None:
-        fields: dict[str, Any] = {"state": state.value, "deployment_id": self.launch.deployment_id, **extra}
+    def set_run_state(
+        self, run_id: str, state: RunState, detail: str | None = None, **extra: str | int | float
+    ) -> None:
+        fields: OutFields = {"state": state.value, "deployment_id": self.launch.deployment_id}
+        for name, value in extra.items():
+            fields[name] = value
         if detail is not None:
             fields["detail"] = detail[:4000]
         self._retrying("run state", lambda: self.r.hset(run_state_key(run_id), mapping=fields))
@@ -150,12 +167,17 @@ class Worker:
         run = self.run
         if run is None:
             return
-        fields = {
+        fields: OutFields = {
             "next_seq": run.buffer.next_seq,
             "optim_steps": self._optim_steps(),
             "updated_at": f"{time.time():.3f}",
         }
         self._retrying("run state", lambda: self.r.hset(run_state_key(run.run_id), mapping=fields))
+
+    def _model(self) -> TrainingModel:
+        if self.model is None:
+            raise RuntimeError("the base model is not loaded")
+        return self.model
 
     def _optim_steps(self) -> int:
         m = self.model
@@ -165,7 +187,7 @@ class Worker:
         key = worker_state_key(self.launch.deployment_id)
         while not self._beat_stop.wait(HEARTBEAT_S):
             try:
-                fields = {"updated_at": f"{time.time():.3f}"}
+                fields: OutFields = {"updated_at": f"{time.time():.3f}"}
                 gpus = _gpu_usage()
                 if gpus is not None:
                     fields["gpus"] = json.dumps(gpus)
@@ -173,7 +195,7 @@ class Worker:
             except redis.RedisError as exc:  # the main loop handles outages
                 log.debug("heartbeat failed: %s", exc)
 
-    def _retrying(self, what: str, fn) -> None:
+    def _retrying(self, what: str, fn: Callable[[], object]) -> None:
         """Run a Redis write, retrying through an outage of up to :data:`REDIS_GIVE_UP_S`
         (a result must not be lost because Redis blinked); then re-raise."""
         deadline = time.monotonic() + REDIS_GIVE_UP_S
@@ -227,7 +249,7 @@ class Worker:
         self.set_state(WorkerState.READY)
         return True
 
-    def _load_model(self):
+    def _load_model(self) -> TrainingModel:
         from data_plane.trainer.model import load_base, pick_device, pick_dtype
         from data_plane.trainer.training import TrainingModel
 
@@ -269,7 +291,7 @@ class Worker:
         runs_stream = deployment_runs_stream(self.launch.deployment_id)
         down_since: float | None = None
         while not self.stopping:
-            streams = {runs_stream: self.runs_last_id}
+            streams: dict[KeyT, StreamIdT] = {runs_stream: self.runs_last_id}
             run = self.run
             if run is not None:
                 streams[ops_stream(run.run_id)] = run.last_id
@@ -286,7 +308,7 @@ class Worker:
                 time.sleep(1.0)
                 continue
             attach: AttachEvent | None = None
-            for stream, entries in resp or []:
+            for stream, entries in xread_streams(resp):
                 name = stream.decode() if isinstance(stream, bytes) else stream
                 if name == runs_stream:
                     for entry_id, fields in entries:
@@ -315,7 +337,7 @@ class Worker:
     # ---- runs ---------------------------------------------------------------------------
     def _attach_latest(self) -> None:
         """At start: attach the deployment's current run (the last attach event)."""
-        entries = self.r.xrevrange(deployment_runs_stream(self.launch.deployment_id), count=1)
+        entries = stream_entries(self.r.xrevrange(deployment_runs_stream(self.launch.deployment_id), count=1))
         if entries:
             entry_id, fields = entries[0]
             self.runs_last_id = _id(entry_id)
@@ -450,7 +472,7 @@ class Worker:
         self.write_result(run.run_id, env.request_id, FutureResult.ok_json(result))
 
     def _seq0(self, run: AttachedRun, env: OpEnvelope) -> None:
-        m = self.model
+        m = self._model()
         if env.kind == OpKind.CREATE:
             result = m.create(_body(op_bodies.decode_create, env.body))
         elif env.kind == OpKind.LOAD_WEIGHTS:
@@ -461,7 +483,7 @@ class Worker:
         self._ok(run, env, result)
 
     def _op(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
-        m = self.model
+        m = self._model()
         kind = env.kind
         if kind == OpKind.REJECTED:
             log.info("seq %d was rejected by the control plane: %s", seq, env.body[:200].decode(errors="replace"))
@@ -484,7 +506,7 @@ class Worker:
             raise UserError(f"unsupported op kind {kind.value}")
 
     def _save(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
-        m = self.model
+        m = self._model()
         body = _body(op_bodies.decode_save, env.body)
         out = m.save(body, seq)
         version = self._optim_steps()
@@ -536,7 +558,7 @@ def _load_result(result: dict[str, Any], dialect: Dialect) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "step"}
 
 
-def _body(decode, raw: bytes):
+def _body(decode: Callable[[bytes], T], raw: bytes) -> T:
     try:
         return decode(raw)
     except (TypeError, KeyError, ValueError) as exc:
@@ -592,7 +614,7 @@ def main() -> int:
     launch = TrainerLaunch.from_env()
     worker = Worker(launch)
 
-    def _stop(signum, _frame):
+    def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping after the current op", signum)
         worker.stopping = True
 

@@ -32,9 +32,10 @@ its input and result follow):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 PREFIX = "openloops"
 FUTURE_DONE_CHANNEL = f"{PREFIX}:future-done"
@@ -122,6 +123,38 @@ class WorkerState(StrEnum):
     STOPPED = "stopped"
 
 
+# Redis replies: every client here leaves ``decode_responses`` off, so keys and values come back
+# as bytes. redis-py types them ``bytes | str`` (it cannot know which); these narrow a reply
+# once, where it is read.
+Fields = dict[bytes, bytes]
+StreamEntry = tuple[bytes, Fields]
+
+
+def fields_of(reply: Mapping[Any, Any] | None) -> Fields:
+    """A hash (``HGETALL``) or stream entry's fields."""
+    return cast("Fields", reply or {})
+
+
+def stream_entries(reply: Any) -> list[StreamEntry]:
+    """``XRANGE`` / ``XREVRANGE`` entries."""
+    return cast("list[StreamEntry]", reply or [])
+
+
+def xread_streams(reply: Any) -> list[tuple[bytes, list[StreamEntry]]]:
+    """``XREAD`` / ``XREADGROUP``: (stream name, entries) per stream."""
+    return cast("list[tuple[bytes, list[StreamEntry]]]", reply or [])
+
+
+def text(value: bytes | str) -> str:
+    """A key, member or value as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# what ``HSET mapping=`` and ``XADD`` take (redis-py's ``Dict[FieldT, EncodableT]``)
+RedisValue = bytes | bytearray | memoryview | str | int | float
+OutFields = dict[RedisValue, RedisValue]
+
+
 JSON_CONTENT = "application/json"
 PROTOBUF_CONTENT = "application/x-protobuf"
 
@@ -142,7 +175,7 @@ class OpEnvelope:
     body: bytes
     dialect: Dialect = Dialect.TINKER
 
-    def to_fields(self) -> dict[str, bytes | str]:
+    def to_fields(self) -> OutFields:
         return {
             "request_id": self.request_id,
             "model_id": self.model_id,
@@ -153,7 +186,7 @@ class OpEnvelope:
         }
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> OpEnvelope:
+    def from_fields(cls, fields: Fields) -> OpEnvelope:
         return cls(
             request_id=fields[b"request_id"].decode(),
             model_id=fields[b"model_id"].decode(),
@@ -171,11 +204,11 @@ class AttachEvent:
     run_id: str
     max_seq_len: int
 
-    def to_fields(self) -> dict[str, str]:
+    def to_fields(self) -> OutFields:
         return {"run_id": self.run_id, "max_seq_len": str(self.max_seq_len)}
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> AttachEvent:
+    def from_fields(cls, fields: Fields) -> AttachEvent:
         return cls(run_id=fields[b"run_id"].decode(), max_seq_len=int(fields[b"max_seq_len"]))
 
 
@@ -188,8 +221,8 @@ class FutureResult:
     body: bytes = b""
     category: ErrorCategory | None = None
 
-    def to_fields(self) -> dict[str, bytes | str]:
-        out: dict[str, bytes | str] = {
+    def to_fields(self) -> OutFields:
+        out: OutFields = {
             "state": self.state.value,
             "content_type": self.content_type,
             "body": self.body,
@@ -199,7 +232,7 @@ class FutureResult:
         return out
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> FutureResult:
+    def from_fields(cls, fields: Fields) -> FutureResult:
         cat = fields.get(b"category")
         return cls(
             state=FutureState(fields[b"state"].decode()),
@@ -260,12 +293,12 @@ class Completion:
     error: str | None = None
     category: ErrorCategory | None = None
 
-    def to_fields(self) -> dict[str, str]:
+    def to_fields(self) -> OutFields:
         d = asdict(self)
         return {"payload": json.dumps(d)}
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> Completion:
+    def from_fields(cls, fields: Fields) -> Completion:
         d = json.loads(fields[b"payload"])
         d["kind"] = OpKind(d["kind"])
         d["files"] = [CheckpointFile(**f) for f in d.get("files") or []]

@@ -37,7 +37,7 @@ _DECODE_DTYPES: dict[int, tuple[np.dtype, np.dtype]] = {
     pb.DTYPE_INT32: (np.dtype("<i4"), np.dtype(np.int64)),
     pb.DTYPE_BFLOAT16: (np.dtype("<u2"), np.dtype(np.float32)),
 }
-_ENCODE_DTYPES: dict[np.dtype, tuple[int, np.dtype]] = {
+_ENCODE_DTYPES: dict[np.dtype, tuple[pb.DType, np.dtype]] = {
     np.dtype(np.float32): (pb.DTYPE_FLOAT32, np.dtype("<f4")),
     np.dtype(np.float64): (pb.DTYPE_FLOAT32, np.dtype("<f4")),
     np.dtype(np.int64): (pb.DTYPE_INT64, np.dtype("<i8")),

@@ -11,7 +11,7 @@ from tinker.proto import request_conv, response_conv
 
 from data_plane.storage.local import LocalDirStore
 from data_plane.trainer import checkpoint as ckpt
-from data_plane.trainer.engine import Prepared, plan_microbatches
+from data_plane.trainer.batches import Prepared, plan_microbatches
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.model import LoraSettings, load_base
 from data_plane.trainer.training import TrainingModel

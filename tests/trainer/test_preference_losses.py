@@ -10,7 +10,7 @@ import pytest
 import torch
 from tinker.proto import response_conv
 
-from data_plane.trainer.engine import Prepared, plan_microbatches
+from data_plane.trainer.batches import Prepared, plan_microbatches
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.losses import (
     dpo,

@@ -27,7 +27,7 @@ RETRYABLE = frozenset({408, 429})
 
 def mark(request: Request, response: Response[Any]) -> Response[Any]:
     """Add the gateway's error headers to a 4xx refusal when the client asked for them."""
-    status = response.status_code
+    status = response.status_code or 200
     if 400 <= status < 500 and status not in RETRYABLE and request.headers.get(ACCEPT_ERROR) == "1":
         code = "error"
         content = response.content

@@ -28,7 +28,7 @@ OWN = {"scope": Scope.MANAGE_OWN}
 
 
 def rt(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    return request.app.state.runtime
 
 
 class LoopsTrainingController(Controller):

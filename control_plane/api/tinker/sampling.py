@@ -43,7 +43,7 @@ class CreateSamplingSessionBody(msgspec.Struct, kw_only=True):
 
 
 def rt(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
+    return request.app.state.runtime
 
 
 class TinkerSamplingController(Controller):
