@@ -34,7 +34,7 @@ from bench.seed import TENANT_CHECKPOINTS, Tenant, grow_checkpoints, reset, seed
 from bench.stack import BENCH_MODEL, Stack, start_stack
 from control_plane.catalog import ModelCatalog
 from control_plane.db.engine import Database
-from control_plane.ports import free_port
+from control_plane.scheduler.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

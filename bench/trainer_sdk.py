@@ -30,7 +30,7 @@ import numpy as np
 from bench.stack import Stack, start_stack
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.local_mode.models import prepare
-from control_plane.ports import free_port
+from control_plane.scheduler.ports import free_port
 
 BATCH, SEQ, RANK, LR = 32, 256, 32, 1e-4
 

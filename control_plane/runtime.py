@@ -9,12 +9,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from control_plane.auth.authenticator import Authenticator, RateLimit
+from control_plane.auth.signed_urls import UrlSigner
 from control_plane.catalog import ModelCatalog
 from control_plane.db.engine import Database
 from control_plane.metering.requests import RequestMeter
 from control_plane.scheduler.protocol import SchedulerBackend
 from control_plane.settings import BackendKind, Settings, StoreKind
-from control_plane.signed_urls import UrlSigner
 from control_plane.training.futures import FutureWaiter
 from data_plane.storage.base import ObjectStore
 from data_plane.wire.worker_config import StoreSpec

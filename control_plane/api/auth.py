@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from litestar import Request
 
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.statuses import Scope
 
@@ -27,7 +28,7 @@ def presented_key(request: Request) -> str | None:
 
 
 async def provide_principal(request: Request) -> Principal:
-    runtime = request.app.state.runtime
+    runtime = rt(request)
     principal = await runtime.authenticator.authenticate(presented_key(request))
     scope: Scope | None = request.route_handler.opt.get("scope")
     if scope is not None:

@@ -9,8 +9,9 @@ from litestar import MediaType, Request, Response, get
 from litestar.response import Stream
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from control_plane.api.state import rt
+from control_plane.auth.signed_urls import InvalidSignature
 from control_plane.errors import Forbidden, NotFound
-from control_plane.signed_urls import InvalidSignature
 from data_plane.storage.base import ObjectNotFound
 
 
@@ -21,7 +22,7 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", tags=["health"])
 async def readyz(request: Request) -> Response:
-    r = request.app.state.runtime
+    r = rt(request)
     checks: dict[str, Any] = {}
     ok = True
     for name, probe in (("postgres", r.db.ping), ("redis", r.redis.ping)):
@@ -42,7 +43,7 @@ async def metrics(request: Request) -> Response:
 
 @get("/v1/downloads/{token:str}", tags=["downloads"], media_type=MediaType.TEXT)
 async def download(request: Request, token: str) -> Stream:
-    r = request.app.state.runtime
+    r = rt(request)
     try:
         key = r.signer.verify(token)
     except (InvalidSignature, ValueError) as exc:

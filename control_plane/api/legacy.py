@@ -11,7 +11,8 @@ from litestar.di import Provide
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.loops import presenters as p
-from control_plane.api.loops.training import ORG, OWN, rt
+from control_plane.api.loops.training import ORG, OWN
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Run, Sampler
 from control_plane.errors import InvalidInput, NotFound

@@ -31,9 +31,9 @@ from sqlalchemy import select, update
 from control_plane.auth.keys import hash_key, looks_like_key
 from control_plane.auth.principal import Principal
 from control_plane.db.engine import Database
+from control_plane.db.last_seen import drain_hash
 from control_plane.db.models import ApiKey
 from control_plane.errors import RateLimited, Unauthenticated
-from control_plane.last_seen import drain_hash
 
 log = structlog.get_logger("openloops.auth")
 

@@ -12,12 +12,12 @@ from rich.table import Table
 from sqlalchemy import inspect, select
 
 from control_plane.cli.context import console
-from control_plane.controller.workloads import sampler_workload_id
 from control_plane.db.engine import Database
 from control_plane.db.models import Org, Run, Sampler, StatusHistory
 from control_plane.errors import NotFound
 from control_plane.runtime import build_backend
 from control_plane.scaling.kinds import DEPLOYMENT, kind_of
+from control_plane.services.samplers import sampler_workload_id
 from control_plane.settings import Settings
 
 

@@ -13,9 +13,9 @@ import typer
 from control_plane import event_loop
 from control_plane.cli.admin import app as admin_app
 from control_plane.cli.context import Resolved, console, emit, err_console
+from control_plane.cli.log_output import BufferedLoggerFactory, UtcTimestamp
 from control_plane.local_mode import runtime_file
 from control_plane.local_mode.models import LOCAL_MODELS, ModelPrepError, prepare, register
-from control_plane.log_output import BufferedLoggerFactory, UtcTimestamp
 from control_plane.settings import Settings
 
 app = typer.Typer(help="openloops: self-hosted LoRA post-training (Loops + Tinker APIs).", no_args_is_help=True)

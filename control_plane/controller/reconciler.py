@@ -25,13 +25,13 @@ from control_plane.controller.lifecycle import RowReconciler
 from control_plane.controller.retry import BackendRetry
 from control_plane.controller.runs import RunReconciler
 from control_plane.controller.samplers import SamplerReconciler
-from control_plane.controller.sessions import expire_sessions, flush_session_heartbeats
-from control_plane.controller.workloads import is_sampler_workload_id
 from control_plane.metering.usage import UsageSampler
 from control_plane.runtime import RECONCILE_CHANNEL, Runtime
 from control_plane.scaling.activity import flush_activity
 from control_plane.scaling.kinds import DEPLOYMENT, KINDS, SERVED_MODEL
 from control_plane.scheduler.protocol import WorkloadRole
+from control_plane.services.heartbeats import expire_sessions, flush_session_heartbeats
+from control_plane.services.samplers import is_sampler_workload_id
 from control_plane.statuses import TERMINAL, Status
 
 log = structlog.get_logger("openloops.controller")

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.controller.retry import BackendRetry
-from control_plane.controller.workloads import is_sampler_workload_id, sampler_spec, sampler_workload_id
+from control_plane.controller.workloads import sampler_spec
 from control_plane.db.models import Sampler, Session
 from control_plane.runtime import Runtime
 from control_plane.scaling.idle import scale_down_if_idle
@@ -39,6 +39,7 @@ from control_plane.scaling.kinds import SAMPLER
 from control_plane.scaling.wake import notify_woken
 from control_plane.scheduler.protocol import Observation, Phase, TransientBackendError, WorkloadRole, WorkloadSpec
 from control_plane.services import history
+from control_plane.services.samplers import is_sampler_workload_id, sampler_workload_id
 from control_plane.statuses import LIVE, SessionStatus, Status
 from control_plane.training.queue import TrainerQueue
 

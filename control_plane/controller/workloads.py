@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 from control_plane.db.models import Deployment
-from control_plane.ports import free_port
+from control_plane.scheduler.ports import free_port
 from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
+from control_plane.services.samplers import sampler_workload_id
 from control_plane.settings import BackendKind
 from data_plane.sampler.config import SamplerLaunch
 from data_plane.wire.worker_config import REDIS_URL_ENV, TrainerLaunch
@@ -51,23 +51,11 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
 
 # --- samplers: one shared vLLM server per base model ------------------------------------
 
-SAMPLER_WORKLOAD_PREFIX = "vllm-"
 SAMPLER_HEALTH_PATH = "/health"
 SAMPLER_CLUSTER_PORT = 8000  # in a pod (Kubernetes): fixed, the Service targets it
 # Checkpoint files live under this store prefix (control_plane.training.ops.storage_prefix): the
 # sampler's resolver loads nothing outside it.
 CHECKPOINT_KEY_PREFIX = "checkpoints/"
-
-
-def sampler_workload_id(base_model: str) -> str:
-    """The id of the vLLM workload that serves ``base_model`` and every adapter trained on it."""
-    slug = "".join(c if c.isalnum() else "-" for c in base_model.lower()).strip("-")[:40].strip("-")
-    digest = hashlib.sha256(base_model.encode()).hexdigest()[:8]
-    return f"{SAMPLER_WORKLOAD_PREFIX}{slug}-{digest}"
-
-
-def is_sampler_workload_id(workload_id: str) -> bool:
-    return workload_id.startswith(SAMPLER_WORKLOAD_PREFIX)
 
 
 def vllm_spec(

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import func, update
 
 from control_plane.db.engine import Database
-from control_plane.last_seen import drain_hash
+from control_plane.db.last_seen import drain_hash
 from control_plane.scaling.kinds import KINDS, Kind
 
 

@@ -5,7 +5,7 @@
   too) and the Service (404 = already gone). The Service's ownerReference is the safety net.
 * ``scale``   merge-patches ``spec.replicas`` (0 = scaled to zero, the definition stays).
 * ``observe`` reads an in-memory cache of the namespace's Deployments and Pods that two
-  list+watch loops keep current (see ``_Informer``) and maps it with ``k8s_status``.
+  list+watch loops keep current (``k8s_watch_cache``) and maps it with ``k8s_status``.
 * ``list_workloads`` returns the Deployments labelled ``app.kubernetes.io/managed-by=openloops``
   (from the watch cache; a direct labelled LIST until the cache is synced).
 * ``describe`` reads directly (no watch): the Deployment, its pods and the namespace's events
@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +47,6 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from kubernetes.watch.watch import iter_resp_lines
 
 from control_plane.scheduler.k8s_errors import (
     KubernetesApiError,
@@ -72,6 +70,7 @@ from control_plane.scheduler.k8s_manifests import (
 )
 from control_plane.scheduler.k8s_status import observe_workload, parse_time
 from control_plane.scheduler.k8s_usage import usage_sample
+from control_plane.scheduler.k8s_watch_cache import MANAGED_SELECTOR, WatchCache
 from control_plane.scheduler.kubernetes_settings import KubernetesSettings
 from control_plane.scheduler.protocol import (
     LogLine,
@@ -92,7 +91,6 @@ from control_plane.scheduler.workload_logs import (
 
 log = structlog.get_logger("openloops.scheduler.kubernetes")
 
-MANAGED_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 _RETRYABLE_STATUS = frozenset({0, 408, 429, 500, 502, 503, 504})
 _MERGE_PATCH = "application/merge-patch+json"
 # a pod's log or metrics that cannot be had right now: skipped, not retried (the pod list before
@@ -125,6 +123,19 @@ def build_configuration(settings: KubernetesSettings) -> k8s_client.Configuratio
     return cfg
 
 
+def _raw_list(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A LIST/WATCH call for a :class:`WatchCache`: the raw HTTP response, and our own
+    :class:`KubernetesApiError` (with the HTTP status) instead of the client's exception."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as exc:
+            raise KubernetesApiError(_error_message(exc), status=exc.status, reason=exc.reason) from None
+
+    return call
+
+
 def _error_message(exc: ApiException) -> str:
     body = exc.body
     if isinstance(body, bytes):
@@ -135,236 +146,6 @@ def _error_message(exc: ApiException) -> str:
         except (ValueError, AttributeError):
             return body[:500]
     return str(exc.reason or "")
-
-
-def _rv_int(obj: dict[str, Any]) -> int | None:
-    rv = (obj.get("metadata") or {}).get("resourceVersion")
-    try:
-        return int(rv) if rv is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-class _Gone(Exception):
-    """The watch's resourceVersion is too old (HTTP 410): relist."""
-
-
-class _Informer:
-    """Keeps ``cache`` (name -> object dict) equal to one resource in one namespace.
-
-    Loop: LIST (remember its resourceVersion), then WATCH from that resourceVersion with
-    bookmarks; when a watch ends (server timeout, read timeout, dropped connection) it restarts
-    from the last resourceVersion seen, without a relist. A 410 Gone (as an ERROR event or an
-    HTTP status) or any other error leads to a full relist (errors with exponential backoff). A
-    full relist also happens every ``resync_seconds`` (checked on each event and each watch
-    restart), which repairs anything a watch could have missed.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        list_fn: Callable[..., Any],
-        namespace: str,
-        settings: KubernetesSettings,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
-    ) -> None:
-        self.kind = kind
-        self._list_fn = list_fn
-        self._namespace = namespace
-        self._settings = settings
-        self._on_event = on_event
-        self.lock = threading.Lock()
-        self.cache: dict[str, dict[str, Any]] = {}
-        self.resource_version: str | None = None
-        self.synced = threading.Event()
-        self.relists = 0
-        self.watches = 0
-        self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._resp: Any = None
-        self._last_list = 0.0
-
-    # --- lifecycle ---------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"openloops-k8s-{self.kind}", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        resp = self._resp
-        if resp is not None:
-            try:  # unblock a read in progress
-                resp.shutdown()
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    # --- cache writes from our own API responses (read-your-writes) ----------------------
-    def upsert(self, obj: dict[str, Any]) -> None:
-        name = (obj.get("metadata") or {}).get("name")
-        if not name:
-            return
-        with self.lock:
-            old = self.cache.get(name)
-            if old is not None:
-                new_rv, old_rv = _rv_int(obj), _rv_int(old)
-                if new_rv is not None and old_rv is not None and new_rv < old_rv:
-                    return  # stale
-            self.cache[name] = obj
-        if self._on_event:
-            self._on_event("MODIFIED", obj)
-
-    def discard(self, name: str) -> None:
-        with self.lock:
-            obj = self.cache.pop(name, None)
-        if obj is not None and self._on_event:
-            self._on_event("DELETED", obj)
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        with self.lock:
-            return self.cache.get(name)
-
-    def values(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return list(self.cache.values())
-
-    # --- the loop ------------------------------------------------------------------------
-    def _run(self) -> None:
-        need_list = True
-        delay = self._settings.api_retry_base_delay_seconds or 0.1
-        while not self._stop.is_set():
-            try:
-                if need_list or self._resync_due():
-                    self._relist()
-                    need_list = False
-                self._watch_once()
-                delay = self._settings.api_retry_base_delay_seconds or 0.1
-            except _Gone:
-                log.info("k8s watch expired (410 Gone), relisting", kind=self.kind)
-                need_list = True
-            except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError):
-                continue  # the stream went quiet or was cut: resume from the last resourceVersion
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                if self._stop.is_set():
-                    break
-                if isinstance(exc, ApiException) and exc.status == 410:
-                    need_list = True
-                    continue
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("k8s list/watch failed, retrying", kind=self.kind, error=self.last_error, delay=delay)
-                need_list = True
-                self._stop.wait(delay * (0.5 + random.random() / 2))
-                delay = min(delay * 2, self._settings.api_retry_max_delay_seconds or 8.0)
-
-    def _resync_due(self) -> bool:
-        return time.monotonic() - self._last_list >= self._settings.resync_seconds
-
-    def _read_timeout(self) -> float:
-        return self._settings.watch_timeout_seconds * 1.2 + 0.5
-
-    def _relist(self) -> None:
-        resp = self._list_fn(
-            self._namespace,
-            label_selector=MANAGED_SELECTOR,
-            _preload_content=False,
-            _request_timeout=self._settings.api_timeout_seconds,
-        )
-        data = json.loads(resp.data or b"{}")
-        fresh: dict[str, dict[str, Any]] = {}
-        for item in data.get("items") or []:
-            meta = item.get("metadata") or {}
-            # the server filters by label; a server that does not (kmock) is filtered here
-            if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY:
-                continue
-            if meta.get("namespace") not in (None, self._namespace):
-                continue
-            fresh[meta["name"]] = item
-        with self.lock:
-            old = self.cache
-            self.cache = fresh
-        self.resource_version = (data.get("metadata") or {}).get("resourceVersion") or None
-        self._last_list = time.monotonic()
-        self.relists += 1
-        self.last_error = None
-        self.synced.set()
-        if self._on_event:
-            for name, obj in old.items():
-                if name not in fresh:
-                    self._on_event("DELETED", obj)
-            for obj in fresh.values():
-                self._on_event("ADDED", obj)
-
-    def _watch_once(self) -> None:
-        kwargs: dict[str, Any] = {
-            "label_selector": MANAGED_SELECTOR,
-            "watch": True,
-            "allow_watch_bookmarks": True,
-            "timeout_seconds": self._settings.watch_timeout_seconds,
-            "_preload_content": False,
-            "_request_timeout": (self._settings.api_timeout_seconds, self._read_timeout()),
-        }
-        if self.resource_version:
-            kwargs["resource_version"] = self.resource_version
-        resp = self._list_fn(self._namespace, **kwargs)
-        self._resp = resp
-        self.watches += 1
-        try:
-            if self._stop.is_set():  # stop() ran before it could see this response
-                return
-            for line in iter_resp_lines(resp):
-                if self._stop.is_set():
-                    return
-                if not line:
-                    continue
-                self._apply(json.loads(line))
-                if self._resync_due():
-                    return
-        finally:
-            self._resp = None
-            try:
-                resp.release_conn()
-            except Exception:  # noqa: BLE001
-                pass
-
-    def _apply(self, event: dict[str, Any]) -> None:
-        etype = event.get("type")
-        obj = event.get("object") or {}
-        if etype == "ERROR":
-            if obj.get("code") == 410:
-                raise _Gone()
-            raise KubernetesApiError(
-                f"watch {self.kind}: {obj.get('reason')}: {obj.get('message')}",
-                status=obj.get("code"),
-                reason=obj.get("reason"),
-            )
-        meta = obj.get("metadata") or {}
-        rv = meta.get("resourceVersion")
-        if etype == "BOOKMARK":
-            if rv:
-                self.resource_version = rv
-            return
-        name = meta.get("name")
-        if not name:
-            return
-        if (meta.get("labels") or {}).get(LABEL_MANAGED_BY) != MANAGED_BY or meta.get("namespace") not in (
-            None,
-            self._namespace,
-        ):
-            return
-        with self.lock:
-            if etype == "DELETED":
-                self.cache.pop(name, None)
-            elif etype in ("ADDED", "MODIFIED"):
-                old = self.cache.get(name)
-                new_rv, old_rv = _rv_int(obj), (_rv_int(old) if old is not None else None)
-                if not (new_rv is not None and old_rv is not None and new_rv < old_rv):
-                    self.cache[name] = obj
-        if rv:
-            self.resource_version = rv
-        if self._on_event:
-            self._on_event(etype or "", obj)
 
 
 class KubernetesBackend:
@@ -390,12 +171,15 @@ class KubernetesBackend:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="openloops-k8s-api")
         # the watches get their own connections
         self._watch_api = k8s_client.ApiClient(self._cfg)
-        self.deployments = _Informer(
-            "deployments", k8s_client.AppsV1Api(self._watch_api).list_namespaced_deployment, self.namespace, settings
+        self.deployments = WatchCache(
+            "deployments",
+            _raw_list(k8s_client.AppsV1Api(self._watch_api).list_namespaced_deployment),
+            self.namespace,
+            settings,
         )
-        self.pods = _Informer(
+        self.pods = WatchCache(
             "pods",
-            k8s_client.CoreV1Api(self._watch_api).list_namespaced_pod,
+            _raw_list(k8s_client.CoreV1Api(self._watch_api).list_namespaced_pod),
             self.namespace,
             settings,
             self._on_pod_event,

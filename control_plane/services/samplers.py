@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -10,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
 from control_plane.catalog import ModelCatalog
-from control_plane.controller.workloads import sampler_workload_id
 from control_plane.db.models import Checkpoint, Run, Sampler
 from control_plane.errors import Gone, InvalidInput, NotFound
 from control_plane.ids import new_id
@@ -20,6 +20,20 @@ from control_plane.services.scoping import list_scope_filter
 from control_plane.services.sessions import get_session
 from control_plane.statuses import TERMINAL, SessionStatus, Status
 from data_plane.sampler.names import adapter_name_for_prefix
+
+SAMPLER_WORKLOAD_PREFIX = "vllm-"
+
+
+def sampler_workload_id(base_model: str) -> str:
+    """The id of the vLLM workload that serves ``base_model`` and every adapter trained on it
+    (one shared server per base model)."""
+    slug = "".join(c if c.isalnum() else "-" for c in base_model.lower()).strip("-")[:40].strip("-")
+    digest = hashlib.sha256(base_model.encode()).hexdigest()[:8]
+    return f"{SAMPLER_WORKLOAD_PREFIX}{slug}-{digest}"
+
+
+def is_sampler_workload_id(workload_id: str) -> bool:
+    return workload_id.startswith(SAMPLER_WORKLOAD_PREFIX)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from control_plane.controller.reconciler import Controller
-from control_plane.controller.workloads import sampler_workload_id
 from control_plane.db.models import Run
 from control_plane.runtime import build_runtime
 from control_plane.scheduler.k8s_manifests import workload_name
@@ -24,6 +23,7 @@ from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
 from control_plane.services import history as history_svc
 from control_plane.services import samplers as samplers_svc
+from control_plane.services.samplers import sampler_workload_id
 from tests.control_plane.conftest import TEST_MODEL, make_settings, make_tenant
 from tests.k8s.conftest import NAMESPACE, WORKER_SECRET, Cluster, Kubelet, cluster, kubelet, terminated, waiting  # noqa: F401
 from tests.k8s.controller_env import k8s_runtime, k8s_settings, new_run, new_served_model

@@ -7,7 +7,7 @@ import re
 import time
 from datetime import UTC, datetime, timedelta
 
-from control_plane.log_output import MAX_BUFFERED, BufferedLogger, LineBuffer, UtcTimestamp
+from control_plane.cli.log_output import MAX_BUFFERED, BufferedLogger, LineBuffer, UtcTimestamp
 
 
 def test_info_lines_are_batched_and_warnings_flush_everything_in_order() -> None:

@@ -16,7 +16,7 @@ from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from control_plane.db import migrate
-from control_plane.ports import free_port
+from control_plane.scheduler.ports import free_port
 
 
 async def _tables(url: str) -> set[str]:

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 import zstandard
 from sqlalchemy import select, update
 
-from control_plane.controller.sessions import expire_sessions, flush_session_heartbeats
 from control_plane.db.models import Run, Session
 from control_plane.scaling.activity import activity_key
 from control_plane.scaling.kinds import RUN
+from control_plane.services.heartbeats import expire_sessions, flush_session_heartbeats
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.queue import ops_stream
 from tests.control_plane.conftest import TEST_MODEL, Api

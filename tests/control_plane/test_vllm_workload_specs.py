@@ -6,14 +6,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from control_plane.controller.served_model_spec import served_model_spec
-from control_plane.controller.workloads import (
-    CHECKPOINT_KEY_PREFIX,
-    SAMPLER_CLUSTER_PORT,
-    sampler_spec,
-    sampler_workload_id,
-)
+from control_plane.controller.workloads import CHECKPOINT_KEY_PREFIX, SAMPLER_CLUSTER_PORT, sampler_spec
 from control_plane.runtime import build_runtime
 from control_plane.scheduler.protocol import WorkloadRole
+from control_plane.services.samplers import sampler_workload_id
 from control_plane.settings import BackendKind
 from data_plane.sampler.config import SamplerLaunch
 from data_plane.sampler.names import adapter_name_for_prefix

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.db import migrate
 from control_plane.event_loop import loop_factory
-from control_plane.ports import free_port
 from control_plane.runtime import Runtime, build_runtime
+from control_plane.scheduler.ports import free_port
 from control_plane.server import serve
 from control_plane.services import identity
 from control_plane.settings import Settings

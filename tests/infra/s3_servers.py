@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from control_plane.ports import free_ports
+from control_plane.scheduler.ports import free_ports
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from control_plane.ports import free_port
+from control_plane.scheduler.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVED_MODEL_NAME = "openloops/tiny"

@@ -16,7 +16,6 @@ import pytest
 from sqlalchemy import update
 
 from control_plane.api.errors import STATUS_BY_ERROR
-from control_plane.controller.workloads import sampler_workload_id
 from control_plane.db.models import Sampler, ServedModel
 from control_plane.errors import Unavailable
 from control_plane.runtime import Runtime
@@ -25,6 +24,7 @@ from control_plane.scaling.wake import WakeTimeout, touch_and_wake
 from control_plane.scheduler.k8s_manifests import LABEL_WORKLOAD, workload_name
 from control_plane.scheduler.protocol import WorkloadRole
 from control_plane.services import samplers as samplers_svc
+from control_plane.services.samplers import sampler_workload_id
 from tests.control_plane.conftest import TEST_MODEL, Tenant
 from tests.k8s.conftest import DEPLOYMENTS, PODS, Cluster, ReplicaSetPlayer, eventually
 from tests.k8s.controller_env import history, k8s_runtime, k8s_settings, new_served_model, row, start, status, tenant

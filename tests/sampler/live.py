@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import httpx
 
-from control_plane.controller.workloads import sampler_workload_id
 from control_plane.runtime import Runtime
 from control_plane.scheduler.protocol import WorkloadRole
+from control_plane.services.samplers import sampler_workload_id
 from tests.infra.live_server import LiveServer
 
 T = TypeVar("T")

@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import select
 
 from control_plane.controller.samplers import SamplerReconciler, pending_group
-from control_plane.controller.workloads import is_sampler_workload_id, sampler_workload_id
 from control_plane.db.models import Sampler, Session, StatusHistory
 from control_plane.runtime import build_runtime
 from control_plane.scheduler.protocol import Observation, Phase, WorkloadRole, WorkloadSpec
 from control_plane.services import sessions as sessions_svc
+from control_plane.services.samplers import is_sampler_workload_id, sampler_workload_id
 from control_plane.services.sampling_sessions import open_sampling_session
 from control_plane.statuses import SessionStatus
 from control_plane.training.queue import TrainerQueue

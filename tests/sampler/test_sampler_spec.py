@@ -7,10 +7,11 @@ from pathlib import Path
 
 import kubernetes_validate
 
-from control_plane.controller.workloads import CHECKPOINT_KEY_PREFIX, sampler_spec, sampler_workload_id
+from control_plane.controller.workloads import CHECKPOINT_KEY_PREFIX, sampler_spec
 from control_plane.runtime import build_runtime
 from control_plane.scheduler.k8s_manifests import workload_manifests
 from control_plane.scheduler.kubernetes_settings import KubernetesSettings
+from control_plane.services.samplers import sampler_workload_id
 from control_plane.settings import BackendKind
 from data_plane.sampler.config import ENV_VAR, SamplerLaunch
 from tests.control_plane.conftest import TEST_MODEL, make_settings

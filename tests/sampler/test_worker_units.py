@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from control_plane.ports import free_port
 from control_plane.sampling import (
     AdapterLoadFailed,
     AdapterNotFound,
@@ -22,6 +21,7 @@ from control_plane.sampling import (
     SamplerUnavailable,
     VLLMClient,
 )
+from control_plane.scheduler.ports import free_port
 from data_plane.sampler.config import ENV_VAR, SamplerLaunch
 from data_plane.sampler.names import (
     InvalidAdapterName,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.ports import free_ports
+from control_plane.scheduler.ports import free_ports
 from data_plane.storage import ObjectNotFound, S3Store, StoreError
 from data_plane.storage import s3 as s3_module
 from tests.infra.s3_servers import S3Server, seed_moto_objects

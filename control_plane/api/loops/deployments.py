@@ -12,7 +12,8 @@ from litestar.params import Parameter
 from control_plane.api.auth import provide_principal
 from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import LogsQuery, MetricsBody
-from control_plane.api.loops.training import ORG, rt
+from control_plane.api.loops.training import ORG
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.metering import series
 from control_plane.scheduler.protocol import LogQuery, WorkloadRole

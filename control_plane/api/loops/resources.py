@@ -14,7 +14,8 @@ from control_plane.api.auth import provide_principal
 from control_plane.api.encoded import EncodedJSON
 from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import ValidateCheckpointBody
-from control_plane.api.loops.training import ORG, OWN, rt
+from control_plane.api.loops.training import ORG, OWN
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import hot_reads

@@ -26,7 +26,8 @@ from litestar.di import Provide
 from control_plane.api.auth import provide_principal
 from control_plane.api.errors import error_response
 from control_plane.api.loops.gateway_errors import DATA_PLANE_EXCEPTION_HANDLERS, mark
-from control_plane.api.loops.training import ORG, rt
+from control_plane.api.loops.training import ORG
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.errors import InvalidInput
 from control_plane.sampling.client import VLLMClient

@@ -26,7 +26,8 @@ from litestar.di import Provide
 from control_plane.api.auth import provide_principal
 from control_plane.api.errors import http_status_of
 from control_plane.api.loops.gateway_errors import DATA_PLANE_EXCEPTION_HANDLERS
-from control_plane.api.loops.training import ORG, rt
+from control_plane.api.loops.training import ORG
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.errors import RunOrSamplerRequired
 from control_plane.training.loops_ops import LoopsTrainerOps

@@ -13,8 +13,8 @@ from control_plane.api.auth import provide_principal
 from control_plane.api.encoded import EncodedJSON
 from control_plane.api.loops import presenters as p
 from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
-from control_plane.runtime import Runtime
 from control_plane.services import hot_reads
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
@@ -25,10 +25,6 @@ from control_plane.training.queue import TrainerQueue
 
 ORG = {"scope": Scope.MANAGE_ORG_TRAINING_PROJECTS}
 OWN = {"scope": Scope.MANAGE_OWN}
-
-
-def rt(request: Request) -> Runtime:
-    return request.app.state.runtime
 
 
 class LoopsTrainingController(Controller):

@@ -11,6 +11,7 @@ from litestar.params import Parameter
 from sqlalchemy import select
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.state import rt
 from control_plane.api.tinker.schemas import (
     ClientConfigBody,
     CreateSessionBody,
@@ -18,11 +19,10 @@ from control_plane.api.tinker.schemas import (
     SessionIdBody,
 )
 from control_plane.auth.principal import Principal
-from control_plane.controller.sessions import record_heartbeat
 from control_plane.db.models import Run, Sampler, Session, TrainingProject
 from control_plane.errors import Gone, InvalidInput
-from control_plane.runtime import Runtime
 from control_plane.services import sessions as sessions_svc
+from control_plane.services.heartbeats import record_heartbeat
 from control_plane.services.scoping import list_scope_filter
 from control_plane.statuses import Scope, SessionStatus
 
@@ -42,10 +42,6 @@ CLIENT_CONFIG = {
     "sample_join_sampling_session": False,
 }
 DYNAMIC_CONFIG = {"refresh_interval_sec": 300, "sample_cancel_enabled": False, "sample_cancel_max_batch_size": 64}
-
-
-def rt(request: Request) -> Runtime:
-    return request.app.state.runtime
 
 
 def access_scope(value: str | None) -> str | None:

@@ -8,7 +8,8 @@ from litestar import Controller, Request, Response, post
 from litestar.di import Provide
 
 from control_plane.api.auth import provide_principal
-from control_plane.api.tinker.bootstrap import OWN, rt
+from control_plane.api.state import rt
+from control_plane.api.tinker.bootstrap import OWN
 from control_plane.api.tinker.schemas import RetrieveFutureBody
 from control_plane.auth.principal import Principal
 from control_plane.errors import Gone, InvalidInput

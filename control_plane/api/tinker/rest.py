@@ -9,8 +9,9 @@ from litestar.di import Provide
 from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.state import rt
 from control_plane.api.tinker import presenters as p
-from control_plane.api.tinker.bootstrap import OWN, access_scope, page, rt
+from control_plane.api.tinker.bootstrap import OWN, access_scope, page
 from control_plane.api.tinker.schemas import CheckpointTtlBody, WeightsInfoBody
 from control_plane.auth.principal import Principal
 from control_plane.errors import NotFound

@@ -16,9 +16,9 @@ from litestar import Controller, Request, get, post
 from litestar.di import Provide
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.errors import InvalidInput, NotFound
-from control_plane.runtime import Runtime
 from control_plane.sampling.dispatcher import dispatcher_for
 from control_plane.sampling.errors import InvalidSampleRequest
 from control_plane.sampling.translate import parse_sample_request
@@ -40,10 +40,6 @@ class CreateSamplingSessionBody(msgspec.Struct, kw_only=True):
     sampling_session_seq_id: int
     base_model: str | None = None
     model_path: str | None = None
-
-
-def rt(request: Request) -> Runtime:
-    return request.app.state.runtime
 
 
 class TinkerSamplingController(Controller):

@@ -8,7 +8,8 @@ from litestar import Controller, Request, post
 from litestar.di import Provide
 
 from control_plane.api.auth import provide_principal
-from control_plane.api.tinker.bootstrap import OWN, rt
+from control_plane.api.state import rt
+from control_plane.api.tinker.bootstrap import OWN
 from control_plane.api.tinker.schemas import (
     CreateModelBody,
     LoadWeightsBody,

@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 from sqlalchemy import select, update
 
 from control_plane.db.engine import Database
+from control_plane.db.last_seen import drain_hash
 from control_plane.db.models import Session
-from control_plane.last_seen import drain_hash
 from control_plane.services.sessions import end_session_runs
 from control_plane.statuses import SessionStatus
 
