@@ -131,7 +131,8 @@ def _raw_list(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ApiException as exc:
-            raise KubernetesApiError(_error_message(exc), status=exc.status, reason=exc.reason) from None
+            message = f"{exc.status} {exc.reason}: {_error_message(exc)}"
+            raise KubernetesApiError(message, status=exc.status, reason=exc.reason) from None
 
     return call
 
