@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 FLUSH_SECONDS = 0.2
 MAX_BUFFERED = 512  # lines: a burst beyond this is written at once
@@ -56,12 +56,28 @@ class LineBuffer:
             self.flush()
 
 
+class Writable(Protocol):
+    def write(self, text: str, /) -> object: ...
+    def flush(self) -> object: ...
+
+
+class CurrentStderr:
+    """``sys.stderr`` as it is at each write: a live display (rich's progress and status
+    lines) swaps it for a proxy that prints above the display."""
+
+    def write(self, text: str, /) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 class BufferedLogger:
     """A structlog logger writing rendered lines through a :class:`LineBuffer`; warnings and
     errors are also written to ``echo`` when given (``openloops up``: the log file gets every
     line, the terminal the ones a person must see)."""
 
-    def __init__(self, buffer: LineBuffer, echo: TextIO | None = None) -> None:
+    def __init__(self, buffer: LineBuffer, echo: Writable | None = None) -> None:
         self._buffer = buffer
         self._echo = echo
 
@@ -82,7 +98,7 @@ class BufferedLogger:
 
 
 class BufferedLoggerFactory:
-    def __init__(self, stream: TextIO | None = None, *, echo: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, echo: Writable | None = None) -> None:
         self.buffer = LineBuffer(stream)
         self._echo = echo
 

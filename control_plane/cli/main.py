@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import traceback
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -23,7 +22,7 @@ from control_plane.cli.context import Resolved, console, emit, err_console
 from control_plane.local_mode import logs, runtime_file
 from control_plane.local_mode.embedded import EmbeddedServiceError
 from control_plane.local_mode.models import LOCAL_MODELS, ModelPrepError, check_kind, prepare, register
-from control_plane.log_output import BufferedLoggerFactory, UtcTimestamp
+from control_plane.log_output import BufferedLoggerFactory, CurrentStderr, UtcTimestamp
 from control_plane.settings import Settings
 
 app = typer.Typer(help="openloops: self-hosted LoRA post-training (Loops + Tinker APIs).", no_args_is_help=True)
@@ -66,7 +65,7 @@ def configure_logging(settings: Settings, *, log_file: TextIO | None = None) -> 
             root.removeHandler(handler)
         to_file = logging.StreamHandler(log_file)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
-        to_terminal = logging.StreamHandler(sys.stderr)
+        to_terminal = logging.StreamHandler(CurrentStderr())
         to_terminal.setLevel(logging.WARNING)
         to_terminal.addFilter(_NotFrom(_FILE_ONLY))
         to_terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -74,7 +73,7 @@ def configure_logging(settings: Settings, *, log_file: TextIO | None = None) -> 
         root.addHandler(to_terminal)
         root.setLevel(level)
         logging.captureWarnings(True)
-        factory = BufferedLoggerFactory(log_file, echo=sys.stderr)
+        factory = BufferedLoggerFactory(log_file, echo=CurrentStderr())
     structlog.configure(
         processors=[structlog.processors.add_log_level, UtcTimestamp(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
