@@ -1,4 +1,4 @@
-"""Where structlog's lines go: stdout, written in batches.
+"""Where structlog's lines go: stdout (or a log file), written in batches.
 
 An API process logs a line per request; writing and flushing each one costs a system call per
 request (a sixth of a cached read's CPU). Here info and debug lines are collected and written
@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 FLUSH_SECONDS = 0.2
 MAX_BUFFERED = 512  # lines: a burst beyond this is written at once
@@ -56,28 +56,54 @@ class LineBuffer:
             self.flush()
 
 
-class BufferedLogger:
-    """A structlog logger writing rendered lines through a :class:`LineBuffer`."""
+class Writable(Protocol):
+    def write(self, text: str, /) -> object: ...
+    def flush(self) -> object: ...
 
-    def __init__(self, buffer: LineBuffer) -> None:
+
+class CurrentStderr:
+    """``sys.stderr`` as it is at each write: a live display (rich's progress and status
+    lines) swaps it for a proxy that prints above the display."""
+
+    def write(self, text: str, /) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+class BufferedLogger:
+    """A structlog logger writing rendered lines through a :class:`LineBuffer`; warnings and
+    errors are also written to ``echo`` when given (``openloops up``: the log file gets every
+    line, the terminal the ones a person must see)."""
+
+    def __init__(self, buffer: LineBuffer, echo: Writable | None = None) -> None:
         self._buffer = buffer
+        self._echo = echo
 
     def _later(self, message: str) -> None:
         self._buffer.add(message)
 
     def _now(self, message: str) -> None:
         self._buffer.add(message, urgent=True)
+        if self._echo is not None:
+            try:
+                self._echo.write(message + "\n")
+                self._echo.flush()
+            except (OSError, ValueError):  # the terminal is gone
+                pass
 
     debug = info = msg = log = _later
     warning = warn = error = err = critical = fatal = exception = failure = _now
 
 
 class BufferedLoggerFactory:
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, echo: Writable | None = None) -> None:
         self.buffer = LineBuffer(stream)
+        self._echo = echo
 
     def __call__(self, *_args: Any) -> BufferedLogger:
-        return BufferedLogger(self.buffer)
+        return BufferedLogger(self.buffer, self._echo)
 
 
 class UtcTimestamp:

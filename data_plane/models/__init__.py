@@ -9,6 +9,7 @@ Importing this package does not import torch (the functions import it lazily).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from data_plane.models.manifest import (
@@ -40,7 +41,12 @@ def build_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Mode
     return _build(out_dir, preset=preset, seed=seed)
 
 
-def import_smollm2(out_dir: str | Path, wheel_dir: str | Path | None = None, **kw) -> ModelManifest:
+def import_smollm2(
+    out_dir: str | Path,
+    wheel_dir: str | Path | None = None,
+    dtype: str = "bfloat16",
+    progress: Callable[[str], None] | None = None,
+) -> ModelManifest:
     from data_plane.models.smollm2 import import_smollm2 as _import
 
-    return _import(out_dir, wheel_dir=wheel_dir, **kw)
+    return _import(out_dir, wheel_dir=wheel_dir, dtype=dtype, progress=progress)

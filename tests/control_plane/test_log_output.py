@@ -1,4 +1,4 @@
-"""Batched log output (control_plane/log_output.py)."""
+"""Batched log output (control_plane/cli/log_output.py)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,13 @@ def test_timestamps_are_iso_utc_with_microseconds_and_follow_the_clock() -> None
     t1, t2 = (datetime.fromisoformat(x.replace("Z", "+00:00")) for x in (first, second))
     assert before - timedelta(milliseconds=1) <= t1 < t2 <= after + timedelta(milliseconds=1)
     assert (t2 - t1) >= timedelta(seconds=1)
+
+
+def test_warnings_and_errors_are_also_echoed() -> None:
+    out, echo = io.StringIO(), io.StringIO()
+    log = BufferedLogger(LineBuffer(out), echo)
+    log.info("quiet")
+    log.warning("look")
+    log.error("broken")
+    assert out.getvalue() == "quiet\nlook\nbroken\n"  # the file gets everything, in order
+    assert echo.getvalue() == "look\nbroken\n"  # the terminal what a person must see

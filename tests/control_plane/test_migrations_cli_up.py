@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -45,6 +48,7 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow  # the admin CLI in subprocesses, one per command
 def test_admin_cli(migrated_db, clean_state, services, tmp_path):
     env = {
         **os.environ,
@@ -105,54 +109,82 @@ def test_admin_cli(migrated_db, clean_state, services, tmp_path):
     assert json.loads(r.stdout)["up_to_date"] is True
 
 
-def _start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], str, str]:
+def _up_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENLOOPS_")}
     env["COLUMNS"] = "200"
+    return env
+
+
+def _up_cmd(data_dir: Path, port: int) -> list[str]:
+    cmd = ["-m", "control_plane.cli.main", "up", "--port", str(port), "--data-dir", str(data_dir), "--model", "tiny"]
+    return [sys.executable, *cmd]
+
+
+def _start_up(data_dir: Path, port: int) -> tuple[subprocess.Popen[str], str, str, list[str]]:
+    """Starts `openloops up` and reads its terminal output (stdout and stderr) up to the
+    banner's last line."""
     p = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "control_plane.cli.main",
-            "up",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--model",
-            "tiny",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
+        _up_cmd(data_dir, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_up_env()
     )
     url = key = None
     deadline = time.time() + 180
-    lines = []
+    lines: list[str] = []
     assert p.stdout is not None
-    while time.time() < deadline and (url is None or key is None):
+    while time.time() < deadline:
         line = p.stdout.readline()
         if not line:
             break
-        lines.append(line)
+        lines.append(line.rstrip("\n"))
         if "openloops is up at" in line:
             url = line.split("openloops is up at", 1)[1].strip()
         if line.startswith("API key:"):
             key = line.split(":", 1)[1].strip()
-    assert url and key, "".join(lines)
-    return p, url, key
+        if line.startswith("Ctrl-C to stop"):
+            break
+    assert url and key, "\n".join(lines)
+    return p, url, key, lines
 
 
-def test_openloops_up_fresh_then_restart():
-    import tempfile
+CHATTER = ("initdb", "pg_ctl", "PG_VERSION", "postmaster", "Running upgrade", "Uvicorn", "registry updated")
 
+
+def _assert_quiet_banner(lines: list[str], data_dir: Path, url: str, key: str, *, first_start: bool) -> None:
+    """The terminal shows a short banner; what the servers said is in the log file."""
+    text = "\n".join(lines)
+    assert not [c for c in CHATTER if c in text], text
+    progress = [line for line in lines if line.startswith("preparing tiny")]
+    assert len(progress) == (1 if first_start else 0), text  # one progress bar, first start only
+    if first_start:
+        assert "3/3" in progress[0] and "openloops/tiny ready" in progress[0], progress
+    assert len(lines) <= 11, text
+    log = data_dir / "logs" / "openloops.log"
+    assert f"export TINKER_BASE_URL={url} TINKER_API_KEY={key}" in lines, text
+    assert f"export LOOPS_BASE_URL={url} BASETEN_API_KEY={key}" in lines, text
+    assert any(line.startswith(f"logs: {log}") for line in lines), text
+    logged = log.read_text()
+    assert "Uvicorn running on" in logged and "pg_ctl" in logged
+    if first_start:
+        assert "initdb" in logged and "Running upgrade" in logged and "[3/3] registry updated" in logged
+
+
+@pytest.mark.slow  # two `openloops up` starts, the first builds the tiny model
+def test_openloops_up_fresh_then_restart() -> None:
+    # not tmp_path: the embedded PostgreSQL runs as its own user when we are root, and pytest's
+    # temporary directories are private to us
     root = Path(tempfile.mkdtemp(prefix="openloops-up-test-"))
-    root.chmod(0o755)  # the embedded PostgreSQL runs as its own user when we are root
-    data_dir = root / "ol"
+    root.chmod(0o755)
+    try:
+        _fresh_then_restart(root / "ol")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _fresh_then_restart(data_dir: Path) -> None:
     port = free_port()
-    p, url, key = _start_up(data_dir, port)
+    p, url, key, lines = _start_up(data_dir, port)
     try:
         assert url == f"http://127.0.0.1:{port}" and key.startswith("tml-")
+        _assert_quiet_banner(lines, data_dir, url, key, first_start=True)
         r = httpx.get(f"{url}/readyz", timeout=10)
         assert r.status_code == 200, r.text
         r = httpx.get(f"{url}/v1/loops/capabilities", headers={"X-API-Key": key}, timeout=10)
@@ -162,12 +194,36 @@ def test_openloops_up_fresh_then_restart():
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0
+    assert p.stdout is not None
+    after = p.stdout.read()
+    assert "request" not in after and "stopped" not in after, after  # server logs go to the file
     assert not (data_dir / "runtime.json").exists()
-    p2, url2, key2 = _start_up(data_dir, port)
+    p2, url2, key2, lines2 = _start_up(data_dir, port)
     try:
         assert key2 == key  # same dev key, data persisted
+        _assert_quiet_banner(lines2, data_dir, url2, key2, first_start=False)
         r = httpx.get(f"{url2}/v1/loops/sessions/{sid}", headers={"X-API-Key": key}, timeout=10)
         assert r.status_code == 200
     finally:
         p2.send_signal(signal.SIGINT)
         assert p2.wait(60) == 0
+    log = (data_dir / "logs" / "openloops.log").read_text()
+    assert log.count("===== openloops up: pid") == 2  # one section per start
+    assert f"path=/v1/loops/sessions/{sid}" in log  # the access log went there too
+
+
+def test_openloops_up_reports_a_postgres_failure(tmp_path: Path) -> None:
+    """A PostgreSQL that cannot start: one clear error naming the cause and the log file, no
+    traceback, exit status 1."""
+    data_dir = tmp_path / "ol"
+    (data_dir / "postgres").mkdir(parents=True)
+    (data_dir / "postgres" / "data").write_text("not a directory")
+    r = subprocess.run(_up_cmd(data_dir, free_port()), capture_output=True, text=True, env=_up_env(), timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    log = data_dir / "logs" / "openloops.log"
+    assert r.stdout == ""
+    assert "error: could not start embedded PostgreSQL" in r.stderr and "initdb exited with status 1" in r.stderr
+    assert "Not a directory" in r.stderr  # the reason, from initdb's stderr
+    assert f"details: {log}" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 4, r.stderr
+    assert "Traceback" in log.read_text()  # the whole story is in the log
