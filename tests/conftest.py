@@ -76,3 +76,16 @@ def live_server(services: TestServices, live_model, tmp_path_factory: pytest.Tem
     )
     yield server
     server.stop()
+
+
+# --- tiers ------------------------------------------------------------------------------
+# A test that uses one of these starts trainer worker processes, vLLM, a live server or the
+# Loops client venv: it is in the `slow` tier (the fast tier is `pytest -m "not slow"`).
+# Modules that start such processes themselves say so with `pytestmark = pytest.mark.slow`.
+SLOW_FIXTURES = frozenset({"live_server", "live_stack", "vllm_server", "stack", "start_worker", "loops_client"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -29,7 +29,7 @@ from tests.k8s.conftest import NAMESPACE, WORKER_SECRET, Cluster, Kubelet, clust
 from tests.k8s.controller_env import k8s_runtime, k8s_settings, new_run, new_served_model
 from tests.k8s.test_backend import k8s_event
 
-pytestmark = pytest.mark.usefixtures("clean_state")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_state")]  # starts a worker process
 
 
 def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

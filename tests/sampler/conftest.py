@@ -24,6 +24,3 @@ def pytest_collection_modifyitems(config, items):
     last = [i for i in items if i.get_closest_marker("kills_sampler")]
     items[:] = [i for i in items if not i.get_closest_marker("kills_sampler")] + last
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "kills_sampler: kills the session's shared vLLM sampler (runs last)")

@@ -32,6 +32,8 @@ from data_plane.wire.queue import ErrorCategory, FutureState, OpKind, run_pendin
 from data_plane.wire.worker_config import StoreSpec, TrainerLaunch
 from tests.trainer.conftest import REPO, Driver, fwd_request, sft_batch
 
+pytestmark = pytest.mark.slow  # starts trainer worker processes
+
 LR = 1e-2
 TRAIN = sft_batch(1)  # SFT on the same batch every step: the loss must fall
 EVAL = sft_batch(99, n=3)
