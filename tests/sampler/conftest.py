@@ -23,4 +23,3 @@ def pytest_collection_modifyitems(config, items):
     """Tests that kill the shared sampler run last in the session."""
     last = [i for i in items if i.get_closest_marker("kills_sampler")]
     items[:] = [i for i in items if not i.get_closest_marker("kills_sampler")] + last
-
