@@ -59,7 +59,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def live_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def live_model(tmp_path_factory: pytest.TempPathFactory):
     """The tiny local model (built offline), as a catalog entry."""
     from control_plane.local_mode.models import prepare
 
@@ -67,7 +67,7 @@ def live_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
 
 
 @pytest.fixture(scope="session")
-def live_server(services: TestServices, live_model, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def live_server(services: TestServices, live_model, tmp_path_factory: pytest.TempPathFactory):
     """One live openloops server for the session (its own database and Redis db)."""
     from tests.infra.live_server import start_live_server
 

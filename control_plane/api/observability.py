@@ -39,7 +39,7 @@ class HttpMetrics:
         latency.observe(seconds)
 
 
-def observability_middleware(metrics: HttpMetrics, access_log: bool):  # type: ignore[no-untyped-def]
+def observability_middleware(metrics: HttpMetrics, access_log: bool):
     # bound once with the logging configuration of the moment (the app is built after it):
     # a lazy module-level logger would bind itself again on every request
     log = structlog.get_logger("openloops.access").bind()

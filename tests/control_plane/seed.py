@@ -9,7 +9,7 @@ from control_plane.services import runs as runs_svc
 from control_plane.services import served_models as sm_svc
 
 
-async def add_checkpoint(runtime: Runtime, tenant, run_id: str, name: str, kind: str = "sampler_weights", files=None):  # type: ignore[no-untyped-def]
+async def add_checkpoint(runtime: Runtime, tenant, run_id: str, name: str, kind: str = "sampler_weights", files=None):
     files = files or [("adapter_config.json", 12), ("adapter_model.safetensors", 34)]
     prefix = f"ckpt/{tenant.org_id}/{run_id}/{kind}/{name}/v1"
     for rel, size in files:
@@ -21,6 +21,6 @@ async def add_checkpoint(runtime: Runtime, tenant, run_id: str, name: str, kind:
         )
 
 
-async def add_served_model(runtime: Runtime, tenant, checkpoint):  # type: ignore[no-untyped-def]
+async def add_served_model(runtime: Runtime, tenant, checkpoint):
     async with runtime.db.transaction() as s:
         return await sm_svc.create_served_model(s, tenant.principal, checkpoint)

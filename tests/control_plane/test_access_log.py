@@ -20,7 +20,7 @@ def _lines(out: str) -> list[dict]:
     return [json.loads(x) for x in out.splitlines() if x.startswith("{") and '"event":"request"' in x.replace(" ", "")]
 
 
-async def test_one_json_line_per_request(clean_state, services: TestServices, data_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+async def test_one_json_line_per_request(clean_state, services: TestServices, data_dir: Path, capsys) -> None:
     settings = make_settings(services, data_dir, access_log=True, log_json=True)
     before = structlog.get_config()
     configure_logging(settings)

@@ -42,7 +42,7 @@ def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     )
 
 
-def base_env(services, data_dir: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def base_env(services, data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENLOOPS_")}
     env.update(
         OPENLOOPS_DATABASE_URL=services.database_url,

@@ -19,7 +19,7 @@ ORG = "manage_org_training_projects"
 OWN = "manage_own_user_or_service_account"
 
 
-async def world(api, t):  # type: ignore[no-untyped-def]
+async def world(api, t):
     """One of every resource, owned by tenant ``t``."""
     sid = (await api.client.post("/v1/loops/sessions", headers=t.headers, json={})).json()["session"]["id"]
     run = (
@@ -29,7 +29,7 @@ async def world(api, t):  # type: ignore[no-untyped-def]
     return {"sid": sid, "run": run["id"], "sampler": run["sampler"]["id"], "ckpt": ck.id, "dep": run["deployment_id"]}
 
 
-def routes(w):  # type: ignore[no-untyped-def]
+def routes(w):
     """(method, path, json, required scope) for all 16 routes of the scope table + extensions."""
     return [
         ("POST", "/v1/loops/sessions", {}, ORG),
@@ -59,7 +59,7 @@ def routes(w):  # type: ignore[no-untyped-def]
     ]
 
 
-async def call(api, method, path, body, headers):  # type: ignore[no-untyped-def]
+async def call(api, method, path, body, headers):
     return await api.client.request(method, path, json=body, headers=headers)
 
 

@@ -8,13 +8,13 @@ from tests.control_plane.conftest import TEST_MODEL
 from tests.control_plane.seed import add_checkpoint
 
 
-async def _ids(api, tenant, query: str) -> list[str]:  # type: ignore[no-untyped-def]
+async def _ids(api, tenant, query: str) -> list[str]:
     r = await api.client.get(f"/v1/loops/checkpoints?{query}", headers=tenant.headers)
     assert r.status_code == 200, r.text
     return [c["id"] for c in r.json()["checkpoints"]]
 
 
-async def test_checkpoint_lists_by_scope(api):  # type: ignore[no-untyped-def]
+async def test_checkpoint_lists_by_scope(api):
     ana = await api.tenant("acme", email="ana@acme.io")
     bob = await api.tenant("acme", email="bob@acme.io")
     eve = await api.tenant("evil", email="eve@evil.io")

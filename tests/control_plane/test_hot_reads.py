@@ -19,7 +19,7 @@ from tests.control_plane.seed import add_checkpoint
 BASE = "http://testserver"
 
 
-async def orm_run_json(api, principal: Principal, run_id: str) -> dict:  # type: ignore[no-untyped-def]
+async def orm_run_json(api, principal: Principal, run_id: str) -> dict:
     async with api.runtime.db.session() as s:
         run = await runs_svc.get_run(s, principal, run_id)
         sampler = await runs_svc.paired_sampler(s, run.id)
@@ -27,11 +27,11 @@ async def orm_run_json(api, principal: Principal, run_id: str) -> dict:  # type:
     return p.run_json(run, sampler, BASE, users)
 
 
-async def hot_run_json(api, principal: Principal, run_id: str) -> dict:  # type: ignore[no-untyped-def]
+async def hot_run_json(api, principal: Principal, run_id: str) -> dict:
     return p.run_view_json(await hot_reads.get_run(api.runtime.db, principal, run_id), BASE)
 
 
-async def new_run(api, headers: dict[str, str], *, trainer_only: bool = False) -> str:  # type: ignore[no-untyped-def]
+async def new_run(api, headers: dict[str, str], *, trainer_only: bool = False) -> str:
     sid = (await api.client.post("/v1/loops/sessions", headers=headers, json={})).json()["session"]["id"]
     r = await api.client.post(
         "/v1/loops/trainers" if trainer_only else "/v1/loops/runs",

@@ -46,7 +46,7 @@ def leaders(*rs: Running) -> list[Running]:
 
 
 @contextlib.asynccontextmanager
-async def two_controllers(services, data_dir: Path, url: str) -> AsyncIterator[tuple[Runtime, Running, Running]]:  # type: ignore[no-untyped-def]
+async def two_controllers(services, data_dir: Path, url: str) -> AsyncIterator[tuple[Runtime, Running, Running]]:
     async with (
         k8s_runtime(k8s_settings(services, data_dir, url)) as a,
         k8s_runtime(k8s_settings(services, data_dir, url)) as b,

@@ -8,13 +8,13 @@ from tests.control_plane.conftest import OTHER_MODEL, TEST_MODEL
 from tests.control_plane.seed import add_checkpoint
 
 
-async def new_session(api, t) -> str:  # type: ignore[no-untyped-def]
+async def new_session(api, t) -> str:
     r = await api.client.post("/v1/loops/sessions", headers=t.headers, json={})
     assert r.status_code == 200, r.text
     return r.json()["session"]["id"]
 
 
-async def new_run(api, t, sid, **kw):  # type: ignore[no-untyped-def]
+async def new_run(api, t, sid, **kw):
     r = await api.client.post(
         "/v1/loops/runs", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL, **kw}
     )

@@ -29,7 +29,7 @@ ACCEPT = {"X-Baseten-Accept-Error": "1"}
 
 
 @pytest.fixture
-async def api(clean_state: None, services, data_dir: Path) -> AsyncIterator[Api]:  # type: ignore[no-untyped-def]
+async def api(clean_state: None, services, data_dir: Path) -> AsyncIterator[Api]:
     """The API with short long-polls (0.3 s)."""
     runtime = build_runtime(make_settings(services, data_dir, future_poll_timeout_seconds=0.3), with_backend=False)
     async with httpx.AsyncClient(
@@ -39,7 +39,7 @@ async def api(clean_state: None, services, data_dir: Path) -> AsyncIterator[Api]
     await runtime.close()
 
 
-async def new_run(api: Api, t, **kw) -> dict:  # type: ignore[no-untyped-def]
+async def new_run(api: Api, t, **kw) -> dict:
     sid = (await api.client.post("/v1/loops/sessions", headers=t.headers, json={})).json()["session"]["id"]
     r = await api.client.post(
         "/v1/loops/trainers", headers=t.headers, json={"session_id": sid, "base_model": TEST_MODEL, **kw}
@@ -48,11 +48,11 @@ async def new_run(api: Api, t, **kw) -> dict:  # type: ignore[no-untyped-def]
     return r.json()["run"]
 
 
-def run_headers(t, run: dict, **extra: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def run_headers(t, run: dict, **extra: str) -> dict[str, str]:
     return {**t.headers, "X-Run-Id": run["id"], **ACCEPT, **extra}
 
 
-async def submit(api: Api, t, run: dict, op: str, body: dict, key: str) -> httpx.Response:  # type: ignore[no-untyped-def]
+async def submit(api: Api, t, run: dict, op: str, body: dict, key: str) -> httpx.Response:
     return await api.client.post(
         f"{run['base_url']}/{op}",
         headers=run_headers(t, run, **{"Idempotency-Key": key}),

@@ -34,7 +34,7 @@ TEN_SERIES = {
 }
 
 
-async def new_run(api: Api, t, sid: str | None = None, **kw) -> dict:  # type: ignore[no-untyped-def]
+async def new_run(api: Api, t, sid: str | None = None, **kw) -> dict:
     if sid is None:
         sid = (await api.client.post("/v1/loops/sessions", headers=t.headers, json={})).json()["session"]["id"]
     r = await api.client.post(
@@ -44,7 +44,7 @@ async def new_run(api: Api, t, sid: str | None = None, **kw) -> dict:  # type: i
     return r.json()["run"]
 
 
-async def get(api: Api, t, path: str) -> dict:  # type: ignore[no-untyped-def]
+async def get(api: Api, t, path: str) -> dict:
     r = await api.client.get(path, headers=t.headers)
     assert r.status_code == 200, r.text
     return r.json()

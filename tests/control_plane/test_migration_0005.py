@@ -42,7 +42,7 @@ OLD_ROWS = [
 ]
 
 
-async def test_0005_moves_rows_and_back(migrated_db, clean_state):  # type: ignore[no-untyped-def]
+async def test_0005_moves_rows_and_back(migrated_db, clean_state):
     migrate.downgrade(migrated_db, "0004")
     try:
         await _exec(migrated_db, *OLD_ROWS)

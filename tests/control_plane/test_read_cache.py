@@ -75,7 +75,7 @@ async def cached_run(api: Api, headers: dict[str, str]) -> str:
     return run_id
 
 
-async def seen_within(check, seconds: float) -> float:  # type: ignore[no-untyped-def]
+async def seen_within(check, seconds: float) -> float:
     start = time.monotonic()
     while not await check():
         assert time.monotonic() - start < seconds, f"not seen within {seconds} s"
@@ -260,7 +260,7 @@ async def test_concurrent_misses_share_one_query(cached: Api) -> None:
     assert await cache.get_or_load("run-y", "k", slow_load) == "v3"  # the failure was not cached
 
 
-def _value(v: str):  # type: ignore[no-untyped-def]
+def _value(v: str):
     async def load() -> str:
         return v
 

@@ -39,7 +39,7 @@ pytestmark = [
 START_S = 600.0  # a vLLM start on a small CPU machine
 
 
-async def until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+async def until(check, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:

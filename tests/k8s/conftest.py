@@ -455,7 +455,7 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float
     while True:
         res = check()
         if asyncio.iscoroutine(res) or isinstance(res, Awaitable):
-            res = await res  # type: ignore[misc]
+            res = await res
         if res:
             return
         if time.monotonic() > deadline:

@@ -31,7 +31,7 @@ async def test_deployment_reuse_logs_metrics_and_deactivation_on_kubernetes(
     data_dir: Path,
     cluster: Cluster,
     kubelet: Kubelet,
-    pod_logs: PodLogs,  # type: ignore[no-untyped-def]
+    pod_logs: PodLogs,
 ) -> None:
     settings = k8s_settings(
         services, data_dir, cluster.url, usage_sample_seconds=0.01, public_base_url="http://testserver"
@@ -50,7 +50,7 @@ async def test_deployment_reuse_logs_metrics_and_deactivation_on_kubernetes(
         cluster.core.patch_namespaced_pod(pod, NAMESPACE, {"spec": {"nodeName": "gpu-node-1"}})
         await trainer_reports(rt, first, q.WorkerState.READY)
 
-        async def is_(model, rid: str, want: str) -> bool:  # type: ignore[no-untyped-def]
+        async def is_(model, rid: str, want: str) -> bool:
             await ctl.reconcile_once()
             return await status(rt, model, rid) == want
 

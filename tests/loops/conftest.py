@@ -35,7 +35,7 @@ def loops_client(request: pytest.FixtureRequest) -> LoopsClient:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _end_module_runs(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def _end_module_runs(request: pytest.FixtureRequest):
     """Deactivate the runs a module's clients created (the Loops SDK has no call for it), so
     their trainer workers do not stay up for the rest of the session."""
     live_server = request.getfixturevalue("live_server")

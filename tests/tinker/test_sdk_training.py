@@ -158,7 +158,7 @@ def test_user_errors_are_reported(service, live_server: LiveServer) -> None:
     tok = tc.get_tokenizer()
     data = _datums(tok, TEXTS[:1])
     with pytest.raises(tinker.RequestFailedError) as err:
-        tc.forward_backward(data, "no_such_loss").result()  # type: ignore[arg-type]
+        tc.forward_backward(data, "no_such_loss").result()
     assert "no_such_loss" in str(err.value)
     # the model keeps working after a rejected op
     assert _loss(tc.forward_backward(data, "cross_entropy").result()) > 0

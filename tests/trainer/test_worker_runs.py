@@ -50,7 +50,7 @@ def init_and_step(d: Driver) -> tuple[float, float]:
     return fb["loss"], after["loss"]
 
 
-def test_a_worker_serves_runs_one_after_another(start_worker) -> None:  # type: ignore[no-untyped-def]
+def test_a_worker_serves_runs_one_after_another(start_worker) -> None:
     a = start_worker("run-a")
     assert a.ok_json(a.create(rank=8, seed=5))["type"] == "create_model"
     first, trained = init_and_step(a)
