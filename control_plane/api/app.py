@@ -75,5 +75,9 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         logging_config=None,
         debug=False,
     )
-    allow.update({route.path: ", ".join(sorted(route.methods)) for route in app.routes if isinstance(route, HTTPRoute)})
+    methods: dict[str, set[str]] = {}
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            methods.setdefault(route.path_format, set()).update(route.methods)
+    allow.update({path: ", ".join(sorted(m)) for path, m in methods.items()})
     return app

@@ -9,7 +9,7 @@ from litestar.di import Provide
 from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
-from control_plane.api.fields import column_length, path_id, query_text
+from control_plane.api.fields import NO_NUL, column_length, path_id, query_text
 from control_plane.api.openapi import raises
 from control_plane.api.tinker import presenters as p
 from control_plane.api.tinker.bootstrap import OWN, AccessScope, Limit, Offset, access_scope, page, rt
@@ -31,12 +31,11 @@ from control_plane.sampling.dispatcher import dispatcher_for
 from control_plane.services import runs as runs_svc
 from control_plane.services import training_runs as tr_svc
 from control_plane.training.ops import MAX_TTL_SECONDS
-from data_plane.wire.paths import NAME_RE
 
 RunPath = Annotated[str, path_id(m.Run.id)]
-_CHECKPOINT_ID = "/?(?:weights|sampler_weights)/" + NAME_RE.pattern.removeprefix("^").removesuffix("$")
-CheckpointIdPath = Annotated[str, Parameter(pattern=f"^{_CHECKPOINT_ID}$", description="{kind}/{name}")]
-CheckpointTtlPath = Annotated[str, Parameter(pattern=f"^{_CHECKPOINT_ID}/ttl$", description="{kind}/{name}/ttl")]
+# ``{kind}/{name}``: holds a slash, which an OpenAPI path parameter cannot say (so no pattern)
+CheckpointIdPath = Annotated[str, Parameter(pattern=NO_NUL, description="{kind}/{name} of the checkpoint")]
+CheckpointTtlPath = Annotated[str, Parameter(pattern=NO_NUL, description="{kind}/{name}/ttl of the checkpoint")]
 
 
 class TinkerRestController(Controller):
