@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar.params import Parameter, ParameterKwarg
+from litestar.openapi.spec import Schema
+from litestar.openapi.spec.enums import OpenAPIType
+from litestar.params import KwargDefinition, Parameter, ParameterKwarg
 from sqlalchemy.orm import InstrumentedAttribute
 
 from control_plane.db import models as m
@@ -78,6 +80,24 @@ NonNegInt32 = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 PosInt32 = Annotated[int, msgspec.Meta(ge=1, le=INT32_MAX)]
 Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 NonNegInt64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+
+
+def items(
+    kind: OpenAPIType,
+    *,
+    pattern: str | None = None,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    min_items: int | None = None,
+) -> KwargDefinition:
+    """The schema of a list's items, for the OpenAPI: Litestar drops the msgspec limits of a
+    list's items from the schema (msgspec still enforces them). Use it on a list without
+    limits of its own (``Annotated[list[Text], items(OpenAPIType.STRING, pattern=NO_NUL)]``);
+    ``min_items`` is stated only (the handler checks it)."""
+    return KwargDefinition(
+        min_items=min_items,
+        schema_extra={"items": Schema(type=kind, pattern=pattern, minimum=minimum, maximum=maximum)},
+    )
 
 
 # --- parameters (Litestar) ----------------------------------------------------------------

@@ -67,7 +67,9 @@ async def metrics(request: Request) -> Response[bytes]:
     "/v1/downloads/{token:str}",
     tags=["downloads"],
     media_type="application/octet-stream",
-    responses=raises(InvalidInput, Forbidden, NotFound, public=True),
+    responses=raises(
+        InvalidInput, Forbidden, NotFound, public=True, ok=bytes, ok_media_type="application/octet-stream"
+    ),
 )
 async def download(
     request: Request,

@@ -64,6 +64,7 @@ def raises(
     ok: Any = None,
     ok_status: int = 200,
     ok_description: str | None = None,
+    ok_media_type: str = "application/json",
 ) -> dict[int, ResponseSpec]:
     """The ``responses`` of a route: its errors (plus the authenticated ones unless ``public``)
     with :class:`ErrorBody`, and, when given, its success body ``ok``."""
@@ -81,6 +82,7 @@ def raises(
         out[ok_status] = ResponseSpec(
             data_container=ok,
             description=ok_description or HTTPStatus(ok_status).phrase,
+            media_type=ok_media_type,
             generate_examples=False,
         )
     return out

@@ -23,11 +23,12 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import KwargDefinition, Parameter
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.errors import error_response
-from control_plane.api.fields import CHECKPOINT_PATH, INT64_MAX, NO_NUL, Text, column_length, path_id
+from control_plane.api.fields import CHECKPOINT_PATH, INT64_MAX, NO_NUL, Text, column_length, items, path_id
 from control_plane.api.loops.gateway_errors import DATA_PLANE_EXCEPTION_HANDLERS, mark
 from control_plane.api.loops.responses import (
     ModelList,
@@ -85,7 +86,7 @@ class CompletionsBody(msgspec.Struct, kw_only=True):
 class SampleBody(CompletionsBody, kw_only=True):
     """A vLLM completions body whose prompt is token ids (the Loops SDK's ``sample``)."""
 
-    prompt: Annotated[list[TokenId], msgspec.Meta(min_length=1)]
+    prompt: Annotated[list[TokenId], items(OpenAPIType.INTEGER, minimum=0, maximum=2**31 - 1, min_items=1)]
     include_routed_experts: Annotated[bool, KwargDefinition(description="router replay: not supported")] = False
     model_input_chunks: Annotated[Any, KwargDefinition(description="image prompts: not supported")] = None
 
@@ -180,6 +181,8 @@ class LoopsSamplerPlaneController(Controller):
         sampler or a checkpoint in the routing headers."""
         if data.model_input_chunks is not None:
             raise InvalidInput("image prompts are not supported by this server (text only)", field="model_input_chunks")
+        if not data.prompt:
+            raise InvalidInput("prompt must be a non-empty list of token ids", field="prompt")
         if data.include_routed_experts:
             raise InvalidInput(
                 "router replay (include_routed_experts) is not supported by this server", field="include_routed_experts"

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.di import Provide
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import KwargDefinition as Doc
 
 from control_plane.api.auth import provide_principal
@@ -25,6 +26,7 @@ from control_plane.api.fields import (
     NonNegInt64,
     SamplerId,
     SessionId,
+    items,
     path_id,
 )
 from control_plane.api.openapi import raises
@@ -49,6 +51,7 @@ MAX_TOP_LOGPROBS = DEFAULT_MAX_LOGPROBS  # the sampler's --max-logprobs
 # a uint64 seed (the SDK's), as far as a JSON-Schema bound states it exactly
 MAX_SEED = 2**64 - 2048
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 
 
 class CreateSamplingSessionBody(msgspec.Struct, kw_only=True):
@@ -60,7 +63,7 @@ class CreateSamplingSessionBody(msgspec.Struct, kw_only=True):
 
 class EncodedTextChunk(msgspec.Struct, kw_only=True):
     type: Literal["encoded_text"] = "encoded_text"  # text only: image chunks are refused
-    tokens: list[Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]]
+    tokens: Annotated[list[TokenId], items(OpenAPIType.INTEGER, minimum=0, maximum=INT32_MAX)]
 
 
 class ModelInputBody(msgspec.Struct, kw_only=True):

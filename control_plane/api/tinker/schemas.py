@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import KwargDefinition as Doc
 
 from control_plane.api.fields import (
@@ -28,6 +29,7 @@ from control_plane.api.fields import (
     SessionId,
     Text,
     check_json,
+    items,
 )
 from control_plane.services.runs import MAX_LORA_RANK
 from control_plane.services.sessions import FINISH_REASONS
@@ -45,7 +47,7 @@ class ClientConfigBody(msgspec.Struct, kw_only=True):
 
 
 class CreateSessionBody(msgspec.Struct, kw_only=True):
-    tags: list[Text] = msgspec.field(default_factory=list)
+    tags: Annotated[list[Text], items(OpenAPIType.STRING, pattern=NO_NUL)] = msgspec.field(default_factory=list)
     user_metadata: Metadata = msgspec.field(default_factory=dict)
     sdk_version: SdkVersion | None = None
     project_id: ProjectId | None = None
