@@ -9,7 +9,7 @@ Each of these answered 500 before (the database, the decoder or hmac raised). A 
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -34,13 +34,14 @@ def server(start_api_server: Callable[..., ApiServer]) -> ApiServer:
 
 @pytest.fixture
 def tenant(server: ApiServer) -> Tenant:
-    return server.call(make_tenant(server.runtime, "hostile"))  # type: ignore[no-any-return]
+    tenant: Tenant = server.call(make_tenant(server.runtime, "hostile"))
+    return tenant
 
 
 @pytest.fixture
-def client(server: ApiServer, tenant: Tenant) -> httpx.Client:
+def client(server: ApiServer, tenant: Tenant) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.base_url, headers=tenant.headers, timeout=30) as c:
-        yield c  # type: ignore[misc]
+        yield c
 
 
 def state(server: ApiServer) -> dict[str, int]:
@@ -53,7 +54,8 @@ def state(server: ApiServer) -> dict[str, int]:
         out["redis_keys"] = int(await rt.redis.dbsize())
         return out
 
-    return server.call(read())  # type: ignore[no-any-return]
+    counts: dict[str, int] = server.call(read())
+    return counts
 
 
 def refused(r: httpx.Response, field: str) -> None:

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -75,10 +76,11 @@ async def seed(server: ApiServer, tenant: Tenant) -> dict[str, str]:
     rt = server.runtime
     async with httpx.AsyncClient(base_url=server.base_url, headers=tenant.headers, timeout=30) as c:
 
-        async def ok(method: str, url: str, **kw: object) -> dict:  # type: ignore[type-arg]
-            r = await c.request(method, url, **kw)  # type: ignore[arg-type]
+        async def ok(method: str, url: str, **kw: Any) -> dict[str, Any]:
+            r = await c.request(method, url, **kw)
             assert r.status_code < 300, (url, r.text)
-            return r.json()  # type: ignore[no-any-return]
+            doc: dict[str, Any] = r.json()
+            return doc
 
         sid = (await ok("POST", "/v1/loops/sessions", json={}))["session"]["id"]
         run = (await ok("POST", "/v1/loops/runs", json={"session_id": sid, "base_model": TEST_MODEL, "lora_rank": 8}))[

@@ -48,7 +48,6 @@ class ApiServer:
             self._runtime = build_runtime(self.settings, with_backend=False)
             app = create_app(self._runtime)
             self._server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.settings.port))
-            self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
             task = asyncio.create_task(self._server.serve())
             try:
                 while not self._server.started and not task.done():  # noqa: ASYNC110 - no started event

@@ -14,7 +14,13 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import ValidationException
 
-from control_plane.api.errors import EXCEPTION_HANDLERS, ErrorBody, domain_error_handler, missing_parameter
+from control_plane.api.errors import (
+    EXCEPTION_HANDLERS,
+    ErrorBody,
+    domain_error_handler,
+    missing_parameter,
+    validation_handler,
+)
 from control_plane.errors import RunOrSamplerRequired
 
 ACCEPT_ERROR = "x-baseten-accept-error"
@@ -61,7 +67,7 @@ def _validation(request: Request, exc: ValidationException) -> Response[Any]:
             request,
             RunOrSamplerRequired("name the run (X-Run-Id) or the sampler this request is for", field="X-Run-Id"),
         )
-    return EXCEPTION_HANDLERS[ValidationException](request, exc)
+    return validation_handler(request, exc)
 
 
 # the one error table, with the gateway headers added: for the data-plane controllers

@@ -13,7 +13,7 @@ from typing import Any
 from litestar import Controller, Request, Response, post
 from litestar.di import Provide
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Schema
-from litestar.openapi.spec.enums import OpenAPIType
+from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.openapi import raises
@@ -54,7 +54,9 @@ class FutureOperation(Operation):
             description="the future's state or outcome",
             content={
                 q.JSON_CONTENT: OpenAPIMediaType(schema=Schema(any_of=[_TRY_AGAIN, _FAILED, _RESULT])),
-                q.PROTOBUF_CONTENT: OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary")),
+                q.PROTOBUF_CONTENT: OpenAPIMediaType(
+                    schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+                ),
             },
         )
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from litestar import Controller, Request, post
 from litestar.di import Provide
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
-from litestar.openapi.spec.enums import OpenAPIType
+from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
@@ -55,7 +55,9 @@ class ProtobufBodyOperation(Operation):
             description="a ForwardBackwardRequest protobuf (tinker wire protocol), zstd-compressed when "
             "Content-Encoding says so",
             content={
-                "application/x-protobuf": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format="binary"))
+                "application/x-protobuf": OpenAPIMediaType(
+                    schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+                )
             },
         )
 
