@@ -178,9 +178,14 @@ def validation_handler(request: Request, exc: ValidationException) -> Response[E
 
 
 def http_exception_handler(request: Request, exc: HTTPException) -> Response[ErrorBody]:
-    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+    code = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error"
+    )
     detail = exc.detail
     headers: dict[str, str] = {}
+    field = None
+    if exc.status_code == 400 and "JSON is malformed" in str(detail):  # the body did not decode
+        field = "body"
     if isinstance(exc, NotFoundException):
         detail = f"no route for {request.method} {request.url.path}"
     elif isinstance(exc, MethodNotAllowedException):
@@ -188,7 +193,7 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response[Err
         allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
         if allow:  # RFC 9110: a 405 names the methods the resource has
             headers["Allow"] = allow
-    return error_response(request, exc.status_code, code, str(detail), headers=headers)
+    return error_response(request, exc.status_code, code, str(detail), field=field, headers=headers)
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response[ErrorBody]:

@@ -35,7 +35,7 @@ def _request(model_id: str, seq_id: int, loss_fn: str, tokens: list[list[int]]) 
 FORWARD_BACKWARD = st.builds(
     _request,
     st.sampled_from([IDS.get("model_id", "m"), "", "nope:train:0"]) | st.text(max_size=40),
-    st.integers(min_value=-1, max_value=2**31),
+    st.integers(min_value=-1, max_value=2**31 - 1),
     st.sampled_from(["", "cross_entropy", "importance_sampling", "nope"]),
     st.lists(st.lists(st.integers(min_value=0, max_value=2**31 - 1), max_size=4), max_size=3),
 )
@@ -66,6 +66,7 @@ _BODY = {
     "model": "base_model",
     "model_id": "model_id",
     "trainer_id": "run_id",
+    "run_id": "run_id",
     "request_id": "request_id",
     "sampling_session_id": "sampling_session_id",
     "tinker_path": "weights_path",
@@ -86,7 +87,11 @@ def _real(case: Any) -> Any:
     if case.headers:
         case.headers = {k: IDS[_HEADERS[k]] if k in _HEADERS else v for k, v in case.headers.items()}
     if isinstance(case.body, dict):
-        case.body = {k: IDS[_BODY[k]] if k in _BODY and isinstance(v, str) else v for k, v in case.body.items()}
+        # a save's ``path`` is the new checkpoint's name, not a path to an existing one
+        keep = {"path"} if op.path.endswith(("/save_weights", "/save_weights_for_sampler")) else set()
+        case.body = {
+            k: IDS[_BODY[k]] if k in _BODY and k not in keep and isinstance(v, str) else v for k, v in case.body.items()
+        }
     return case
 
 
