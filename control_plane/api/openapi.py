@@ -15,6 +15,10 @@ A route whose answer Litestar cannot infer from its return annotation (an alread
 a pass-through) states it with ``ok=``; the body is still encoded as the handler encodes it.
 ``tests/control_plane/test_openapi_declarations.py`` checks every route against these rules and
 ``tests/control_plane/test_openapi_conformance.py`` checks the served schema against the server.
+
+Also here: :class:`OptionalBodyOperation` (``operation_class=`` of a route whose body may be
+left out: Litestar marks every body required) and :class:`ExactJsonRenderPlugin` (the served
+``openapi.json``, integer bounds written as integers). Input limits: :mod:`control_plane.api.fields`.
 """
 
 from __future__ import annotations

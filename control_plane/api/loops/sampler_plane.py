@@ -40,7 +40,7 @@ from control_plane.api.loops.training import ORG, SamplerPath, rt
 from control_plane.api.openapi import ErrorKind, raises
 from control_plane.auth.principal import Principal
 from control_plane.db import models as m
-from control_plane.errors import Gone, InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from control_plane.errors import Gone, InvalidInput, NotFound, PayloadTooLarge, RunOrSamplerRequired, Unavailable
 from control_plane.sampling.client import VLLMClient
 from control_plane.sampling.errors import SamplerBusy, SamplerFailed, SamplerUnavailable
 from control_plane.sampling.loops_plane import LoopsSamplerPlane, PolicyVersionBehind, Routing, Serving
@@ -96,6 +96,7 @@ VLLMAnswer = dict[str, Any]
 # what sampling on a sampler can answer besides the routing errors
 _SAMPLING_ERRORS: tuple[ErrorKind, ...] = (
     InvalidInput,
+    RunOrSamplerRequired,
     PayloadTooLarge,
     NotFound,
     Gone,
@@ -195,7 +196,11 @@ class LoopsSamplerPlaneController(Controller):
         body = {k: v for k, v in body.items() if k != "include_routed_experts"}
         return await _forward(plane, serving, "/v1/completions", body)
 
-    @get("/sync/v1/models", opt=ORG, responses=raises(InvalidInput, NotFound, Gone, (408, "policy_version_behind")))
+    @get(
+        "/sync/v1/models",
+        opt=ORG,
+        responses=raises(InvalidInput, RunOrSamplerRequired, NotFound, Gone, (408, "policy_version_behind")),
+    )
     async def models(
         self,
         request: Request,

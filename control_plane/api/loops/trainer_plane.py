@@ -123,7 +123,16 @@ def _submit_handler(op: str, body_type: type[w._Op]) -> HTTPRouteHandler:
         status_code=202,
         name=f"loops_trainer_{op}",
         summary=f"Submit {op}",
-        responses=raises(InvalidInput, PayloadTooLarge, NotFound, Conflict, Gone, ok=OperationAccepted, ok_status=202),
+        responses=raises(
+            InvalidInput,
+            RunOrSamplerRequired,
+            PayloadTooLarge,
+            NotFound,
+            Conflict,
+            Gone,
+            ok=OperationAccepted,
+            ok_status=202,
+        ),
     )(submit)
 
 
@@ -137,7 +146,7 @@ class LoopsTrainerPlaneController(Controller):
         "/health",
         opt=ORG,
         responses={
-            **raises(InvalidInput, NotFound, Gone, ok=TrainerHealth),
+            **raises(InvalidInput, RunOrSamplerRequired, NotFound, Gone, ok=TrainerHealth),
             503: ResponseSpec(
                 TrainerHealth, description="the trainer does not execute the run yet", generate_examples=False
             ),
@@ -163,7 +172,7 @@ class LoopsTrainerPlaneController(Controller):
                 body.detail = why
             return _json(out.status, body)
 
-    @get("/policy_version", opt=ORG, responses=raises(InvalidInput, NotFound))
+    @get("/policy_version", opt=ORG, responses=raises(InvalidInput, RunOrSamplerRequired, NotFound))
     async def policy_version(
         self, request: Request, principal: Principal, deployment_id: DeploymentPath, x_run_id: RunHeader
     ) -> PolicyVersion:
@@ -176,7 +185,7 @@ class LoopsTrainerPlaneController(Controller):
         "/operations/{operation_id:str}",
         opt=ORG,
         responses={
-            **raises(InvalidInput, NotFound, ok=OperationDone | OperationFailed),
+            **raises(InvalidInput, RunOrSamplerRequired, NotFound, ok=OperationDone | OperationFailed),
             408: ResponseSpec(
                 OperationPending, description="still running: poll again (a long poll)", generate_examples=False
             ),
