@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from litestar import Litestar
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.routes import HTTPRoute
 
 from control_plane.api.errors import EXCEPTION_HANDLERS
 from control_plane.api.health import download, healthz, metrics, readyz
@@ -16,12 +20,27 @@ from control_plane.api.loops.sampler_plane import LoopsSamplerPlaneController, S
 from control_plane.api.loops.trainer_plane import LoopsTrainerPlaneController
 from control_plane.api.loops.training import LoopsTrainingController
 from control_plane.api.observability import HttpMetrics, observability_middleware
+from control_plane.api.openapi import ExactJsonRenderPlugin
+from control_plane.api.request import ApiRequest
 from control_plane.api.tinker.routes import TINKER_HANDLERS
 from control_plane.runtime import Runtime
 
 
+def _options_answer(allow: dict[str, str]) -> Callable[[Request[Any, Any, Any]], Awaitable[Response[None] | None]]:
+    """``OPTIONS``: the methods of the path. Litestar's own answer lists only the methods of the
+    handlers registered on the path before its OPTIONS handler was made."""
+
+    async def hook(request: Request[Any, Any, Any]) -> Response[None] | None:
+        if request.method != "OPTIONS" or (methods := allow.get(request.scope.get("path_template", ""))) is None:
+            return None
+        return Response(None, status_code=204, headers={"Allow": methods})
+
+    return hook
+
+
 def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Litestar:
     http_metrics = HttpMetrics()
+    allow: dict[str, str] = {}
     handlers = [
         healthz,
         readyz,
@@ -38,9 +57,11 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         *runtime.extras.get("route_handlers", []),
         *(extra_handlers or []),
     ]
-    return Litestar(
+    app = Litestar(
         route_handlers=handlers,
+        before_request=_options_answer(allow),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_class=ApiRequest,
         middleware=[observability_middleware(http_metrics, runtime.settings.access_log)],
         request_max_body_size=runtime.settings.request_body_limit_bytes,
         state=State({"runtime": runtime, "http_metrics": http_metrics}),
@@ -49,8 +70,14 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
             version="0.1.0",
             description="Baseten Loops management API and Tinker training API",
             path="/docs",
-            render_plugins=[SwaggerRenderPlugin()],
+            render_plugins=[ExactJsonRenderPlugin(), SwaggerRenderPlugin()],
         ),
         logging_config=None,
         debug=False,
     )
+    methods: dict[str, set[str]] = {}
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            methods.setdefault(route.path_format, set()).update(route.methods)
+    allow.update({path: ", ".join(sorted(m)) for path, m in methods.items()})
+    return app

@@ -1,11 +1,13 @@
-"""The one table mapping errors to HTTP responses. Every 4xx/5xx body is JSON:
-``{"code": str, "detail": str, "field"?: str, "errors"?: [...], "request_id": str}``."""
+"""The one table mapping errors to HTTP responses. Every 4xx/5xx body is an
+:class:`ErrorBody`: ``{"code", "detail", "request_id", "field"?, "errors"?, ...}``
+(control_plane/api/openapi.py declares it for every route)."""
 
 from __future__ import annotations
 
 import re
 import uuid
 
+import msgspec
 import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import (
@@ -20,6 +22,27 @@ from control_plane import errors as e
 from control_plane.sampling.errors import SamplingError
 
 log = structlog.get_logger("openloops.api")
+
+
+class ErrorItem(msgspec.Struct, omit_defaults=True):
+    """One failed check of a request's parameters or body."""
+
+    message: str
+    field: str | None = None
+    source: str | None = None  # body | query | path | header
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    """The body of every error answer."""
+
+    code: str  # machine-readable: invalid_input, not_found, rate_limited, ...
+    detail: str  # for people
+    request_id: str  # the answer's x-request-id
+    field: str | None = None  # the input at fault, when one is
+    errors: list[ErrorItem] | None = None  # each failed check, when request validation failed
+    category: str | None = None  # sampling errors: user | server
+    retry_after_s: float | None = None  # 429: when to retry (also in Retry-After)
+
 
 STATUS_BY_ERROR: dict[type[e.DomainError], int] = {
     e.InvalidInput: 400,
@@ -55,54 +78,95 @@ def _request_id(request: Request) -> str:
     return str(state["request_id"])
 
 
-def error_response(request: Request, status: int, code: str, detail: str, **extra: object) -> Response:
-    body: dict[str, object] = {"code": code, "detail": detail, "request_id": _request_id(request)}
-    body.update({k: v for k, v in extra.items() if v is not None})
-    headers = {}
-    if status == 429 and "retry_after_s" in extra:
-        headers["Retry-After"] = str(max(1, int(float(extra["retry_after_s"]) + 0.999)))  # type: ignore[arg-type]
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    field: str | None = None,
+    errors: list[ErrorItem] | None = None,
+    category: str | None = None,
+    retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response[ErrorBody]:
+    body = ErrorBody(
+        code=code,
+        detail=detail,
+        request_id=_request_id(request),
+        field=field,
+        errors=errors,
+        category=category,
+        retry_after_s=retry_after_s,
+    )
+    headers = dict(headers or {})
+    if status == 429 and retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, int(retry_after_s + 0.999)))
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="openloops"'
     return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
 
 
-def domain_error_handler(request: Request, exc: e.DomainError) -> Response:
+def domain_error_handler(request: Request, exc: e.DomainError) -> Response[ErrorBody]:
     status = next((st for cls, st in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 500)
-    extra: dict[str, object] = {"field": exc.field}
-    if isinstance(exc, e.RateLimited):
-        extra["retry_after_s"] = round(exc.retry_after_s, 3)
-    return error_response(request, status, exc.code, exc.message, **extra)
+    retry = round(exc.retry_after_s, 3) if isinstance(exc, e.RateLimited) else None
+    return error_response(request, status, exc.code, exc.message, field=exc.field, retry_after_s=retry)
 
 
-def sampling_error_handler(request: Request, exc: SamplingError) -> Response:
+def sampling_code(cls: type[SamplingError]) -> str:
+    """The ``code`` of a sampling error: its class name in snake case."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+
+def sampling_error_handler(request: Request, exc: SamplingError) -> Response[ErrorBody]:
     """Errors of the sampling path carry their own status (400/404/429/500/503)."""
-    code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
-    extra: dict[str, object] = {"category": exc.category}
-    if exc.status_code == 429:
-        extra["retry_after_s"] = 1.0
-    return error_response(request, exc.status_code, code, exc.message, **extra)
+    retry = 1.0 if exc.status_code == 429 else None
+    return error_response(
+        request, exc.status_code, sampling_code(type(exc)), exc.message, category=exc.category, retry_after_s=retry
+    )
 
 
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _AT = re.compile(r"at `\$\.([^`]+)`")
+_MISSING_PARAM = re.compile(r"Missing required \w+ parameter '([^']+)'")
 
 
-def _field_of(key: object, message: str) -> object:
-    """Litestar reports body errors under key "data"; msgspec names the real field in the text."""
-    if key not in (None, "data"):
-        return key
-    m = _MISSING.search(message) or _AT.search(message)
-    return m.group(1) if m else key
+def _field_of(request: Request, key: object, message: str) -> str | None:
+    """The wire name of the input at fault. Litestar reports body errors under key "data"
+    (msgspec names the real field in the text) and parameters under their Python name."""
+    if key in (None, "data"):
+        m = _MISSING.search(message) or _AT.search(message)
+        return m.group(1) if m else ("body" if key == "data" else None)
+    name = str(key)
+    param = request.route_handler.parsed_fn_signature.parameters.get(name)
+    kwarg = getattr(param, "kwarg_definition", None)
+    alias = getattr(kwarg, "query", None) or getattr(kwarg, "header", None) or getattr(kwarg, "cookie", None)
+    return str(alias) if alias else name
 
 
-def validation_handler(request: Request, exc: ValidationException) -> Response:
-    errors = []
+def missing_parameter(exc: ValidationException) -> str | None:
+    """The parameter a request lacks, when that is what failed."""
+    m = _MISSING_PARAM.search(str(exc.detail))
+    return m.group(1) if m else None
+
+
+def validation_handler(request: Request, exc: ValidationException) -> Response[ErrorBody]:
+    errors: list[ErrorItem] = []
     for item in exc.extra or []:
         if isinstance(item, dict):
             msg = str(item.get("message"))
-            errors.append({"field": _field_of(item.get("key"), msg), "message": msg, "source": item.get("source")})
-    fields = [x["field"] for x in errors if x.get("field")]
-    detail = "; ".join(f"{x['field']}: {x['message']}" if x.get("field") else str(x["message"]) for x in errors)
+            source = item.get("source")
+            errors.append(
+                ErrorItem(
+                    message=msg,
+                    field=_field_of(request, item.get("key"), msg),
+                    source=str(source) if source is not None else None,
+                )
+            )
+    fields = [x.field for x in errors if x.field]
+    if not fields and (missing := missing_parameter(exc)):
+        fields = [missing]
+    detail = "; ".join(f"{x.field}: {x.message}" if x.field else x.message for x in errors)
     return error_response(
         request,
         400,
@@ -113,17 +177,26 @@ def validation_handler(request: Request, exc: ValidationException) -> Response:
     )
 
 
-def http_exception_handler(request: Request, exc: HTTPException) -> Response:
-    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+def http_exception_handler(request: Request, exc: HTTPException) -> Response[ErrorBody]:
+    code = {400: "invalid_input", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error"
+    )
     detail = exc.detail
+    headers: dict[str, str] = {}
+    field = None
+    if exc.status_code == 400 and "JSON is malformed" in str(detail):  # the body did not decode
+        field = "body"
     if isinstance(exc, NotFoundException):
         detail = f"no route for {request.method} {request.url.path}"
     elif isinstance(exc, MethodNotAllowedException):
         detail = f"method {request.method} not allowed on {request.url.path}"
-    return error_response(request, exc.status_code, code, str(detail))
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        if allow:  # RFC 9110: a 405 names the methods the resource has
+            headers["Allow"] = allow
+    return error_response(request, exc.status_code, code, str(detail), field=field, headers=headers)
 
 
-def internal_error_handler(request: Request, exc: Exception) -> Response:
+def internal_error_handler(request: Request, exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled error", path=request.url.path, error=repr(exc))
     return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "internal server error")
 

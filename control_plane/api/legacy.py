@@ -3,19 +3,38 @@ mapped onto the same rows and services as the canonical ``/v1/loops/*`` routes."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.di import Provide
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.fields import path_id
 from control_plane.api.loops import presenters as p
-from control_plane.api.loops.training import ORG, OWN
+from control_plane.api.loops.resources import PageSize, PageToken, files_page
+from control_plane.api.loops.responses import (
+    CheckpointFiles,
+    CheckpointFound,
+    LegacyCheckpointList,
+    SamplerCreated,
+    SamplingServer,
+    SessionCreated,
+    SessionRef,
+    TrainerCreated,
+    TrainerRef,
+    TrainerSearch,
+    TrainerServer,
+)
+from control_plane.api.loops.schemas import LoraRank, ScaleDownDelay
+from control_plane.api.loops.training import ORG, OWN, CheckpointIdPath, SessionPath
+from control_plane.api.openapi import OptionalBodyOperation, raises
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
+from control_plane.db import models as m
 from control_plane.db.models import Run, Sampler
-from control_plane.errors import InvalidInput, NotFound
+from control_plane.errors import InvalidInput, NotFound, PayloadTooLarge
+from control_plane.fields import CheckpointPath, CheckpointPathOrEmpty, Int64, ModelName, PosInt32, ProjectId, RunId
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
@@ -24,42 +43,41 @@ from control_plane.training.initial_op import enqueue_initial_op
 
 
 class LegacySessionBody(msgspec.Struct, kw_only=True):
-    training_project_id: str | None = None
+    training_project_id: ProjectId | None = None
 
 
 class LegacyTrainerBody(msgspec.Struct, kw_only=True):
-    model: str
-    max_seq_len: int | None = None
-    lora_rank: int = 64
-    seed: int | None = None
-    scale_down_delay_seconds: int | None = None
-    checkpoint_path: str | None = None
+    model: ModelName
+    max_seq_len: PosInt32 | None = None
+    lora_rank: LoraRank = 64
+    seed: Int64 | None = None
+    scale_down_delay_seconds: ScaleDownDelay | None = None
+    checkpoint_path: CheckpointPathOrEmpty | None = None
 
 
 class LegacySamplerBody(msgspec.Struct, kw_only=True):
-    model: str
-    max_seq_length: int | None = None
-    checkpoint_path: str | None = None
+    model: ModelName
+    max_seq_length: PosInt32 | None = None
+    checkpoint_path: CheckpointPathOrEmpty | None = None
 
 
 class TrainerSearchBody(msgspec.Struct, kw_only=True):
-    trainer_id: str
+    trainer_id: RunId
 
 
 class CheckpointSearchBody(msgspec.Struct, kw_only=True):
-    checkpoint_path: str
+    checkpoint_path: CheckpointPath
 
 
-def _sampling_server(smp: Sampler | None, base_url: str) -> dict[str, Any] | None:
+TrainerPath = Annotated[str, path_id(m.Run.id)]
+
+
+def _sampling_server(smp: Sampler | None, base_url: str) -> SamplingServer | None:
     if smp is None:
         return None
-    return {"id": smp.id, "base_url": p.sampler_base_url(base_url, smp.id), "model_id": smp.id, "deployment_id": smp.id}
-
-
-def _legacy_checkpoint(c: Any) -> dict[str, Any]:
-    d = p.checkpoint_json(c)
-    d["trainer_id"] = c.run_id
-    return d
+    return SamplingServer(
+        id=smp.id, base_url=p.sampler_base_url(base_url, smp.id), model_id=smp.id, deployment_id=smp.id
+    )
 
 
 class LegacyController(Controller):
@@ -67,20 +85,31 @@ class LegacyController(Controller):
     dependencies = {"principal": Provide(provide_principal)}
     tags = ["legacy"]
 
-    @post("/trainer_sessions", opt=ORG, status_code=200)
+    @post(
+        "/trainer_sessions",
+        opt=ORG,
+        status_code=200,
+        responses=raises(InvalidInput, PayloadTooLarge),
+        operation_class=OptionalBodyOperation,
+    )
     async def create_session(
         self, request: Request, principal: Principal, data: LegacySessionBody | None = None
-    ) -> dict[str, Any]:
+    ) -> SessionCreated:
         async with rt(request).db.transaction() as s:
             row = await sessions_svc.create_session(
                 s, principal, origin="loops", training_project_id=data.training_project_id if data else None
             )
-        return {"session": {"id": row.id}}
+        return SessionCreated(SessionRef(row.id))
 
-    @post("/trainer_sessions/{session_id:str}/trainers", opt=ORG, status_code=200)
+    @post(
+        "/trainer_sessions/{session_id:str}/trainers",
+        opt=ORG,
+        status_code=200,
+        responses=raises(InvalidInput, PayloadTooLarge, NotFound),
+    )
     async def create_trainer(
-        self, request: Request, principal: Principal, session_id: str, data: LegacyTrainerBody
-    ) -> dict[str, Any]:
+        self, request: Request, principal: Principal, session_id: SessionPath, data: LegacyTrainerBody
+    ) -> TrainerCreated:
         r = rt(request)
         req = runs_svc.RunRequest(
             session_id=session_id,
@@ -99,18 +128,19 @@ class LegacyController(Controller):
             await enqueue_initial_op(r, s, run)
         await r.kick_controller()
         trainer_url = p.trainer_base_url(r.settings.base_url, run.deployment_id) if run.deployment_id else None
-        return {
-            "trainer_server": {
-                "id": run.id,
-                "base_url": trainer_url,
-                "sampling_server": _sampling_server(smp, r.settings.base_url),
-            }
-        }
+        return TrainerCreated(
+            TrainerServer(id=run.id, base_url=trainer_url, sampling_server=_sampling_server(smp, r.settings.base_url))
+        )
 
-    @post("/trainer_sessions/{session_id:str}/samplers", opt=ORG, status_code=200)
+    @post(
+        "/trainer_sessions/{session_id:str}/samplers",
+        opt=ORG,
+        status_code=200,
+        responses=raises(InvalidInput, PayloadTooLarge, NotFound),
+    )
     async def create_sampler(
-        self, request: Request, principal: Principal, session_id: str, data: LegacySamplerBody
-    ) -> dict[str, Any]:
+        self, request: Request, principal: Principal, session_id: SessionPath, data: LegacySamplerBody
+    ) -> SamplerCreated:
         r = rt(request)
         req = samplers_svc.SamplerRequest(
             session_id=session_id,
@@ -121,7 +151,7 @@ class LegacyController(Controller):
         async with r.db.transaction() as s:
             smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
         await r.kick_controller()
-        return {"sampling_server": _sampling_server(smp, r.settings.base_url)}
+        return SamplerCreated(_sampling_server(smp, r.settings.base_url))
 
     async def _trainer_in_session(
         self, request: Request, principal: Principal, session_id: str, trainer_id: str
@@ -133,28 +163,36 @@ class LegacyController(Controller):
             raise NotFound("trainer", trainer_id)
         return run
 
-    @get("/trainer_sessions/{session_id:str}/trainers/{trainer_id:str}/checkpoints", opt=OWN)
+    @get(
+        "/trainer_sessions/{session_id:str}/trainers/{trainer_id:str}/checkpoints",
+        opt=OWN,
+        responses=raises(InvalidInput, NotFound),
+    )
     async def list_checkpoints(
-        self, request: Request, principal: Principal, session_id: str, trainer_id: str
-    ) -> dict[str, Any]:
+        self, request: Request, principal: Principal, session_id: SessionPath, trainer_id: TrainerPath
+    ) -> LegacyCheckpointList:
         run = await self._trainer_in_session(request, principal, session_id, trainer_id)
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
                 s, principal, run_id=run.id, base_model=None, checkpoint_path=None, scope="org"
             )
-        return {"trainer_id": run.id, "checkpoints": [_legacy_checkpoint(c) for c in rows]}
+        return LegacyCheckpointList(trainer_id=run.id, checkpoints=[p.legacy_checkpoint_json(c) for c in rows])
 
-    @get("/trainer_sessions/{session_id:str}/trainers/{trainer_id:str}/checkpoints/{checkpoint_id:str}/files", opt=ORG)
+    @get(
+        "/trainer_sessions/{session_id:str}/trainers/{trainer_id:str}/checkpoints/{checkpoint_id:str}/files",
+        opt=ORG,
+        responses=raises(InvalidInput, NotFound),
+    )
     async def checkpoint_files(
         self,
         request: Request,
         principal: Principal,
-        session_id: str,
-        trainer_id: str,
-        checkpoint_id: str,
-        page_size: int = 1000,
-        page_token: int = 0,
-    ) -> dict[str, Any]:
+        session_id: SessionPath,
+        trainer_id: TrainerPath,
+        checkpoint_id: CheckpointIdPath,
+        page_size: PageSize = 1000,
+        page_token: PageToken = 0,
+    ) -> CheckpointFiles:
         run = await self._trainer_in_session(request, principal, session_id, trainer_id)
         r = rt(request)
         async with r.db.session() as s:
@@ -164,24 +202,24 @@ class LegacyController(Controller):
             page = await ckpt_svc.checkpoint_files(
                 s, ckpt, page_size=page_size, page_token=page_token, url_for=r.download_url
             )
-        return {"presigned_urls": page.files, "total_count": page.total_count, "next_page_token": page.next_page_token}
+        return files_page(page)
 
-    @post("/trainers/search", opt=OWN, status_code=200)
-    async def search_trainers(self, request: Request, principal: Principal, data: TrainerSearchBody) -> dict[str, Any]:
+    @post("/trainers/search", opt=OWN, status_code=200, responses=raises(InvalidInput, PayloadTooLarge))
+    async def search_trainers(self, request: Request, principal: Principal, data: TrainerSearchBody) -> TrainerSearch:
         async with rt(request).db.session() as s:
             rows = await runs_svc.list_runs(s, principal, run_id=data.trainer_id, scope="org")
-        return {
-            "trainers": [{"trainer_id": x.id, "session_id": x.session_id, "base_model": x.base_model} for x in rows]
-        }
+        return TrainerSearch(
+            [TrainerRef(trainer_id=x.id, session_id=x.session_id, base_model=x.base_model) for x in rows]
+        )
 
-    @post("/trainers/checkpoints/search", opt=OWN, status_code=200)
+    @post("/trainers/checkpoints/search", opt=OWN, status_code=200, responses=raises(InvalidInput, PayloadTooLarge))
     async def search_checkpoint(
         self, request: Request, principal: Principal, data: CheckpointSearchBody
-    ) -> dict[str, Any]:
+    ) -> CheckpointFound:
         async with rt(request).db.session() as s:
             rows = await ckpt_svc.list_checkpoints(
                 s, principal, run_id=None, base_model=None, checkpoint_path=data.checkpoint_path, scope="org"
             )
         if not rows:
             raise InvalidInput(f"checkpoint {data.checkpoint_path!r} not found", field="checkpoint_path")
-        return {"checkpoint": _legacy_checkpoint(rows[0])}
+        return CheckpointFound(p.legacy_checkpoint_json(rows[0]))

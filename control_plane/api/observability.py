@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,7 +40,7 @@ class HttpMetrics:
         latency.observe(seconds)
 
 
-def observability_middleware(metrics: HttpMetrics, access_log: bool):
+def observability_middleware(metrics: HttpMetrics, access_log: bool) -> Callable[[Any], Any]:
     # bound once with the logging configuration of the moment (the app is built after it):
     # a lazy module-level logger would bind itself again on every request
     log = structlog.get_logger("openloops.access").bind()

@@ -38,8 +38,10 @@ class UrlSigner:
 
     def verify(self, token: str, now: float | None = None) -> str:
         payload, _, sig = token.partition(".")
-        expected = _b64(hmac.new(self._secret, payload.encode(), hashlib.sha256).digest())
-        if not sig or not hmac.compare_digest(sig, expected):
+        # compared as bytes: compare_digest refuses non-ASCII str, and any text encodes
+        raw_payload = payload.encode("utf-8", "surrogatepass")
+        expected = _b64(hmac.new(self._secret, raw_payload, hashlib.sha256).digest()).encode()
+        if not sig or not hmac.compare_digest(sig.encode("utf-8", "surrogatepass"), expected):
             raise InvalidSignature("invalid download signature")
         data = json.loads(_unb64(payload))
         if (now or time.time()) > data["e"]:

@@ -18,7 +18,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from control_plane.runtime import Runtime
 
 log = structlog.get_logger("openloops.sampling")
+T = TypeVar("T")
 
 TARGET_CACHE_SECONDS = 1.0
 READY_POLL_SECONDS = 0.5
@@ -217,9 +218,7 @@ class SamplingDispatcher:
                 self._touched[target.sampler_id] = now
                 await record_activity(self._runtime.redis, SAMPLER, target.sampler_id)
 
-    async def run_direct(
-        self, target: SamplerTarget, call: Callable[[VLLMClient, SamplerTarget], Awaitable[object]]
-    ) -> object:
+    async def run_direct(self, target: SamplerTarget, call: Callable[[VLLMClient, SamplerTarget], Awaitable[T]]) -> T:
         """Run ``call`` against the target's server now (the OpenAI-compatible proxy), under
         the same in-flight bound."""
         wid = target.workload_id

@@ -108,8 +108,11 @@ class LoopsTrainerOps:
         return int(state.get("optim_steps") or 0)
 
     # ---- ops ----------------------------------------------------------------------------------
-    async def submit(self, principal: Principal, t: Target, op: str, raw: bytes, operation_id: str | None) -> str:
-        """Enqueue one op; returns its operation id (the idempotency key)."""
+    async def submit(
+        self, principal: Principal, t: Target, op: str, raw: bytes, operation_id: str | None, body: w._Op | None = None
+    ) -> str:
+        """Enqueue one op; returns its operation id (the idempotency key). ``body`` is ``raw``
+        decoded when the caller already did (the API decodes it at the edge)."""
         if not operation_id:
             raise InvalidInput("every op needs an Idempotency-Key header (the SDK sends one)", field="Idempotency-Key")
         if not IDEMPOTENCY_KEY_RE.match(operation_id):
@@ -120,7 +123,8 @@ class LoopsTrainerOps:
             if existing[1] != fingerprint:
                 raise Conflict(f"Idempotency-Key {operation_id!r} was used for a different request")
             return operation_id
-        body = w.decode(op, raw)
+        if body is None:
+            body = w.decode(op, raw)
         if not 1 <= body.seq_id <= MAX_SEQ_ID:
             raise InvalidInput(f"seq_id must be between 1 and {MAX_SEQ_ID}, got {body.seq_id}", field="seq_id")
         if body.run_id is not None and body.run_id != t.run.id:

@@ -8,20 +8,31 @@ Loops options ``top_k_logprobs`` and ``skip_token_normalization`` as reserved
 ``loss_fn_config_v2`` keys that the worker's Loops dialect takes out again.
 
 Every malformed input raises :class:`~control_plane.errors.InvalidInput` naming the field.
+
+The bodies' types are what the API decodes at the edge (a body of the wrong shape is refused
+before it takes a seq slot). The limits in ``Doc(...)`` are the ones the op checks itself,
+after its seq id is known, so that a refused op still fills its slot
+(:meth:`~control_plane.training.loops_ops.LoopsTrainerOps.submit`): the OpenAPI shows them,
+the edge does not enforce them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
+from litestar.params import KwargDefinition as Doc
 
 from control_plane.errors import InvalidInput
+from control_plane.fields import CHECKPOINT_PATH, RunId, Text, check_json
+from control_plane.training.ops import MAX_SEQ_ID, MAX_TTL_SECONDS
 from data_plane.wire import tinker_wire_pb2 as pb
+from data_plane.wire.paths import NAME_RE
 
 MAX_TOP_K = 20
+TokenId = Annotated[int, Doc(ge=0, le=2**31 - 1)]
 INT_DTYPES = {
     "int64": np.int64,
     "int32": np.int64,
@@ -34,42 +45,42 @@ FLOAT_DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
 
 class TensorData(msgspec.Struct, kw_only=True):
-    data: list[Any]
-    dtype: str
-    shape: list[int] | None = None
+    data: list[Any]  # numbers (null: a masked float position), flat, row-major
+    dtype: Annotated[str, Doc(description=f"one of {sorted({*INT_DTYPES, *FLOAT_DTYPES})}")]
+    shape: list[Annotated[int, Doc(ge=0)]] | None = None
 
 
 class Chunk(msgspec.Struct, kw_only=True):
-    type: str = "encoded_text"
-    tokens: list[int] | None = None
+    type: Annotated[str, Doc(description="encoded_text (the only kind this server takes)")] = "encoded_text"
+    tokens: list[TokenId] | None = None
 
 
 class ModelInput(msgspec.Struct, kw_only=True):
-    chunks: list[Chunk] = msgspec.field(default_factory=list)
+    chunks: Annotated[list[Chunk], Doc(min_items=1)] = msgspec.field(default_factory=list)
 
 
 class Datum(msgspec.Struct, kw_only=True):
     model_input: ModelInput
-    loss_fn_inputs: dict[str, TensorData] = msgspec.field(default_factory=dict)
-    routed_experts_ref: dict[str, Any] | None = None
+    loss_fn_inputs: dict[str, TensorData] = msgspec.field(default_factory=dict)  # needs target_tokens
+    routed_experts_ref: dict[str, Any] | None = None  # router replay: not supported
 
 
 class _Op(msgspec.Struct, kw_only=True):
-    seq_id: int
-    run_id: str | None = None
-    model: str | None = None  # the base model; the serverless queue routes by it
+    seq_id: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ_ID)]
+    run_id: RunId | None = None  # = X-Run-Id
+    model: Text | None = None  # the base model; the serverless queue routes by it
 
 
 class InitBody(_Op, kw_only=True):
-    lora_rank: int
-    base_model: str | None = None
+    lora_rank: Annotated[int, Doc(description="the run's lora_rank")]
+    base_model: Text | None = None
 
 
 class ForwardBody(_Op, kw_only=True):
-    data: list[Datum]
-    loss_fn: str = "cross_entropy"
-    loss_fn_config: dict[str, Any] | None = None
-    top_k_logprobs: int = 0
+    data: Annotated[list[Datum], Doc(min_items=1)]
+    loss_fn: Annotated[str, Doc(min_length=1)] = "cross_entropy"
+    loss_fn_config: dict[str, Any] | None = None  # numbers, booleans or strings
+    top_k_logprobs: Annotated[int, Doc(ge=0, le=MAX_TOP_K)] = 0
 
 
 class OptimBody(_Op, kw_only=True):
@@ -77,13 +88,17 @@ class OptimBody(_Op, kw_only=True):
 
 
 class SaveBody(_Op, kw_only=True):
-    name: str
-    ttl_seconds: int | None = None
+    name: Annotated[str, Doc(max_length=200, pattern=NAME_RE.pattern)]
+    ttl_seconds: Annotated[int, Doc(ge=1, le=MAX_TTL_SECONDS)] | None = None
     bump_version: bool = False
 
 
 class LoadBody(_Op, kw_only=True):
-    path: str
+    # a tinker:// or bt://loops: path of this server's checkpoint (checked by the op; a NUL at once)
+    path: Annotated[str, Doc(pattern=CHECKPOINT_PATH)]
+
+    def __post_init__(self) -> None:
+        check_json(self.path, "path")
 
 
 OPS: dict[str, type[_Op]] = {
@@ -101,6 +116,8 @@ OPS: dict[str, type[_Op]] = {
 def decode(op: str, raw: bytes) -> _Op:
     try:
         return msgspec.json.decode(raw, type=OPS[op])
+    except RecursionError:
+        raise InvalidInput(f"the {op} body is nested too deeply", field="body") from None
     except msgspec.ValidationError as exc:
         raise InvalidInput(f"invalid {op} body: {exc}", field=_field_of(str(exc))) from None
     except msgspec.DecodeError as exc:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_SEQ_ID = 2**31 - 1
 SUPPORTED_OPTIMIZERS = ("adamw",)
-ZSTD_MAX_OUTPUT = 512 * 1024 * 1024
+ZSTD_READ_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ class TrainingOps:
             await self.queue.complete(run.id, rid, FutureResult.failed(exc.message, ErrorCategory.USER))
 
     async def forward_backward(self, principal: Principal, raw: bytes, content_encoding: str | None) -> Submitted:
-        body = decode_body(raw, content_encoding)
+        body = decode_body(raw, content_encoding, self.r.settings.request_body_limit_bytes)
         req = pb.ForwardBackwardRequest()
         try:
             req.ParseFromString(body)
@@ -402,13 +402,33 @@ def adam_spec(p: dict[str, Any]) -> op_bodies.AdamSpec:
     return op_bodies.AdamSpec(**vals)
 
 
-def decode_body(raw: bytes, content_encoding: str | None) -> bytes:
+def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The request body, decompressed; at most ``limit`` bytes (the request body cap) either
+    way. A zstd frame is checked before and while it is decompressed: one that declares a
+    larger content size is refused unread, and decompression stops as soon as the output
+    passes the cap (a 400 naming the body, as for any body this server cannot take)."""
     enc = (content_encoding or "").strip().lower()
     if enc in ("", "identity"):
         return raw
     if enc != "zstd":
-        raise InvalidInput(f"unsupported Content-Encoding {content_encoding!r}; use zstd or none")
+        raise InvalidInput(
+            f"unsupported Content-Encoding {content_encoding!r}; use zstd or none", field="Content-Encoding"
+        )
+    too_large = f"the decompressed body exceeds the {limit}-byte limit"
     try:
-        return zstandard.ZstdDecompressor().decompress(raw, max_output_size=ZSTD_MAX_OUTPUT)
+        declared = zstandard.frame_content_size(raw)
     except zstandard.ZstdError as exc:
-        raise InvalidInput(f"body is not valid zstd: {exc}") from exc
+        raise InvalidInput(f"body is not valid zstd: {exc}", field="body") from exc
+    if declared > limit:
+        raise InvalidInput(too_large, field="body")
+    out = bytearray()
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    try:
+        with reader:
+            while chunk := reader.read(ZSTD_READ_CHUNK):
+                out += chunk
+                if len(out) > limit:
+                    raise InvalidInput(too_large, field="body")
+    except zstandard.ZstdError as exc:
+        raise InvalidInput(f"body is not valid zstd: {exc}", field="body") from exc
+    return bytes(out)

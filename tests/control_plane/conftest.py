@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,9 +14,11 @@ from control_plane.api.app import create_app
 from control_plane.auth.principal import Principal
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.runtime import Runtime, build_runtime
+from control_plane.scheduler.ports import free_port
 from control_plane.services import identity
 from control_plane.settings import Settings
 from control_plane.statuses import Scope
+from tests.infra.api_server import ApiServer
 from tests.infra.services import TestServices
 
 TEST_MODEL = "tiny/tiny-llm"
@@ -94,6 +97,25 @@ async def api(clean_state: None, services: TestServices, data_dir: Path) -> Asyn
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield Api(runtime, client)
     await runtime.close()
+
+
+@pytest.fixture
+def start_api_server(clean_state: None, services: TestServices, data_dir: Path) -> Iterator[Callable[..., ApiServer]]:
+    """Start the API alone under uvicorn on a real port (no controller: no worker ever starts),
+    with settings overrides; stopped after the test."""
+    started: list[ApiServer] = []
+
+    def start(**overrides: Any) -> ApiServer:
+        port = free_port()
+        settings = make_settings(services, data_dir, port=port, public_base_url=f"http://127.0.0.1:{port}", **overrides)
+        server = ApiServer(settings)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 ALL = [s.value for s in Scope]

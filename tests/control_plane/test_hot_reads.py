@@ -3,6 +3,7 @@ what the ORM services answer, with the same tenancy: compared field by field."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from control_plane.api.loops import presenters as p
@@ -24,11 +25,11 @@ async def orm_run_json(api, principal: Principal, run_id: str) -> dict:
         run = await runs_svc.get_run(s, principal, run_id)
         sampler = await runs_svc.paired_sampler(s, run.id)
         users = await p.principal_names(s, {run.created_by})
-    return p.run_json(run, sampler, BASE, users)
+    return msgspec.to_builtins(p.run_json(run, sampler, BASE, users))
 
 
 async def hot_run_json(api, principal: Principal, run_id: str) -> dict:
-    return p.run_view_json(await hot_reads.get_run(api.runtime.db, principal, run_id), BASE)
+    return msgspec.to_builtins(p.run_view_json(await hot_reads.get_run(api.runtime.db, principal, run_id), BASE))
 
 
 async def new_run(api, headers: dict[str, str], *, trainer_only: bool = False) -> str:

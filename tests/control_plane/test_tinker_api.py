@@ -55,7 +55,7 @@ async def test_create_model_validation_and_rows(api: Api) -> None:
     body = {"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL, "lora_config": {"rank": 8}}
     cases = [
         ({**body, "base_model": "nope/nope"}, "base_model"),
-        ({**body, "lora_config": {"rank": 0}}, "lora_rank"),
+        ({**body, "lora_config": {"rank": 0}}, "lora_config.rank"),
         (
             {**body, "lora_config": {"rank": 8, "train_attn": False, "train_mlp": False, "train_unembed": False}},
             "lora_config",

@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Literal
 
 from litestar import Controller, Request, get, post
 from litestar.di import Provide
 from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.fields import query_int
 from control_plane.api.loops import presenters as p
-from control_plane.api.loops.schemas import LogsQuery, MetricsBody
-from control_plane.api.loops.training import ORG
+from control_plane.api.loops.responses import (
+    Deactivated,
+    DeploymentEnvelope,
+    DeploymentList,
+    DeploymentLogs,
+    DeploymentMetrics,
+    LogLine,
+)
+from control_plane.api.loops.schemas import LOG_LEVELS, MAX_EPOCH_MILLIS, LogsQuery, MetricsBody
+from control_plane.api.loops.training import ORG, DeploymentPath, ListScope
+from control_plane.api.openapi import OptionalBodyOperation, raises
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
+from control_plane.errors import InvalidInput, NotFound, PayloadTooLarge
 from control_plane.metering import series
 from control_plane.scheduler.protocol import LogQuery, WorkloadRole
 from control_plane.services import deployments as dep_svc
 
 NS = 1_000_000
+
+EpochMillisQuery = Annotated[int | None, query_int(ge=0, le=MAX_EPOCH_MILLIS)]
+# a level in any letter case
+_LEVEL_PATTERN = "^(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" for c in x) for x in LOG_LEVELS) + ")$"
 
 
 class LoopsDeploymentsController(Controller):
@@ -27,26 +42,30 @@ class LoopsDeploymentsController(Controller):
     dependencies = {"principal": Provide(provide_principal)}
     tags = ["loops"]
 
-    @get("", opt=ORG)
+    @get("", opt=ORG, responses=raises(InvalidInput))
     async def list_deployments(
-        self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)
-    ) -> dict[str, Any]:
+        self, request: Request, principal: Principal, visibility: ListScope = None
+    ) -> DeploymentList:
         r = rt(request)
         async with r.db.session() as s:
             rows = await dep_svc.list_deployments(s, principal, scope=visibility)
             users = await p.principal_names(s, {x.created_by for x in rows})
-        return {"deployments": [p.deployment_json(x, r.settings.base_url, users) for x in rows]}
+        return DeploymentList([p.deployment_json(x, r.settings.base_url, users) for x in rows])
 
-    @get("/{deployment_id:str}", opt=ORG)
-    async def get_deployment(self, request: Request, principal: Principal, deployment_id: str) -> dict[str, Any]:
+    @get("/{deployment_id:str}", opt=ORG, responses=raises(InvalidInput, NotFound))
+    async def get_deployment(
+        self, request: Request, principal: Principal, deployment_id: DeploymentPath
+    ) -> DeploymentEnvelope:
         r = rt(request)
         async with r.db.session() as s:
             dep = await dep_svc.get_deployment(s, principal, deployment_id)
             users = await p.principal_names(s, {dep.created_by})
-        return {"deployment": p.deployment_json(dep, r.settings.base_url, users)}
+        return DeploymentEnvelope(p.deployment_json(dep, r.settings.base_url, users))
 
-    @post("/{deployment_id:str}/deactivate", opt=ORG, status_code=200)
-    async def deactivate_deployment(self, request: Request, principal: Principal, deployment_id: str) -> dict[str, Any]:
+    @post("/{deployment_id:str}/deactivate", opt=ORG, status_code=200, responses=raises(InvalidInput, NotFound))
+    async def deactivate_deployment(
+        self, request: Request, principal: Principal, deployment_id: DeploymentPath
+    ) -> Deactivated:
         r = rt(request)
         async with r.db.transaction() as s:
             dep = await dep_svc.deactivate_deployment(s, principal, deployment_id)
@@ -54,10 +73,16 @@ class LoopsDeploymentsController(Controller):
         await r.kick_controller()
         return p.deactivated_json(dep.id, dep.base_model, users, dep.created_by)
 
-    @post("/{deployment_id:str}/metrics", opt=ORG, status_code=200)
+    @post(
+        "/{deployment_id:str}/metrics",
+        opt=ORG,
+        status_code=200,
+        responses=raises(InvalidInput, PayloadTooLarge, NotFound),
+        operation_class=OptionalBodyOperation,
+    )
     async def deployment_metrics(
-        self, request: Request, principal: Principal, deployment_id: str, data: MetricsBody | None = None
-    ) -> dict[str, Any]:
+        self, request: Request, principal: Principal, deployment_id: DeploymentPath, data: MetricsBody | None = None
+    ) -> DeploymentMetrics:
         """The trainer's request, CPU, memory, disk and GPU series (``series`` explains them)."""
         body = data or MetricsBody()
         window = series.Window.parse(
@@ -66,20 +91,20 @@ class LoopsDeploymentsController(Controller):
         async with rt(request).db.session() as s:
             dep = await dep_svc.get_deployment(s, principal, deployment_id)
             metrics = await series.deployment_metrics(s, dep_svc.RESOURCE, dep.id, window)
-        return {"deployment_id": dep.id, "metrics": metrics}
+        return DeploymentMetrics(deployment_id=dep.id, metrics=metrics)
 
-    @get("/{deployment_id:str}/logs", opt=ORG)
+    @get("/{deployment_id:str}/logs", opt=ORG, responses=raises(InvalidInput, NotFound))
     async def deployment_logs(
         self,
         request: Request,
         principal: Principal,
-        deployment_id: str,
-        start_epoch_millis: int | None = None,
-        end_epoch_millis: int | None = None,
-        direction: str = "desc",
-        limit: int = 500,
-        min_level: str = "DEBUG",
-    ) -> dict[str, Any]:
+        deployment_id: DeploymentPath,
+        start_epoch_millis: EpochMillisQuery = None,
+        end_epoch_millis: EpochMillisQuery = None,
+        direction: Literal["asc", "desc"] = "desc",
+        limit: Annotated[int, query_int(ge=1, le=1000)] = 500,
+        min_level: Annotated[str, Parameter(pattern=_LEVEL_PATTERN)] = "DEBUG",
+    ) -> DeploymentLogs:
         """The log lines of the deployment's trainer workers (its log file locally, its pods'
         logs on Kubernetes), newest first unless ``direction=asc``."""
         q = LogsQuery.parse(
@@ -99,15 +124,15 @@ class LoopsDeploymentsController(Controller):
                 min_level=q.min_level,
             ),
         )
-        return {
-            "logs": [
-                {
-                    "timestamp": str(x.timestamp_ns),
-                    "message": x.message,
-                    "replica": x.replica,
-                    "request_id": x.request_id,
-                    "level": x.level,
-                }
+        return DeploymentLogs(
+            [
+                LogLine(
+                    timestamp=str(x.timestamp_ns),
+                    message=x.message,
+                    replica=x.replica,
+                    request_id=x.request_id,
+                    level=x.level,
+                )
                 for x in lines
             ]
-        }
+        )

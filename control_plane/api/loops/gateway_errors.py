@@ -12,8 +12,16 @@ import json
 from typing import Any
 
 from litestar import Request, Response
+from litestar.exceptions import ValidationException
 
-from control_plane.api.errors import EXCEPTION_HANDLERS
+from control_plane.api.errors import (
+    EXCEPTION_HANDLERS,
+    ErrorBody,
+    domain_error_handler,
+    missing_parameter,
+    validation_handler,
+)
+from control_plane.errors import RunOrSamplerRequired
 
 ACCEPT_ERROR = "x-baseten-accept-error"
 ERROR_SOURCE = "X-Baseten-Error-Source"
@@ -31,7 +39,9 @@ def mark(request: Request, response: Response[Any]) -> Response[Any]:
     if 400 <= status < 500 and status not in RETRYABLE and request.headers.get(ACCEPT_ERROR) == "1":
         code = "error"
         content = response.content
-        if isinstance(content, dict):
+        if isinstance(content, ErrorBody):
+            code = content.code
+        elif isinstance(content, dict):
             code = str(content.get("code") or code)
         elif isinstance(content, bytes | str):
             try:
@@ -50,5 +60,17 @@ def _wrap(handler: Any) -> Any:
     return handle
 
 
+def _validation(request: Request, exc: ValidationException) -> Response[Any]:
+    """A data-plane request without its routing header is refused as the protocol says."""
+    if missing_parameter(exc) in ("X-Run-Id", "X-Sampler-Id"):
+        return domain_error_handler(
+            request,
+            RunOrSamplerRequired("name the run (X-Run-Id) or the sampler this request is for", field="X-Run-Id"),
+        )
+    return validation_handler(request, exc)
+
+
 # the one error table, with the gateway headers added: for the data-plane controllers
-DATA_PLANE_EXCEPTION_HANDLERS = {exc: _wrap(h) for exc, h in EXCEPTION_HANDLERS.items()}
+DATA_PLANE_EXCEPTION_HANDLERS = {
+    exc: _wrap(h) for exc, h in {**EXCEPTION_HANDLERS, ValidationException: _validation}.items()
+}

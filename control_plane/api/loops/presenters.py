@@ -1,4 +1,4 @@
-"""Row → Loops API JSON shapes (seeds/loops-get-run-openapi.md, reference/loops-api.md)."""
+"""Rows → Loops API answers (the types of :mod:`control_plane.api.loops.responses`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane.api.loops.responses import (
+    Creator,
+    Deactivated,
+    DeactivatedUser,
+    DeploymentStatus,
+    LegacyCheckpoint,
+    LoopsCheckpoint,
+    LoopsDeployment,
+    LoopsRun,
+    LoopsSampler,
+    StatusOut,
+)
 from control_plane.db.models import Checkpoint, Deployment, Run, Sampler, ServiceAccount, User
 from control_plane.db.reader import Row
 from control_plane.services.deployments import loops_status
@@ -23,8 +35,8 @@ def sampler_base_url(base_url: str, sampler_id: str) -> str:
     return f"{base_url}/v1/loops/samplers/{sampler_id}/sync"
 
 
-async def principal_names(s: AsyncSession, ids: set[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+async def principal_names(s: AsyncSession, ids: set[str]) -> dict[str, Creator]:
+    out: dict[str, Creator] = {}
     users = [i for i in ids if i.startswith("usr-")]
     sas = [i for i in ids if i.startswith("sa-")]
     if users:
@@ -38,61 +50,58 @@ async def principal_names(s: AsyncSession, ids: set[str]) -> dict[str, dict[str,
     return out
 
 
-def user_json(pid: str, *, email: str | None = None, service_account: str | None = None) -> dict[str, Any]:
+def user_json(pid: str, *, email: str | None = None, service_account: str | None = None) -> Creator:
     """The ``user`` object of a resource: its creator (a user, a service account, or an id
     whose row is gone)."""
-    out: dict[str, Any] = {"id": pid, "email": email}
-    if service_account is not None:
-        out["service_account"] = service_account
-    return out
+    if service_account is None:
+        return Creator(id=pid, email=email)
+    return Creator(id=pid, email=email, service_account=service_account)
 
 
-def _user(users: dict[str, dict[str, Any]], pid: str) -> dict[str, Any]:
+def _user(users: dict[str, Creator], pid: str) -> Creator:
     return users.get(pid) or user_json(pid)
 
 
-def sampler_json(smp: Sampler | Row, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "id": smp.id,
-        "base_url": sampler_base_url(base_url, smp.id),
-        "base_model": smp.base_model,
-        "created_at": smp.created_at,
-        "model_id": smp.id,
-        "deployment_id": smp.id,
-        "status": {"name": smp.status, "reason": smp.status_reason},
-        "user": _user(users, smp.created_by),
-        "run_id": smp.run_id,
-        "session_id": smp.session_id,
-        "model_path": smp.model_path,
-        "node_count": 1,
-    }
+def sampler_json(smp: Sampler | Row, base_url: str, users: dict[str, Creator]) -> LoopsSampler:
+    return LoopsSampler(
+        id=smp.id,
+        base_url=sampler_base_url(base_url, smp.id),
+        base_model=smp.base_model,
+        created_at=smp.created_at,
+        model_id=smp.id,
+        deployment_id=smp.id,
+        status=StatusOut(name=smp.status, reason=smp.status_reason),
+        user=_user(users, smp.created_by),
+        run_id=smp.run_id,
+        session_id=smp.session_id,
+        model_path=smp.model_path,
+        node_count=1,
+    )
 
 
-def run_json(
-    run: Run | Row, sampler: Sampler | Row | None, base_url: str, users: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "session_id": run.session_id,
-        "base_model": run.base_model,
-        "base_url": trainer_base_url(base_url, run.deployment_id) if run.deployment_id else None,
-        "created_at": run.created_at,
-        "sampler": sampler_json(sampler, base_url, users) if sampler else None,
-        "name": run.name,
-        "user": _user(users, run.created_by),
-        "status": {"name": run.status, "reason": run.status_reason},
-        "deployment_id": run.deployment_id,
-        "max_seq_len": run.max_seq_len,
-        "lora_rank": run.lora_rank,
-        "seed": run.seed,
-        "scale_down_delay_seconds": run.scale_down_delay_seconds,
-        "availability_model": run.availability_model,
-        "replicas": run.replicas,
-        "base_checkpoint": run.base_checkpoint,
-    }
+def run_json(run: Run | Row, sampler: Sampler | Row | None, base_url: str, users: dict[str, Creator]) -> LoopsRun:
+    return LoopsRun(
+        id=run.id,
+        session_id=run.session_id,
+        base_model=run.base_model,
+        base_url=trainer_base_url(base_url, run.deployment_id) if run.deployment_id else None,
+        created_at=run.created_at,
+        sampler=sampler_json(sampler, base_url, users) if sampler else None,
+        name=run.name,
+        user=_user(users, run.created_by),
+        status=StatusOut(name=run.status, reason=run.status_reason),
+        deployment_id=run.deployment_id,
+        max_seq_len=run.max_seq_len,
+        lora_rank=run.lora_rank,
+        seed=run.seed,
+        scale_down_delay_seconds=run.scale_down_delay_seconds,
+        availability_model=run.availability_model,
+        replicas=run.replicas,
+        base_checkpoint=run.base_checkpoint,
+    )
 
 
-def run_view_json(view: RunView, base_url: str) -> dict[str, Any]:
+def run_view_json(view: RunView, base_url: str) -> LoopsRun:
     """``run_json`` of a run read in one statement (services/hot_reads.py)."""
     creator = view.run.created_by
     users = {creator: user_json(creator, email=view.creator_email, service_account=view.creator_service_account)}
@@ -109,42 +118,50 @@ def lora_adapter_config(lora: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-def checkpoint_json(c: Checkpoint | Row) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "checkpoint_id": c.name,
-        "checkpoint_type": "lora",
-        "created_at": c.created_at,
-        "base_model": c.base_model,
-        "lora_adapter_config": lora_adapter_config(c.lora_config),
-        "size_bytes": c.size_bytes,
-        "sync_status": c.sync_status,
-        "run_id": c.run_id,
-        "target": "sampler" if c.kind == "sampler_weights" else "trainer",
-        "checkpoint_path": f"bt://loops:{c.run_id}/{c.kind}/{c.name}",
-        "tinker_path": f"tinker://{c.run_id}/{c.kind}/{c.name}",
-    }
+def _checkpoint_fields(c: Checkpoint | Row) -> dict[str, Any]:
+    return dict(
+        id=c.id,
+        checkpoint_id=c.name,
+        checkpoint_type="lora",
+        created_at=c.created_at,
+        base_model=c.base_model,
+        lora_adapter_config=lora_adapter_config(c.lora_config),
+        size_bytes=c.size_bytes,
+        sync_status=c.sync_status,
+        run_id=c.run_id,
+        target="sampler" if c.kind == "sampler_weights" else "trainer",
+        checkpoint_path=f"bt://loops:{c.run_id}/{c.kind}/{c.name}",
+        tinker_path=f"tinker://{c.run_id}/{c.kind}/{c.name}",
+    )
 
 
-def deployment_json(d: Deployment, base_url: str, users: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def checkpoint_json(c: Checkpoint | Row) -> LoopsCheckpoint:
+    return LoopsCheckpoint(**_checkpoint_fields(c))
+
+
+def legacy_checkpoint_json(c: Checkpoint | Row) -> LegacyCheckpoint:
+    """A checkpoint as the legacy ``/v1/trainer_sessions`` routes show it (with ``trainer_id``)."""
+    return LegacyCheckpoint(**_checkpoint_fields(c), trainer_id=c.run_id)
+
+
+def deployment_json(d: Deployment, base_url: str, users: dict[str, Creator]) -> LoopsDeployment:
     """A Loops deployment (``LoopsDeploymentV1``)."""
-    return {
-        "id": d.id,
-        "base_model": d.base_model,
-        "base_url": trainer_base_url(base_url, d.id),
-        "status": {"name": loops_status(d), "reason": d.status_reason, "detail": d.status},
-        "active_run_id": d.active_run_id,
-        "latest_run_id": d.latest_run_id,
-        "user": _user(users, d.created_by),
-        "created_at": d.created_at,
-        "availability_model": d.availability_model,
-        "instance_type": d.instance_type,
-        "node_count": d.node_count,
-        "replicas": d.replicas,
-        "name": d.name,
-    }
+    return LoopsDeployment(
+        id=d.id,
+        base_model=d.base_model,
+        base_url=trainer_base_url(base_url, d.id),
+        status=DeploymentStatus(name=loops_status(d), reason=d.status_reason, detail=d.status),
+        active_run_id=d.active_run_id,
+        latest_run_id=d.latest_run_id,
+        user=_user(users, d.created_by),
+        created_at=d.created_at,
+        availability_model=d.availability_model,
+        instance_type=d.instance_type,
+        node_count=d.node_count,
+        replicas=d.replicas,
+        name=d.name,
+    )
 
 
-def deactivated_json(row_id: str, base_model: str, users: dict[str, dict[str, Any]], pid: str) -> dict[str, Any]:
-    u = _user(users, pid)
-    return {"id": row_id, "base_model": base_model, "user": {"email": u.get("email")}}
+def deactivated_json(row_id: str, base_model: str, users: dict[str, Creator], pid: str) -> Deactivated:
+    return Deactivated(id=row_id, base_model=base_model, user=DeactivatedUser(email=_user(users, pid).email))

@@ -18,20 +18,33 @@ was scaled to zero wakes it and waits.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
+from litestar.openapi.spec.enums import OpenAPIType
+from litestar.params import KwargDefinition, Parameter
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.errors import error_response
+from control_plane.api.fields import items, path_id
 from control_plane.api.loops.gateway_errors import DATA_PLANE_EXCEPTION_HANDLERS, mark
-from control_plane.api.loops.training import ORG
+from control_plane.api.loops.responses import (
+    ModelList,
+    SamplerDeploymentStatus,
+    SamplerPolicyVersion,
+    WakeAccepted,
+)
+from control_plane.api.loops.training import ORG, SamplerPath
+from control_plane.api.openapi import ErrorKind, raises
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
-from control_plane.errors import InvalidInput
+from control_plane.db import models as m
+from control_plane.errors import Gone, InvalidInput, NotFound, PayloadTooLarge, RunOrSamplerRequired, Unavailable
+from control_plane.fields import CHECKPOINT_PATH, INT64_MAX, NO_NUL, Text, column_length
 from control_plane.sampling.client import VLLMClient
-from control_plane.sampling.errors import SamplerBusy, SamplerUnavailable
+from control_plane.sampling.errors import SamplerBusy, SamplerFailed, SamplerUnavailable
 from control_plane.sampling.loops_plane import LoopsSamplerPlane, PolicyVersionBehind, Routing, Serving
 from control_plane.scaling.wake import request_wake, touch_and_wake
 from control_plane.services import samplers as samplers_svc
@@ -40,6 +53,60 @@ from control_plane.services.samplers import SamplerTarget
 POLICY_VERSION_HEADER = "x-trainers-policy-version"
 # body fields of /sample this server decides itself (the adapter) or cannot honour
 _DROPPED = ("model", "lora")
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+RunHeader = Annotated[
+    str | None,
+    Parameter(
+        header="X-Run-Id", max_length=column_length(m.Run.id), pattern=NO_NUL, description="the run it samples for"
+    ),
+]
+SamplerHeader = Annotated[
+    str | None,
+    Parameter(
+        header="X-Sampler-Id", max_length=column_length(m.Sampler.id), pattern=NO_NUL, description="this sampler"
+    ),
+]
+CheckpointHeader = Annotated[
+    str | None,
+    Parameter(header="X-Checkpoint-Path", pattern=CHECKPOINT_PATH, description="pin a checkpoint of the caller's org"),
+]
+MinVersionHeader = Annotated[
+    int | None,
+    Parameter(header="X-Min-Policy-Version", ge=0, le=INT64_MAX, description="the oldest adapter version to serve"),
+]
+
+
+class CompletionsBody(msgspec.Struct, kw_only=True):
+    """An OpenAI-compatible completions/chat body; every field is passed to vLLM as sent
+    (``model`` is replaced by what serves)."""
+
+    model: Text | None = None
+    stream: Annotated[bool, KwargDefinition(description="must be false: streaming is not supported")] = False
+
+
+class SampleBody(CompletionsBody, kw_only=True):
+    """A vLLM completions body whose prompt is token ids (the Loops SDK's ``sample``)."""
+
+    prompt: Annotated[list[TokenId], items(OpenAPIType.INTEGER, minimum=0, maximum=2**31 - 1, min_items=1)]
+    include_routed_experts: Annotated[bool, KwargDefinition(description="router replay: not supported")] = False
+    model_input_chunks: Annotated[Any, KwargDefinition(description="image prompts: not supported")] = None
+
+
+# what vLLM answers, passed through (its own error bodies too)
+VLLMAnswer = dict[str, Any]
+# what sampling on a sampler can answer besides the routing errors
+_SAMPLING_ERRORS: tuple[ErrorKind, ...] = (
+    InvalidInput,
+    RunOrSamplerRequired,
+    PayloadTooLarge,
+    NotFound,
+    Gone,
+    Unavailable,
+    SamplerUnavailable,
+    SamplerFailed,
+    (408, "policy_version_behind"),
+)
 
 
 def _behind(request: Request, exc: PolicyVersionBehind) -> Response[Any]:
@@ -70,7 +137,7 @@ async def _forward(plane: LoopsSamplerPlane, serving: Serving, path: str, body: 
         return await client.forward_json(path, call_body)
 
     try:
-        status, payload = await plane.dispatcher.run_direct(serving.target, call)  # type: ignore[misc]
+        status, payload = await plane.dispatcher.run_direct(serving.target, call)
     except SamplerBusy as exc:  # a dedicated sampler's client retries 503s, not 429s
         raise SamplerUnavailable(exc.message) from exc
     if isinstance(payload, dict) and "model" in payload:
@@ -80,12 +147,19 @@ async def _forward(plane: LoopsSamplerPlane, serving: Serving, path: str, body: 
     )
 
 
-def _object(data: Any) -> dict[str, Any]:
+async def _raw_object(request: Request) -> dict[str, Any]:
+    """The body as sent (its typed form checked it): vLLM gets every field."""
+    data = await request.json()
     if not isinstance(data, dict):
-        raise InvalidInput("the request body must be a JSON object")
+        raise InvalidInput("the request body must be a JSON object", field="body")
     if data.get("stream"):
         raise InvalidInput("stream=true is not supported by this route; send stream=false", field="stream")
     return data
+
+
+def _routing(request: Request, sampler_id: str) -> Routing:
+    # plain OpenAI clients send no routing headers: the URL names the sampler
+    return Routing.of(request.headers) if _routed(request) else Routing(None, sampler_id, None, None)
 
 
 class LoopsSamplerPlaneController(Controller):
@@ -94,22 +168,29 @@ class LoopsSamplerPlaneController(Controller):
     exception_handlers = HANDLERS  # type: ignore[assignment]
     tags = ["loops data plane"]
 
-    @post("/sync/sample", opt=ORG, status_code=200)
-    async def sample(self, request: Request, principal: Principal, sampler_id: str, data: Any) -> Response[Any]:
-        body = _object(data)
-        if body.get("model_input_chunks") is not None:
+    @post("/sync/sample", opt=ORG, status_code=200, responses=raises(*_SAMPLING_ERRORS, ok=VLLMAnswer))
+    async def sample(
+        self,
+        request: Request,
+        principal: Principal,
+        sampler_id: SamplerPath,
+        data: SampleBody,
+        x_run_id: RunHeader = None,
+        x_sampler_id: SamplerHeader = None,
+        x_checkpoint_path: CheckpointHeader = None,
+        x_min_policy_version: MinVersionHeader = None,
+    ) -> Response[Any]:
+        """vLLM's completions answer, with ``x-trainers-policy-version``. Name the run, the
+        sampler or a checkpoint in the routing headers."""
+        if data.model_input_chunks is not None:
             raise InvalidInput("image prompts are not supported by this server (text only)", field="model_input_chunks")
-        if body.get("include_routed_experts"):
+        if not data.prompt:
+            raise InvalidInput("prompt must be a non-empty list of token ids", field="prompt")
+        if data.include_routed_experts:
             raise InvalidInput(
                 "router replay (include_routed_experts) is not supported by this server", field="include_routed_experts"
             )
-        prompt = body.get("prompt")
-        if (
-            not isinstance(prompt, list)
-            or not prompt
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in prompt)
-        ):
-            raise InvalidInput("prompt must be a non-empty list of token ids", field="prompt")
+        body = await _raw_object(request)
         plane = LoopsSamplerPlane(rt(request))
         routing = Routing.of(request.headers)
         t = await _ready(request, principal, sampler_id, plane, routing)
@@ -117,44 +198,76 @@ class LoopsSamplerPlaneController(Controller):
         body = {k: v for k, v in body.items() if k != "include_routed_experts"}
         return await _forward(plane, serving, "/v1/completions", body)
 
-    @get("/sync/v1/models", opt=ORG)
-    async def models(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+    @get(
+        "/sync/v1/models",
+        opt=ORG,
+        responses=raises(InvalidInput, RunOrSamplerRequired, NotFound, Gone, (408, "policy_version_behind")),
+    )
+    async def models(
+        self,
+        request: Request,
+        principal: Principal,
+        sampler_id: SamplerPath,
+        x_run_id: RunHeader = None,
+        x_sampler_id: SamplerHeader = None,
+        x_checkpoint_path: CheckpointHeader = None,
+        x_min_policy_version: MinVersionHeader = None,
+    ) -> ModelList:
         plane = LoopsSamplerPlane(rt(request))
-        routing = Routing.of(request.headers) if _routed(request) else Routing(None, sampler_id, None, None)
+        routing = _routing(request, sampler_id)
         t = await plane.target(principal, sampler_id, routing)
-        return plane.models_json(await plane.serving(principal, t, routing))
+        return msgspec.convert(plane.models_json(await plane.serving(principal, t, routing)), ModelList)
 
-    @post("/sync/v1/completions", opt=ORG, status_code=200)
-    async def completions(self, request: Request, principal: Principal, sampler_id: str, data: Any) -> Response[Any]:
-        return await self._openai(request, principal, sampler_id, "/v1/completions", _object(data))
-
-    @post("/sync/v1/chat/completions", opt=ORG, status_code=200)
-    async def chat_completions(
-        self, request: Request, principal: Principal, sampler_id: str, data: Any
+    @post("/sync/v1/completions", opt=ORG, status_code=200, responses=raises(*_SAMPLING_ERRORS, ok=VLLMAnswer))
+    async def completions(
+        self,
+        request: Request,
+        principal: Principal,
+        sampler_id: SamplerPath,
+        data: CompletionsBody,
+        x_run_id: RunHeader = None,
+        x_sampler_id: SamplerHeader = None,
+        x_checkpoint_path: CheckpointHeader = None,
+        x_min_policy_version: MinVersionHeader = None,
     ) -> Response[Any]:
-        return await self._openai(request, principal, sampler_id, "/v1/chat/completions", _object(data))
+        return await self._openai(request, principal, sampler_id, "/v1/completions", await _raw_object(request))
+
+    @post("/sync/v1/chat/completions", opt=ORG, status_code=200, responses=raises(*_SAMPLING_ERRORS, ok=VLLMAnswer))
+    async def chat_completions(
+        self,
+        request: Request,
+        principal: Principal,
+        sampler_id: SamplerPath,
+        data: CompletionsBody,
+        x_run_id: RunHeader = None,
+        x_sampler_id: SamplerHeader = None,
+        x_checkpoint_path: CheckpointHeader = None,
+        x_min_policy_version: MinVersionHeader = None,
+    ) -> Response[Any]:
+        return await self._openai(request, principal, sampler_id, "/v1/chat/completions", await _raw_object(request))
 
     async def _openai(
         self, request: Request, principal: Principal, sampler_id: str, path: str, body: dict[str, Any]
     ) -> Response[Any]:
         plane = LoopsSamplerPlane(rt(request))
-        # plain OpenAI clients send no routing headers: the URL names the sampler
-        routing = Routing.of(request.headers) if _routed(request) else Routing(None, sampler_id, None, None)
+        routing = _routing(request, sampler_id)
         t = await _ready(request, principal, sampler_id, plane, routing)
         return await _forward(plane, await plane.serving(principal, t, routing), path, body)
 
-    @get("/sync/trainers_policy_version", opt=ORG)
-    async def trainers_policy_version(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+    @get("/sync/trainers_policy_version", opt=ORG, responses=raises(InvalidInput, NotFound, Gone))
+    async def trainers_policy_version(
+        self, request: Request, principal: Principal, sampler_id: SamplerPath
+    ) -> SamplerPolicyVersion:
         plane = LoopsSamplerPlane(rt(request))
         t = await plane.dispatcher.target(principal.org_id, sampler_id, max_age=0)
-        return {"policy_version": t.version, "sampler_id": sampler_id}
+        return SamplerPolicyVersion(policy_version=t.version, sampler_id=sampler_id)
 
-    @post("/wake", opt=ORG, status_code=202)
-    async def wake(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+    @post("/wake", opt=ORG, status_code=202, responses=raises(InvalidInput, NotFound))
+    async def wake(self, request: Request, principal: Principal, sampler_id: SamplerPath) -> WakeAccepted:
         async with rt(request).db.session() as s:
             await samplers_svc.get_sampler(s, principal, sampler_id)  # 404 for another org's
         status = await request_wake(rt(request), "sampler", sampler_id)
-        return {"sampler_id": sampler_id, "status": status.value}
+        return WakeAccepted(sampler_id=sampler_id, status=status.value)
 
 
 def _routed(request: Request) -> bool:
@@ -170,20 +283,24 @@ class SamplerStatusController(Controller):
     dependencies = {"principal": Provide(provide_principal)}
     tags = ["loops data plane"]
 
-    @get("/{model_id:str}/deployments/{deployment_id:str}", opt=ORG)
-    async def status(self, request: Request, principal: Principal, model_id: str, deployment_id: str) -> dict[str, Any]:
+    @get("/{model_id:str}/deployments/{deployment_id:str}", opt=ORG, responses=raises(InvalidInput, NotFound))
+    async def status(
+        self,
+        request: Request,
+        principal: Principal,
+        model_id: Annotated[str, path_id(m.Sampler.id)],
+        deployment_id: Annotated[str, path_id(m.Sampler.id)],
+    ) -> SamplerDeploymentStatus:
         async with rt(request).db.session() as s:
             smp = await samplers_svc.get_sampler(s, principal, model_id)
         if deployment_id != smp.id:
-            from control_plane.errors import NotFound
-
             raise NotFound("deployment", f"{deployment_id} of model {model_id}")
-        return {
-            "id": smp.id,
-            "model_id": smp.id,
-            "name": smp.id,
-            "status": smp.status,
-            "status_reason": smp.status_reason,
-            "created_at": smp.created_at,
-            "is_production": True,
-        }
+        return SamplerDeploymentStatus(
+            id=smp.id,
+            model_id=smp.id,
+            name=smp.id,
+            status=smp.status,
+            status_reason=smp.status_reason,
+            created_at=smp.created_at,
+            is_production=True,
+        )

@@ -1,52 +1,78 @@
-"""Request bodies of the Loops management API. Unknown fields are ignored."""
+"""Request bodies of the Loops management API, with their limits
+(:mod:`control_plane.fields`). Unknown fields are ignored."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import msgspec
 
 from control_plane.errors import InvalidInput
+from control_plane.fields import (
+    INT32_MAX,
+    LOOPS_SAMPLER_CHECKPOINT_PATH,
+    CheckpointPathOrEmpty,
+    Int64,
+    ModelName,
+    PosInt32,
+    ProjectId,
+    RunId,
+    RunName,
+    SessionId,
+    Text,
+)
+from control_plane.services.runs import MAX_LORA_RANK
+
+LoraRank = Annotated[int, msgspec.Meta(ge=1, le=MAX_LORA_RANK)]
+ScaleDownDelay = Annotated[int, msgspec.Meta(ge=1, le=3600)]
+Replicas = Annotated[
+    int, msgspec.Meta(ge=1, le=1, description="1: data-parallel trainers (replicas > 1) are not supported yet")
+]
+AvailabilityModel = Literal["dedicated", "spot"]
+# 0001-01-01 .. 9999-12-31: what a timestamp can hold
+MAX_EPOCH_MILLIS = 253_402_300_799_999
+EpochMillis = Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH_MILLIS)]
 
 
 class CreateSessionBody(msgspec.Struct, kw_only=True):
-    training_project_id: str | None = None
+    training_project_id: ProjectId | None = None
 
 
 class CreateRunBody(msgspec.Struct, kw_only=True):
-    session_id: str
-    base_model: str
-    name: str | None = None
-    max_seq_len: int | None = None
-    lora_rank: int = 64
-    seed: int | None = None
-    scale_down_delay_seconds: int | None = None
-    availability_model: str = "dedicated"
-    replicas: int = 1
-    path: str | None = None
-    base_checkpoint: str | None = None
-    reuse_from_run_id: str | None = None
-    reuse_from_session_id: str | None = None
+    session_id: SessionId
+    base_model: ModelName
+    name: RunName | None = None
+    max_seq_len: PosInt32 | None = None  # at most the model's context length
+    lora_rank: LoraRank = 64
+    seed: Int64 | None = None
+    scale_down_delay_seconds: ScaleDownDelay | None = None
+    availability_model: AvailabilityModel = "dedicated"
+    replicas: Replicas = 1
+    path: CheckpointPathOrEmpty | None = None  # a weights checkpoint to resume from
+    base_checkpoint: Text | None = None  # a checkpoint to start the adapter from
+    reuse_from_run_id: RunId | None = None
+    reuse_from_session_id: SessionId | None = None
 
 
 class CreateSamplerBody(msgspec.Struct, kw_only=True):
-    session_id: str
-    base_model: str | None = None
-    run_id: str | None = None
-    max_seq_length: int | None = None
-    model_path: str | None = None
-    reuse_from_session_id: str | None = None
+    session_id: SessionId
+    base_model: ModelName | None = None
+    run_id: RunId | None = None
+    max_seq_length: PosInt32 | None = None
+    model_path: CheckpointPathOrEmpty | None = None  # a sampler_weights checkpoint to serve
+    reuse_from_session_id: SessionId | None = None
 
 
 class ValidateCheckpointBody(msgspec.Struct, kw_only=True):
-    checkpoint_path: str
+    checkpoint_path: Annotated[str, msgspec.Meta(pattern=LOOPS_SAMPLER_CHECKPOINT_PATH)]
 
 
 class MetricsBody(msgspec.Struct, kw_only=True):
-    start_epoch_millis: int | None = None
-    end_epoch_millis: int | None = None
-    step_seconds: int | None = None
-    time_divisor_seconds: int | None = None
+    start_epoch_millis: EpochMillis | None = None
+    end_epoch_millis: EpochMillis | None = None
+    step_seconds: Annotated[int, msgspec.Meta(ge=60, le=INT32_MAX, multiple_of=60)] | None = None
+    time_divisor_seconds: PosInt32 | None = None
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

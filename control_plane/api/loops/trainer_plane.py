@@ -18,23 +18,56 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.errors import http_status_of
 from control_plane.api.loops.gateway_errors import DATA_PLANE_EXCEPTION_HANDLERS
-from control_plane.api.loops.training import ORG
+from control_plane.api.loops.responses import (
+    OperationAccepted,
+    OperationDone,
+    OperationFailed,
+    OperationPending,
+    PolicyVersion,
+    TrainerHealth,
+)
+from control_plane.api.loops.training import ORG, DeploymentPath
+from control_plane.api.openapi import raises
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
-from control_plane.errors import RunOrSamplerRequired
-from control_plane.training.loops_ops import LoopsTrainerOps
-from control_plane.training.loops_wire import OPS
+from control_plane.db import models as m
+from control_plane.errors import Conflict, Gone, InvalidInput, NotFound, PayloadTooLarge, RunOrSamplerRequired
+from control_plane.fields import NO_NUL, column_length
+from control_plane.training import loops_wire as w
+from control_plane.training.loops_ops import IDEMPOTENCY_KEY_RE, LoopsTrainerOps
 
 SCHEMA_VERSION = 1
 RESOURCE = "deployment"
+
+RunHeader = Annotated[
+    str,
+    Parameter(
+        header="X-Run-Id",
+        min_length=1,
+        max_length=column_length(m.Run.id),
+        pattern=NO_NUL,
+        description="the run this request is for (the deployment must execute it)",
+    ),
+]
+IdempotencyKey = Annotated[
+    str,
+    Parameter(
+        header="Idempotency-Key",
+        pattern=IDEMPOTENCY_KEY_RE.pattern,
+        description="the operation's id: a retry with the same key and body is the same operation",
+    ),
+]
 
 
 def run_header(request: Request) -> str:
@@ -58,8 +91,50 @@ def metered(request: Request, deployment_id: str) -> Iterator[Any]:
             raise
 
 
-def _json(status: int, body: bytes | dict[str, Any], headers: dict[str, str] | None = None) -> Response[Any]:
+def _json(status: int, body: bytes | Any, headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers or {})
+
+
+def _submit_handler(op: str, body_type: type[w._Op]) -> HTTPRouteHandler:
+    """``POST /{op}``: its own operation in the OpenAPI, with its body type."""
+
+    async def submit(
+        self: LoopsTrainerPlaneController,
+        request: Request,
+        principal: Principal,
+        deployment_id: DeploymentPath,
+        x_run_id: RunHeader,
+        idempotency_key: IdempotencyKey,
+        data: Any,
+    ) -> Response[Any]:
+        with metered(request, deployment_id) as out:
+            ops = LoopsTrainerOps(rt(request))
+            t = await ops.target(principal, deployment_id, run_header(request))
+            raw = await request.body()
+            operation_id = await ops.submit(principal, t, op, raw, idempotency_key, data)
+            out.status = 202
+            location = f"{request.url.path.rsplit('/', 1)[0]}/operations/{operation_id}"
+            return _json(202, OperationAccepted(operation_id, SCHEMA_VERSION), {"Location": location})
+
+    submit.__annotations__ = {**submit.__annotations__, "data": body_type}
+    submit.__name__ = submit.__qualname__ = f"submit_{op}"
+    return post(
+        f"/{op}",
+        opt=ORG,
+        status_code=202,
+        name=f"loops_trainer_{op}",
+        summary=f"Submit {op}",
+        responses=raises(
+            InvalidInput,
+            RunOrSamplerRequired,
+            PayloadTooLarge,
+            NotFound,
+            Conflict,
+            Gone,
+            ok=OperationAccepted,
+            ok_status=202,
+        ),
+    )(submit)
 
 
 class LoopsTrainerPlaneController(Controller):
@@ -68,30 +143,62 @@ class LoopsTrainerPlaneController(Controller):
     exception_handlers = DATA_PLANE_EXCEPTION_HANDLERS  # type: ignore[assignment]
     tags = ["loops data plane"]
 
-    @get("/health", opt=ORG)
+    @get(
+        "/health",
+        opt=ORG,
+        responses={
+            **raises(InvalidInput, RunOrSamplerRequired, NotFound, Gone, ok=TrainerHealth),
+            503: ResponseSpec(
+                TrainerHealth, description="the trainer does not execute the run yet", generate_examples=False
+            ),
+        },
+    )
     async def health(
-        self, request: Request, principal: Principal, deployment_id: str, base_model: str | None = None
+        self,
+        request: Request,
+        principal: Principal,
+        deployment_id: DeploymentPath,
+        x_run_id: RunHeader,
+        base_model: Annotated[str | None, Parameter(max_length=column_length(m.Run.base_model), pattern=NO_NUL)] = None,
     ) -> Response[Any]:
         with metered(request, deployment_id) as out:
             ops = LoopsTrainerOps(rt(request))
             t = await ops.target(principal, deployment_id, run_header(request))
             ready, why = await ops.health(t, base_model)
             out.status = 200 if ready else 503
-            body = {"status": "ok" if ready else "starting", "run_id": t.run.id, "base_model": t.deployment.base_model}
+            body = TrainerHealth(
+                status="ok" if ready else "starting", run_id=t.run.id, base_model=t.deployment.base_model
+            )
             if not ready:
-                body["detail"] = why
+                body.detail = why
             return _json(out.status, body)
 
-    @get("/policy_version", opt=ORG)
-    async def policy_version(self, request: Request, principal: Principal, deployment_id: str) -> dict[str, Any]:
+    @get("/policy_version", opt=ORG, responses=raises(InvalidInput, RunOrSamplerRequired, NotFound))
+    async def policy_version(
+        self, request: Request, principal: Principal, deployment_id: DeploymentPath, x_run_id: RunHeader
+    ) -> PolicyVersion:
         with metered(request, deployment_id):
             ops = LoopsTrainerOps(rt(request))
             t = await ops.target(principal, deployment_id, run_header(request))
-            return {"policy_version": await ops.policy_version(t), "run_id": t.run.id}
+            return PolicyVersion(policy_version=await ops.policy_version(t), run_id=t.run.id)
 
-    @get("/operations/{operation_id:str}", opt=ORG)
+    @get(
+        "/operations/{operation_id:str}",
+        opt=ORG,
+        responses={
+            **raises(InvalidInput, RunOrSamplerRequired, NotFound, ok=OperationDone | OperationFailed),
+            408: ResponseSpec(
+                OperationPending, description="still running: poll again (a long poll)", generate_examples=False
+            ),
+        },
+    )
     async def operation(
-        self, request: Request, principal: Principal, deployment_id: str, operation_id: str
+        self,
+        request: Request,
+        principal: Principal,
+        deployment_id: DeploymentPath,
+        x_run_id: RunHeader,
+        operation_id: Annotated[str, Parameter(pattern=IDEMPOTENCY_KEY_RE.pattern)],
     ) -> Response[Any]:
         with metered(request, deployment_id) as out:
             ops = LoopsTrainerOps(rt(request))
@@ -101,15 +208,6 @@ class LoopsTrainerPlaneController(Controller):
             out.skip = answer.status_code == 408  # the protocol's "still working", not an outcome
             return _json(answer.status_code, answer.body)
 
-    @post([f"/{op}" for op in OPS], opt=ORG, status_code=202)
-    async def submit(self, request: Request, principal: Principal, deployment_id: str) -> Response[Any]:
-        with metered(request, deployment_id) as out:
-            op = request.url.path.rstrip("/").rsplit("/", 1)[-1]
-            ops = LoopsTrainerOps(rt(request))
-            t = await ops.target(principal, deployment_id, run_header(request))
-            operation_id = await ops.submit(
-                principal, t, op, await request.body(), request.headers.get("idempotency-key")
-            )
-            out.status = 202
-            location = f"{request.url.path.rsplit('/', 1)[0]}/operations/{operation_id}"
-            return _json(202, {"operation_id": operation_id, "schema_version": SCHEMA_VERSION}, {"Location": location})
+
+for _op, _body in w.OPS.items():
+    setattr(LoopsTrainerPlaneController, f"submit_{_op}", _submit_handler(_op, _body))

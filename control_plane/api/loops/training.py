@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Literal
 
 from litestar import Controller, Request, get, post
 from litestar.di import Provide
@@ -11,10 +11,26 @@ from litestar.serialization import encode_json
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.encoded import EncodedJSON
+from control_plane.api.fields import path_id, query_text
 from control_plane.api.loops import presenters as p
+from control_plane.api.loops.responses import (
+    Deactivated,
+    LoopsSession,
+    RunEnvelope,
+    RunList,
+    SamplerEnvelope,
+    SamplerList,
+    SessionCreated,
+    SessionEnvelope,
+    SessionRef,
+)
 from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
+from control_plane.api.openapi import OptionalBodyOperation, raises
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
+from control_plane.db import models as m
+from control_plane.errors import InvalidInput, NotFound, PayloadTooLarge
+from control_plane.fields import column_length
 from control_plane.services import hot_reads
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
@@ -26,32 +42,46 @@ from control_plane.training.queue import TrainerQueue
 ORG = {"scope": Scope.MANAGE_ORG_TRAINING_PROJECTS}
 OWN = {"scope": Scope.MANAGE_OWN}
 
+SessionPath = Annotated[str, path_id(m.Session.id)]
+RunPath = Annotated[str, path_id(m.Run.id)]
+SamplerPath = Annotated[str, path_id(m.Sampler.id)]
+DeploymentPath = Annotated[str, path_id(m.Deployment.id)]
+CheckpointIdPath = Annotated[str, path_id(m.Checkpoint.id)]
+# the ``scope`` of a list: the caller's own rows (own) or the whole org's (org)
+ListScope = Annotated[Literal["own", "org"] | None, Parameter(query="scope")]
+
 
 class LoopsTrainingController(Controller):
     path = "/v1/loops"
     dependencies = {"principal": Provide(provide_principal)}
     tags = ["loops"]
 
-    @post("/sessions", opt=ORG, status_code=200)
+    @post(
+        "/sessions",
+        opt=ORG,
+        status_code=200,
+        responses=raises(InvalidInput, PayloadTooLarge),
+        operation_class=OptionalBodyOperation,
+    )
     async def create_session(
         self, request: Request, principal: Principal, data: CreateSessionBody | None = None
-    ) -> dict[str, Any]:
+    ) -> SessionCreated:
         r = rt(request)
         async with r.db.transaction() as s:
             row = await sessions_svc.create_session(
                 s, principal, origin="loops", training_project_id=data.training_project_id if data else None
             )
-        return {"session": {"id": row.id}}
+        return SessionCreated(SessionRef(row.id))
 
-    @get("/sessions/{session_id:str}", opt=ORG)
-    async def get_session(self, request: Request, principal: Principal, session_id: str) -> dict[str, Any]:
+    @get("/sessions/{session_id:str}", opt=ORG, responses=raises(InvalidInput, NotFound))
+    async def get_session(self, request: Request, principal: Principal, session_id: SessionPath) -> SessionEnvelope:
         async with rt(request).db.session() as s:
             row = await sessions_svc.get_session(s, principal, session_id)
-        return {"session": {"id": row.id, "status": row.status, "created_at": row.created_at}}
+        return SessionEnvelope(LoopsSession(id=row.id, status=row.status, created_at=row.created_at))
 
     async def _create_run(
         self, request: Request, principal: Principal, data: CreateRunBody, with_sampler: bool
-    ) -> dict[str, Any]:
+    ) -> RunEnvelope:
         r = rt(request)
         req = runs_svc.RunRequest(
             session_id=data.session_id,
@@ -78,43 +108,44 @@ class LoopsTrainingController(Controller):
         for rid in created.replaced_run_ids:
             await TrainerQueue(r.redis).fail_pending(rid, f"run {rid} was replaced by run {created.run.id}")
         await r.kick_controller()
-        return {"run": p.run_json(created.run, created.sampler, r.settings.base_url, users)}
+        return RunEnvelope(p.run_json(created.run, created.sampler, r.settings.base_url, users))
 
-    @post("/runs", opt=ORG, status_code=200)
-    async def create_run(self, request: Request, principal: Principal, data: CreateRunBody) -> dict[str, Any]:
+    @post("/runs", opt=ORG, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
+    async def create_run(self, request: Request, principal: Principal, data: CreateRunBody) -> RunEnvelope:
         return await self._create_run(request, principal, data, with_sampler=True)
 
-    @post("/trainers", opt=ORG, status_code=200)
-    async def create_trainer(self, request: Request, principal: Principal, data: CreateRunBody) -> dict[str, Any]:
+    @post("/trainers", opt=ORG, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
+    async def create_trainer(self, request: Request, principal: Principal, data: CreateRunBody) -> RunEnvelope:
         return await self._create_run(request, principal, data, with_sampler=False)
 
-    @get("/runs", opt=OWN)
+    @get("/runs", opt=OWN, responses=raises(InvalidInput))
     async def list_runs(
         self,
         request: Request,
         principal: Principal,
-        run_id: str | None = None,
-        base_model: str | None = None,
-        visibility: str | None = Parameter(query="scope", default=None),
-    ) -> dict[str, Any]:
+        run_id: Annotated[str | None, query_text(max_length=column_length(m.Run.id))] = None,
+        base_model: Annotated[str | None, query_text(max_length=column_length(m.Run.base_model))] = None,
+        visibility: ListScope = None,
+    ) -> RunList:
         r = rt(request)
         async with r.db.session() as s:
             rows = await runs_svc.list_runs(s, principal, run_id=run_id, base_model=base_model, scope=visibility)
             samplers = await runs_svc.samplers_by_run(s, [x.id for x in rows])
             users = await p.principal_names(s, {x.created_by for x in rows})
-        return {"runs": [p.run_json(x, samplers.get(x.id), r.settings.base_url, users) for x in rows]}
+        return RunList([p.run_json(x, samplers.get(x.id), r.settings.base_url, users) for x in rows])
 
-    @get("/runs/{run_id:str}", opt=ORG)
-    async def get_run(self, request: Request, principal: Principal, run_id: str) -> EncodedJSON:
+    @get("/runs/{run_id:str}", opt=ORG, responses=raises(InvalidInput, NotFound, ok=RunEnvelope))
+    async def get_run(self, request: Request, principal: Principal, run_id: RunPath) -> EncodedJSON:
+        """The hot read: answered from the process's read cache as already-encoded JSON."""
         r = rt(request)
         base = r.settings.base_url
         body = await hot_reads.get_run(
-            r.db, principal, run_id, lambda view: encode_json({"run": p.run_view_json(view, base)}), ("json", base)
+            r.db, principal, run_id, lambda view: encode_json(RunEnvelope(p.run_view_json(view, base))), ("json", base)
         )
         return EncodedJSON(body)
 
-    @post("/runs/{run_id:str}/deactivate", opt=ORG, status_code=200)
-    async def deactivate_run(self, request: Request, principal: Principal, run_id: str) -> dict[str, Any]:
+    @post("/runs/{run_id:str}/deactivate", opt=ORG, status_code=200, responses=raises(InvalidInput, NotFound))
+    async def deactivate_run(self, request: Request, principal: Principal, run_id: RunPath) -> Deactivated:
         r = rt(request)
         async with r.db.transaction() as s:
             run = await runs_svc.deactivate_run(s, principal, run_id)
@@ -122,8 +153,8 @@ class LoopsTrainingController(Controller):
         await r.kick_controller()
         return p.deactivated_json(run.id, run.base_model, users, run.created_by)
 
-    @post("/samplers", opt=ORG, status_code=200)
-    async def create_sampler(self, request: Request, principal: Principal, data: CreateSamplerBody) -> dict[str, Any]:
+    @post("/samplers", opt=ORG, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
+    async def create_sampler(self, request: Request, principal: Principal, data: CreateSamplerBody) -> SamplerEnvelope:
         r = rt(request)
         req = samplers_svc.SamplerRequest(
             session_id=data.session_id,
@@ -136,28 +167,26 @@ class LoopsTrainingController(Controller):
             smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
             users = await p.principal_names(s, {smp.created_by})
         await r.kick_controller()
-        return {"sampler": p.sampler_json(smp, r.settings.base_url, users)}
+        return SamplerEnvelope(p.sampler_json(smp, r.settings.base_url, users))
 
-    @get("/samplers", opt=OWN)
-    async def list_samplers(
-        self, request: Request, principal: Principal, visibility: str | None = Parameter(query="scope", default=None)
-    ) -> dict[str, Any]:
+    @get("/samplers", opt=OWN, responses=raises(InvalidInput))
+    async def list_samplers(self, request: Request, principal: Principal, visibility: ListScope = None) -> SamplerList:
         r = rt(request)
         async with r.db.session() as s:
             rows = await samplers_svc.list_samplers(s, principal, scope=visibility)
             users = await p.principal_names(s, {x.created_by for x in rows})
-        return {"samplers": [p.sampler_json(x, r.settings.base_url, users) for x in rows]}
+        return SamplerList([p.sampler_json(x, r.settings.base_url, users) for x in rows])
 
-    @get("/samplers/{sampler_id:str}", opt=ORG)
-    async def get_sampler(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+    @get("/samplers/{sampler_id:str}", opt=ORG, responses=raises(InvalidInput, NotFound))
+    async def get_sampler(self, request: Request, principal: Principal, sampler_id: SamplerPath) -> SamplerEnvelope:
         r = rt(request)
         async with r.db.session() as s:
             smp = await samplers_svc.get_sampler(s, principal, sampler_id)
             users = await p.principal_names(s, {smp.created_by})
-        return {"sampler": p.sampler_json(smp, r.settings.base_url, users)}
+        return SamplerEnvelope(p.sampler_json(smp, r.settings.base_url, users))
 
-    @post("/samplers/{sampler_id:str}/deactivate", opt=ORG, status_code=200)
-    async def deactivate_sampler(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+    @post("/samplers/{sampler_id:str}/deactivate", opt=ORG, status_code=200, responses=raises(InvalidInput, NotFound))
+    async def deactivate_sampler(self, request: Request, principal: Principal, sampler_id: SamplerPath) -> Deactivated:
         r = rt(request)
         async with r.db.transaction() as s:
             smp = await samplers_svc.deactivate_sampler(s, principal, sampler_id)

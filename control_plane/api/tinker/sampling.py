@@ -9,19 +9,26 @@ completes the future (``retrieve_future``) with the ``SampleResponse`` protobuf.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, get, post
 from litestar.di import Provide
+from litestar.openapi.spec.enums import OpenAPIType
+from litestar.params import KwargDefinition as Doc
 
 from control_plane.api.auth import provide_principal
+from control_plane.api.fields import items, path_id
+from control_plane.api.openapi import raises
 from control_plane.api.state import rt
+from control_plane.api.tinker.responses import SamplerInfo, SampleSubmitted, SamplingSessionCreated
 from control_plane.auth.principal import Principal
-from control_plane.errors import InvalidInput, NotFound
+from control_plane.db import models as m
+from control_plane.errors import Conflict, Gone, InvalidInput, NotFound, PayloadTooLarge
+from control_plane.fields import INT32_MAX, INT64_MIN, CheckpointPath, ModelName, NonNegInt64, SamplerId, SessionId
 from control_plane.sampling.dispatcher import dispatcher_for
-from control_plane.sampling.errors import InvalidSampleRequest
-from control_plane.sampling.translate import parse_sample_request
+from control_plane.sampling.errors import InvalidSampleRequest, SamplerBusy, UnsupportedSampleFeature
+from control_plane.sampling.translate import MAX_NUM_SAMPLES, parse_sample_request
 from control_plane.services import checkpoints as checkpoints_svc
 from control_plane.services import sessions as sessions_svc
 from control_plane.services.samplers import get_sampler
@@ -32,14 +39,56 @@ from data_plane.wire.paths import PathError, parse_checkpoint_path
 
 OWN = {"scope": Scope.MANAGE_OWN}
 MAX_TOP_LOGPROBS = DEFAULT_MAX_LOGPROBS  # the sampler's --max-logprobs
-MAX_SEQ_ID = 2**63 - 1
+# a uint64 seed (the SDK's), as far as a JSON-Schema bound states it exactly
+MAX_SEED = 2**64 - 2048
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 
 
 class CreateSamplingSessionBody(msgspec.Struct, kw_only=True):
-    session_id: str
-    sampling_session_seq_id: int
-    base_model: str | None = None
-    model_path: str | None = None
+    session_id: SessionId
+    sampling_session_seq_id: NonNegInt64
+    base_model: ModelName | None = None  # one of base_model and model_path is required
+    model_path: CheckpointPath | None = None
+
+
+class EncodedTextChunk(msgspec.Struct, kw_only=True):
+    type: Literal["encoded_text"] = "encoded_text"  # text only: image chunks are refused
+    tokens: Annotated[list[TokenId], items(OpenAPIType.INTEGER, minimum=0, maximum=INT32_MAX)]
+
+
+class ModelInputBody(msgspec.Struct, kw_only=True):
+    chunks: Annotated[list[EncodedTextChunk], msgspec.Meta(min_length=1)]
+
+
+class SamplingParamsBody(msgspec.Struct, kw_only=True):
+    max_tokens: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] | None = None
+    # msgspec itself refuses what does not fit in [-2^63, 2^64): the bounds are stated for the schema
+    seed: Annotated[int, Doc(ge=INT64_MIN, le=MAX_SEED)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)] = -1  # -1: no limit
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    # strings, or token ids (not a mix); [] disables every stop, EOS included
+    stop: str | list[str | Annotated[int, msgspec.Meta(ge=0)]] | None = None
+
+
+class SampleBody(msgspec.Struct, kw_only=True):
+    """A Tinker ``SampleRequest``. The handler reads the body as sent (``parse_sample_request``);
+    this type is what the edge checks first."""
+
+    sampling_session_id: SamplerId
+    seq_id: NonNegInt64 = 0
+    num_samples: Annotated[int, msgspec.Meta(ge=1, le=MAX_NUM_SAMPLES)] = 1
+    prompt: ModelInputBody
+    sampling_params: SamplingParamsBody | None = None
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: TopLogprobs | None = None
+    topk_sample_logprobs: TopLogprobs | None = None
+    # not supported by this server (refused when set)
+    prompt_alt_tokens_k: Annotated[int, Doc(ge=0, le=0)] | None = None
+    prompt_logprobs_last_n: Annotated[Any, Doc(description="not supported: leave it out")] = None
+    target_prompt_logprobs: Annotated[Any, Doc(description="not supported: leave it out")] = None
+    record_stability_info: Annotated[bool, Doc(description="not supported: false")] = False
 
 
 class TinkerSamplingController(Controller):
@@ -47,15 +96,16 @@ class TinkerSamplingController(Controller):
     dependencies = {"principal": Provide(provide_principal)}
     tags = ["tinker"]
 
-    @post("/create_sampling_session", opt=OWN, status_code=200)
+    @post(
+        "/create_sampling_session",
+        opt=OWN,
+        status_code=200,
+        responses=raises(InvalidInput, PayloadTooLarge, NotFound, Conflict),
+    )
     async def create_sampling_session(
         self, request: Request, principal: Principal, data: CreateSamplingSessionBody
-    ) -> dict[str, Any]:
+    ) -> SamplingSessionCreated:
         r = rt(request)
-        if not 0 <= data.sampling_session_seq_id <= MAX_SEQ_ID:
-            raise InvalidInput(
-                "sampling_session_seq_id must be a non-negative integer", field="sampling_session_seq_id"
-            )
         if data.base_model is None and data.model_path is None:
             raise InvalidInput("one of base_model or model_path is required", field="base_model")
         async with r.db.transaction() as s:
@@ -92,31 +142,33 @@ class TinkerSamplingController(Controller):
                 checkpoint=ckpt,
             )
         await r.kick_controller()
-        return {"sampling_session_id": smp.id, "type": "create_sampling_session"}
+        return SamplingSessionCreated(sampling_session_id=smp.id)
 
-    @get("/samplers/{sampler_id:str}", opt=OWN)
-    async def get_sampler(self, request: Request, principal: Principal, sampler_id: str) -> dict[str, Any]:
+    @get("/samplers/{sampler_id:str}", opt=OWN, responses=raises(InvalidInput, NotFound))
+    async def get_sampler(
+        self, request: Request, principal: Principal, sampler_id: Annotated[str, path_id(m.Sampler.id)]
+    ) -> SamplerInfo:
         async with rt(request).db.session() as s:
             smp = await get_sampler(s, principal, sampler_id)
-        return {"sampler_id": smp.id, "base_model": smp.base_model, "model_path": smp.model_path}
+        return SamplerInfo(sampler_id=smp.id, base_model=smp.base_model, model_path=smp.model_path)
 
-    @post("/asample", opt=OWN, status_code=200)
-    async def asample(self, request: Request, principal: Principal, data: dict[str, Any]) -> dict[str, Any]:
-        spec = parse_sample_request(data)
-        if data.get("record_stability_info"):
+    @post(
+        "/asample",
+        opt=OWN,
+        status_code=200,
+        responses=raises(
+            InvalidInput, InvalidSampleRequest, UnsupportedSampleFeature, PayloadTooLarge, NotFound, Gone, SamplerBusy
+        ),
+    )
+    async def asample(self, request: Request, principal: Principal, data: SampleBody) -> SampleSubmitted:
+        """Admit one sample request; its outcome is the future's (``retrieve_future``)."""
+        spec = parse_sample_request(await request.json())  # the body as sent: its typed form passed the edge
+        if data.record_stability_info:
             raise InvalidSampleRequest(
                 "record_stability_info is not supported by this server (StableReinforce is not implemented); "
                 "use loss_fn='importance_sampling'"
             )
-        for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
-            if int(data.get(name) or 0) > MAX_TOP_LOGPROBS:
-                raise InvalidSampleRequest(f"{name} must be <= {MAX_TOP_LOGPROBS}")
-        sid = data.get("sampling_session_id")
-        if not isinstance(sid, str) or not sid:
-            raise InvalidSampleRequest("sampling_session_id is required (a string)")
-        seq_id = data.get("seq_id", 0)
-        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id <= MAX_SEQ_ID:
-            raise InvalidSampleRequest("seq_id must be a non-negative integer")
+        sid = data.sampling_session_id
         d = dispatcher_for(rt(request))
         target = await d.target(principal.org_id, sid)
         if target.ended:
@@ -127,7 +179,7 @@ class TinkerSamplingController(Controller):
                 field="sampling_session_id",
             )
         request_id, sequence_ids = await d.submit(target, spec)
-        return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
+        return SampleSubmitted(request_id=request_id, sample_sequence_ids=sequence_ids)
 
 
 SAMPLING_HANDLERS = [TinkerSamplingController]
