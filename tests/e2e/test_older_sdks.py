@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,11 +40,29 @@ def sdk_python(version: str) -> Path:
     pytest.skip(msg)
 
 
+def _active_runs(stack: LiveStack) -> set[str]:
+    with stack.http() as c:
+        runs = c.get("/v1/loops/runs", params={"scope": "org"}).json()["runs"]
+    return {r["id"] for r in runs if r["status"]["name"] not in ("INACTIVE", "FAILED", "DEACTIVATING")}
+
+
 @pytest.fixture(scope="module", params=VERSIONS, ids=[f"tinker-{v}" for v in VERSIONS])
-def flow(request: pytest.FixtureRequest) -> dict:
+def flow(request: pytest.FixtureRequest) -> Iterator[dict]:
+    """One version's client run. Its runs are deactivated afterwards: older SDKs cannot close a
+    session, which would otherwise keep their trainer workers up until it expires."""
     version: str = request.param
     python = sdk_python(version)  # before the stack starts: a skip then costs nothing
     stack: LiveStack = request.getfixturevalue("stack")
+    before = _active_runs(stack)
+    try:
+        yield _run_flow(stack, python, version)
+    finally:
+        with stack.http() as c:
+            for run_id in _active_runs(stack) - before:
+                c.post(f"/v1/loops/runs/{run_id}/deactivate")
+
+
+def _run_flow(stack: LiveStack, python: Path, version: str) -> dict:
     env = {
         "TINKER_BASE_URL": stack.base_url,
         "TINKER_API_KEY": stack.api_key,

@@ -5,7 +5,7 @@ Capabilities, a LoRA training client on the test model, four pipelined forward_b
 optim_step, forward, save_state, save_weights_for_sampler, a sampling client on those weights
 (greedy and seeded samples, prompt logprobs) and on the base model, save_weights_and_get_sampling_client,
 the REST client's checkpoint list, and a training client restored from the saved state. Uses only
-calls every SDK from 0.30 on has. Prints one JSON object (the last line of stdout)."""
+calls every SDK from 0.22 on has. Prints one JSON object (the last line of stdout)."""
 
 import json
 import math
