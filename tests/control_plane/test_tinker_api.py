@@ -38,6 +38,7 @@ async def test_bootstrap_routes(api: Api) -> None:
     t = await api.tenant("acme")
     cfg = await api.client.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}, headers=t.headers)
     assert cfg.status_code == 200 and cfg.json()["proto_compress_fwdbwd"] is True
+    assert cfg.json()["proto_write_fwdbwd"] is True and cfg.json()["fwd_via_fwdbwd"] is True  # SDKs 0.20-0.24
     dyn = await api.client.post("/api/v1/client/dynamic_config", json={"sdk_version": "0.38.0"}, headers=t.headers)
     assert dyn.json()["refresh_interval_sec"] == 300
     tel = await api.client.post("/api/v1/telemetry", json={"events": [], "session_id": "x"}, headers=t.headers)

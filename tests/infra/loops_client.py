@@ -99,15 +99,18 @@ def run_client(
     env: dict[str, str] | None = None,
     timeout: float = 600,
     cwd: Path | None = None,
+    python: Path | None = None,
 ) -> ClientResult:
-    """Run ``script`` (a ``Path`` is a file, a ``str`` is Python source) in the Loops client venv.
+    """Run ``script`` (a ``Path`` is a file, a ``str`` is Python source) in the Loops client venv
+    (or with ``python``, another client venv's interpreter: see tests/e2e/test_older_sdks.py).
 
     ``env`` is added on top of the client environment (see ``client_env``); ``cwd`` defaults to a
     fresh temporary directory. A non-zero exit or a timeout raises ``AssertionError`` carrying the
     tail of the script's stderr."""
-    python = loops_python()
+    python = python or loops_python()
     if python is None:
         raise AssertionError(f"the Loops client venv {VENV} is not installed: run `scripts/install test`")
+    label = "Loops client" if python.parents[1] == VENV else f"client ({python.parents[1].name})"
     with tempfile.TemporaryDirectory(prefix="loops-client-") as tmp:
         if isinstance(script, Path):
             path, name = script.resolve(), script.name
@@ -131,12 +134,12 @@ def run_client(
                 os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()
             raise AssertionError(
-                f"Loops client {name} timed out after {timeout:g} s; stderr tail:\n{_tail(stderr)}"
+                f"{label} {name} timed out after {timeout:g} s; stderr tail:\n{_tail(stderr)}"
                 f"\nstdout tail:\n{_tail(stdout, 2000)}"
             ) from None
     if proc.returncode != 0:
         raise AssertionError(
-            f"Loops client {name} exited with {proc.returncode}; stderr tail:\n{_tail(stderr)}"
+            f"{label} {name} exited with {proc.returncode}; stderr tail:\n{_tail(stderr)}"
             f"\nstdout tail:\n{_tail(stdout, 2000)}"
         )
     return ClientResult(proc.returncode, stdout, stderr, _last_json_object(stdout))

@@ -52,9 +52,13 @@ log = structlog.get_logger("openloops.tinker")
 
 # Server-driven client flags (wire protocol 1.6). Chunks of one forward_backward call are
 # sent in parallel and buffered by seq_id here; bodies are zstd-compressed to save bandwidth.
+# forward_backward bodies are protobuf only: SDKs 0.20-0.24 need proto_write_fwdbwd (else they
+# send JSON) and fwd_via_fwdbwd (forward as forward_only on /forward_backward; 0.22.3 on).
 CLIENT_CONFIG = {
     "pjwt_auth_enabled": False,
     "use_pyqwest_transport": False,
+    "proto_write_fwdbwd": True,
+    "fwd_via_fwdbwd": True,
     "proto_compress_fwdbwd": True,
     "parallel_fwdbwd_chunks": True,
     "sample_use_retrieve_futures": False,

@@ -12,6 +12,10 @@ class ClientConfig(msgspec.Struct):
 
     pjwt_auth_enabled: bool
     use_pyqwest_transport: bool
+    # SDKs 0.20-0.24 send forward_backward as protobuf only when told to (proto_write_fwdbwd),
+    # 0.22.3-0.24 likewise forward (fwd_via_fwdbwd); 0.25 on always do and ignore both
+    proto_write_fwdbwd: bool
+    fwd_via_fwdbwd: bool
     proto_compress_fwdbwd: bool
     parallel_fwdbwd_chunks: bool
     sample_use_retrieve_futures: bool
