@@ -7,8 +7,8 @@ to the served model's own vLLM server and its answer comes back as it arrives.
 - Streaming answers (``stream: true``) are passed through chunk by chunk (SSE, ending
   ``data: [DONE]``), without parsing them.
 - A scaled-to-zero served model is woken and waited for; one still starting is a 503.
-- The served model a request names is read from the database at most once a second per API
-  process (and its activity recorded in Redis at most once a second), so a request costs no
+- A serving served model is read from the database at most once a second per API
+  process (a deactivation elsewhere is seen within that second) (and its activity recorded in Redis at most once a second), so a request costs no
   Postgres round trip in the steady state. Metering (:mod:`control_plane.metering.requests`)
   counts each request in memory.
 """
@@ -67,13 +67,18 @@ class ServedModelProxy:
     async def _load(self, principal: Principal, served_model_id: str, *, fresh: bool = False) -> sm_svc.Served:
         hit = self._targets.get(served_model_id)
         now = time.monotonic()
-        fresh_enough = hit is not None and now - hit[0] < TARGET_CACHE_SECONDS
-        if not fresh and fresh_enough and hit is not None and hit[1].model.org_id == principal.org_id:
-            return hit[1]
+        # only a serving one is cached: anything else is read again, so a change is seen at once
+        if not fresh and hit is not None and now - hit[0] < TARGET_CACHE_SECONDS:
+            cached = hit[1].model
+            if cached.org_id == principal.org_id and Status(cached.status) in SERVING:
+                return hit[1]
         async with self.r.db.session() as s:
             served = await sm_svc.get_served(s, principal, served_model_id)
         self._targets[served_model_id] = (now, served)
         return served
+
+    def forget(self, served_model_id: str) -> None:
+        self._targets.pop(served_model_id, None)
 
     async def _touch(self, served_model_id: str) -> None:
         now = time.monotonic()

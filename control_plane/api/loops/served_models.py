@@ -123,6 +123,8 @@ class ServedModelsController(Controller):
         r = rt(request)
         async with r.db.transaction() as s:
             await sm_svc.deactivate_served_model(s, principal, served_model_id)
+        served_proxy_for(r).forget(served_model_id)
+        async with r.db.session() as s:
             served = await sm_svc.get_served(s, principal, served_model_id)
             users = await p.principal_names(s, {served.model.created_by})
         await r.kick_controller()
