@@ -13,7 +13,7 @@ import contextlib
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, MediaType, Request, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
@@ -205,7 +205,6 @@ class ServedModelOpenAIController(Controller):
         status_code=200,
         responses=_SERVING,
         operation_class=_AnyJsonBody,
-        media_type=MediaType.JSON,
     )
     async def chat_completions(
         self, request: Request, principal: Principal, served_model_id: ServedModelPath
@@ -218,7 +217,6 @@ class ServedModelOpenAIController(Controller):
         status_code=200,
         responses=_SERVING,
         operation_class=_AnyJsonBody,
-        media_type=MediaType.JSON,
     )
     async def completions(
         self, request: Request, principal: Principal, served_model_id: ServedModelPath
