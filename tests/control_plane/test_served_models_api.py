@@ -5,6 +5,7 @@ deleted, and the admin CLI. Serving through a real vLLM server is tests/e2e/test
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ async def test_deploy_two_checkpoints_then_get_list_and_deactivate(api: Api) -> 
 
 async def test_deploy_refuses_what_cannot_be_served(api: Api) -> None:
     t = await api.tenant("acme")
-    run_id, (a, b) = await two_checkpoints(api, t)
+    run_id, (a, _b) = await two_checkpoints(api, t)
     weights = await add_checkpoint(api.runtime, t, run_id, "state", kind="weights")
     other_run = await new_run(api, t, base_model=OTHER_MODEL)
     other_base = await add_checkpoint(api.runtime, t, other_run["id"], "x")
@@ -196,18 +197,14 @@ async def test_admin_cli_serves_checkpoints(api: Api) -> None:
         OPENLOOPS_MODEL_CATALOG_PATH=str(st.model_catalog_path),
     )
     cmd = [sys.executable, "-m", "control_plane.cli.main", "admin", "served-models"]
-    out = subprocess.run(
-        [*cmd, "create", a.id, b.id, "--org", t.org_id, "--name", "cli-model", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, check=False)
+
+    out = await asyncio.to_thread(cli, "create", a.id, b.id, "--org", t.org_id, "--name", "cli-model", "--json")
     assert out.returncode == 0, out.stderr
     assert '"checkpoints": "step-10 (' in out.stdout and "/openai/v1" in out.stdout
-    listed = subprocess.run([*cmd, "list", "--org", t.org_id, "--json"], env=env, capture_output=True, text=True, check=False)
+    listed = await asyncio.to_thread(cli, "list", "--org", t.org_id, "--json")
     assert listed.returncode == 0 and "cli-model" in listed.stdout, listed.stderr
-    bad = subprocess.run(
-        [*cmd, "create", "ckpt-nope", "--org", t.org_id, "--name", "x"], env=env, capture_output=True, text=True
-    )
+    bad = await asyncio.to_thread(cli, "create", "ckpt-nope", "--org", t.org_id, "--name", "x")
     assert bad.returncode == 1 and "ckpt-nope" in bad.stderr

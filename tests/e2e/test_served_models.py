@@ -83,7 +83,9 @@ def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(stack: LiveStack, 
     r = http.post("/v1/loops/checkpoints/deploy", json={"checkpoint_ids": two_checkpoints, "model_name": "cats"})
     assert r.status_code == 200, r.text
     sm_id, base_url = r.json()["model_id"], r.json()["base_url"]
-    sm = wait_for("the served model to be ACTIVE", lambda: (x := served(http, sm_id))["status"]["name"] == "ACTIVE" and x)
+    sm = wait_for(
+        "the served model to be ACTIVE", lambda: (x := served(http, sm_id))["status"]["name"] == "ACTIVE" and x
+    )
     assert [c["model"] for c in sm["checkpoints"]] == ["early", "late"]
 
     client = openai.OpenAI(base_url=base_url, api_key=stack.api_key, max_retries=0)
