@@ -49,4 +49,5 @@ def served_model_spec(
         max_lora_rank=rank,
         max_loras=max(1, len(adapters)),
         port=port,
+        hf_secret=sm.hf_secret_name,
     )
