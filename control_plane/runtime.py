@@ -59,6 +59,9 @@ class Runtime:
         dispatcher = self.extras.pop("sampling_dispatcher", None)  # sampling/dispatcher.dispatcher_for
         if dispatcher is not None:
             await dispatcher.aclose()  # fails in-flight samples' futures, closes its HTTP pools
+        proxy = self.extras.pop("served_model_proxy", None)  # sampling/served_proxy.served_proxy_for
+        if proxy is not None:
+            await proxy.aclose()
         try:
             await self.meter.flush()  # the last counts of this process
         except Exception:  # noqa: BLE001 - the database may already be gone at shutdown

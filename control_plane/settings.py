@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         description="sampling requests one API process keeps in flight per vLLM server; beyond it 429 (the SDK backs off)",
     )
     default_scale_down_delay_seconds: int = Field(3600, ge=1)
+    served_model_verify_max_delta: float = Field(
+        0.1,
+        gt=0,
+        description="largest |served - trainer| prompt logprob on a checkpoint's probe before a served model is "
+        "flagged (CPU fp32 agrees to ~1e-5; bf16 GPU kernels differ by a few hundredths)",
+    )
 
     # --- metering ----------------------------------------------------------------------
     metrics_flush_seconds: float = Field(

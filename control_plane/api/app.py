@@ -17,6 +17,7 @@ from control_plane.api.legacy import LegacyController
 from control_plane.api.loops.deployments import LoopsDeploymentsController
 from control_plane.api.loops.resources import LoopsResourcesController
 from control_plane.api.loops.sampler_plane import LoopsSamplerPlaneController, SamplerStatusController
+from control_plane.api.loops.served_models import ServedModelOpenAIController, ServedModelsController
 from control_plane.api.loops.trainer_plane import LoopsTrainerPlaneController
 from control_plane.api.loops.training import LoopsTrainingController
 from control_plane.api.observability import HttpMetrics, observability_middleware
@@ -52,6 +53,8 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         LoopsTrainerPlaneController,
         LoopsSamplerPlaneController,
         SamplerStatusController,
+        ServedModelsController,
+        ServedModelOpenAIController,
         LegacyController,
         *TINKER_HANDLERS,
         *runtime.extras.get("route_handlers", []),

@@ -10,8 +10,10 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import typer
 
+from control_plane.api.loops.presenters import served_model_base_url
 from control_plane.auth.authenticator import invalidate_key
 from control_plane.auth.principal import Principal
+from control_plane.catalog import ModelCatalog
 from control_plane.cli import admin_show
 from control_plane.cli.context import Resolved, console, emit, emit_one, err_console
 from control_plane.db import migrate
@@ -304,41 +306,68 @@ def deployment_deactivate(deployment_id: str, org: str = ORG, as_json: bool = JS
     emit_one(_run(go), as_json=as_json)
 
 
+def _served_row(x: sm_svc.Served) -> dict[str, Any]:
+    sm = x.model
+    return {
+        "id": sm.id,
+        "name": sm.name,
+        "base_model": sm.base_model,
+        "status": sm.status,
+        "checkpoints": ", ".join(f"{c.model_name} ({c.checkpoint_id})" for c in x.checkpoints),
+        "verification": sm.verification,
+        "created_at": sm.created_at,
+    }
+
+
 @served_models.command("list")
-def served_model_list(org: str = ORG, as_json: bool = JSON) -> None:
+def served_model_list(
+    org: str = ORG,
+    live: bool = typer.Option(False, "--live", help="Only those not deactivated or failed."),
+    limit: int = typer.Option(sm_svc.MAX_PAGE_SIZE, "--limit", min=1, max=sm_svc.MAX_PAGE_SIZE),
+    as_json: bool = JSON,
+) -> None:
+    """Served models of an org, newest first."""
+
     async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
         p = await _admin(d, org)
         async with d.session() as s:
-            return [
-                {
-                    "id": x.id,
-                    "name": x.name,
-                    "base_model": x.base_model,
-                    "status": x.status,
-                    "checkpoint_id": x.checkpoint_id,
-                    "created_at": x.created_at,
-                }
-                for x in await sm_svc.list_served_models(s, p)
-            ]
+            page = await sm_svc.list_served_models(s, p, limit=limit, live_only=live)
+            return [_served_row(x) for x in page.items]
 
     emit(
         _run(go),
-        ["id", "name", "base_model", "status", "checkpoint_id", "created_at"],
+        ["id", "name", "base_model", "status", "checkpoints", "verification", "created_at"],
         as_json=as_json,
         title="served models",
     )
 
 
 @served_models.command("create")
-def served_model_create(checkpoint_id: str, org: str = ORG, name: str | None = None, as_json: bool = JSON) -> None:
-    """Serve a sampler_weights checkpoint as an OpenAI-compatible model of its own."""
+def served_model_create(
+    checkpoint_ids: list[str] = typer.Argument(..., help="sampler_weights checkpoint ids of one base model"),
+    org: str = ORG,
+    name: str = typer.Option(..., "--name", help="The served model's name (Loops' model_name)."),
+    scale_down_delay: int | None = typer.Option(
+        None, "--scale-down-delay", min=1, help="Idle seconds before it scales to zero (default: the server's)."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Serve checkpoints as an OpenAI-compatible model of its own (what POST
+    /v1/loops/checkpoints/deploy does); clients name a checkpoint by its name."""
+    settings = Settings()
 
     async def go(d: Database, _: Resolved) -> dict[str, Any]:
         p = await _admin(d, org)
         async with d.transaction() as s:
-            ckpt = await ckpt_svc.get_checkpoint(s, p, checkpoint_id)
-            x = await sm_svc.create_served_model(s, p, ckpt, name=name)
-            return {"id": x.id, "status": x.status, "base_model": x.base_model}
+            x = await sm_svc.deploy(
+                s,
+                p,
+                ModelCatalog.load(settings.resolved_catalog_path),
+                checkpoint_ids=checkpoint_ids,
+                model_name=name,
+                scale_down_delay_seconds=scale_down_delay or settings.default_scale_down_delay_seconds,
+            )
+            return {**_served_row(x), "base_url": served_model_base_url(settings.base_url, x.model.id)}
 
     emit_one(_run(go), as_json=as_json)
 

@@ -21,10 +21,14 @@ always wins. Per status:
 * WAKING_UP (set by a request, :mod:`control_plane.scaling.wake`) becomes ACTIVE once the
   workload is ready again; waiting requests are notified.
 * DEACTIVATING: remove the workload, INACTIVE once it is gone.
+* A served model records its server's ``endpoint`` while it serves (the API proxies to it) and
+  the first time it does, its checkpoints are verified against the trainer
+  (:mod:`control_plane.sampling.served_verify`, in the background).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -33,12 +37,13 @@ import structlog
 from sqlalchemy import select
 
 from control_plane.controller.retry import BackendRetry
-from control_plane.controller.served_model_spec import served_model_spec
+from control_plane.controller.served_model_spec import adapters_of, served_model_spec
 from control_plane.controller.workloads import trainer_spec
-from control_plane.db.models import Checkpoint, Deployment, Run, Sampler, ServedModel
+from control_plane.db.models import Deployment, Run, Sampler, ServedModel
 from control_plane.runtime import Runtime
+from control_plane.sampling.served_verify import verify_served_model
 from control_plane.scaling.idle import scale_down_if_idle
-from control_plane.scaling.kinds import DEPLOYMENT, Kind
+from control_plane.scaling.kinds import DEPLOYMENT, SERVED_MODEL, Kind
 from control_plane.scaling.wake import notify_woken
 from control_plane.scheduler.protocol import Observation, Phase, TransientBackendError, WorkloadSpec
 from control_plane.services import history
@@ -65,6 +70,7 @@ class RowReconciler:
         self.backend = runtime.backend
         self.retry = retry
         self._specs: dict[tuple[str, str], WorkloadSpec] = {}
+        self._verifying: dict[str, asyncio.Task[str]] = {}  # served model id -> its verification
 
     async def reconcile_all(self, kind: Kind) -> None:
         async with self.r.db.session() as s:
@@ -131,12 +137,44 @@ class RowReconciler:
         target = await self._target(kind, row, status, obs)
         if target is not None:
             to, reason = target
-            await self._transition(kind, row.id, status, to, reason)
+            await self._transition(kind, row.id, status, to, reason, endpoint=obs.endpoint)
             status = to
         if kind is DEPLOYMENT and status in LIVE:
             await self._ensure_attached(row)
+        if kind is SERVED_MODEL:
+            await self._served_model_endpoint(row, status, obs)
         if status == Status.ACTIVE and kind.scales_to_zero:
             await self._maybe_scale_down(kind, row.id)
+
+    async def _served_model_endpoint(self, row: ServedModel, status: Status, obs: Observation) -> None:
+        """Record where a served model's server answers while it serves (the API proxies to
+        it), and verify its checkpoints the first time it does."""
+        endpoint = obs.endpoint if status in (Status.ACTIVE, Status.UNHEALTHY) else None
+        if endpoint != row.endpoint and status.value == row.status:  # moved without a transition
+            async with self.r.db.transaction() as s:
+                locked = await SERVED_MODEL.locked(s, row.id)
+                if locked is None or locked.status != status.value:
+                    return
+                assert isinstance(locked, ServedModel)
+                locked.endpoint = endpoint
+        if endpoint is not None and row.verification == "pending" and row.id not in self._verifying:
+            task = asyncio.create_task(verify_served_model(self.r, row.id, endpoint))
+            self._verifying[row.id] = task
+            task.add_done_callback(self._verified)
+
+    async def close(self) -> None:
+        """Stop background verifications (a later leader verifies what is still pending)."""
+        tasks = list(self._verifying.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _verified(self, task: asyncio.Task[str]) -> None:
+        for rid, t in list(self._verifying.items()):
+            if t is task:
+                del self._verifying[rid]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("served model verification failed", error=repr(exc))
 
     async def _restartable(self, kind: Kind, row: Any) -> bool:
         """A served model is stateless; a trainer only while its run executed no op (a new
@@ -178,8 +216,8 @@ class RowReconciler:
         if kind is DEPLOYMENT:
             return trainer_spec(self.r, row)
         async with self.r.db.session() as s:
-            ckpt = await s.get(Checkpoint, row.checkpoint_id) if row.checkpoint_id else None
-        return served_model_spec(self.r, row, ckpt)
+            adapters = await adapters_of(s, row.id)
+        return served_model_spec(self.r, row, adapters)
 
     async def _attempt(
         self, kind: Kind, row: Any, status: Status, what: str, fn: Callable[[], Awaitable[None]]
@@ -244,12 +282,18 @@ class RowReconciler:
 
     # --- writes (compare-and-set) ---------------------------------------------------------
 
-    async def _transition(self, kind: Kind, rid: str, expected: Status, to: Status, reason: str | None) -> bool:
+    async def _transition(
+        self, kind: Kind, rid: str, expected: Status, to: Status, reason: str | None, *, endpoint: str | None = None
+    ) -> bool:
+        """Compare-and-set ``expected`` -> ``to``; a served model's ``endpoint`` is written in the
+        same transaction (kept only while it serves), so no reader sees it ACTIVE without one."""
         async with self.r.db.transaction() as s:
             row = await kind.locked(s, rid)
             if row is None or row.status != expected.value:
                 return False  # changed under us (deactivated, woken): the next pass decides
             changed = history.transition(s, kind.name, row, to, reason)
+            if isinstance(row, ServedModel):
+                row.endpoint = endpoint if to in (Status.ACTIVE, Status.UNHEALTHY) else None
         if to in TERMINAL:
             self._specs.pop((kind.name, rid), None)
         if changed and expected == Status.WAKING_UP:

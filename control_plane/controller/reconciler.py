@@ -72,6 +72,7 @@ class Controller:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+            await self.rows.close()
 
     async def _lead_while_possible(self, stop: asyncio.Event) -> None:
         async with self.r.db.engine.connect() as conn:

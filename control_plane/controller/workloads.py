@@ -70,6 +70,7 @@ def vllm_spec(
     max_loras: int,
     max_cpu_loras: int | None = None,
     port: int | None = None,
+    hf_secret: str | None = None,
 ) -> WorkloadSpec:
     """A vLLM server (``python -m data_plane.sampler``) for ``base_model`` that loads adapters
     only from the object store under ``adapter_key_prefixes`` (never a client path).
@@ -108,6 +109,7 @@ def vllm_spec(
         command=["python", "-m", "data_plane.sampler"],
         env=launch.to_env(),
         secret_env=STORE_SECRET_ENV if r.store_spec.kind == "s3" else [],
+        hf_secret=hf_secret,
         port=port,
         health_path=SAMPLER_HEALTH_PATH,
         resources=model.resources.sampler.to_resources(),

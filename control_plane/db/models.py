@@ -251,25 +251,52 @@ class Deployment(Base):
 
 
 class ServedModel(Base):
-    """Checkpoints served as an OpenAI-compatible model by a vLLM server of their own."""
+    """LoRA checkpoints of one base model served as an OpenAI-compatible model by a vLLM server
+    of their own (``POST /v1/loops/checkpoints/deploy``); its checkpoints are
+    :class:`ServedModelCheckpoint` rows."""
 
     __tablename__ = "served_models"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
     created_by: Mapped[str] = mapped_column(String(40))
     base_model: Mapped[str] = mapped_column(String(200))
-    name: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))  # Loops' model_name
     status: Mapped[str] = mapped_column(String(32))
     status_reason: Mapped[str | None] = mapped_column(Text)
-    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="SET NULL"))
     sampler_id: Mapped[str | None] = mapped_column(ForeignKey("samplers.id", ondelete="SET NULL"))
     scale_down_delay_seconds: Mapped[int] = mapped_column(Integer, default=3600)
+    endpoint: Mapped[str | None] = mapped_column(Text)  # its vLLM server, while it is up
+    instance_type_id: Mapped[str | None] = mapped_column(String(100))
+    hf_secret_name: Mapped[str | None] = mapped_column(String(253))
+    # pending | ok | flagged (a checkpoint beyond the bound) | unverified (no probe) | error
+    verification: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    verified_at: Mapped[datetime | None] = _ts()
     last_request_at: Mapped[datetime | None] = _ts()
     created_at: Mapped[datetime] = _ts(server_default=func.now())
     updated_at: Mapped[datetime] = _ts(server_default=func.now())
     __table_args__ = (
         Index("ix_served_models_org_created", "org_id", "created_at", "id"),
         Index("ix_served_models_status", "status"),
+    )
+
+
+class ServedModelCheckpoint(Base):
+    """One checkpoint of a served model: clients name it ``model_name`` (the checkpoint's name);
+    vLLM loads it as ``adapter_name``. ``max_abs_delta``: the largest difference between the
+    served prompt logprobs and the trainer's on the checkpoint's probe sequence."""
+
+    __tablename__ = "served_model_checkpoints"
+    served_model_id: Mapped[str] = mapped_column(ForeignKey("served_models.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(200))
+    adapter_name: Mapped[str] = mapped_column(Text)
+    max_abs_delta: Mapped[float | None] = mapped_column(Float)
+    verify_detail: Mapped[str | None] = mapped_column(Text)
+    verified_at: Mapped[datetime | None] = _ts()
+    __table_args__ = (
+        UniqueConstraint("served_model_id", "model_name", name="uq_served_model_checkpoints_name"),
+        Index("ix_served_model_checkpoints_checkpoint", "checkpoint_id"),
     )
 
 

@@ -13,9 +13,10 @@ vLLM, that CPU comes straight out of sampling throughput (bench/sampling.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +201,27 @@ class VLLMClient:
             raise SamplerFailed(f"sampler at {self.base_url} timed out on {method} {path}") from e
         except aiohttp.ClientError as e:
             raise SamplerFailed(f"HTTP error talking to sampler at {self.base_url}: {e!r}") from e
+
+    @contextlib.asynccontextmanager
+    async def open_post(self, path: str, data: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST JSON ``data`` to ``path`` and yield the response with its body unread, to be
+        passed through as it arrives (streamed completions). Failing to connect or to get
+        the response's head raises our errors, like every other call."""
+        try:
+            cm = self._http().post(self.base_url + path, data=data, headers={"content-type": "application/json"})
+            resp = await cm.__aenter__()
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            raise SamplerUnavailable(f"sampler at {self.base_url} is not reachable: {e!r}") from e
+        except _BROKEN as e:
+            raise SamplerUnavailable(f"connection to sampler at {self.base_url} broke: {e!r}") from e
+        except TimeoutError as e:
+            raise SamplerFailed(f"sampler at {self.base_url} timed out on POST {path}") from e
+        except aiohttp.ClientError as e:
+            raise SamplerFailed(f"HTTP error talking to sampler at {self.base_url}: {e!r}") from e
+        try:
+            yield resp
+        finally:
+            await cm.__aexit__(None, None, None)
 
     async def _request(
         self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None, model: str | None = None

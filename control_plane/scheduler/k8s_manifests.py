@@ -140,7 +140,8 @@ def image_for(role: WorkloadRole, settings: KubernetesSettings) -> str:
 def container_env(spec: WorkloadSpec, settings: KubernetesSettings) -> list[dict[str, Any]]:
     """Plain values from ``spec.env`` and, for each ``spec.secret_env`` name, a reference to the
     key of the same name in ``settings.worker_secret_name``. A secret name also present in
-    ``spec.env`` is taken from the Secret (the plain value is dropped)."""
+    ``spec.env`` is taken from the Secret (the plain value is dropped). ``spec.hf_secret``
+    gives ``HF_TOKEN`` from that Secret's ``HF_TOKEN`` key."""
     secret_names = list(dict.fromkeys(spec.secret_env))
     for env_name in [*spec.env, *secret_names]:
         if not _ENV_NAME_RE.match(env_name):
@@ -160,6 +161,9 @@ def container_env(spec: WorkloadSpec, settings: KubernetesSettings) -> list[dict
         }
         for n in sorted(secret_names)
     ]
+    if spec.hf_secret:
+        env = [e for e in env if e["name"] != "HF_TOKEN"]
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.hf_secret, "key": "HF_TOKEN"}}})
     return env
 
 

@@ -69,6 +69,9 @@ class WorkloadSpec:
     # names of environment variables whose values are secrets (taken from the backend's
     # secret source: the process environment locally, a Secret reference on Kubernetes)
     secret_env: list[str] = field(default_factory=list)
+    # a Secret of the workload's own holding HF_TOKEN (a served model's hf_secret_name: a gated
+    # base model on Kubernetes; locally HF_TOKEN comes from the server's environment)
+    hf_secret: str | None = None
     port: int | None = None  # serves HTTP on this port (samplers, served models)
     health_path: str | None = None
     resources: Resources = field(default_factory=Resources)

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Checkpoint, Run, Session
 from control_plane.errors import InvalidInput, NotFound
+from control_plane.services import served_models
 from control_plane.services.checkpoints import find_by_ref
 from control_plane.services.runs import get_run
 from control_plane.services.scoping import list_scope_filter
@@ -123,7 +124,9 @@ async def _find(s: AsyncSession, principal: Principal, ref: CheckpointRef) -> Ch
 
 async def delete_checkpoint_row(s: AsyncSession, ckpt: Checkpoint) -> str:
     """Delete the row (nothing lists or loads it any more); returns the files' prefix, to be
-    removed with :func:`delete_checkpoint_files` once the transaction has committed."""
+    removed with :func:`delete_checkpoint_files` once the transaction has committed. A
+    checkpoint a live served model serves is refused (409) until that model is deactivated."""
+    served_models.refuse_delete_if_served(ckpt.id, await served_models.live_served_models_of_checkpoint(s, ckpt.id))
     prefix = ckpt.storage_prefix
     await s.execute(delete(Checkpoint).where(Checkpoint.id == ckpt.id))
     await s.flush()

@@ -51,6 +51,9 @@ class CheckpointMeta:
     created_at: float = field(default_factory=time.time)
     optimizer: str = "adamw"
     format_version: int = FORMAT_VERSION
+    # sampler_weights: {"tokens": [...], "logprobs": [...]}, the trainer's prompt logprobs of
+    # data_plane.wire.probe.probe_tokens with these weights (a served copy is checked against it)
+    probe: dict[str, Any] | None = None
 
 
 def key(prefix: str, name: str) -> str:

@@ -274,6 +274,15 @@ class Engine:
             out[i] = rec
             start = end
 
+    @torch.no_grad()
+    def prompt_logprobs(self, tokens: list[int]) -> list[float]:
+        """The logprob of each token after the ones before it (``len(tokens) - 1`` values),
+        with the current weights: what a server of these weights answers as prompt logprobs."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        logits = self._logits(ids, torch.ones_like(ids, dtype=torch.bool)).float()
+        lp = torch.log_softmax(logits[:-1], dim=-1)
+        return lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of the unpadded positions only: the decoder runs on the padded batch, the
         (possibly LoRA-wrapped) output projection only on real tokens."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from google.protobuf.message import DecodeError
@@ -33,6 +34,7 @@ from data_plane.wire.op_bodies import (
     OptimStepBody,
     SaveBody,
 )
+from data_plane.wire.probe import probe_tokens
 from data_plane.wire.queue import CheckpointFile
 from data_plane.wire.tensors import forward_backward_output
 
@@ -234,6 +236,10 @@ class TrainingModel:
     def optim_step(self, body: OptimStepBody) -> dict:
         return {"metrics": self._require().optim_step(body.adam)}
 
+    def _probe(self, eng: Engine) -> dict[str, Any]:
+        tokens = probe_tokens(self.vocab_size)
+        return {"tokens": tokens, "logprobs": eng.prompt_logprobs(tokens)}
+
     def save(self, body: SaveBody, seq_id: int) -> SaveOutcome:
         eng = self._require()
         kind = body.checkpoint_kind
@@ -253,6 +259,7 @@ class TrainingModel:
             optimizer_step=eng.optimizer_steps,
             has_optimizer=kind == "weights",
             seq_id=seq_id,
+            probe=self._probe(eng) if kind == "sampler_weights" else None,
         )
         files = ckpt.write_checkpoint(
             self.store,

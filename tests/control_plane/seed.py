@@ -21,6 +21,9 @@ async def add_checkpoint(runtime: Runtime, tenant, run_id: str, name: str, kind:
         )
 
 
-async def add_served_model(runtime: Runtime, tenant, checkpoint):
+async def add_served_model(runtime: Runtime, tenant, *checkpoints, name: str = "served"):
     async with runtime.db.transaction() as s:
-        return await sm_svc.create_served_model(s, tenant.principal, checkpoint)
+        served = await sm_svc.deploy(
+            s, tenant.principal, runtime.catalog, checkpoint_ids=[c.id for c in checkpoints], model_name=name
+        )
+    return served.model

@@ -47,3 +47,10 @@ def test_readme_rl_example(stack: LiveStack):
     lines = run_block(python_blocks("## Sampling (vLLM)")[1], stack)
     rewards = [float(line.rsplit(" ", 1)[1]) for line in lines]
     assert len(rewards) == 20 and all(0.0 <= r <= 1.0 for r in rewards)
+
+
+def test_readme_serving_example(stack: LiveStack):
+    """Train, deploy, chat and stream with the openai client, deactivate: as the README says."""
+    (block,) = python_blocks("## Serving checkpoints (OpenAI-compatible)")
+    lines = run_block(block, stack)
+    assert len(lines) == 2, lines  # the chat answer, then the streamed text

@@ -62,6 +62,14 @@ def _specs():
             for settings_name, settings in (("bare", BARE), ("full", FULL)):
                 yield pytest.param(make(resources=res), settings, id=f"{role}-{res_name}-{settings_name}")
     yield pytest.param(trainer_spec(secret_env=[], session_id=None, replicas=0), BARE, id="trainer-no-secrets-scaled-0")
+    yield pytest.param(served_model_spec(hf_secret="hf-token"), FULL, id="served-model-hf-secret")
+
+
+def test_a_served_models_hf_secret_gives_its_server_hf_token() -> None:
+    (dep, _svc) = workload_manifests(served_model_spec(hf_secret="team-hf", env={"HF_TOKEN": "plain"}), FULL)
+    env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    hf = [e for e in env if e["name"] == "HF_TOKEN"]
+    assert hf == [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "team-hf", "key": "HF_TOKEN"}}}]
 
 
 @pytest.mark.parametrize(("spec", "settings"), list(_specs()))

@@ -17,17 +17,25 @@ from control_plane.api.loops.responses import (
     LoopsDeployment,
     LoopsRun,
     LoopsSampler,
+    ServedCheckpoint,
+    ServedModelOut,
     StatusOut,
 )
 from control_plane.db.models import Checkpoint, Deployment, Run, Sampler, ServiceAccount, User
 from control_plane.db.reader import Row
 from control_plane.services.deployments import loops_status
 from control_plane.services.hot_reads import RunView
+from control_plane.services.served_models import Served
 
 
 def trainer_base_url(base_url: str, deployment_id: str) -> str:
     """Where the Loops SDK talks to a deployment's trainer (the trainer data plane)."""
     return f"{base_url}/v1/loops/deployments/{deployment_id}/trainer"
+
+
+def served_model_base_url(base_url: str, served_model_id: str) -> str:
+    """The root of a served model's OpenAI-compatible API (what an OpenAI client takes)."""
+    return f"{base_url}/v1/loops/served_models/{served_model_id}/openai/v1"
 
 
 def sampler_base_url(base_url: str, sampler_id: str) -> str:
@@ -165,3 +173,33 @@ def deployment_json(d: Deployment, base_url: str, users: dict[str, Creator]) -> 
 
 def deactivated_json(row_id: str, base_model: str, users: dict[str, Creator], pid: str) -> Deactivated:
     return Deactivated(id=row_id, base_model=base_model, user=DeactivatedUser(email=_user(users, pid).email))
+
+
+def served_model_json(x: Served, base_url: str, users: dict[str, Creator]) -> ServedModelOut:
+    sm = x.model
+    return ServedModelOut(
+        id=sm.id,
+        model_id=sm.id,
+        deployment_id=sm.id,
+        name=sm.name,
+        base_model=sm.base_model,
+        base_url=served_model_base_url(base_url, sm.id),
+        status=StatusOut(name=sm.status, reason=sm.status_reason),
+        checkpoints=[
+            ServedCheckpoint(
+                checkpoint_id=c.checkpoint_id,
+                model=c.model_name,
+                max_abs_delta=c.max_abs_delta,
+                verification=c.verify_detail,
+            )
+            for c in x.checkpoints
+        ],
+        verification=sm.verification,
+        verified_at=sm.verified_at,
+        instance_type_id=sm.instance_type_id,
+        hf_secret_name=sm.hf_secret_name,
+        scale_down_delay_seconds=sm.scale_down_delay_seconds,
+        last_request_at=sm.last_request_at,
+        user=_user(users, sm.created_by),
+        created_at=sm.created_at,
+    )

@@ -315,3 +315,67 @@ class TrainerSearch(msgspec.Struct):
 
 class CheckpointFound(msgspec.Struct):
     checkpoint: LegacyCheckpoint
+
+
+# --- served models (an openloops extension: checkpoints served as OpenAI-compatible models) ---
+class ServedCheckpoint(msgspec.Struct):
+    checkpoint_id: str
+    model: str  # what a client passes as ``model``: the checkpoint's name
+    # verification against the trainer: the largest |served - trainer| prompt logprob on the
+    # checkpoint's probe sequence (None until verified, or when it could not be)
+    max_abs_delta: float | None
+    verification: str | None  # ok | flagged | unverified | error, with the detail
+
+
+class ServedModelOut(msgspec.Struct):
+    id: str
+    model_id: str  # Loops' name for it (the same id)
+    deployment_id: str  # Loops' name for its one deployment (the same id)
+    name: str | None  # the deploy's model_name
+    base_model: str
+    base_url: str  # the root of its OpenAI-compatible API: {base_url}/chat/completions, ...
+    status: StatusOut
+    checkpoints: list[ServedCheckpoint]
+    verification: str  # pending | ok | flagged | unverified | error
+    verified_at: datetime | None
+    instance_type_id: str | None
+    hf_secret_name: str | None
+    scale_down_delay_seconds: int
+    last_request_at: datetime | None
+    user: Creator
+    created_at: datetime
+
+
+class ServedModelDeployed(msgspec.Struct):
+    model_id: str
+    deployment_id: str
+    base_url: str
+    served_model: ServedModelOut
+
+
+class ServedModelEnvelope(msgspec.Struct):
+    served_model: ServedModelOut
+
+
+class ServedModelList(msgspec.Struct):
+    served_models: list[ServedModelOut]
+    next_page_token: str | None
+
+
+class ServedModelMetrics(msgspec.Struct):
+    deployment_id: str  # the served model's id, as Loops' deployment metrics name it
+    metrics: dict[str, Any]  # the ten series (control_plane/metering/series.py)
+
+
+class OpenAIModel(msgspec.Struct):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+class OpenAIModelList(msgspec.Struct):
+    object: str
+    data: list[OpenAIModel]

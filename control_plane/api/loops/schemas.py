@@ -110,3 +110,19 @@ class LogsQuery:
         if level not in LOG_LEVELS:
             raise InvalidInput(f"min_level must be one of {', '.join(LOG_LEVELS)}", field="min_level")
         return cls(start, end, direction, limit, level)
+
+
+# a Kubernetes Secret name (what hf_secret_name names on the Kubernetes backend)
+SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+CheckpointIdField = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[^\x00]*$")]
+
+
+class DeployCheckpointsBody(msgspec.Struct, kw_only=True):
+    """``POST /v1/loops/checkpoints/deploy``: sampler_weights checkpoints of one base model."""
+
+    checkpoint_ids: Annotated[list[CheckpointIdField], msgspec.Meta(min_length=1, max_length=16)]
+    model_name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+    instance_type_id: Annotated[str, msgspec.Meta(max_length=100, pattern=r"^[^\x00]*$")] | None = None
+    hf_secret_name: Annotated[str, msgspec.Meta(max_length=253, pattern=SECRET_NAME)] | None = None
+    # openloops extension: idle time before it scales to zero (default: the server's)
+    scale_down_delay_seconds: Annotated[int, msgspec.Meta(ge=1, le=30 * 86400)] | None = None

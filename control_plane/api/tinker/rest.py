@@ -27,7 +27,7 @@ from control_plane.api.tinker.responses import (
 from control_plane.api.tinker.schemas import CheckpointTtlBody, WeightsInfoBody
 from control_plane.auth.principal import Principal
 from control_plane.db import models as m
-from control_plane.errors import InvalidInput, NotFound, PayloadTooLarge
+from control_plane.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from control_plane.fields import NO_NUL, column_length
 from control_plane.sampling.dispatcher import dispatcher_for
 from control_plane.services import runs as runs_svc
@@ -91,7 +91,7 @@ class TinkerRestController(Controller):
         "/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}",
         opt=OWN,
         status_code=200,
-        responses=raises(InvalidInput, NotFound),
+        responses=raises(InvalidInput, NotFound, Conflict),
     )
     async def delete_checkpoint(
         self, request: Request, principal: Principal, run_id: RunPath, checkpoint_id: CheckpointIdPath
