@@ -33,16 +33,17 @@ async def test_shared_sampler_limits_come_from_settings(services, data_dir) -> N
         await rt.close()
 
 
-async def test_served_model_serves_only_its_checkpoint_in_a_pod(services, data_dir) -> None:
+async def test_served_model_serves_only_its_checkpoints_in_a_pod(services, data_dir) -> None:
     rt = build_runtime(make_settings(services, data_dir, backend=BackendKind.KUBERNETES), with_backend=False)
     try:
-        dep = SimpleNamespace(id="sm-1", org_id="org-1", base_model=TEST_MODEL)
-        ckpt = SimpleNamespace(storage_prefix="checkpoints/org-1/run/sampler_weights/s1/v1", lora_config={"rank": 16})
-        spec = served_model_spec(rt, dep, ckpt)  # type: ignore[arg-type]
+        sm = SimpleNamespace(id="sm-1", org_id="org-1", base_model=TEST_MODEL, hf_secret_name="hf-token")
+        prefixes = ["checkpoints/org-1/run/sampler_weights/s1/v1", "checkpoints/org-1/run/sampler_weights/s2/v1"]
+        adapters = [(adapter_name_for_prefix(prefixes[0]), 16), (adapter_name_for_prefix(prefixes[1]), 32)]
+        spec = served_model_spec(rt, sm, adapters)  # type: ignore[arg-type]
         launch = SamplerLaunch.from_env(spec.env)
-        assert spec.role == WorkloadRole.SERVED_MODEL and spec.org_id == "org-1"
-        assert launch.adapter_key_prefixes == [adapter_name_for_prefix(ckpt.storage_prefix)]
-        assert (launch.max_lora_rank, launch.max_loras) == (16, 1)
+        assert spec.role == WorkloadRole.SERVED_MODEL and spec.org_id == "org-1" and spec.hf_secret == "hf-token"
+        assert launch.adapter_key_prefixes == [name for name, _ in adapters]
+        assert (launch.max_lora_rank, launch.max_loras) == (32, 2)  # the largest rank; all loaded at once
         assert (launch.host, launch.port) == ("0.0.0.0", SAMPLER_CLUSTER_PORT)
         assert launch.adapter_cache_dir == "/tmp/openloops-adapters"
     finally:
