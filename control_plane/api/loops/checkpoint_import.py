@@ -28,6 +28,8 @@ from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
 
 from control_plane.api.auth import provide_principal
 from control_plane.api.fields import query_text
+from control_plane.api.loops import presenters as p
+from control_plane.api.loops.responses import LoopsCheckpoint
 from control_plane.api.loops.training import ORG
 from control_plane.api.openapi import raises
 from control_plane.api.state import rt
@@ -36,27 +38,19 @@ from control_plane.db import models as m
 from control_plane.errors import InvalidInput, PayloadTooLarge
 from control_plane.fields import column_length
 from control_plane.services import checkpoint_import as imp
-from data_plane.wire.paths import CheckpointRef
 from data_plane.wire.peft_adapter import ADAPTER_FILES
 
 MAX_MEMBERS = 10_000  # entries of the archive looked at
 
 
 class ImportedCheckpoint(msgspec.Struct):
-    id: str  # the checkpoint's id
-    checkpoint_id: str  # sampler_weights/{name}
-    name: str
-    run_id: str  # the import run that holds it
-    base_model: str
-    checkpoint_path: str  # bt://loops:{run_id}/sampler_weights/{name}: a run's base_checkpoint
-    tinker_path: str
+    checkpoint: LoopsCheckpoint  # as GET /v1/loops/checkpoints lists it (checkpoint_path: a base_checkpoint)
     lora_rank: int
     lora_alpha: float
     train_attn: bool
     train_mlp: bool
     train_unembed: bool
-    size_bytes: int
-    files: list[str]
+    files: list[str]  # what was stored
     ignored_files: list[str]  # archive entries that are not part of the adapter
 
 
@@ -172,22 +166,14 @@ class LoopsCheckpointImportController(Controller):
             done = await imp.import_adapter(
                 r.db, r.store, r.catalog, principal, directory=adapter, base_model=base_model, name=name
             )
-        c, a = done.checkpoint, done.adapter
-        ref = CheckpointRef(c.run_id, c.kind, c.name)
+        a = done.adapter
         return ImportedCheckpoint(
-            id=c.id,
-            checkpoint_id=ref.checkpoint_id,
-            name=c.name,
-            run_id=c.run_id,
-            base_model=c.base_model,
-            checkpoint_path=ref.loops_path,
-            tinker_path=ref.tinker_path,
+            checkpoint=p.checkpoint_json(done.checkpoint),
             lora_rank=a.rank,
             lora_alpha=a.alpha,
             train_attn=a.train_attn,
             train_mlp=a.train_mlp,
             train_unembed=a.train_unembed,
-            size_bytes=c.size_bytes,
             files=sorted(ADAPTER_FILES),
             ignored_files=ignored,
         )
