@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     public_base_url: str | None = Field(None, description="Base URL clients use; defaults to http://{host}:{port}")
     data_dir: Path = Field(default_factory=default_data_dir)
     request_body_limit_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    checkpoint_import_limit_bytes: int = Field(
+        4 * 1024**3, ge=1024, description="the largest adapter archive POST /v1/loops/checkpoints/import takes"
+    )
     log_level: str = "info"
     log_json: bool = True
     access_log: bool = True

@@ -14,6 +14,7 @@ from litestar.routes import HTTPRoute
 from control_plane.api.errors import EXCEPTION_HANDLERS
 from control_plane.api.health import download, healthz, metrics, readyz
 from control_plane.api.legacy import LegacyController
+from control_plane.api.loops.checkpoint_import import LoopsCheckpointImportController
 from control_plane.api.loops.deployments import LoopsDeploymentsController
 from control_plane.api.loops.resources import LoopsResourcesController
 from control_plane.api.loops.sampler_plane import LoopsSamplerPlaneController, SamplerStatusController
@@ -49,6 +50,7 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         download,
         LoopsTrainingController,
         LoopsResourcesController,
+        LoopsCheckpointImportController,
         LoopsDeploymentsController,
         LoopsTrainerPlaneController,
         LoopsSamplerPlaneController,

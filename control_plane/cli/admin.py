@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -19,6 +20,8 @@ from control_plane.cli.context import Resolved, console, emit, emit_one, err_con
 from control_plane.db import migrate
 from control_plane.db.engine import Database
 from control_plane.errors import DomainError
+from control_plane.runtime import store_spec
+from control_plane.services import checkpoint_import as import_svc
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import deployments as dep_svc
 from control_plane.services import identity
@@ -414,6 +417,49 @@ def checkpoint_list(
         as_json=as_json,
         title="checkpoints",
     )
+
+
+@checkpoints.command("import")
+def checkpoint_import(
+    directory: Path = typer.Argument(
+        ...,
+        exists=True,
+        file_okay=False,
+        help="A PEFT adapter directory (adapter_config.json, adapter_model.safetensors).",
+    ),
+    org: str = ORG,
+    base_model: str = typer.Option(..., "--base-model", help="The catalog model the adapter adapts."),
+    name: str | None = typer.Option(None, "--name", help=f"Checkpoint name (default {import_svc.DEFAULT_NAME})."),
+    as_json: bool = JSON,
+) -> None:
+    """Import a PEFT LoRA adapter as one of the org's sampler_weights checkpoints (deployable, and
+    a run's base_checkpoint); it is checked against the base model first."""
+    from data_plane.storage.factory import open_store
+
+    async def go(d: Database, r: Resolved) -> dict[str, Any]:
+        p = await _admin(d, org)
+        done = await import_svc.import_adapter(
+            d,
+            open_store(store_spec(r.settings)),
+            ModelCatalog.load(r.settings.resolved_catalog_path),
+            p,
+            directory=directory,
+            base_model=base_model,
+            name=name,
+        )
+        c = done.checkpoint
+        return {
+            "id": c.id,
+            "run_id": c.run_id,
+            "name": c.name,
+            "base_model": c.base_model,
+            "lora_rank": done.adapter.rank,
+            "size_bytes": c.size_bytes,
+            "checkpoint_path": f"bt://loops:{c.run_id}/{c.kind}/{c.name}",
+            "tinker_path": f"tinker://{c.run_id}/{c.kind}/{c.name}",
+        }
+
+    emit_one(_run(go), as_json=as_json)
 
 
 def _show(kind: str, rid: str, org: str | None, history: int, events: int, as_json: bool) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -186,7 +188,7 @@ class Checkpoint(Base):
     org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"))
     created_by: Mapped[str] = mapped_column(String(40))
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(20))  # weights | sampler_weights
+    kind: Mapped[str] = mapped_column(String(20))  # weights | sampler_weights | external_weights
     name: Mapped[str] = mapped_column(String(200))
     base_model: Mapped[str] = mapped_column(String(200))
     storage_prefix: Mapped[str] = mapped_column(Text)
@@ -195,6 +197,9 @@ class Checkpoint(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     sync_status: Mapped[str] = mapped_column(String(16), default="COMPLETE")
     policy_version: Mapped[int | None] = mapped_column(Integer)  # optimizer steps when saved
+    # published (Tinker ``publish``): other orgs may start from it by its path (load_weights,
+    # create_training_client_from_state, base_checkpoint), never list, change or delete it
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     expires_at: Mapped[datetime | None] = _ts()
     created_at: Mapped[datetime] = _ts(server_default=func.now())
     __table_args__ = (

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
@@ -52,8 +52,8 @@ class RunRequest:
 async def resolve_weights_checkpoint(
     s: AsyncSession, principal: Principal, path: str, *, field: str, kind: str | tuple[str, ...] = "weights"
 ) -> Checkpoint:
-    """The org's checkpoint at ``path`` (a tinker:// or bt://loops: path) of one of ``kind``;
-    a 400 naming ``field`` otherwise."""
+    """The checkpoint at ``path`` (a tinker:// or bt://loops: path) of one of ``kind``, the
+    org's own or one another org published; a 400 naming ``field`` otherwise."""
     try:
         ref = parse_checkpoint_path(path)
     except PathError as exc:
@@ -67,7 +67,7 @@ async def resolve_weights_checkpoint(
                 Checkpoint.run_id == ref.run_id,
                 Checkpoint.kind == ref.kind,
                 Checkpoint.name == ref.name,
-                Checkpoint.org_id == principal.org_id,
+                or_(Checkpoint.org_id == principal.org_id, Checkpoint.public.is_(True)),
             )
         )
     ).scalar_one_or_none()

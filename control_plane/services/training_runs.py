@@ -4,6 +4,7 @@ total count), plus checkpoint deletion and TTL changes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
-from control_plane.db.models import Checkpoint, Run, Session
+from control_plane.db.models import Checkpoint, CheckpointFile, Run, Session
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.services import served_models
 from control_plane.services.checkpoints import find_by_ref
@@ -96,7 +97,8 @@ async def find_run_checkpoint(s: AsyncSession, principal: Principal, run_id: str
     kind, _, name = checkpoint_id.partition("/")
     if kind not in KINDS or not name:
         raise InvalidInput(
-            f"checkpoint id {checkpoint_id!r} must look like weights/<name> or sampler_weights/<name>",
+            f"checkpoint id {checkpoint_id!r} must look like weights/<name>, sampler_weights/<name> "
+            "or external_weights/<name>",
             field="checkpoint_id",
         )
     try:
@@ -146,3 +148,15 @@ def set_ttl(ckpt: Checkpoint, ttl_seconds: int | None, max_ttl: int) -> None:
     if not 1 <= ttl_seconds <= max_ttl:
         raise InvalidInput(f"ttl_seconds must be between 1 and {max_ttl}, or null", field="ttl_seconds")
     ckpt.expires_at = datetime.now(UTC) + timedelta(seconds=ttl_seconds)
+
+
+async def file_urls(s: AsyncSession, ckpt: Checkpoint, url_for: Callable[[str], str]) -> dict[str, str]:
+    """A download URL for every file of ``ckpt``, keyed by its path relative to the checkpoint."""
+    rows = (
+        await s.execute(
+            select(CheckpointFile.relative_path)
+            .where(CheckpointFile.checkpoint_id == ckpt.id)
+            .order_by(CheckpointFile.relative_path)
+        )
+    ).scalars()
+    return {rel: url_for(f"{ckpt.storage_prefix}/{rel}") for rel in rows}

@@ -327,8 +327,14 @@ class TrainingOps:
         overwrite: bool,
         ttl_seconds: int | None,
         user_metadata: dict[str, Any] | None,
+        encrypt_to: list[str] | None = None,
     ) -> Submitted:
         async def build(run: Run) -> tuple[OpKind, bytes]:
+            if encrypt_to:
+                raise InvalidInput(
+                    "age_encryption_recipients is not supported by this server: exports are not encrypted",
+                    field="age_encryption_recipients",
+                )
             if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
                 raise InvalidInput(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}", field="ttl_seconds")
             if name is not None:
@@ -336,8 +342,8 @@ class TrainingOps:
                     validate_name(name)
                 except PathError as exc:
                     raise InvalidInput(str(exc), field="path") from exc
-            elif kind == "weights":
-                raise InvalidInput("save_weights needs a checkpoint name in 'path'", field="path")
+            elif kind in ("weights", "external_weights"):
+                raise InvalidInput(f"{SAVE_OPS[kind].value} needs a checkpoint name in 'path'", field="path")
             elif sampling_session_seq_id is None or sampling_session_seq_id < 0:
                 raise InvalidInput(
                     "an unnamed save_weights_for_sampler needs sampling_session_seq_id >= 0",
@@ -360,8 +366,7 @@ class TrainingOps:
                 ttl_seconds=ttl_seconds,
                 user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()} or None,
             )
-            op = OpKind.SAVE_WEIGHTS if kind == "weights" else OpKind.SAVE_WEIGHTS_FOR_SAMPLER
-            return op, op_bodies.encode(body)
+            return SAVE_OPS[kind], op_bodies.encode(body)
 
         return await self._op(principal, model_id, seq_id, build)
 
@@ -377,6 +382,14 @@ class TrainingOps:
             return OpKind.LOAD_WEIGHTS, op_bodies.encode(body)
 
         return await self._op(principal, model_id, seq_id, build)
+
+
+# the trainer op that writes each checkpoint kind
+SAVE_OPS = {
+    "weights": OpKind.SAVE_WEIGHTS,
+    "sampler_weights": OpKind.SAVE_WEIGHTS_FOR_SAMPLER,
+    "external_weights": OpKind.SAVE_WEIGHTS_EXTERNAL,
+}
 
 
 def adam_spec(p: dict[str, Any]) -> op_bodies.AdamSpec:

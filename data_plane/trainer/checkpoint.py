@@ -2,12 +2,16 @@
 
 Layout under a checkpoint's ``storage_prefix`` (keys ``{prefix}/{file}``):
 
-| file | sampler_weights | weights | what |
+| file | sampler_weights, external_weights | weights | what |
 |---|---|---|---|
 | ``adapter_config.json`` | yes | yes | PEFT LoRA config (``base_model_name_or_path`` = the run's base model name) |
 | ``adapter_model.safetensors`` | yes | yes | LoRA A/B matrices only (PEFT key names), float32 |
 | ``optimizer.safetensors`` | no | yes | AdamW state per trainable parameter: ``{param}::exp_avg``, ``::exp_avg_sq``, ``::step`` |
 | ``openloops_checkpoint.json`` | yes | yes | :class:`CheckpointMeta` (written last) |
+
+``external_weights`` (``save_weights_external``, what ``tinker checkpoint download`` fetches) is
+the same adapter as ``sampler_weights``, kept apart so that exports are listed and expire on
+their own.
 
 The adapter pair is what ``peft.PeftModel.from_pretrained`` and vLLM's ``--enable-lora`` load.
 """
@@ -35,7 +39,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 METADATA = "openloops_checkpoint.json"
 FORMAT_VERSION = 1
-KINDS = ("weights", "sampler_weights")
+KINDS = ("weights", "sampler_weights", "external_weights")
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,8 +245,8 @@ class TrainingModel:
         kind = body.checkpoint_kind
         if kind not in ckpt.KINDS:
             raise UserError(f"unknown checkpoint kind {kind!r}")
-        if kind == "weights" and not body.name:
-            raise UserError("save_weights needs a checkpoint name")
+        if kind in ("weights", "external_weights") and not body.name:
+            raise UserError(f"saving {kind} needs a checkpoint name")
         if body.name is not None and "/" in body.name:
             raise UserError(f"checkpoint names may not contain '/': {body.name!r}")
         assert self.lora is not None
@@ -270,8 +270,15 @@ class TrainingModel:
             optimizer=eng.optimizer if kind == "weights" else None,
             named_params=eng.named_params,
         )
+        result: dict[str, Any]
         if kind == "weights":
             result = {"path": f"tinker://{self.model_id}/weights/{body.name}", "type": "save_weights"}
+        elif kind == "external_weights":
+            result = {
+                "path": f"tinker://{self.model_id}/external_weights/{body.name}",
+                "size_bytes": sum(f.size_bytes for f in files),
+                "type": "save_weights_external",
+            }
         elif body.name is not None:
             result = {
                 "path": f"tinker://{self.model_id}/sampler_weights/{body.name}",

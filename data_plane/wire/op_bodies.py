@@ -56,8 +56,9 @@ class OptimStepBody:
 
 @dataclass(frozen=True, slots=True)
 class SaveBody:
-    """save_weights (kind "weights": adapter + optimizer + metadata) or
-    save_weights_for_sampler (kind "sampler_weights": PEFT adapter only)."""
+    """save_weights (kind "weights": adapter + optimizer + metadata),
+    save_weights_for_sampler (kind "sampler_weights": PEFT adapter only) or
+    save_weights_external (kind "external_weights": PEFT adapter only, for download)."""
 
     checkpoint_kind: str
     storage_prefix: str

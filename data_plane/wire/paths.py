@@ -1,6 +1,7 @@
 """Checkpoint path formats.
 
-- Tinker: ``tinker://{run_id}/{kind}/{name}`` (kind ``weights`` | ``sampler_weights``);
+- Tinker: ``tinker://{run_id}/{kind}/{name}`` (kind ``weights`` | ``sampler_weights`` |
+  ``external_weights``: a PEFT adapter exported for download, by ``save_weights_external``);
   run ids contain ``:`` but never ``/``, names never contain ``/``.
 - Loops: ``bt://loops:{run_id}/{kind}/{name}`` (same kinds).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-KINDS = ("weights", "sampler_weights")
+KINDS = ("weights", "sampler_weights", "external_weights")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
 
 

@@ -82,6 +82,7 @@ class OpKind(StrEnum):
     OPTIM_STEP = "optim_step"
     SAVE_WEIGHTS = "save_weights"
     SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    SAVE_WEIGHTS_EXTERNAL = "save_weights_external"
     LOAD_WEIGHTS = "load_weights"
     # Loops init_trainer_server: reset the adapter to its initial values (JSON {"lora_rank"})
     INIT_TRAINER = "init_trainer"

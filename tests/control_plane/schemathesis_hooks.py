@@ -2,7 +2,8 @@
 
 1. ``POST /api/v1/forward_backward`` (and ``/forward``) take a ``ForwardBackwardRequest``
    protobuf, which schemathesis cannot generate from a JSON schema: generated as real messages
-   (any model id, seq id, loss and datums) or as raw bytes.
+   (any model id, seq id, loss and datums) or as raw bytes. ``POST /v1/loops/checkpoints/import``
+   takes a tar archive: a real adapter's, or raw bytes.
 2. Random ids name nothing, so by themselves generated requests only ever reach "not found".
    The test seeds real resources (a session, a run with its sampler and deployment,
    checkpoints, an operation, a future, a download token) and passes their ids in
@@ -43,9 +44,25 @@ FORWARD_BACKWARD = st.builds(
 schemathesis.openapi.media_type("application/x-protobuf", FORWARD_BACKWARD | st.binary(max_size=64))
 
 
+def _adapter_archive() -> bytes:
+    import tempfile
+    from pathlib import Path
+
+    from tests.control_plane.adapters import make_adapter, tar_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return tar_of(make_adapter(Path(tmp) / "adapter", rank=2))
+
+
+ADAPTER_TAR = _adapter_archive()
+for _media in ("application/x-tar", "application/gzip"):
+    schemathesis.openapi.media_type(_media, st.just(ADAPTER_TAR) | st.binary(max_size=64))
+
+
 def _path_value(path: str, method: str, name: str) -> str | None:
     if name == "checkpoint_id" and path.startswith("/api/v1/training_runs"):
-        return IDS["tinker_checkpoint_id"] + ("/ttl" if method.upper() == "PUT" else "")
+        action = {"PUT": "/ttl", "POST": "/publish", "GET": "/external_weights_urls"}.get(method.upper(), "")
+        return IDS["tinker_checkpoint_id"] + action
     if path.startswith("/v1/models/") and name in ("model_id", "deployment_id"):
         return IDS["sampler_id"]  # a dedicated sampler's model and deployment are the sampler
     return {

@@ -7,7 +7,7 @@ from control_plane.api.tinker.responses import OptimizerConfig, TrainingRun, Wei
 from control_plane.db.models import Checkpoint, Run
 from data_plane.wire.paths import CheckpointRef
 
-CHECKPOINT_TYPE = {"weights": "training", "sampler_weights": "sampler"}
+CHECKPOINT_TYPE = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 
 
 def checkpoint_json(c: Checkpoint) -> CheckpointOut:
@@ -18,7 +18,7 @@ def checkpoint_json(c: Checkpoint) -> CheckpointOut:
         time=c.created_at.isoformat(),
         tinker_path=ref.tinker_path,
         size_bytes=c.size_bytes,
-        public=False,
+        public=c.public,
         user_metadata={str(k): str(v) for k, v in (c.user_metadata or {}).items()} or None,
         expires_at=c.expires_at.isoformat() if c.expires_at else None,
     )

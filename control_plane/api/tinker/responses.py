@@ -174,6 +174,13 @@ class CheckpointDeleted(msgspec.Struct):
     files_removed: int
 
 
+class ExternalWeightsUrls(msgspec.Struct):
+    """Signed download URLs of a checkpoint's files, keyed by path relative to the checkpoint."""
+
+    urls: dict[str, str]
+    expires: str  # ISO 8601: when the URLs stop working
+
+
 class WeightsInfo(msgspec.Struct):
     base_model: str
     optimizer_config: OptimizerConfig

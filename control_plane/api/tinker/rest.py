@@ -1,7 +1,13 @@
-"""Tinker REST reads: training runs, checkpoints, weights info; checkpoint delete and TTL."""
+"""Tinker REST reads: training runs, checkpoints, weights info; checkpoint delete, TTL,
+publish / unpublish and download URLs.
+
+The checkpoint routes take ``{kind}/{name}`` then an optional action segment
+(``/ttl``, ``/publish``, ``/external_weights_urls``) in one path parameter: the SDK does not
+encode the slash of a checkpoint id, so Litestar cannot route on the action."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from litestar import Controller, Request, delete, get, post, put
@@ -20,6 +26,7 @@ from control_plane.api.tinker.responses import (
     CheckpointList,
     CheckpointPage,
     Cursor,
+    ExternalWeightsUrls,
     TrainingRun,
     TrainingRunList,
     WeightsInfo,
@@ -38,6 +45,19 @@ RunPath = Annotated[str, path_id(m.Run.id)]
 # ``{kind}/{name}``: holds a slash, which an OpenAPI path parameter cannot say (so no pattern)
 CheckpointIdPath = Annotated[str, Parameter(pattern=NO_NUL, description="{kind}/{name} of the checkpoint")]
 CheckpointTtlPath = Annotated[str, Parameter(pattern=NO_NUL, description="{kind}/{name}/ttl of the checkpoint")]
+CheckpointActionPath = Annotated[
+    str,
+    Parameter(pattern=NO_NUL, description="{kind}/{name}/{action} of the checkpoint (publish, external_weights_urls)"),
+]
+
+
+def _action(request: Request, checkpoint_id: str, *actions: str | None) -> tuple[str, str | None]:
+    """``{kind}/{name}[/{action}]`` split in two; a 404 (no such route) for any other action."""
+    parts = checkpoint_id.strip("/").split("/")
+    cid, action = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    if len(parts) > 3 or action not in actions:
+        raise NotFound("route", f"{request.method} {request.url.path}")
+    return cid, action
 
 
 class TinkerRestController(Controller):
@@ -95,10 +115,15 @@ class TinkerRestController(Controller):
     )
     async def delete_checkpoint(
         self, request: Request, principal: Principal, run_id: RunPath, checkpoint_id: CheckpointIdPath
-    ) -> CheckpointDeleted:
+    ) -> CheckpointDeleted | Checkpoint:
+        """``DELETE .../checkpoints/{kind}/{name}`` deletes the checkpoint and its files;
+        ``DELETE .../checkpoints/{kind}/{name}/publish`` unpublishes it (answers the checkpoint)."""
+        cid, action = _action(request, checkpoint_id, None, "publish")
+        if action == "publish":
+            return await self._set_public(request, principal, run_id, cid, public=False)
         r = rt(request)
         async with r.db.transaction() as s:
-            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, checkpoint_id.lstrip("/"))
+            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, cid)
             tinker_path = p.checkpoint_json(ckpt).tinker_path
             base_model = ckpt.base_model
             prefix = await tr_svc.delete_checkpoint_row(s, ckpt)
@@ -122,13 +147,53 @@ class TinkerRestController(Controller):
         data: CheckpointTtlBody,
     ) -> Checkpoint:
         """``PUT .../checkpoints/{kind}/{name}/ttl``."""
-        cid = checkpoint_id.lstrip("/")
-        if not cid.endswith("/ttl"):
-            raise NotFound("route", f"PUT {request.url.path}")
+        cid, _ = _action(request, checkpoint_id, "ttl")
         async with rt(request).db.transaction() as s:
-            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, cid[: -len("/ttl")])
+            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, cid)
             tr_svc.set_ttl(ckpt, data.ttl_seconds, MAX_TTL_SECONDS)
             return p.checkpoint_json(ckpt)
+
+    @post(
+        "/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}",
+        opt=OWN,
+        status_code=200,
+        responses=raises(InvalidInput, NotFound),
+    )
+    async def publish_checkpoint(
+        self, request: Request, principal: Principal, run_id: RunPath, checkpoint_id: CheckpointActionPath
+    ) -> Checkpoint:
+        """``POST .../checkpoints/{kind}/{name}/publish``: other orgs may then start from it by
+        its path (load_weights, ``create_training_client_from_state``, ``base_checkpoint``).
+        Publishing a public checkpoint changes nothing."""
+        cid, _ = _action(request, checkpoint_id, "publish")
+        return await self._set_public(request, principal, run_id, cid, public=True)
+
+    async def _set_public(
+        self, request: Request, principal: Principal, run_id: str, cid: str, *, public: bool
+    ) -> Checkpoint:
+        async with rt(request).db.transaction() as s:
+            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, cid)
+            ckpt.public = public
+            return p.checkpoint_json(ckpt)
+
+    @get(
+        "/training_runs/{run_id:str}/checkpoints/{checkpoint_id:path}",
+        opt=OWN,
+        responses=raises(InvalidInput, NotFound),
+    )
+    async def external_weights_urls(
+        self, request: Request, principal: Principal, run_id: RunPath, checkpoint_id: CheckpointActionPath
+    ) -> ExternalWeightsUrls:
+        """``GET .../checkpoints/{kind}/{name}/external_weights_urls``: a signed, expiring
+        download URL per file (S3 presigned, or this server's ``/v1/downloads``). The SDK asks
+        for ``external_weights`` checkpoints; openloops answers for every kind of the org's."""
+        cid, _ = _action(request, checkpoint_id, "external_weights_urls")
+        r = rt(request)
+        expires = datetime.now(UTC) + timedelta(seconds=r.settings.download_url_ttl_seconds)
+        async with r.db.session() as s:
+            ckpt = await tr_svc.find_run_checkpoint(s, principal, run_id, cid)
+            urls = await tr_svc.file_urls(s, ckpt, r.download_url)
+        return ExternalWeightsUrls(urls=urls, expires=expires.isoformat())
 
     @get("/checkpoints", opt=OWN, responses=raises(InvalidInput))
     async def all_checkpoints(

@@ -127,6 +127,17 @@ class SaveWeightsForSamplerBody(msgspec.Struct, kw_only=True):
         check_json(self.user_metadata, "user_metadata")
 
 
+class SaveWeightsExternalBody(msgspec.Struct, kw_only=True):
+    model_id: RunId
+    path: Annotated[str, Doc(max_length=200, pattern=NAME_RE.pattern)] | None = None  # the export's name
+    seq_id: SeqId
+    ttl_seconds: TtlSeconds | None = None
+    # age encryption of the exported files: not supported (refused when non-empty)
+    age_encryption_recipients: Annotated[list[Text], items(OpenAPIType.STRING, pattern=NO_NUL)] = msgspec.field(
+        default_factory=list
+    )
+
+
 class LoadWeightsBody(msgspec.Struct, kw_only=True):
     # checked by the op (a malformed path fills the op's seq slot); a NUL is refused at once
     path: Annotated[str, Doc(pattern=CHECKPOINT_PATH)]

@@ -22,6 +22,7 @@ from control_plane.api.tinker.schemas import (
     ModelIdBody,
     OptimStepBody,
     SaveWeightsBody,
+    SaveWeightsExternalBody,
     SaveWeightsForSamplerBody,
 )
 from control_plane.auth.principal import Principal
@@ -171,6 +172,26 @@ class TinkerTrainingController(Controller):
             overwrite=True,
             ttl_seconds=data.ttl_seconds,
             user_metadata=data.user_metadata,
+        )
+        return _ref(sub)
+
+    @post("/save_weights_external", opt=OWN, status_code=200, responses=OP_ERRORS)
+    async def save_weights_external(
+        self, request: Request, principal: Principal, data: SaveWeightsExternalBody
+    ) -> FutureRef:
+        """The adapter as a standard PEFT directory (``external_weights``), to download with
+        ``external_weights_urls`` (what ``tinker checkpoint download`` does)."""
+        sub = await ops(request).save(
+            principal,
+            model_id=data.model_id,
+            seq_id=data.seq_id,
+            kind="external_weights",
+            name=data.path,
+            sampling_session_seq_id=None,
+            overwrite=False,
+            ttl_seconds=data.ttl_seconds,
+            user_metadata=None,
+            encrypt_to=data.age_encryption_recipients,
         )
         return _ref(sub)
 
