@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from bench.explain import explain_service_call
+from bench.live import cpu_name, load_average
 from bench.loadgen import LoadResult, client_name, run_load
 from bench.seed import TENANT_CHECKPOINTS, Tenant, grow_checkpoints, reset, seed_tenant
 from bench.stack import BENCH_MODEL, Stack, start_stack
@@ -105,23 +106,10 @@ def check_responses(real: Server, tenant: Tenant, headers: dict[str, str]) -> No
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}; the servers, Postgres, Valkey "
-        f"and the load generator ({client_name()}) share these cores"
+        f"{os.cpu_count()} CPU cores ({cpu_name()}), Python {platform.python_version()}; the servers, Postgres, "
+        f"Valkey and the load generator ({client_name()}) share these cores"
     )
-
-
-def load_average() -> float:
-    """1-minute load average: anything above 0 here was not this benchmark's doing at start."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def throughput(

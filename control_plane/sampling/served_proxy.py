@@ -15,6 +15,7 @@ to the served model's own vLLM server and its answer comes back as it arrives.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class ServedModelProxy:
         self._targets: dict[str, tuple[float, sm_svc.Served]] = {}
         self._clients: dict[str, VLLMClient] = {}
         self._activity: dict[str, float] = {}
+        self._reading: dict[tuple[str, str], asyncio.Task[sm_svc.Served]] = {}
 
     async def aclose(self) -> None:
         for c in self._clients.values():
@@ -72,6 +74,21 @@ class ServedModelProxy:
             cached = hit[1].model
             if cached.org_id == principal.org_id and Status(cached.status) in SERVING:
                 return hit[1]
+        if fresh:
+            return await self._read(principal, served_model_id)
+        # one read at a time per served model and org: the requests of a burst that find the
+        # entry stale share it (each reading the same rows took a pooled connection, and
+        # opened new ones past the pool, for every request in flight)
+        key = (principal.org_id, served_model_id)
+        task = self._reading.get(key)
+        if task is None:
+            task = self._reading[key] = asyncio.create_task(self._read(principal, served_model_id))
+            task.add_done_callback(lambda t: self._reading.pop(key, None) if self._reading.get(key) is t else None)
+        # shielded: a request that goes away does not cancel the read the others wait for
+        return await asyncio.shield(task)
+
+    async def _read(self, principal: Principal, served_model_id: str) -> sm_svc.Served:
+        now = time.monotonic()
         async with self.r.db.session() as s:
             served = await sm_svc.get_served(s, principal, served_model_id)
         self._targets[served_model_id] = (now, served)
