@@ -29,6 +29,7 @@ always wins. Per status:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -160,7 +161,7 @@ class RowReconciler:
         if endpoint is not None and row.verification == "pending" and row.id not in self._verifying:
             task = asyncio.create_task(verify_served_model(self.r, row.id, endpoint))
             self._verifying[row.id] = task
-            task.add_done_callback(self._verified)
+            task.add_done_callback(functools.partial(self._verified, row.id))
 
     async def close(self) -> None:
         """Stop background verifications (a later leader verifies what is still pending)."""
@@ -169,10 +170,8 @@ class RowReconciler:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _verified(self, task: asyncio.Task[str]) -> None:
-        for rid, t in list(self._verifying.items()):
-            if t is task:
-                del self._verifying[rid]
+    def _verified(self, served_model_id: str, task: asyncio.Task[str]) -> None:
+        self._verifying.pop(served_model_id, None)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("served model verification failed", error=repr(exc))
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,20 +179,11 @@ class VLLMClient:
         ) as resp:
             return Reply(resp.status, await resp.read(), resp.reason or "")
 
-    async def _raw(self, method: str, path: str, *, data: bytes | None = None, timeout: float | None = None) -> Reply:
-        """One HTTP exchange; transport failures as our errors, any status returned."""
-        t = (
-            None
-            if timeout is None
-            else aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, self._connect_timeout_s))
-        )
+    @contextlib.contextmanager
+    def _transport_errors(self, method: str, path: str) -> Iterator[None]:
+        """aiohttp's transport failures as our errors (every HTTP status is an answer)."""
         try:
-            try:
-                return await self._send(method, path, data, t)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
-                raise
-            except _BROKEN:
-                return await self._send(method, path, data, t, pooled=False)
+            yield
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             raise SamplerUnavailable(f"sampler at {self.base_url} is not reachable: {e!r}") from e
         except _BROKEN as e:
@@ -202,26 +193,29 @@ class VLLMClient:
         except aiohttp.ClientError as e:
             raise SamplerFailed(f"HTTP error talking to sampler at {self.base_url}: {e!r}") from e
 
-    @contextlib.asynccontextmanager
-    async def open_post(self, path: str, data: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
-        """POST JSON ``data`` to ``path`` and yield the response with its body unread, to be
-        passed through as it arrives (streamed completions). Failing to connect or to get
-        the response's head raises our errors, like every other call."""
-        try:
-            cm = self._http().post(self.base_url + path, data=data, headers={"content-type": "application/json"})
-            resp = await cm.__aenter__()
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-            raise SamplerUnavailable(f"sampler at {self.base_url} is not reachable: {e!r}") from e
-        except _BROKEN as e:
-            raise SamplerUnavailable(f"connection to sampler at {self.base_url} broke: {e!r}") from e
-        except TimeoutError as e:
-            raise SamplerFailed(f"sampler at {self.base_url} timed out on POST {path}") from e
-        except aiohttp.ClientError as e:
-            raise SamplerFailed(f"HTTP error talking to sampler at {self.base_url}: {e!r}") from e
-        try:
-            yield resp
-        finally:
-            await cm.__aexit__(None, None, None)
+    async def _raw(self, method: str, path: str, *, data: bytes | None = None, timeout: float | None = None) -> Reply:
+        """One HTTP exchange; transport failures as our errors, any status returned."""
+        t = (
+            None
+            if timeout is None
+            else aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, self._connect_timeout_s))
+        )
+        with self._transport_errors(method, path):
+            try:
+                return await self._send(method, path, data, t)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                raise
+            except _BROKEN:
+                return await self._send(method, path, data, t, pooled=False)
+
+    async def post_unread(self, path: str, data: bytes) -> aiohttp.ClientResponse:
+        """POST JSON ``data`` to ``path``; the response once its head has arrived, its body
+        unread, to be passed through as it arrives (streamed completions). The caller
+        ``release()``s it. Transport failures raise our errors, like every other call."""
+        with self._transport_errors("POST", path):
+            return await self._http().post(
+                self.base_url + path, data=data, headers={"content-type": "application/json"}
+            )
 
     async def _request(
         self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None, model: str | None = None

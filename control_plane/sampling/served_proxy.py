@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -144,7 +144,7 @@ class ServedModelProxy:
         if not isinstance(stream, bool):
             raise InvalidInput("stream must be true or false", field="stream")
         served, client = await self.awake(principal, served_model_id)
-        adapter, label = served.adapter_for(requested, served.model.base_model)
+        adapter, label = served.adapter_for(requested)
         body["model"] = adapter
         old, new = msgspec.json.encode(adapter), msgspec.json.encode(label)
 
@@ -152,24 +152,6 @@ class ServedModelProxy:
             return chunk.replace(old, new) if old != new else chunk
 
         return Upstream(served, client, msgspec.json.encode(body), stream, rename)
-
-    def models(self, served: sm_svc.Served) -> dict[str, Any]:
-        created = int(served.model.created_at.timestamp())
-        names = served.model_names(served.model.base_model)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": n,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "openloops",
-                    "root": served.model.base_model,
-                    "parent": None if n == served.model.base_model else served.model.base_model,
-                }
-                for n in names
-            ],
-        }
 
 
 @dataclass(slots=True)
@@ -179,24 +161,23 @@ class Opened:
 
     status: int
     content_type: str
-    body: AsyncIterator[bytes]
+    body: AsyncGenerator[bytes, None]
 
 
 async def open_upstream(up: Upstream, path: str) -> Opened:
     """POST the request; a streamed success comes back unread (passed on whole SSE events at a
     time, up to the last blank line received, so a name split across two reads is still
     renamed), anything else read whole."""
-    cm = up.client.open_post(path, up.body)
-    resp = await cm.__aenter__()
+    resp = await up.client.post_unread(path, up.body)
     content_type = resp.headers.get("content-type", "application/json")
     if not up.stream or resp.status >= 300:
         try:
             data = up.rename(await resp.read())
         finally:
-            await cm.__aexit__(None, None, None)
+            resp.release()
         return Opened(resp.status, content_type, _once(data))
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         try:
             pending = b""
             async for chunk in resp.content.iter_any():
@@ -208,12 +189,12 @@ async def open_upstream(up: Upstream, path: str) -> Opened:
             if pending:
                 yield up.rename(pending)
         finally:
-            await cm.__aexit__(None, None, None)
+            resp.release()
 
     return Opened(resp.status, content_type, events())
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
+async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 

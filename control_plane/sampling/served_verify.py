@@ -16,7 +16,7 @@ import asyncio
 import json
 import math
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import select
@@ -24,6 +24,7 @@ from sqlalchemy import select
 from control_plane.db.models import Checkpoint, ServedModel, ServedModelCheckpoint
 from control_plane.sampling.client import VLLMClient
 from control_plane.sampling.errors import SamplingError
+from control_plane.sampling.translate import prompt_logprob_entries, prompt_token_logprobs
 from data_plane.storage.base import ObjectNotFound, StoreError
 from data_plane.wire.probe import parse_probe
 
@@ -38,23 +39,6 @@ ATTEMPTS = 3
 
 class ProbeUnavailable(Exception):
     """The checkpoint carries no probe to compare with."""
-
-
-def served_prompt_logprobs(completion: dict[str, Any], tokens: list[int]) -> list[float]:
-    """The logprob vLLM gave each prompt token after the first, from a ``/v1/completions``
-    answer with ``prompt_logprobs``."""
-    choices = completion.get("choices") or []
-    entries = choices[0].get("prompt_logprobs") if choices else None
-    if not isinstance(entries, list) or len(entries) != len(tokens):
-        raise SamplingError("the server's answer lacks prompt logprobs")
-    out = []
-    for i in range(1, len(tokens)):
-        row = entries[i] or {}
-        v = row.get(str(tokens[i]))
-        if not isinstance(v, dict) or not isinstance(v.get("logprob"), int | float):
-            raise SamplingError(f"the server's prompt logprobs lack the prompt token at position {i}")
-        out.append(float(v["logprob"]))
-    return out
 
 
 def max_abs_delta(a: list[float], b: list[float]) -> float:
@@ -87,7 +71,9 @@ async def _served(client: VLLMClient, adapter: str, tokens: list[int]) -> list[f
     last: Exception | None = None
     for attempt in range(ATTEMPTS):
         try:
-            return served_prompt_logprobs(await client.completions(body), tokens)
+            completion = await client.completions(body)
+            entries = prompt_logprob_entries(completion.get("choices") or [], len(tokens))
+            return [float(x) for x in prompt_token_logprobs(entries, tokens)[1:]]
         except SamplingError as exc:  # a server that just came up may still be loading the adapter
             last = exc
             await asyncio.sleep(1.0 * (attempt + 1))

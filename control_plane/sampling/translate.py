@@ -316,19 +316,10 @@ def build_sample_response(spec: SampleSpec, completion: Mapping[str, Any]) -> pb
             k = spec.topk_sample_logprobs
             seq.topk_sampled_logprobs.CopyFrom(_topk_rows([_sample_topk(t, k) for t in top], k))
     if spec.wants_prompt_logprobs:
-        entries = choices[0].get("prompt_logprobs") if choices else None
         n = len(spec.prompt_tokens)
-        if entries is None or len(entries) != n:
-            raise SamplerFailed("vLLM response lacks prompt logprobs")
+        entries = prompt_logprob_entries(choices, n)
         if spec.prompt_logprobs:
-            vals = np.full(n, np.nan, dtype="<f4")
-            for i in range(1, n):
-                row = entries[i]
-                v = row.get(str(spec.prompt_tokens[i])) if row else None
-                if v is None:
-                    raise SamplerFailed(f"vLLM prompt logprobs lack the prompt token at position {i}")
-                vals[i] = v["logprob"]
-            resp.prompt_logprobs = vals.tobytes()
+            resp.prompt_logprobs = prompt_token_logprobs(entries, spec.prompt_tokens).tobytes()
         if spec.topk_prompt_logprobs > 0:
             k = spec.topk_prompt_logprobs
             rows = [None] + [_prompt_topk(entries[i], k) for i in range(1, n)]
@@ -339,6 +330,27 @@ def build_sample_response(spec: SampleSpec, completion: Mapping[str, Any]) -> pb
     if isinstance(cached, int) and cached > 0:
         resp.prompt_cache_hit_tokens = cached
     return resp
+
+
+def prompt_logprob_entries(choices: Sequence[Mapping[str, Any]], n: int) -> list[Any]:
+    """vLLM's ``prompt_logprobs`` from the choices of a ``/v1/completions`` answer (the same in
+    every choice): one entry per prompt token (``None`` first, then ``{token id: {logprob}}``)."""
+    entries = choices[0].get("prompt_logprobs") if choices else None
+    if not isinstance(entries, list) or len(entries) != n:
+        raise SamplerFailed("vLLM response lacks prompt logprobs")
+    return entries
+
+
+def prompt_token_logprobs(entries: list[Any], tokens: Sequence[int]) -> np.ndarray:
+    """The logprob of each prompt token after the ones before it (float32; NaN at position 0)."""
+    vals = np.full(len(tokens), np.nan, dtype="<f4")
+    for i in range(1, len(tokens)):
+        row = entries[i]
+        v = row.get(str(tokens[i])) if row else None
+        if v is None:
+            raise SamplerFailed(f"vLLM prompt logprobs lack the prompt token at position {i}")
+        vals[i] = v["logprob"]
+    return vals
 
 
 def completion_to_sample_response(spec: SampleSpec, completion: Mapping[str, Any]) -> bytes:

@@ -38,27 +38,26 @@ class Served:
     model: ServedModel
     checkpoints: list[ServedModelCheckpoint]
 
-    def adapter_for(self, requested: str | None, base_model_name: str) -> tuple[str, str]:
+    def adapter_for(self, requested: str | None) -> tuple[str, str]:
         """The vLLM model name for a client's ``model`` and the name to answer with: a
-        checkpoint's name or id, or the base model (also when ``model`` is left out and the
-        served model holds no checkpoint)."""
+        checkpoint's name or id, or the base model (``model`` may be left out when the served
+        model holds one checkpoint)."""
         if requested is None or requested == "":
             if len(self.checkpoints) == 1:
                 c = self.checkpoints[0]
                 return c.adapter_name, c.model_name
-            raise InvalidInput(
-                f"name the model: one of {self.model_names(base_model_name)}",
-                field="model",
-            )
-        if requested in (base_model_name, self.model.base_model):
-            return base_model_name, requested
+            raise InvalidInput(f"name the model: one of {self.model_names()}", field="model")
+        if requested == self.model.base_model:
+            return requested, requested
         for c in self.checkpoints:
             if requested in (c.model_name, c.checkpoint_id):
                 return c.adapter_name, c.model_name
         raise NotFound("model", requested)
 
-    def model_names(self, base_model_name: str) -> list[str]:
-        return [c.model_name for c in self.checkpoints] + [base_model_name]
+    def model_names(self) -> list[str]:
+        """What clients may pass as ``model``: each checkpoint's name, then the base model
+        (the name its vLLM server serves it by)."""
+        return [c.model_name for c in self.checkpoints] + [self.model.base_model]
 
 
 async def deploy(

@@ -84,10 +84,7 @@ class LoopsDeploymentsController(Controller):
         self, request: Request, principal: Principal, deployment_id: DeploymentPath, data: MetricsBody | None = None
     ) -> DeploymentMetrics:
         """The trainer's request, CPU, memory, disk and GPU series (``series`` explains them)."""
-        body = data or MetricsBody()
-        window = series.Window.parse(
-            body.start_epoch_millis, body.end_epoch_millis, body.step_seconds, body.time_divisor_seconds
-        )
+        window = (data or MetricsBody()).window()
         async with rt(request).db.session() as s:
             dep = await dep_svc.get_deployment(s, principal, deployment_id)
             metrics = await series.deployment_metrics(s, dep_svc.RESOURCE, dep.id, window)

@@ -17,6 +17,8 @@ from control_plane.api.loops.responses import (
     LoopsDeployment,
     LoopsRun,
     LoopsSampler,
+    OpenAIModel,
+    OpenAIModelList,
     ServedCheckpoint,
     ServedModelOut,
     StatusOut,
@@ -202,4 +204,24 @@ def served_model_json(x: Served, base_url: str, users: dict[str, Creator]) -> Se
         last_request_at=sm.last_request_at,
         user=_user(users, sm.created_by),
         created_at=sm.created_at,
+    )
+
+
+def openai_models_json(x: Served) -> OpenAIModelList:
+    """A served model's OpenAI ``/models``: each checkpoint by name, then the base model."""
+    base = x.model.base_model
+    created = int(x.model.created_at.timestamp())
+    return OpenAIModelList(
+        object="list",
+        data=[
+            OpenAIModel(
+                id=n,
+                object="model",
+                created=created,
+                owned_by="openloops",
+                root=base,
+                parent=None if n == base else base,
+            )
+            for n in x.model_names()
+        ],
     )

@@ -22,6 +22,7 @@ from control_plane.fields import (
     SessionId,
     Text,
 )
+from control_plane.metering import series
 from control_plane.services.runs import MAX_LORA_RANK
 
 LoraRank = Annotated[int, msgspec.Meta(ge=1, le=MAX_LORA_RANK)]
@@ -73,6 +74,12 @@ class MetricsBody(msgspec.Struct, kw_only=True):
     end_epoch_millis: EpochMillis | None = None
     step_seconds: Annotated[int, msgspec.Meta(ge=60, le=INT32_MAX, multiple_of=60)] | None = None
     time_divisor_seconds: PosInt32 | None = None
+
+    def window(self) -> series.Window:
+        """The series window these fields ask for (defaults filled in, checked)."""
+        return series.Window.parse(
+            self.start_epoch_millis, self.end_epoch_millis, self.step_seconds, self.time_divisor_seconds
+        )
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

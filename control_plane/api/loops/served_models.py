@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated, Any
 
-import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.spec import OpenAPIMediaType, Operation, RequestBody, Schema
@@ -123,10 +122,9 @@ class ServedModelsController(Controller):
         r = rt(request)
         async with r.db.transaction() as s:
             await sm_svc.deactivate_served_model(s, principal, served_model_id)
-        served_proxy_for(r).forget(served_model_id)
-        async with r.db.session() as s:
             served = await sm_svc.get_served(s, principal, served_model_id)
             users = await p.principal_names(s, {served.model.created_by})
+        served_proxy_for(r).forget(served_model_id)  # after the commit: no request re-caches it serving
         await r.kick_controller()
         return ServedModelEnvelope(p.served_model_json(served, r.settings.base_url, users))
 
@@ -142,10 +140,7 @@ class ServedModelsController(Controller):
     ) -> ServedModelMetrics:
         """Request volume, concurrency, latency p50/p95/p99 and status classes of its API, and
         its server's CPU, memory and disk (the shape of Loops' deployment metrics)."""
-        body = data or MetricsBody()
-        window = series.Window.parse(
-            body.start_epoch_millis, body.end_epoch_millis, body.step_seconds, body.time_divisor_seconds
-        )
+        window = (data or MetricsBody()).window()
         async with rt(request).db.session() as s:
             sm = await sm_svc.get_served_model(s, principal, served_model_id)
             metrics = await series.deployment_metrics(s, sm_svc.RESOURCE, sm.id, window)
@@ -195,10 +190,9 @@ class ServedModelOpenAIController(Controller):
     @get("/models", responses=raises(InvalidInput, NotFound))
     async def models(self, request: Request, principal: Principal, served_model_id: ServedModelPath) -> OpenAIModelList:
         """Its models: each checkpoint by name, and the base model."""
-        proxy = served_proxy_for(rt(request))
         async with rt(request).db.session() as s:
             served = await sm_svc.get_served(s, principal, served_model_id)
-        return msgspec.convert(proxy.models(served), OpenAIModelList)
+        return p.openai_models_json(served)
 
     @post(
         "/chat/completions",
@@ -246,7 +240,7 @@ async def _complete(request: Request, principal: Principal, served_model_id: str
                 yield chunk
         finally:
             with contextlib.suppress(Exception):
-                await opened.body.aclose()  # type: ignore[attr-defined]
+                await opened.body.aclose()
             tracking.__exit__(None, None, None)
 
     return Stream(body(), status_code=opened.status, media_type=opened.content_type)
