@@ -17,22 +17,10 @@ from sqlalchemy import update
 from tinker import types
 
 from control_plane.db.models import ServedModel
+from tests.e2e.sft import TEXT, datum
 from tests.sampler.live import LiveStack
 
 pytestmark = pytest.mark.timeout(900)
-
-TEXT = "the cat sat on the mat and the cat sat on the mat again"
-
-
-def datum(tok: Any, text: str) -> types.Datum:
-    ids = tok.encode(text)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(ids[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=ids[1:], dtype="int64", shape=[len(ids) - 1]),
-            "weights": types.TensorData(data=[1.0] * (len(ids) - 1), dtype="float32", shape=[len(ids) - 1]),
-        },
-    )
 
 
 def wait_for(what: str, check: Any, timeout_s: float = 300.0, every_s: float = 1.0) -> Any:

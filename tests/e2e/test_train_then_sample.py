@@ -9,27 +9,15 @@ import pytest
 import tinker
 from tinker import types
 
+from tests.e2e.sft import TEXT, datum
 from tests.sampler.live import LiveStack
 
 pytestmark = pytest.mark.timeout(900)
 
-TEXT = "the cat sat on the mat and the cat sat on the mat again"
 # Trainer (torch fp32 forward) vs sampler (vLLM fp32 prompt logprobs) on the same checkpoint,
 # CPU: measured max abs difference ~1e-6 (printed with -s); the bound leaves room for kernels.
 LOGPROB_ATOL = 1e-3
 MEASURED: dict[str, float] = {}
-
-
-def datum(tok, text: str) -> types.Datum:
-    ids = tok.encode(text)
-    inp, tgt = ids[:-1], ids[1:]
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(inp),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData(data=tgt, dtype="int64", shape=[len(tgt)]),
-            "weights": types.TensorData(data=[1.0] * len(tgt), dtype="float32", shape=[len(tgt)]),
-        },
-    )
 
 
 def greedy(sc: tinker.SamplingClient, prompt: list[int], n: int = 12) -> list[int]:
