@@ -46,8 +46,9 @@ from control_plane.sampling.served_verify import verify_served_model
 from control_plane.scaling.idle import scale_down_if_idle
 from control_plane.scaling.kinds import DEPLOYMENT, SERVED_MODEL, Kind
 from control_plane.scaling.wake import notify_woken
-from control_plane.scheduler.protocol import Observation, Phase, TransientBackendError, WorkloadSpec
+from control_plane.scheduler.protocol import Capacity, Observation, Phase, TransientBackendError, WorkloadSpec
 from control_plane.services import history
+from control_plane.settings import BackendKind
 from control_plane.statuses import LIVE, TERMINAL, Status
 from control_plane.training.queue import read_hash
 from data_plane.wire import queue as q
@@ -72,6 +73,7 @@ class RowReconciler:
         self.retry = retry
         self._specs: dict[tuple[str, str], WorkloadSpec] = {}
         self._verifying: dict[str, asyncio.Task[str]] = {}  # served model id -> its verification
+        self._warned_spot_unplaced = False
 
     async def reconcile_all(self, kind: Kind) -> None:
         async with self.r.db.session() as s:
@@ -213,10 +215,31 @@ class RowReconciler:
 
     async def _spec(self, kind: Kind, row: Any) -> WorkloadSpec:
         if kind is DEPLOYMENT:
-            return trainer_spec(self.r, row)
+            spec = trainer_spec(self.r, row)
+            self._warn_if_spot_unplaced(spec)
+            return spec
         async with self.r.db.session() as s:
             adapters = await adapters_of(s, row.id)
         return served_model_spec(self.r, row, adapters)
+
+    def _warn_if_spot_unplaced(self, spec: WorkloadSpec) -> None:
+        """Once per controller: a spot workload on Kubernetes whose settings name no spot node
+        selector or tolerations runs where a dedicated one would (the run goes on)."""
+        st = self.r.settings
+        if (
+            self._warned_spot_unplaced
+            or spec.capacity != Capacity.SPOT
+            or st.backend != BackendKind.KUBERNETES
+            or st.kubernetes.spot_configured
+        ):
+            return
+        self._warned_spot_unplaced = True
+        log.warning(
+            "spot workload placed like a dedicated one: kubernetes.spot_node_selector and "
+            "kubernetes.spot_tolerations are empty (helm: workloads.spot)",
+            workload_id=spec.workload_id,
+            role=spec.role.value,
+        )
 
     async def _attempt(
         self, kind: Kind, row: Any, status: Status, what: str, fn: Callable[[], Awaitable[None]]

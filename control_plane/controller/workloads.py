@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from control_plane.db.models import Deployment
 from control_plane.scheduler.ports import free_port
-from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
+from control_plane.scheduler.protocol import Capacity, WorkloadRole, WorkloadSpec
 from control_plane.services.samplers import sampler_workload_id
 from control_plane.settings import BackendKind
 from data_plane.sampler.config import SamplerLaunch
@@ -19,7 +19,8 @@ STORE_SECRET_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
 
 
 def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
-    """The trainer worker of a deployment (it executes the deployment's runs one at a time)."""
+    """The trainer worker of a deployment (it executes the deployment's runs one at a time), on
+    the capacity of its ``availability_model`` (dedicated or spot)."""
     model = r.catalog.get(dep.base_model)
     # on Kubernetes the Redis URL (it may hold a password) reaches the worker from the worker
     # Secret, never as a plain value in the Deployment
@@ -46,6 +47,7 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
             *([REDIS_URL_ENV] if redis_from_secret else []),
         ],
         resources=model.resources.trainer.to_resources(),
+        capacity=Capacity(dep.availability_model),
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from control_plane.scheduler.k8s_errors import WorkloadSpecError
 from control_plane.scheduler.kubernetes_settings import KubernetesSettings
-from control_plane.scheduler.protocol import WorkloadRole, WorkloadSpec
+from control_plane.scheduler.protocol import Capacity, WorkloadRole, WorkloadSpec
 
 DOMAIN = "openloops.dev"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -209,6 +209,8 @@ def http_probes(spec: WorkloadSpec, settings: KubernetesSettings) -> dict[str, A
 
 def node_selector(spec: WorkloadSpec, settings: KubernetesSettings) -> dict[str, str]:
     sel = dict(settings.node_selector)
+    if spec.capacity == Capacity.SPOT:
+        sel.update(settings.spot_node_selector)
     if spec.resources.gpus and spec.resources.gpu_type:
         sel[settings.gpu_type_label] = spec.resources.gpu_type
     return sel
@@ -216,11 +218,24 @@ def node_selector(spec: WorkloadSpec, settings: KubernetesSettings) -> dict[str,
 
 def tolerations(spec: WorkloadSpec, settings: KubernetesSettings) -> list[dict[str, Any]]:
     tols: list[dict[str, Any]] = [dict(t) for t in settings.tolerations]
+    if spec.capacity == Capacity.SPOT:
+        for t in settings.spot_tolerations:
+            if t not in tols:
+                tols.append(dict(t))
     if spec.resources.gpus and settings.tolerate_gpu_taint:
         gpu_tol: dict[str, Any] = {"key": settings.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"}
         if gpu_tol not in tols:
             tols.append(gpu_tol)
     return tols
+
+
+def termination_grace_period(spec: WorkloadSpec, settings: KubernetesSettings) -> int:
+    """Seconds between SIGTERM and SIGKILL (a spot node reclaimed, a scale-down, a removal): a
+    trainer finishes its current op before it exits, which can take longer than a sampler's
+    shutdown."""
+    if spec.role == WorkloadRole.TRAINER:
+        return settings.trainer_termination_grace_period_seconds
+    return settings.termination_grace_period_seconds
 
 
 def pod_template(spec: WorkloadSpec, settings: KubernetesSettings, name: str) -> dict[str, Any]:
@@ -251,7 +266,7 @@ def pod_template(spec: WorkloadSpec, settings: KubernetesSettings, name: str) ->
         "automountServiceAccountToken": False,
         # many Services in one namespace would otherwise flood every worker's environment
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
+        "terminationGracePeriodSeconds": termination_grace_period(spec, settings),
     }
     if spec.resources.shm:
         container["volumeMounts"] = [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]

@@ -17,6 +17,11 @@ class KubernetesSettings(BaseModel):
     image_pull_secrets: list[str] = Field(default_factory=list)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, object]] = Field(default_factory=list)
+    # added for workloads on spot capacity (WorkloadSpec.capacity), merged with the two above
+    # (a spot selector key overrides the same key of node_selector); with neither set, a spot
+    # workload is placed like a dedicated one
+    spot_node_selector: dict[str, str] = Field(default_factory=dict)
+    spot_tolerations: list[dict[str, object]] = Field(default_factory=list)
     priority_class_name: str | None = None
     service_account_name: str | None = None
     # Secret holding worker credentials (S3 keys, Redis password); referenced, never copied.
@@ -35,7 +40,10 @@ class KubernetesSettings(BaseModel):
     tolerate_gpu_taint: bool = True
     # how long an HTTP workload may take to pass its first health check (model loading)
     startup_timeout_seconds: int = Field(1800, ge=10)
-    termination_grace_period_seconds: int = Field(60, ge=0)
+    termination_grace_period_seconds: int = Field(60, ge=0)  # samplers and served models
+    # trainers: on SIGTERM (a spot node reclaimed, a removal) a trainer finishes its current op
+    # before it exits
+    trainer_termination_grace_period_seconds: int = Field(120, ge=0)
     # a pod that cannot be scheduled for this long is reported FAILED (before: PENDING, since a
     # cluster autoscaler may still add a node)
     unschedulable_grace_seconds: float = Field(300.0, ge=0)
@@ -47,3 +55,8 @@ class KubernetesSettings(BaseModel):
     api_retry_attempts: int = Field(6, ge=1)
     api_retry_base_delay_seconds: float = Field(0.25, ge=0)
     api_retry_max_delay_seconds: float = Field(8.0, ge=0)
+
+    @property
+    def spot_configured(self) -> bool:
+        """Whether spot workloads are placed differently from dedicated ones."""
+        return bool(self.spot_node_selector or self.spot_tolerations)

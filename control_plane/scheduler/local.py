@@ -16,6 +16,8 @@ first call measures over ``usage_interval_s`` (0.25 s) instead, so it always ans
 rate, never None; ephemeral_bytes = the workload's files under the work dir (its log, its state
 file, a ``{role}-{id}/`` directory if it has one); ephemeral_capacity_bytes = the size of the
 work dir's filesystem; node = the host name.
+
+``WorkloadSpec.capacity`` is ignored: every workload runs on this host.
 """
 
 from __future__ import annotations

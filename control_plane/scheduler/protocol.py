@@ -33,6 +33,14 @@ class WorkloadRole(StrEnum):
     SERVED_MODEL = "served-model"  # a served model's own vLLM server (checkpoints as OpenAI models)
 
 
+class Capacity(StrEnum):
+    """Which nodes a workload may run on. SPOT: preemptible capacity (cheaper; a node can be
+    taken away at any time), where the backend supports it (``KubernetesSettings.spot_*``)."""
+
+    DEDICATED = "dedicated"
+    SPOT = "spot"
+
+
 class Phase(StrEnum):
     """What a backend can observe about one workload."""
 
@@ -76,6 +84,7 @@ class WorkloadSpec:
     health_path: str | None = None
     resources: Resources = field(default_factory=Resources)
     replicas: int = 1
+    capacity: Capacity = Capacity.DEDICATED  # a trainer of a spot deployment: Capacity.SPOT
 
 
 @dataclass(frozen=True, slots=True)

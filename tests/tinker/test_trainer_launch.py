@@ -1,5 +1,6 @@
 """How the controller tells a trainer worker where Redis is: in the launch document locally,
-from the worker Secret on Kubernetes (the URL may carry a password)."""
+from the worker Secret on Kubernetes (the URL may carry a password); and which capacity the
+trainer runs on (its deployment's availability model)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.controller.workloads import trainer_spec
-from control_plane.db.models import Run
+from control_plane.db.models import Deployment
 from control_plane.runtime import build_runtime
+from control_plane.scheduler.protocol import Capacity
 from control_plane.settings import Settings
 from data_plane.wire.worker_config import ENV_VAR, REDIS_URL_ENV, TrainerLaunch
 
@@ -33,19 +35,15 @@ def _runtime(tmp_path: Path, backend: str):
     return build_runtime(settings, with_backend=False)
 
 
-def _run() -> Run:
+def _deployment(availability_model: str = "dedicated") -> Deployment:
     now = datetime.now(UTC)
-    return Run(
-        id="s:train:0",
+    return Deployment(
+        id="dep-1",
         org_id="org-1",
         created_by="usr-1",
-        session_id="s",
-        origin="tinker",
-        name="n",
         base_model="tiny/tiny-llm",
         status="DEPLOYING",
-        lora_rank=8,
-        lora_config={},
+        availability_model=availability_model,
         max_seq_len=256,
         scale_down_delay_seconds=60,
         created_at=now,
@@ -56,7 +54,7 @@ def _run() -> Run:
 async def test_kubernetes_trainer_gets_redis_from_the_secret(tmp_path: Path) -> None:
     rt = _runtime(tmp_path, "kubernetes")
     try:
-        spec = trainer_spec(rt, _run())
+        spec = trainer_spec(rt, _deployment())
     finally:
         await rt.close()
     assert REDIS_URL_ENV in spec.secret_env
@@ -70,8 +68,18 @@ async def test_kubernetes_trainer_gets_redis_from_the_secret(tmp_path: Path) -> 
 async def test_local_trainer_gets_redis_in_its_config(tmp_path: Path) -> None:
     rt = _runtime(tmp_path, "local")
     try:
-        spec = trainer_spec(rt, _run())
+        spec = trainer_spec(rt, _deployment())
     finally:
         await rt.close()
     assert REDIS_URL_ENV not in spec.secret_env
     assert TrainerLaunch.from_env(spec.env).redis_url == SECRET_URL
+
+
+async def test_the_trainer_runs_on_its_deployments_capacity(tmp_path: Path) -> None:
+    rt = _runtime(tmp_path, "kubernetes")
+    try:
+        spot = trainer_spec(rt, _deployment("spot"))
+        dedicated = trainer_spec(rt, _deployment("dedicated"))
+    finally:
+        await rt.close()
+    assert (spot.capacity, dedicated.capacity) == (Capacity.SPOT, Capacity.DEDICATED)
