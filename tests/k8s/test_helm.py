@@ -155,6 +155,8 @@ def test_default_install(monkeypatch: pytest.MonkeyPatch) -> None:
     assert k.trainer_image == "openloops/trainer:0.1.0" and k.sampler_image == "openloops/sampler:0.1.0"
     assert k.worker_secret_name == "openloops-worker" and k.service_account_name == "openloops-worker"
     assert k.image_pull_secrets == [] and k.node_selector == {} and k.tolerations == []
+    assert k.spot_node_selector == {} and k.spot_tolerations == [] and not k.spot_configured
+    assert k.trainer_termination_grace_period_seconds == 120
 
     worker_secret = one(docs, "Secret", "-worker")
     assert worker_secret["metadata"]["namespace"] == NAMESPACE
@@ -240,6 +242,8 @@ def test_gpu_example(monkeypatch: pytest.MonkeyPatch) -> None:
     assert k.image_pull_secrets == ["regcred"]
     assert k.node_selector == {"node-pool": "gpu"}
     assert k.tolerations == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert k.spot_node_selector == {"node-pool": "gpu-spot"}
+    assert k.spot_tolerations == [{"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
     assert k.worker_secret_name == "openloops-worker-credentials"
     assert k.startup_timeout_seconds == 2700 and k.unschedulable_grace_seconds == 900
     assert s.public_base_url == "https://openloops.example.com"
@@ -317,6 +321,11 @@ def test_all_options_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     assert k.image_pull_policy == "Always" and k.image_pull_secrets == ["regcred"]
     assert k.node_selector == {"node-pool": "gpu"} and len(k.tolerations) == 2
     assert k.tolerations[1]["tolerationSeconds"] == 300
+    assert k.spot_node_selector == {"kubernetes.azure.com/scalesetpriority": "spot", "node-pool": "gpu-spot"}
+    assert k.spot_tolerations == [
+        {"key": "kubernetes.azure.com/scalesetpriority", "operator": "Equal", "value": "spot", "effect": "NoSchedule"}
+    ]
+    assert k.trainer_termination_grace_period_seconds == 300
     assert k.priority_class_name == "ml-high" and k.service_account_name == "ml-worker"
     assert k.worker_secret_name == "openloops-all-worker"
     assert (k.gpu_resource_name, k.gpu_type_label, k.tolerate_gpu_taint) == (
@@ -396,6 +405,16 @@ BAD_VALUES = [
     pytest.param({"resources": {"limits": {"memory": "lots"}}}, "memory", id="bad-quantity"),
     pytest.param({"networkPolicy": {"enabled": "yes"}}, "enabled", id="bool-as-string"),
     pytest.param({"workloads": {"tolerations": [{"key": "a", "operator": "Maybe"}]}}, "operator", id="bad-toleration"),
+    pytest.param(
+        {"workloads": {"spot": {"tolerations": [{"key": "a", "effect": "Sometimes"}]}}},
+        "effect",
+        id="bad-spot-toleration",
+    ),
+    pytest.param({"workloads": {"spot": {"nodeSelector": {"a": 1}}}}, "nodeSelector", id="spot-selector-not-strings"),
+    pytest.param({"workloads": {"spot": {"affinity": {}}}}, "affinity", id="unknown-spot-key"),
+    pytest.param(
+        {"workloads": {"trainerTerminationGracePeriodSeconds": -1}}, "trainerTermination", id="negative-grace"
+    ),
     pytest.param({"modelCatalog": {"models": [{"name": "m"}]}}, "source", id="catalog-missing-source"),
     pytest.param(
         {"modelCatalog": {"models": [{"name": "m", "source": "s", "resources": {"trainer": {"gpus": "one"}}}]}},
