@@ -132,6 +132,26 @@ class Settings(BaseSettings):
         1024, ge=1, description="most datums per forward_backward request the SDK sends (client/config)"
     )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
+    trainer_snapshot_interval_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="a trainer snapshots its run (object store) this often while it executes ops; a crash replays "
+        "the ops since (docs/durability.md)",
+    )
+    trainer_snapshot_max_ops: int = Field(
+        64, ge=1, description="... or after this many ops, whichever comes first (bounds the op log in Redis)"
+    )
+    run_resume_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="a run whose trainer dies this many times in a row without executing a new op is FAILED",
+    )
+    run_scale_down_delay_seconds: int = Field(
+        3600,
+        ge=1,
+        description="runs made through the Tinker API scale to zero after this long without an op (Loops runs "
+        "carry their own scale_down_delay_seconds)",
+    )
     sampler_max_lora_rank: int = Field(
         64,
         ge=1,

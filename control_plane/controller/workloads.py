@@ -33,6 +33,8 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         store=r.store_spec,
         max_seq_len=dep.max_seq_len,
         microbatch_tokens=r.settings.trainer_microbatch_tokens,
+        snapshot_interval_s=r.settings.trainer_snapshot_interval_seconds,
+        snapshot_max_ops=r.settings.trainer_snapshot_max_ops,
     )
     return WorkloadSpec(
         workload_id=dep.id,

@@ -231,7 +231,7 @@ class TrainingOps:
                 return existing
             run = (
                 await runs_svc.create_run(
-                    s, principal, self.r.catalog, req, self.r.settings.default_scale_down_delay_seconds
+                    s, principal, self.r.catalog, req, self.r.settings.run_scale_down_delay_seconds
                 )
             ).run
             run.init_path = init_path

@@ -149,6 +149,12 @@ class Engine:
         """(``"mean"`` | ``"sum"`` | None, normalizer count) of the gradients since the last step."""
         return self._accum_mode, self._accum_count
 
+    def set_accumulation(self, mode: str | None, count: int) -> None:
+        """Restore the normalization counters of restored gradients (a snapshot restore)."""
+        if mode not in (None, MEAN, SUM):
+            raise ValueError(f"unknown accumulation mode {mode!r}")
+        self._accum_mode, self._accum_count = mode, int(count)
+
     # ---- forward / backward -------------------------------------------------------------
     def forward_backward(self, batch: Batch) -> FwdBwdResult:
         mode = None

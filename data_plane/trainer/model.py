@@ -6,7 +6,8 @@ LoRA conventions (the control plane reports these):
   / Tinker parametrisation: scale ``alpha / rank``, B initialised to zero, so the optimal
   learning rate is roughly independent of the rank and cookbook learning rates carry over).
 - ``seed`` seeds the adapter initialisation (A: PEFT's default Kaiming-uniform; B: zeros). When
-  the client gives none, a random seed is drawn and recorded in checkpoint metadata.
+  the client gives none, the worker derives one from the model id (a replay after a crash
+  builds the same adapter); it is recorded in checkpoint metadata.
 - target modules: ``train_attn`` -> q/k/v/o_proj, ``train_mlp`` -> gate/up/down_proj,
   ``train_unembed`` -> lm_head. Dropout 0, no bias.
 """
@@ -49,7 +50,8 @@ class LoraSettings:
     train_unembed: bool
 
     @classmethod
-    def resolve(cls, spec: LoraSpec) -> LoraSettings:
+    def resolve(cls, spec: LoraSpec, default_seed: int | None = None) -> LoraSettings:
+        """``default_seed`` is used when the client gave none (else a random one is drawn)."""
         if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or not 1 <= spec.rank <= MAX_RANK:
             raise UserError(f"lora rank must be an integer in [1, {MAX_RANK}], got {spec.rank!r}")
         alpha = DEFAULT_ALPHA if spec.alpha is None else float(spec.alpha)
@@ -57,7 +59,9 @@ class LoraSettings:
             raise UserError(f"lora alpha must be a positive finite number, got {spec.alpha!r}")
         if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
             raise UserError("at least one of train_attn, train_mlp, train_unembed must be true")
-        seed = spec.seed if spec.seed is not None else secrets.randbits(31)
+        seed = spec.seed if spec.seed is not None else default_seed
+        if seed is None:
+            seed = secrets.randbits(31)
         if not isinstance(seed, int) or seed < 0:
             raise UserError(f"lora seed must be a non-negative integer, got {spec.seed!r}")
         return cls(spec.rank, alpha, seed, bool(spec.train_attn), bool(spec.train_mlp), bool(spec.train_unembed))

@@ -20,6 +20,11 @@ class SeqBuffer(Generic[T]):
         return self._next
 
     @property
+    def has_ready(self) -> bool:
+        """Whether ``next_seq`` can run now."""
+        return self._next in self._waiting
+
+    @property
     def waiting(self) -> list[int]:
         """Buffered seqs that cannot run yet (they wait for ``next_seq``)."""
         return sorted(self._waiting)

@@ -13,6 +13,7 @@ Tinker protobuf one (:meth:`TrainingModel.forward_backward`, protobuf answer) an
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,11 @@ from data_plane.wire.queue import CheckpointFile
 from data_plane.wire.tensors import forward_backward_output
 
 log = logging.getLogger(__name__)
+
+
+def seed_of(model_id: str) -> int:
+    """A stable 31-bit seed derived from a model id."""
+    return int.from_bytes(hashlib.sha256(model_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,8 @@ class TrainingModel:
         self.lora: LoraSettings | None = None
         self.peft: CausalLM | None = None
         self.engine: Engine | None = None
-        self._initial: dict[str, torch.Tensor] | None = None  # trainable params right after seq 0 (CPU)
+        # trainable params right after seq 0 (CPU; replaced, never modified in place)
+        self.initial: dict[str, torch.Tensor] | None = None
 
     @property
     def created(self) -> bool:
@@ -110,9 +117,16 @@ class TrainingModel:
             n,
         )
 
+    def attach_for_restore(self, settings: LoraSettings) -> None:
+        """Attach an adapter whose values a snapshot restore fills in next
+        (:func:`data_plane.trainer.snapshots.restore`)."""
+        self._attach(settings)
+
     # ---- seq 0 --------------------------------------------------------------------------
     def create(self, body: CreateBody) -> dict:
-        self._attach(LoraSettings.resolve(body.lora))
+        # Without a client seed the adapter's seed comes from the model id, so that a worker
+        # replaying this op after a crash builds the same initial adapter.
+        self._attach(LoraSettings.resolve(body.lora, default_seed=seed_of(self.model_id)))
         self._remember_initial()
         return {"model_id": self.model_id, "type": "create_model"}
 
@@ -140,21 +154,21 @@ class TrainingModel:
 
     def _remember_initial(self) -> None:
         eng = self._require()
-        self._initial = {n: p.detach().to("cpu", copy=True) for n, p in eng.named_params}
+        self.initial = {n: p.detach().to("cpu", copy=True) for n, p in eng.named_params}
 
     # ---- run lifecycle ------------------------------------------------------------------
     def init_trainer(self, lora_rank: int) -> dict:
         """Start a run over on the live adapter: its initial values (those right after seq 0),
         a fresh optimizer, no gradients, step 0. ``lora_rank`` must be the adapter's rank."""
         eng = self._require()
-        assert self.lora is not None and self._initial is not None
+        assert self.lora is not None and self.initial is not None
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int):
             raise UserError(f"lora_rank must be an integer, got {lora_rank!r}")
         if lora_rank != self.lora.rank:
             raise UserError(f"lora_rank {lora_rank} does not match this trainer's LoRA rank {self.lora.rank}")
         with torch.no_grad():
             for n, p in eng.named_params:
-                p.copy_(self._initial[n])
+                p.copy_(self.initial[n])
         eng.reset()
         return {"step": 0, "lora_rank": self.lora.rank}
 
@@ -167,7 +181,7 @@ class TrainingModel:
         self.peft = None
         self.engine = None
         self.lora = None
-        self._initial = None
+        self.initial = None
 
     def _restore(self, loaded: ckpt.LoadedCheckpoint, with_optimizer: bool) -> None:
         eng = self._require()

@@ -15,13 +15,21 @@ Deployment lifecycle in ``worker_state_key(deployment_id)`` (fields ``state``, `
 - ``stopped`` after a ``shutdown`` op or SIGTERM/SIGINT.
 
 Run progress in ``run_state_key(run_id)``: ``next_seq`` and ``optim_steps`` after every op,
-``state`` attached | detached | failed. A run whose state shows ops executed by an earlier
-process cannot continue here (its in-memory training state is gone): it is marked ``failed``
-with a ``detail`` instead of silently training from a reset state.
+``state`` restoring | attached | detached | failed, ``snapshot_seq`` after every snapshot,
+``resumes`` (how many times a worker picked the run up after another one executed ops of it).
 
-Ops are buffered by ``seq_id`` and executed strictly in order from 0. ``shutdown`` acts on
-arrival (not in seq order): ops still waiting for a gap get failed futures (category
-``server``).
+Runs are durable (docs/durability.md): executed ops stay in the run's op stream until a
+snapshot in the object store covers them (:mod:`.snapshotter`). Attaching a run that an
+earlier worker executed restores its snapshot and replays the ops logged since, in seq order;
+an op whose future an earlier worker already answered is re-executed for its effect on the
+state, but its answer is left as it was (a save already answered is skipped altogether). A
+run whose state cannot be restored (its snapshot is unreadable, or it was executed by a worker
+that kept no op log) is marked ``failed`` with a ``detail``, never trained from a reset state.
+
+Ops are buffered by ``seq_id`` and executed strictly in order from 0. ``shutdown`` (and
+SIGTERM) act on arrival: the worker finishes the op in hand, writes a final snapshot and
+exits; ops still waiting stay in the log for the next worker. A run detached because another
+run took over the deployment has its waiting ops failed (category ``server``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -42,8 +51,10 @@ import redis
 from redis.typing import KeyT, StreamIdT
 
 from data_plane.storage.base import ObjectStore, StoreError
+from data_plane.trainer import snapshots
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.ordering import SeqBuffer
+from data_plane.trainer.snapshotter import RunLog, SnapshotDone, Snapshotter
 from data_plane.wire import op_bodies
 from data_plane.wire.paths import CheckpointRef
 from data_plane.wire.queue import (
@@ -68,6 +79,7 @@ from data_plane.wire.queue import (
     run_pending_key,
     run_state_key,
     stream_entries,
+    text,
     worker_state_key,
     xread_streams,
 )
@@ -117,10 +129,13 @@ class AttachedRun:
 
     run_id: str
     max_seq_len: int
+    log: RunLog
     buffer: SeqBuffer[OpEnvelope] = field(default_factory=SeqBuffer)
     last_id: str = "0"  # position in the run's op stream
-    entry_ids: dict[int, str] = field(default_factory=dict)  # seq -> stream entry, deleted once run
+    entry_ids: dict[int, str] = field(default_factory=dict)  # seq -> stream entry of a waiting op
     seq0_error: tuple[str, ErrorCategory] | None = None
+    # ops below this seq were executed by an earlier worker (their answers may be out already)
+    replay_until: int = 0
 
 
 class Worker:
@@ -135,6 +150,16 @@ class Worker:
         self.runs_last_id = "0"  # position in the deployment's attach stream
         self.stopping = False
         self._beat_stop = threading.Event()
+        self._mute: str | None = None  # request id whose answer is already out (a replayed op)
+        self.snapshotter = Snapshotter(
+            self._store,
+            interval_s=launch.snapshot_interval_s,
+            max_ops=launch.snapshot_max_ops,
+            on_done=self._snapshot_done,
+            owns=self._owns,
+        )
+        # this process's claim on the runs it attaches (a successor's claim fences it off)
+        self.incarnation = f"{os.getpid()}-{secrets.token_hex(6)}"
 
     # ---- redis helpers ------------------------------------------------------------------
     def set_state(self, state: WorkerState, detail: str | None = None) -> None:
@@ -163,16 +188,23 @@ class Worker:
         self._retrying("run state", lambda: self.r.hset(run_state_key(run_id), mapping=fields))
 
     def progress(self) -> None:
-        """Record how far the run got (also what the restart check reads)."""
+        """Record how far the run got (the controller's resume check reads it)."""
         run = self.run
         if run is None:
             return
         fields: OutFields = {
-            "next_seq": run.buffer.next_seq,
+            "next_seq": max(run.buffer.next_seq, run.replay_until),
             "optim_steps": self._optim_steps(),
             "updated_at": f"{time.time():.3f}",
         }
         self._retrying("run state", lambda: self.r.hset(run_state_key(run.run_id), mapping=fields))
+
+    def _store(self) -> ObjectStore:
+        if self.store is None:
+            from data_plane.storage.factory import open_store
+
+            self.store = open_store(self.launch.store)
+        return self.store
 
     def _model(self) -> TrainingModel:
         if self.model is None:
@@ -209,15 +241,44 @@ class Worker:
                 log.warning("redis error writing %s (%s); retrying", what, exc)
                 time.sleep(1.0)
 
-    def _trim(self, run_id: str, entry_id: str) -> None:
-        """Delete an executed (or duplicate) op from the stream: forward_backward bodies are
-        megabytes, and a restarted worker never replays a run's ops anyway."""
+    def _trim(self, run_id: str, *entry_ids: str) -> None:
+        """Delete ops from the run's log: duplicates at once, executed ones once a snapshot
+        covers them (forward_backward bodies are megabytes)."""
+        if not entry_ids:
+            return
         try:
-            self.r.xdel(ops_stream(run_id), entry_id)
-        except redis.RedisError as exc:  # best effort: the stream only grows until the next trim
-            log.warning("could not trim op %s: %s", entry_id, exc)
+            self.r.xdel(ops_stream(run_id), *entry_ids)
+        except redis.RedisError as exc:  # best effort: a later replay skips covered ops anyway
+            log.warning("could not trim %d op(s) of run %s: %s", len(entry_ids), run_id, exc)
+
+    def _snapshot_done(self, done: SnapshotDone) -> None:
+        """A snapshot is current: the ops it covers leave the log (called from its thread)."""
+        self._trim(done.run_id, *done.entries)
+        fields: OutFields = {
+            "snapshot_seq": done.next_seq,
+            "snapshot_at": f"{time.time():.3f}",
+            "snapshot_seconds": f"{done.seconds:.3f}",
+            "snapshot_bytes": done.size_bytes,
+        }
+        self.r.hset(run_state_key(done.run_id), mapping=fields)
+
+    def _owns(self, run_id: str) -> bool:
+        """Whether this process still owns ``run_id`` (a newer worker claims it on attach)."""
+        try:
+            owner = self.r.hget(run_state_key(run_id), "owner")
+        except redis.RedisError:
+            return False  # cannot tell: do nothing that a successor could contradict
+        return owner is not None and text(owner) == self.incarnation
+
+    def _answered(self, request_id: str) -> bool:
+        """Whether a future already holds its answer (an earlier worker gave it)."""
+        state = self.r.hget(future_key(request_id), "state")
+        return state is not None and state != FutureState.PENDING.value.encode()
 
     def write_result(self, run_id: str, request_id: str, result: FutureResult) -> None:
+        if request_id == self._mute:
+            return  # a replayed op: the client already has its answer
+
         def _write() -> None:
             p = self.r.pipeline(transaction=True)
             p.hset(future_key(request_id), mapping=result.to_fields())
@@ -229,6 +290,8 @@ class Worker:
         self._retrying(f"future {request_id}", _write)
 
     def complete(self, c: Completion) -> None:
+        if c.request_id == self._mute:
+            return
         self._retrying(f"completion {c.request_id}", lambda: self.r.xadd(COMPLETIONS_STREAM, c.to_fields()))
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -253,10 +316,7 @@ class Worker:
         from data_plane.trainer.model import load_base, pick_device, pick_dtype
         from data_plane.trainer.training import TrainingModel
 
-        if self.store is None:
-            from data_plane.storage.factory import open_store
-
-            self.store = open_store(self.launch.store)
+        store = self._store()
         device = pick_device(self.launch.device)
         base = load_base(self.launch.model_source, device, pick_dtype(device))
         return TrainingModel(
@@ -264,7 +324,7 @@ class Worker:
             base_model_name=self.launch.base_model,
             base=base,
             device=device,
-            store=self.store,
+            store=store,
             max_seq_len=self.launch.max_seq_len,
             microbatch_tokens=self.launch.microbatch_tokens,
         )
@@ -328,9 +388,19 @@ class Worker:
         return 0
 
     def shutdown(self) -> None:
-        if self.run is not None:
-            for _seq, env in self.run.buffer.take_waiting():
-                self._fail(self.run.run_id, env, "the worker shut down before this op ran", ErrorCategory.SERVER)
+        """Stop: the run's state goes to the object store (a final snapshot); ops still
+        waiting stay in its log, for the worker that picks the run up next."""
+        run = self.run
+        if run is not None and self.model is not None:
+            waiting = run.buffer.waiting
+            if self.snapshotter.final(self.model, run.log, run.buffer.next_seq, _seq0_error(run)):
+                log.info("final snapshot of run %s at seq %d", run.run_id, run.buffer.next_seq)
+            else:
+                log.warning("final snapshot of run %s failed: its op log still holds every op", run.run_id)
+            if waiting:
+                log.info("%d op(s) of run %s wait for the next worker: %s", len(waiting), run.run_id, waiting)
+        else:
+            self.snapshotter.wait()
         self.set_state(WorkerState.STOPPED)
         log.info("worker stopped")
 
@@ -352,31 +422,81 @@ class Worker:
         self._detach(f"run {event.run_id} took over this deployment")
         prev = self.r.hgetall(run_state_key(event.run_id))
         prev_next = int(prev.get(b"next_seq", b"0") or 0)
-        if prev_next > 0:
+        if prev_next > 0 and prev.get(b"durable") != b"1":
             detail = (
-                f"a previous trainer process of this deployment already executed ops of run "
-                f"{event.run_id} up to seq {prev_next - 1}; its in-memory training state is lost, so "
-                "this worker refuses to continue it (restore from a checkpoint into a new run)"
+                f"a trainer that kept no op log already executed ops of run {event.run_id} up to seq "
+                f"{prev_next - 1}; its training state is lost, so this worker refuses to continue it "
+                "(restore from a checkpoint into a new run)"
             )
-            log.error(detail)
-            self.set_run_state(event.run_id, RunState.FAILED, detail)
-            self.set_state(WorkerState.READY if self.model is not None else WorkerState.LOADING)
+            self._refuse(event.run_id, detail)
             return
         m = self.model
         assert m is not None
         m.model_id = event.run_id
         m.max_seq_len = min(event.max_seq_len, self.launch.max_seq_len)
-        self.run = AttachedRun(event.run_id, m.max_seq_len)
-        self.set_run_state(event.run_id, RunState.ATTACHED, next_seq=0, optim_steps=0)
+        run = AttachedRun(event.run_id, m.max_seq_len, RunLog(event.run_id, event.snapshots), replay_until=prev_next)
+        # claim the run before reading its snapshot: a predecessor still draining checks the
+        # claim before it moves the snapshot manifest or trims the log (snapshots.write)
+        self.r.hset(run_state_key(event.run_id), "owner", self.incarnation)
+        if prev_next > 0 or prev.get(b"snapshot_seq"):
+            self.set_run_state(event.run_id, RunState.RESTORING, next_seq=prev_next)
+            try:
+                self._restore(run)
+            except (snapshots.SnapshotError, StoreError) as exc:
+                self._refuse(event.run_id, f"run {event.run_id} cannot be resumed: {exc}")
+                return
+            self.r.hincrby(run_state_key(event.run_id), "resumes", 1)
+        self.run = run
+        self.set_run_state(
+            event.run_id,
+            RunState.ATTACHED,
+            next_seq=max(prev_next, run.buffer.next_seq),
+            optim_steps=self._optim_steps(),
+            durable=1,
+        )
         self.set_state(WorkerState.READY)
         log.info("attached run %s (max_seq_len %d)", event.run_id, m.max_seq_len)
+
+    def _refuse(self, run_id: str, detail: str) -> None:
+        log.error(detail)
+        self.set_run_state(run_id, RunState.FAILED, detail)
+        self.set_state(WorkerState.READY if self.model is not None else WorkerState.LOADING)
+
+    def _restore(self, run: AttachedRun) -> None:
+        """Continue a run an earlier worker executed: its snapshot, then its op log."""
+        m = self._model()
+        t0 = time.perf_counter()
+        snap = snapshots.read(self._store(), run.log.prefix, run.run_id)
+        if snap is None:
+            # no snapshot yet: the log still holds every op from seq 0
+            log.info(
+                "resuming run %s from its op log (no snapshot yet): replaying seqs 0..%d",
+                run.run_id,
+                run.replay_until - 1,
+            )
+            return
+        snapshots.restore(m, snap)
+        run.buffer = SeqBuffer(snap.next_seq)
+        run.log.snapshot_seq = snap.next_seq
+        if snap.seq0_error is not None:
+            run.seq0_error = (snap.seq0_error[0], ErrorCategory(snap.seq0_error[1]))
+        log.info(
+            "resumed run %s from its snapshot at seq %d (optimizer step %d) in %.2fs; replaying seqs %d..%d",
+            run.run_id,
+            snap.next_seq,
+            snap.optim_steps,
+            time.perf_counter() - t0,
+            snap.next_seq,
+            run.replay_until - 1,
+        )
 
     def _detach(self, why: str) -> None:
         run = self.run
         if run is None:
             return
-        for _seq, env in run.buffer.take_waiting():
+        for seq, env in run.buffer.take_waiting():
             self._fail(run.run_id, env, f"this op did not run: {why}", ErrorCategory.SERVER)
+            self._trim(run.run_id, *([run.entry_ids[seq]] if seq in run.entry_ids else []))  # answered
         if self.model is not None and self.model.created:
             self.model.detach()
         self.set_run_state(run.run_id, RunState.DETACHED, why)
@@ -397,6 +517,7 @@ class Worker:
             return
         if env.kind == OpKind.SHUTDOWN:
             log.info("shutdown requested (entry %s)", run.last_id)
+            self._trim(run.run_id, run.last_id)  # acted on now: the next worker must not see it
             self.stopping = True
             return
         if env.seq_id < 0:
@@ -411,29 +532,55 @@ class Worker:
             )
             return
         if not run.buffer.add(env.seq_id, env):
-            log.info("ignoring duplicate seq %d (%s, request %s)", env.seq_id, env.kind.value, env.request_id)
+            if env.seq_id >= (run.log.snapshot_seq or 0):
+                log.info("ignoring duplicate seq %d (%s, request %s)", env.seq_id, env.kind.value, env.request_id)
             self._trim(run.run_id, run.last_id)
         else:
             run.entry_ids[env.seq_id] = run.last_id
 
     def drain(self) -> None:
         run = self.run
-        if run is None:
+        if run is None or not run.buffer.has_ready:
+            return
+        if not self._owns(run.run_id):
+            # a newer worker claimed the run (this one was replaced and is still draining):
+            # leave everything to it, fail nothing
+            log.warning("run %s is owned by another worker now; letting it go", run.run_id)
+            if self.model is not None and self.model.created:
+                self.model.detach()
+            self.run = None
             return
         for seq, env in run.buffer.ready():
             t0 = time.perf_counter()
             self.execute(run, seq, env)
             log.info(
-                "seq %d %s done in %.3fs (request %s)", seq, env.kind.value, time.perf_counter() - t0, env.request_id
+                "seq %d %s done in %.3fs (request %s)%s",
+                seq,
+                env.kind.value,
+                time.perf_counter() - t0,
+                env.request_id,
+                " (replayed)" if seq < run.replay_until else "",
             )
             self.progress()
             entry = run.entry_ids.pop(seq, None)
             if entry is not None:
-                self._trim(run.run_id, entry)
+                run.log.executed.append((seq, entry))  # in the log until a snapshot covers it
+            if self.model is not None:
+                self.snapshotter.maybe(self.model, run.log, run.buffer.next_seq, _seq0_error(run))
             if self.stopping:
                 break
 
     def execute(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
+        answered = seq < run.replay_until and self._answered(env.request_id)
+        if answered and env.kind in (*SAVE_KINDS, OpKind.REJECTED):
+            return  # nothing to redo: saves leave the training state as it is
+        self._mute = env.request_id if answered else None
+        try:
+            self._execute(run, seq, env)
+        finally:
+            self._mute = None
+
+    def _execute(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
         try:
             if seq == 0:
                 self._seq0(run, env)
@@ -537,6 +684,10 @@ class Worker:
                 publish=body.publish,
             )
         )
+
+
+def _seq0_error(run: AttachedRun) -> tuple[str, str] | None:
+    return (run.seq0_error[0], run.seq0_error[1].value) if run.seq0_error else None
 
 
 def _id(entry_id: bytes | str) -> str:

@@ -26,7 +26,12 @@ its input and result follow):
 4. The worker reports its lifecycle in the hash :func:`worker_state_key` of its deployment
    (``loading``, ``ready``, ``failed`` with a ``detail``; the attached ``run_id``; GPU use) and
    each run's progress in :func:`run_state_key` (``next_seq``, ``optim_steps``, ``state``
-   attached | failed | detached, ``detail``), which the controller reads.
+   restoring | attached | failed | detached, ``detail``; ``snapshot_seq`` and ``resumes`` for
+   durability, see :mod:`data_plane.trainer.snapshotter`), which the controller reads.
+
+A run is durable: its op stream keeps every executed op until a snapshot of the run's state in
+the object store covers it, so a new worker continues the run exactly
+(docs/durability.md).
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class Dialect(StrEnum):
 
 
 class RunState(StrEnum):
+    RESTORING = "restoring"  # a worker restores the run's snapshot and replays its op log
     ATTACHED = "attached"
     FAILED = "failed"
     DETACHED = "detached"
@@ -198,19 +204,33 @@ class OpEnvelope:
         )
 
 
+def default_snapshot_prefix(run_id: str) -> str:
+    return f"snapshots/{run_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class AttachEvent:
-    """Put ``run_id`` on the deployment's worker (its ops stream is read from the start)."""
+    """Put ``run_id`` on the deployment's worker (its ops stream is read from the start, after
+    the run's snapshot under ``snapshot_prefix`` in the object store, if any, is restored)."""
 
     run_id: str
     max_seq_len: int
+    snapshot_prefix: str = ""  # "" = default_snapshot_prefix(run_id)
+
+    @property
+    def snapshots(self) -> str:
+        return self.snapshot_prefix or default_snapshot_prefix(self.run_id)
 
     def to_fields(self) -> OutFields:
-        return {"run_id": self.run_id, "max_seq_len": str(self.max_seq_len)}
+        return {"run_id": self.run_id, "max_seq_len": str(self.max_seq_len), "snapshot_prefix": self.snapshots}
 
     @classmethod
     def from_fields(cls, fields: Fields) -> AttachEvent:
-        return cls(run_id=fields[b"run_id"].decode(), max_seq_len=int(fields[b"max_seq_len"]))
+        return cls(
+            run_id=fields[b"run_id"].decode(),
+            max_seq_len=int(fields[b"max_seq_len"]),
+            snapshot_prefix=fields.get(b"snapshot_prefix", b"").decode(),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,10 @@ class TrainerLaunch:
     max_seq_len: int = 2048  # the longest sequence any run on this deployment may use
     microbatch_tokens: int = 8192
     device: str = "auto"  # auto | cpu | cuda
+    # a run snapshot is due after this many executed ops, or this many seconds with at least one
+    # (data_plane.trainer.snapshotter); the op log in Redis holds at most about that much
+    snapshot_interval_s: float = 60.0
+    snapshot_max_ops: int = 64
 
     def to_env(self) -> dict[str, str]:
         return {ENV_VAR: json.dumps(asdict(self))}

@@ -28,7 +28,7 @@ from data_plane.trainer.model import load_base
 from data_plane.trainer.training import TrainingModel
 from data_plane.wire import op_bodies
 from data_plane.wire import tinker_wire_pb2 as pb
-from data_plane.wire.queue import ErrorCategory, FutureState, OpKind, run_pending_key
+from data_plane.wire.queue import ErrorCategory, FutureState, OpKind, run_pending_key, run_state_key
 from data_plane.wire.worker_config import StoreSpec, TrainerLaunch
 from tests.trainer.conftest import REPO, Driver, fwd_request, sft_batch
 
@@ -295,16 +295,32 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
     assert a.proc.wait(30) == 0
     assert a.state()["state"] == "stopped"
 
-    # a restarted worker of the same run refuses to train it from a reset state: the run is
-    # failed, the worker itself stays ready for the next run of its deployment
+    # a restarted worker of the same run resumes it exactly where A stopped: the snapshot A
+    # wrote at shutdown is restored, and the same eval gives the same logprobs
+    snap_seq = int(a.run_state()["snapshot_seq"])
+    assert snap_seq == a.seq
     again = start_worker("wa")
+    again.seq, again._n = a.seq, a._n
     again.wait_state("ready")
+    for got, want in zip(logprobs_of(again.ok_proto(again.fwd(EVAL, forward_only=True))), eval4_a):
+        np.testing.assert_allclose(got, want, **TOL)
+    st = again.run_state()
+    assert st["state"] == "attached" and st["resumes"] == "1" and st["optim_steps"] == "4"
+
+
+def test_a_run_without_an_op_log_is_refused(start_worker, valkey_url):
+    """A run whose ops a worker executed without keeping them (next_seq > 0, not marked durable)
+    cannot be continued: the run fails with a reason, the worker stays ready."""
+    r = redis.Redis.from_url(valkey_url)
+    r.hset(run_state_key("wold"), mapping={"next_seq": 3, "state": "attached"})
+    w = start_worker("wold")
+    w.wait_state("ready")
     deadline = time.monotonic() + 60
-    while (st := again.run_state()).get("state") != "failed":
+    while (st := w.run_state()).get("state") != "failed":
         assert time.monotonic() < deadline, st
         time.sleep(0.05)
-    assert "previous trainer process" in st["detail"] and "up to seq" in st["detail"]
-    assert again.proc.poll() is None
+    assert "kept no op log" in st["detail"] and "up to seq 2" in st["detail"]
+    assert w.proc.poll() is None
 
 
 def test_base_model_load_failure_sets_failed_state(valkey_url, store_root, tmp_path):

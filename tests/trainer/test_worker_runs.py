@@ -8,6 +8,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from data_plane.wire import op_bodies
 from data_plane.wire.queue import Dialect, FutureState, OpEnvelope, OpKind, future_key, ops_stream, run_pending_key
@@ -55,7 +56,11 @@ def test_a_worker_serves_runs_one_after_another(start_worker) -> None:
     assert a.ok_json(a.create(rank=8, seed=5))["type"] == "create_model"
     first, trained = init_and_step(a)
     assert trained < first
-    assert a.run_state()["optim_steps"] == "1" and a.run_state()["next_seq"] == "5"
+    deadline = time.monotonic() + 30
+    while a.run_state().get("next_seq") != "5":  # progress is recorded just after the answer
+        assert time.monotonic() < deadline, a.run_state()
+        time.sleep(0.02)
+    assert a.run_state()["optim_steps"] == "1"
     waiting = a.send(OpKind.OPTIM_STEP, b"{}", seq=9)  # seqs 5..8 never come
 
     # the next run takes over the deployment: same process, base model still loaded
@@ -73,10 +78,12 @@ def test_a_worker_serves_runs_one_after_another(start_worker) -> None:
     assert b.state()["run_id"] == "run-b" and b.run_state()["state"] == "attached"
     assert a.proc.poll() is None
 
-    # putting the first run back: it executed ops this process no longer has the state of
+    # putting the first run back resumes it where it was (its snapshot, then its op log),
+    # on the same process; the op that was failed when it was detached is gone from its log
     a.attach()
-    deadline = time.monotonic() + 30
-    while a.run_state().get("state") != "failed":
-        assert time.monotonic() < deadline, a.run_state()
-        time.sleep(0.05)
-    assert "refuses to continue" in a.run_state()["detail"]
+    fwd = loops_request(loops_data(), forward_only=True)
+    back = json.loads(a.result(send(a, OpKind.FORWARD_BACKWARD, fwd, 5)).body)
+    assert back["loss"] == pytest.approx(trained, rel=1e-6)
+    st = a.run_state()
+    assert st["state"] == "attached" and st["resumes"] == "1" and st["optim_steps"] == "1"
+    assert a.proc.poll() is None
