@@ -11,13 +11,17 @@ always wins. Per status:
   error, or transient ones beyond the retry budget (:mod:`.retry`), make it DEPLOY_FAILED with
   the error as the reason. Rows past that are only observed (no API write per pass).
 * LOADING_MODEL / ACTIVE / UNHEALTHY / UPDATING: observe and map (FAILED with the reason). A
-  vanished workload is recreated (back to DEPLOYING) when nothing is lost with it: always for a
-  served model, for a trainer only if its run executed no op yet; otherwise the deployment is
-  FAILED. A deployment is ACTIVE only once its worker reports READY through Redis, and while it
-  is live the controller tells its worker which run to execute (an attach event, whenever the
-  worker's run differs from ``active_run_id``).
-* ACTIVE served models idle for ``scale_down_delay_seconds`` become SCALED_TO_ZERO (history
-  row), then the workload is scaled to 0 replicas; SCALED_TO_ZERO keeps it there.
+  vanished served model is recreated (back to DEPLOYING). A trainer that exited or vanished is
+  restarted (WAKING_UP, the reason in the history row) and its run resumes from its snapshot
+  and op log; :mod:`.resume` fails it after ``run_resume_max_attempts`` deaths at the same op.
+  A trainer whose base model failed to load is FAILED at once. A deployment is ACTIVE only
+  once its worker reports READY through Redis, and while it is live the controller tells its
+  worker which run to execute (an attach event, whenever the worker's run differs from
+  ``active_run_id``).
+* ACTIVE served models and deployments idle for ``scale_down_delay_seconds`` (a deployment:
+  no op of its run, none waiting) become SCALED_TO_ZERO (history row), then the workload is
+  scaled to 0 replicas (a trainer snapshots its run as it stops); SCALED_TO_ZERO keeps it
+  there, and wakes a trainer whose run has ops waiting.
 * WAKING_UP (set by a request, :mod:`control_plane.scaling.wake`) becomes ACTIVE once the
   workload is ready again; waiting requests are notified.
 * DEACTIVATING: remove the workload, INACTIVE once it is gone.
@@ -37,16 +41,24 @@ from typing import Any
 import structlog
 from sqlalchemy import select
 
+from control_plane.controller import resume
 from control_plane.controller.retry import BackendRetry
 from control_plane.controller.served_model_spec import adapters_of, served_model_spec
-from control_plane.controller.workloads import trainer_spec
+from control_plane.controller.workloads import snapshot_prefix, trainer_spec
 from control_plane.db.models import Deployment, Run, Sampler, ServedModel
 from control_plane.runtime import Runtime
 from control_plane.sampling.served_verify import verify_served_model
 from control_plane.scaling.idle import scale_down_if_idle
 from control_plane.scaling.kinds import DEPLOYMENT, SERVED_MODEL, Kind
-from control_plane.scaling.wake import notify_woken
-from control_plane.scheduler.protocol import Capacity, Observation, Phase, TransientBackendError, WorkloadSpec
+from control_plane.scaling.wake import notify_woken, request_wake
+from control_plane.scheduler.protocol import (
+    Capacity,
+    Observation,
+    Phase,
+    TransientBackendError,
+    WorkloadRole,
+    WorkloadSpec,
+)
 from control_plane.services import history
 from control_plane.settings import BackendKind
 from control_plane.statuses import LIVE, TERMINAL, Status
@@ -115,8 +127,10 @@ class RowReconciler:
             log.warning("observe failed; retrying later", kind=kind.name, id=row.id, error=str(exc))
             return
         acted = False
-        if obs.phase == Phase.ABSENT and status not in STARTING_UP and await self._restartable(kind, row):
-            # gone (a node lost, a local control plane restarted) with nothing lost: recreate
+        if kind is DEPLOYMENT and await self._trainer_died(row, status, obs):
+            return  # restarting it (WAKING_UP) or out of attempts (FAILED)
+        if obs.phase == Phase.ABSENT and status not in STARTING_UP and kind is not DEPLOYMENT:
+            # gone (a node lost, a local control plane restarted): a served model is stateless
             if not await self._transition(
                 kind, row.id, status, Status.DEPLOYING, "workload disappeared; recreating it"
             ):
@@ -131,6 +145,8 @@ class RowReconciler:
                 return
             acted = True
         if status == Status.WAKING_UP and obs.phase == Phase.SCALED_DOWN:
+            if kind is DEPLOYMENT:
+                await self._forget_worker(row.id)  # READY must come from the new worker
             wake = lambda: self.backend.scale(row.id, kind.owned_role, 1)  # noqa: E731
             if not await self._attempt(kind, row, status, f"wake the {kind.owned_role.value}", wake):
                 return
@@ -177,16 +193,36 @@ class RowReconciler:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("served model verification failed", error=repr(exc))
 
-    async def _restartable(self, kind: Kind, row: Any) -> bool:
-        """A served model is stateless; a trainer only while its run executed no op (a new
-        worker refuses to continue a run whose Redis state says ``next_seq > 0``)."""
-        if kind is not DEPLOYMENT:
-            return True
-        if (await self._worker_state(row.id)).get("state") == q.WorkerState.FAILED.value:
+    async def _trainer_died(self, dep: Deployment, status: Status, obs: Observation) -> bool:
+        """A deployment's trainer exited or vanished: restart it so that its run resumes from
+        its snapshot and op log (:mod:`.resume` bounds the attempts). False when there is
+        nothing to do here: the trainer lives, is just being started, or failed to load its
+        base model (permanent: the row fails the usual way)."""
+        if obs.phase not in (Phase.FAILED, Phase.ABSENT) or (obs.phase == Phase.ABSENT and status in STARTING_UP):
             return False
-        if row.active_run_id is None:
+        if (await self._worker_state(dep.id)).get("state") == q.WorkerState.FAILED.value:
+            return False
+        died = obs.reason or "the trainer workload disappeared"
+        decision = await resume.decide(
+            self.r.redis, dep.id, dep.active_run_id, died, self.r.settings.run_resume_max_attempts
+        )
+        if not decision.resume:
+            await self._fail(DEPLOYMENT, dep.id, status, Status.FAILED, decision.reason)
             return True
-        return int((await self._run_state(row.active_run_id)).get("next_seq") or 0) == 0
+        try:
+            await self.backend.remove(dep.id, WorkloadRole.TRAINER)  # what is left of the dead one
+        except TransientBackendError as exc:
+            self.retry.failed((DEPLOYMENT.name, dep.id), exc)
+            log.warning("could not clear a dead trainer; retrying later", id=dep.id, error=str(exc))
+            return True
+        await self._forget_worker(dep.id)
+        if await self._transition(DEPLOYMENT, dep.id, status, Status.WAKING_UP, decision.reason[:2000]):
+            log.warning("trainer died; resuming", id=dep.id, run_id=dep.active_run_id, reason=decision.reason)
+        return True
+
+    async def _forget_worker(self, deployment_id: str) -> None:
+        """Drop a gone worker's state (its READY must not count for the one that replaces it)."""
+        await self.r.redis.delete(q.worker_state_key(deployment_id))
 
     async def _ensure_attached(self, dep: Deployment) -> None:
         """Tell the deployment's worker to execute ``active_run_id`` unless the last attach
@@ -199,10 +235,11 @@ class RowReconciler:
         if last and last[0][1].get(b"run_id", b"").decode() == run_id:
             return
         async with self.r.db.session() as s:
-            max_len = (await s.execute(select(Run.max_seq_len).where(Run.id == run_id))).scalar_one_or_none()
-        if max_len is None:
+            found = (await s.execute(select(Run.max_seq_len, Run.org_id).where(Run.id == run_id))).one_or_none()
+        if found is None:
             return
-        event = q.AttachEvent(run_id=run_id, max_seq_len=max_len)
+        max_len, org_id = found
+        event = q.AttachEvent(run_id=run_id, max_seq_len=max_len, snapshot_prefix=snapshot_prefix(org_id, run_id))
         await self.r.redis.xadd(stream, event.to_fields(), maxlen=100, approximate=True)
         log.info("attaching run to deployment", deployment_id=dep.id, run_id=run_id)
 
@@ -279,6 +316,10 @@ class RowReconciler:
                 return None  # just ensured; the next observation will see it
             # a trainer whose run executed ops took its LoRA weights and optimizer state with it
             return Status.FAILED, await self._failure_reason(kind, row, obs)
+        if status == Status.WAKING_UP and kind is DEPLOYMENT:
+            # the trainer is back once its new worker says so (it restores the run on attach)
+            ready = (await self._worker_state(row.id)).get("state") == q.WorkerState.READY.value
+            return (Status.ACTIVE, "trainer is back") if ready and obs.phase in (Phase.STARTING, Phase.READY) else None
         if status == Status.WAKING_UP:
             return (Status.ACTIVE, "woke up") if obs.phase == Phase.READY else None
         if kind is DEPLOYMENT and obs.phase in (Phase.STARTING, Phase.READY):
@@ -330,6 +371,8 @@ class RowReconciler:
     # --- scale to zero ---------------------------------------------------------------------
 
     async def _maybe_scale_down(self, kind: Kind, rid: str) -> None:
+        if kind is DEPLOYMENT and await self._ops_waiting(rid):
+            return  # an op in flight or queued is activity, however long it takes
         async with self.r.db.transaction() as s:
             row = await kind.locked(s, rid)
             if row is None or not await scale_down_if_idle(s, self.r.redis, kind, row, datetime.now(UTC)):
@@ -337,9 +380,22 @@ class RowReconciler:
         log.info("scaling to zero", kind=kind.name, id=rid, reason=row.status_reason)
         await self._keep_scaled_down(kind, row)
 
+    async def _ops_waiting(self, deployment_id: str) -> bool:
+        """Whether the deployment's run has ops its trainer has not answered yet."""
+        async with self.r.db.session() as s:
+            run_id = (
+                await s.execute(select(Deployment.active_run_id).where(Deployment.id == deployment_id))
+            ).scalar_one_or_none()
+        return run_id is not None and bool(await self.r.redis.scard(q.run_pending_key(run_id)))
+
     async def _keep_scaled_down(self, kind: Kind, row: Any) -> None:
-        """SCALED_TO_ZERO: make sure nothing runs (also finishes a scale-down that failed)."""
+        """SCALED_TO_ZERO: make sure nothing runs (also finishes a scale-down that failed). A
+        trainer whose run has ops waiting wakes up (an op that arrived while it was going down:
+        the request path only wakes what it saw asleep)."""
         key = (kind.name, row.id)
+        if kind is DEPLOYMENT and await self._ops_waiting(row.id):
+            await request_wake(self.r, "deployment", row.id)
+            return
         try:
             obs = await self.backend.observe(row.id, kind.owned_role)
             if obs.phase not in (Phase.SCALED_DOWN, Phase.ABSENT):

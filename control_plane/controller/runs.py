@@ -6,20 +6,24 @@ A run owns no workload. Each pass moves every non-terminal run:
   stop in the same transaction: :func:`control_plane.services.runs.end_run`);
 * replaced on its deployment by a newer run (``active_run_id`` differs) -> INACTIVE;
 * deployment stopped -> INACTIVE, deployment failed -> FAILED (with the deployment's reason);
-* the worker reports the run failed (e.g. a restarted trainer cannot continue it) -> FAILED;
+* the worker reports the run failed (e.g. its snapshot is unreadable) -> FAILED;
+* the worker restores the run (a restarted trainer: snapshot, then op log) -> WAKING_UP;
 * deployment ACTIVE and the worker executes this run -> ACTIVE; otherwise the run shows where
   its deployment is (DEPLOYING, LOADING_MODEL, UNHEALTHY).
 
 A run that becomes INACTIVE or FAILED gets its pending futures failed (nothing will complete
-them). Transitions are compare-and-set (row locked, status unchanged), like every controller
+them), and its op log and snapshots are deleted. Transitions are compare-and-set (row locked, status unchanged), like every controller
 write.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 from sqlalchemy import select
 
+from control_plane.controller.workloads import snapshot_prefix
 from control_plane.db.models import Deployment, Run
 from control_plane.runtime import Runtime
 from control_plane.services import history
@@ -33,7 +37,7 @@ ENDED = frozenset({Status.INACTIVE, Status.FAILED})
 # what a run shows while its deployment is in one of these statuses
 FOLLOWS = {
     Status.DEPLOYING: Status.DEPLOYING,
-    Status.WAKING_UP: Status.DEPLOYING,
+    Status.WAKING_UP: Status.WAKING_UP,  # its trainer restarts (scale from zero, or after it died)
     Status.LOADING_MODEL: Status.LOADING_MODEL,
     Status.UPDATING: Status.LOADING_MODEL,
     Status.UNHEALTHY: Status.UNHEALTHY,
@@ -74,6 +78,15 @@ class RunReconciler:
             # nothing will complete the run's waiting ops any more
             why = f"trainer worker failed: {reason}" if to == Status.FAILED else f"run {run.id} is {to.value}: {reason}"
             await self.queue.fail_pending(run.id, why)
+            await self._drop_durable_state(run)
+
+    async def _drop_durable_state(self, run: Run) -> None:
+        """An ended run never resumes: its op log and snapshots go (checkpoints stay)."""
+        await self.r.redis.delete(q.ops_stream(run.id))
+        try:
+            await asyncio.to_thread(self.r.store.delete_prefix, snapshot_prefix(run.org_id, run.id) + "/")
+        except Exception as exc:  # noqa: BLE001 - garbage only: never block the transition on it
+            log.warning("could not delete the snapshots of an ended run", run_id=run.id, error=str(exc))
 
     async def _target(self, run: Run, dep: Deployment | None) -> tuple[Status, str | None] | None:
         status = Status(run.status)
@@ -91,6 +104,11 @@ class RunReconciler:
         state = await read_hash(self.r.redis, q.run_state_key(run.id))
         if state.get("state") == q.RunState.FAILED.value:
             return Status.FAILED, state.get("detail") or "the trainer could not execute this run"
+        if state.get("state") == q.RunState.RESTORING.value:
+            return Status.WAKING_UP, (
+                f"the trainer restores the run's snapshot and replays its op log up to seq "
+                f"{int(state.get('next_seq') or 1) - 1}"
+            )
         if dep_status == Status.ACTIVE:
             worker = await read_hash(self.r.redis, q.worker_state_key(dep.id))
             attached = worker.get("run_id") == run.id and state.get("state") == q.RunState.ATTACHED.value

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 STORE_SECRET_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
 
 
+def snapshot_prefix(org_id: str, run_id: str) -> str:
+    """Where a run's trainer keeps its snapshots in the object store (docs/durability.md)."""
+    return f"snapshots/{org_id}/{run_id}"
+
+
 def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
     """The trainer worker of a deployment (it executes the deployment's runs one at a time), on
     the capacity of its ``availability_model`` (dedicated or spot)."""

@@ -22,8 +22,8 @@ class Kind:
     # the role of the workload a row owns; None for runs, which own none: a run executes on
     # its deployment's trainer workload
     role: WorkloadRole | None
-    # Trainers do not scale to zero: a trainer holds LoRA weights and optimizer state in memory
-    # that a restarted worker cannot recover (see docs/kubernetes.md, "Scale to zero").
+    # Runs follow their deployment; a deployment's trainer snapshots its run when it stops and
+    # a new one restores it (docs/durability.md), so trainers scale to zero too.
     scales_to_zero: bool
 
     @property
@@ -45,7 +45,7 @@ class Kind:
 
 RUN = Kind("run", Run, None, scales_to_zero=False)
 SAMPLER = Kind("sampler", Sampler, WorkloadRole.SAMPLER, scales_to_zero=True)
-DEPLOYMENT = Kind("deployment", Deployment, WorkloadRole.TRAINER, scales_to_zero=False)
+DEPLOYMENT = Kind("deployment", Deployment, WorkloadRole.TRAINER, scales_to_zero=True)
 SERVED_MODEL = Kind("served_model", ServedModel, WorkloadRole.SERVED_MODEL, scales_to_zero=True)
 KINDS: dict[str, Kind] = {k.name: k for k in (RUN, SAMPLER, DEPLOYMENT, SERVED_MODEL)}
 

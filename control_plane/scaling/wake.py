@@ -78,6 +78,18 @@ async def touch_and_wake(runtime: Runtime, kind: KindName, resource_id: str, *, 
     return True
 
 
+async def op_arrived(runtime: Runtime, run_id: str, deployment_id: str | None, run_status: str) -> None:
+    """A training op for ``run_id`` was queued: activity of the run and of its deployment (what
+    keeps its trainer up; heartbeats do not), and a scaled-to-zero trainer is woken without
+    waiting (the op waits in the run's log; the client polls its future meanwhile)."""
+    await record_activity(runtime.redis, kind_of("run"), run_id)
+    if deployment_id is None:
+        return
+    await record_activity(runtime.redis, kind_of("deployment"), deployment_id)
+    if run_status in (Status.SCALED_TO_ZERO.value, Status.WAKING_UP.value):
+        await request_wake(runtime, "deployment", deployment_id)
+
+
 async def request_wake(runtime: Runtime, kind: KindName, resource_id: str) -> Status:
     """Ask for a scaled-to-zero resource to wake up and return at once (the controller brings
     it back); the status it had. Records the request as activity too."""

@@ -23,8 +23,7 @@ from sqlalchemy import select
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Deployment, Run
 from control_plane.errors import Conflict, DomainError, Gone, InvalidInput, NotFound
-from control_plane.scaling.activity import record_activity
-from control_plane.scaling.kinds import RUN
+from control_plane.scaling.wake import op_arrived, request_wake
 from control_plane.services import runs as runs_svc
 from control_plane.statuses import TERMINAL, Status
 from control_plane.training import loops_wire as w
@@ -92,6 +91,11 @@ class LoopsTrainerOps:
                 "model", f"{base_model} on deployment {t.deployment.id} (it trains {t.deployment.base_model})"
             )
         self.live(t)
+        if t.deployment.status == Status.SCALED_TO_ZERO.value:
+            # a client that checks whether its trainer is up means to use it: wake it (an awake
+            # trainer's health checks are not activity, so polling them keeps nothing up)
+            await request_wake(self.r, "deployment", t.deployment.id)
+            return False, f"run {t.run.id} was scaled to zero and is waking up"
         worker = await read_hash(self.r.redis, q.worker_state_key(t.deployment.id))
         state = await read_hash(self.r.redis, q.run_state_key(t.run.id))
         ready = (
@@ -136,7 +140,7 @@ class LoopsTrainerOps:
             await self._reject(t, operation_id, body, op, fingerprint, exc)
             raise
         await self._enqueue(t, operation_id, body.seq_id, kind, payload, fingerprint, op)
-        await record_activity(self.r.redis, RUN, t.run.id)
+        await op_arrived(self.r, t.run.id, t.deployment.id, t.run.status)
         return operation_id
 
     async def _enqueue(

@@ -22,8 +22,7 @@ from control_plane.auth.principal import Principal
 from control_plane.db.models import Checkpoint, Run
 from control_plane.errors import DomainError, Gone, InvalidInput, NotFound
 from control_plane.ids import training_model_id
-from control_plane.scaling.activity import record_activity
-from control_plane.scaling.kinds import RUN
+from control_plane.scaling.wake import op_arrived
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import runs as runs_svc
 from control_plane.statuses import TERMINAL, Status
@@ -105,7 +104,7 @@ class TrainingOps:
 
     async def _submit(self, run: Run, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
         rid, is_new = await self.queue.submit(run.id, run.id, seq_id, kind, body, org_id=run.org_id)
-        await record_activity(self.r.redis, RUN, run.id)  # -> runs.last_request_at (flushed by the controller)
+        await op_arrived(self.r, run.id, run.deployment_id, run.status)  # activity; wakes a sleeping trainer
         if is_new:
             await self._fail_if_ended(run.id, rid)
         if is_new and seq_id == 0:

@@ -2,9 +2,10 @@
 
 A run created through the Loops API is started by the controller on its deployment's
 trainer, moves DEPLOYING -> LOADING_MODEL -> ACTIVE as the worker loads the tiny model, takes
-the run and reports READY through Redis; a SIGKILLed worker makes the deployment and the run
-FAILED with the signal in the reason and fails the run's pending futures (category
-``server``); deactivating a live run stops its deployment's process and ends INACTIVE; a run
+the run and reports READY through Redis; a SIGKILLed worker is restarted and the run resumes
+(ACTIVE -> WAKING_UP -> ACTIVE, its waiting ops still pending), until it dies more often in a
+row than ``run_resume_max_attempts``: then the deployment and the run are FAILED with the
+signal in the reason and the run's pending futures fail (category ``server``); deactivating a live run stops its deployment's process and ends INACTIVE; a run
 made with ``reuse_from_run_id`` goes on the warm worker of the earlier run. The controller is driven pass by pass with ``reconcile_once()`` until a condition
 holds or a deadline passes.
 """
@@ -150,7 +151,7 @@ async def stack(
             await runtime.close()  # stops any worker still running
 
 
-async def test_run_starts_then_fails_when_its_worker_is_killed(stack: Stack) -> None:
+async def test_a_killed_worker_is_restarted_and_the_run_resumes_until_attempts_run_out(stack: Stack) -> None:
     run = await stack.start_active_run()
     run_id, dep_id = run["id"], run["deployment_id"]
     steps = [(h.from_status, h.to_status) for h in await stack.history(run_id)]
@@ -167,18 +168,31 @@ async def test_run_starts_then_fails_when_its_worker_is_killed(stack: Stack) -> 
     await stack.drive("the create op to finish", lambda: _settled(stack, create_rid))
     assert (await stack.future(create_rid)).state == q.FutureState.DONE
 
+    # SIGKILL: the controller restarts the trainer, which resumes the run (WAKING_UP, then ACTIVE)
     waiting = await stack.pending_op(run_id)
     assert (await stack.future(waiting)).state == q.FutureState.PENDING
     os.kill(pid, signal.SIGKILL)
-    await stack.drive("the run to fail", lambda: stack.status_is(run_id, "FAILED"))
-
-    row = await stack.run_row(run_id)
-    assert row.status_reason and "killed by SIGKILL" in row.status_reason, row.status_reason
-    assert row.status_reason.startswith(f"deployment {dep_id} failed: worker process killed by SIGKILL")
-    last = (await stack.history(run_id))[-1]
-    assert (last.from_status, last.to_status, last.reason) == ("ACTIVE", "FAILED", row.status_reason)
+    await stack.drive("the run to come back", lambda: _resumed(stack, run_id, 1))
+    history = await stack.history(run_id)
+    back = [(h.from_status, h.to_status) for h in history[3:]]
+    assert back[0] == ("ACTIVE", "WAKING_UP") and back[-1][1] == "ACTIVE", back
+    reason = history[3].reason or ""
+    assert "killed by SIGKILL" in reason and "attempt 1 of 3" in reason, reason
+    new_pid = stack.backend.pid(dep_id, WorkloadRole.TRAINER)
+    assert new_pid is not None and new_pid != pid
+    assert (await stack.future(waiting)).state == q.FutureState.PENDING  # still waiting for seq 1, not failed
     r = await stack.client.get(f"/v1/loops/deployments/{dep_id}", headers=stack.tenant.headers)
-    assert r.json()["deployment"]["status"]["name"] == "FAILED"
+    assert r.json()["deployment"]["status"]["name"] == "RUNNING"
+
+    # a trainer that keeps dying at the same op fails the run once the attempts run out
+    stack.runtime.settings.run_resume_max_attempts = 1
+    os.kill(new_pid, signal.SIGKILL)
+    await stack.drive("the run to fail", lambda: stack.status_is(run_id, "FAILED"))
+    row = await stack.run_row(run_id)
+    assert row.status_reason and row.status_reason.startswith(f"deployment {dep_id} failed: the trainer died 2 times")
+    assert "killed by SIGKILL" in row.status_reason, row.status_reason
+    last = (await stack.history(run_id))[-1]
+    assert (last.to_status, last.reason) == ("FAILED", row.status_reason)
     r = await stack.client.get(f"/v1/loops/runs/{run_id}", headers=stack.tenant.headers)
     assert r.json()["run"]["status"] == {"name": "FAILED", "reason": row.status_reason}
 
@@ -187,8 +201,16 @@ async def test_run_starts_then_fails_when_its_worker_is_killed(stack: Stack) -> 
     assert failed.category == q.ErrorCategory.SERVER, failed
     assert b"SIGKILL" in failed.body, failed.body
     assert await stack.runtime.redis.scard(q.run_pending_key(run_id)) == 0
-    # the dead workload is forgotten (garbage-collected in the same pass)
+    # the dead workload is forgotten (garbage-collected in the same pass), and so are the run's
+    # op log and snapshots
     assert (dep_id, WorkloadRole.TRAINER) not in await stack.backend.list_workloads()
+    assert not await stack.runtime.redis.exists(q.ops_stream(run_id))
+    assert stack.runtime.store.list(f"snapshots/{row.org_id}/{run_id}/") == []
+
+
+async def _resumed(stack: Stack, run_id: str, resumes: int) -> bool:
+    state = await read_hash(stack.runtime.redis, q.run_state_key(run_id))
+    return int(state.get("resumes") or 0) >= resumes and await stack.status_is(run_id, "ACTIVE")
 
 
 async def test_deactivating_a_live_run_stops_its_worker(stack: Stack) -> None:

@@ -62,7 +62,7 @@ def trainer_name(run: Run) -> str:
 async def test_run_lifecycle_from_pods_and_worker_state(
     services, data_dir: Path, cluster: Cluster, kubelet: Kubelet
 ) -> None:
-    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
+    async with k8s_runtime(k8s_settings(services, data_dir, cluster.url, run_resume_max_attempts=1)) as rt:
         ctl = Controller(rt)
         t = await tenant(rt)
         run = await new_run(rt, t)
@@ -84,14 +84,56 @@ async def test_run_lifecycle_from_pods_and_worker_state(
         await trainer_reports(rt, run, q.WorkerState.READY)  # the worker loaded the model, took the run
         await eventually(lambda: is_("ACTIVE"), T, what="ACTIVE")
 
-        kubelet.set_status(pod, waiting("trainer", "CrashLoopBackOff", restarts=1, last=terminated(137, "OOMKilled")))
+        # the trainer crashes: the controller replaces its Deployment and the run resumes on the
+        # new pod (WAKING_UP, with the crash in the reason, then ACTIVE once the worker is READY)
+        crash = waiting("trainer", "CrashLoopBackOff", restarts=1, last=terminated(137, "OOMKilled"))
+        kubelet.set_status(pod, crash)
+        await eventually(lambda: is_("WAKING_UP"), T, what="WAKING_UP")
+        dep_hist = await history(rt, run.deployment_id)
+        assert dep_hist[-1][1] == "WAKING_UP" and dep_hist[-1][2].startswith(
+            "OOMKilled (exit code 137), CrashLoopBackOff; restarting the trainer to resume run"
+        ), dep_hist[-1]
+        assert not await rt.redis.exists(q.worker_state_key(run.deployment_id))  # the dead one's READY is gone
+
+        async def recreated() -> bool:
+            await ctl.reconcile_once()
+            return cluster.get(DEPLOYMENTS, name) is not None and not cluster.objects(PODS)
+
+        await eventually(recreated, T, what="a new trainer Deployment")
+        pod = kubelet.create_pod(name, suffix="fghij")
+        kubelet.set_status(pod, running("trainer", ready=True, started=True))
+        await ctl.reconcile_once()
+        assert await status(rt, Run, run.id) == "WAKING_UP"  # not before the new worker says READY
+        await trainer_reports(rt, run, q.WorkerState.READY)
+        await eventually(lambda: is_("ACTIVE"), T, what="ACTIVE again")
+
+        # crashing again at the same op, beyond run_resume_max_attempts (1 here): FAILED
+        kubelet.set_status(pod, crash)
         await eventually(lambda: is_("FAILED"), T, what="FAILED")
         hist = await history(rt, run.id)
-        assert collapse([h[1] for h in hist]) == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "FAILED"], hist
-        assert hist[-1][2] == f"deployment {run.deployment_id} failed: OOMKilled (exit code 137), CrashLoopBackOff"
+        assert collapse([h[1] for h in hist]) == [
+            "DEPLOYING",
+            "LOADING_MODEL",
+            "ACTIVE",
+            "WAKING_UP",
+            "ACTIVE",
+            "FAILED",
+        ], hist
+        reason = (
+            "the trainer died 2 times in a row at seq 0 without getting further, so run "
+            f"{run.id} is not resumed again; last: OOMKilled (exit code 137), CrashLoopBackOff"
+        )
+        assert hist[-1][2] == f"deployment {run.deployment_id} failed: {reason}"
         dep_hist = await history(rt, run.deployment_id)
-        assert collapse([h[1] for h in dep_hist]) == ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "FAILED"], dep_hist
-        assert dep_hist[-1][2] == "OOMKilled (exit code 137), CrashLoopBackOff"
+        assert collapse([h[1] for h in dep_hist]) == [
+            "DEPLOYING",
+            "LOADING_MODEL",
+            "ACTIVE",
+            "WAKING_UP",
+            "ACTIVE",
+            "FAILED",
+        ], dep_hist
+        assert dep_hist[-1][2] == reason
 
         # a failed run's workload is garbage-collected (its pods go with it)
         async def collected() -> bool:
@@ -267,10 +309,11 @@ async def test_controller_restarted_mid_way_creates_no_duplicates_and_leaks_noth
     assert not [n for n in leaked if n.startswith("openloops-k8s")], leaked
 
 
-@pytest.mark.parametrize(("next_seq", "expect"), [(0, "DEPLOYING"), (5, "FAILED")])
-async def test_a_vanished_trainer_is_recreated_only_if_nothing_was_lost(
-    services, data_dir: Path, cluster: Cluster, kubelet: Kubelet, next_seq: int, expect: str
+@pytest.mark.parametrize("next_seq", [0, 5])
+async def test_a_vanished_trainer_is_recreated_and_its_run_resumes(
+    services, data_dir: Path, cluster: Cluster, kubelet: Kubelet, next_seq: int
 ) -> None:
+    """Whether or not its run executed ops: the new worker restores the run's snapshot."""
     async with k8s_runtime(k8s_settings(services, data_dir, cluster.url)) as rt:
         ctl = Controller(rt)
         run = await new_run(rt, await tenant(rt))
@@ -287,14 +330,20 @@ async def test_a_vanished_trainer_is_recreated_only_if_nothing_was_lost(
         await eventually(lambda: is_("ACTIVE"), T, what="ACTIVE")
         uid = cluster.get(DEPLOYMENTS, name)["metadata"]["uid"]
         cluster.apps.delete_namespaced_deployment(name, NAMESPACE)  # someone deletes it
-        await eventually(lambda: is_(expect), T, what=expect)
+        await eventually(lambda: is_("WAKING_UP"), T, what="WAKING_UP")
         hist = await history(rt, run.deployment_id)
         after = hist[[h[1] for h in hist].index("ACTIVE") + 1 :]
         (_, to, reason) = after[0]
-        assert to == expect
-        if expect == "DEPLOYING":
-            assert reason == "workload disappeared; recreating it"
+        assert to == "WAKING_UP"
+        assert reason == (
+            f"the trainer workload disappeared; restarting the trainer to resume run {run.id} from its "
+            "snapshot and op log (attempt 1 of 3)"
+        )
+
+        async def recreated() -> bool:
+            await ctl.reconcile_once()
             again = cluster.get(DEPLOYMENTS, name)
-            assert again is not None and again["metadata"]["uid"] != uid
-        else:
-            assert reason == "trainer workload disappeared"
+            return again is not None and again["metadata"]["uid"] != uid
+
+        await eventually(recreated, T, what="a new Deployment")
+        assert await status(rt, Run, run.id) == "WAKING_UP"
