@@ -207,33 +207,6 @@ def test_importance_sampling_matches_hand_computation(service, live_server: Live
     assert _loss(after) != pytest.approx(_loss(fwd), rel=1e-6)  # positive advantages moved the weights
 
 
-def test_killed_worker_fails_the_model(service, live_server: LiveServer) -> None:
-    import os
-    import signal
-
-    from data_plane.wire.queue import run_pending_key, worker_state_key
-
-    tc = service.create_lora_training_client(live_server.model.name, rank=4, seed=4).result()
-    tok = tc.get_tokenizer()
-    data = _datums(tok, [" ".join(TEXTS * 8)] * 2)  # one request per call, a few hundred tokens each
-    redis = live_server.runtime.redis
-    dep_id = _run_row(live_server, tc.model_id).deployment_id  # the run executes on its deployment's worker
-    pid = int(live_server.call(redis.hget(worker_state_key(dep_id), "pid")))
-    futs = [tc.forward_backward(data, "cross_entropy") for _ in range(6)]
-    deadline = time.monotonic() + 60
-    while live_server.call(redis.scard(run_pending_key(tc.model_id))) < 1:
-        assert time.monotonic() < deadline, "ops were never submitted"
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(tinker.RequestFailedError, match="trainer worker failed"):
-        for f in futs:
-            f.result()
-    row = _run_row(live_server, tc.model_id)
-    assert row.status == "FAILED" and row.status_reason
-    with pytest.raises(Exception, match="FAILED"):
-        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
-
-
 def _post(live_server: LiveServer, path: str, body: dict, key: str | None = None) -> httpx.Response:
     return httpx.post(
         f"{live_server.base_url}/api/v1/{path}",
