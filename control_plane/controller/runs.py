@@ -81,7 +81,9 @@ class RunReconciler:
             await self._drop_durable_state(run)
 
     async def _drop_durable_state(self, run: Run) -> None:
-        """An ended run never resumes: its op log and snapshots go (checkpoints stay)."""
+        """An ended run never resumes: its op log and snapshots go (checkpoints stay). Its
+        worker, if one is still draining, no longer owns it, so it writes no further snapshot."""
+        await self.r.redis.hset(q.run_state_key(run.id), "owner", "ended")
         await self.r.redis.delete(q.ops_stream(run.id))
         try:
             await asyncio.to_thread(self.r.store.delete_prefix, snapshot_prefix(run.org_id, run.id) + "/")

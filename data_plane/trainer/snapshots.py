@@ -150,8 +150,9 @@ def capture(model: TrainingModel, run_id: str, next_seq: int, seq0_error: tuple[
             tensors[_GRAD + name] = p.grad.detach().to("cpu", copy=True)
     for name, t in (model.initial or {}).items():
         tensors[_INITIAL + name] = t  # never modified in place (init_trainer copies from it)
+    on_cpu = model.device.type == "cpu"  # there optimizer_state returns the live tensors (views)
     for k, t in ckpt.optimizer_state(eng.optimizer, eng.named_params).items():
-        tensors[_OPT + k] = t if t.device.type != "cpu" else t.clone()
+        tensors[_OPT + k] = t.clone() if on_cpu else t
     return RunSnapshot(
         run_id=run_id,
         next_seq=next_seq,
