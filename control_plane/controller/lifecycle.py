@@ -14,6 +14,8 @@ always wins. Per status:
   vanished served model is recreated (back to DEPLOYING). A trainer that exited or vanished is
   restarted (WAKING_UP, the reason in the history row) and its run resumes from its snapshot
   and op log; :mod:`.resume` fails it after ``run_resume_max_attempts`` deaths at the same op.
+  A trainer that was up and whose pod went away (the Deployment waits for a new one) is
+  WAKING_UP too, its old worker's state dropped, until the worker on the new pod is READY.
   A trainer whose base model failed to load is FAILED at once. A deployment is ACTIVE only
   once its worker reports READY through Redis, and while it is live the controller tells its
   worker which run to execute (an attach event, whenever the worker's run differs from
@@ -75,6 +77,7 @@ PHASE_STATUS = {
     Phase.SCALED_DOWN: Status.SCALED_TO_ZERO,
 }
 STARTING_UP = frozenset({Status.DEPLOYING, Status.WAKING_UP})
+TRAINER_UP = frozenset({Status.ACTIVE, Status.UNHEALTHY})  # its worker said READY
 
 
 class RowReconciler:
@@ -129,6 +132,8 @@ class RowReconciler:
         acted = False
         if kind is DEPLOYMENT and await self._trainer_died(row, status, obs):
             return  # restarting it (WAKING_UP) or out of attempts (FAILED)
+        if kind is DEPLOYMENT and await self._trainer_pod_replaced(row, status, obs):
+            return  # WAKING_UP until the worker on the new pod says READY
         if obs.phase == Phase.ABSENT and status not in STARTING_UP and kind is not DEPLOYMENT:
             # gone (a node lost, a local control plane restarted): a served model is stateless
             if not await self._transition(
@@ -218,6 +223,27 @@ class RowReconciler:
         await self._forget_worker(dep.id)
         if await self._transition(DEPLOYMENT, dep.id, status, Status.WAKING_UP, decision.reason[:2000]):
             log.warning("trainer died; resuming", id=dep.id, run_id=dep.active_run_id, reason=decision.reason)
+        return True
+
+    async def _trainer_pod_replaced(self, dep: Deployment, status: Status, obs: Observation) -> bool:
+        """The pod of a trainer that was up went away (a spot preemption, a node drain, a
+        deletion) and its Deployment waits for the replacement (PENDING: no pod runs). The
+        ReplicaSet makes the new pod by itself (nothing to recreate); its worker restores the
+        run, so the deployment is WAKING_UP until that worker says READY. The gone worker's
+        state is dropped first: the READY it left behind when it was killed must not make the
+        new pod ACTIVE before its worker has loaded anything. Not counted as a death
+        (:mod:`.resume`): the trainer did not fail, it was taken away."""
+        if status not in TRAINER_UP or obs.phase != Phase.PENDING:
+            return False
+        await self._forget_worker(dep.id)
+        resumes = (
+            f"run {dep.active_run_id} resumes on the new pod from its snapshot and op log"
+            if dep.active_run_id
+            else "the trainer restarts on a new pod"
+        )
+        reason = f"the trainer pod went away ({obs.reason}); {resumes}"
+        if await self._transition(DEPLOYMENT, dep.id, status, Status.WAKING_UP, reason[:2000]):
+            log.warning("trainer pod went away; resuming", id=dep.id, run_id=dep.active_run_id, reason=reason)
         return True
 
     async def _forget_worker(self, deployment_id: str) -> None:
