@@ -420,7 +420,7 @@ class RowReconciler:
         the request path only wakes what it saw asleep)."""
         key = (kind.name, row.id)
         if kind is DEPLOYMENT and await self._ops_waiting(row.id):
-            await request_wake(self.r, "deployment", row.id)
+            await request_wake(self.r, "deployment", row.id, f"woken by an op waiting on run {row.active_run_id}")
             return
         try:
             obs = await self.backend.observe(row.id, kind.owned_role)

@@ -90,14 +90,16 @@ async def op_arrived(runtime: Runtime, run_id: str, deployment_id: str | None, r
         await request_wake(runtime, "deployment", deployment_id)
 
 
-async def request_wake(runtime: Runtime, kind: KindName, resource_id: str) -> Status:
+async def request_wake(
+    runtime: Runtime, kind: KindName, resource_id: str, reason: str = "woken by a request"
+) -> Status:
     """Ask for a scaled-to-zero resource to wake up and return at once (the controller brings
     it back); the status it had. Records the request as activity too."""
     k = kind_of(kind)
     await record_activity(runtime.redis, k, resource_id)
     status = await _status(runtime, k, resource_id)
     if status == Status.SCALED_TO_ZERO:
-        await _request_wake(runtime, k, resource_id)
+        await _request_wake(runtime, k, resource_id, reason)
         await runtime.kick_controller()
     return status
 
@@ -110,11 +112,11 @@ async def _status(runtime: Runtime, k: Kind, resource_id: str) -> Status:
     return Status(raw)
 
 
-async def _request_wake(runtime: Runtime, k: Kind, resource_id: str) -> None:
+async def _request_wake(runtime: Runtime, k: Kind, resource_id: str, reason: str = "woken by a request") -> None:
     async with runtime.db.transaction() as s:
         row = await k.locked(s, resource_id)
         if row is not None and row.status == Status.SCALED_TO_ZERO.value:
-            history.transition(s, k.name, row, Status.WAKING_UP, "woken by a request")
+            history.transition(s, k.name, row, Status.WAKING_UP, reason)
 
 
 async def _wait_active(runtime: Runtime, k: Kind, resource_id: str, pubsub: PubSub, deadline: float) -> None:

@@ -239,7 +239,10 @@ async def test_an_idle_trainer_scales_to_zero_and_an_op_waiting_on_its_run_wakes
                 await ctl.halt()
         assert uid_of(cluster, name) == uid  # scaled down and up, never recreated
         hist = await history(rt, dep_id)
-        assert [(h[1], h[2]) for h in hist[-2:]] == [("WAKING_UP", "woken by a request"), ("ACTIVE", "trainer is back")]
+        assert [(h[1], h[2]) for h in hist[-2:]] == [
+            ("WAKING_UP", f"woken by an op waiting on run {run.id}"),
+            ("ACTIVE", "trainer is back"),
+        ]
         assert [h[1] for h in hist[-3:]] == ["SCALED_TO_ZERO", "WAKING_UP", "ACTIVE"]
         assert (await statuses(rt, run.id))[-4:] == ["ACTIVE", "SCALED_TO_ZERO", "WAKING_UP", "ACTIVE"]
 
