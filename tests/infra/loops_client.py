@@ -91,6 +91,89 @@ def client_env(base_url: str, api_key: str, extra: dict[str, str] | None = None)
     return env
 
 
+class ClientProcess:
+    """A client script started by :func:`start_client`, still running: a test can act on the
+    server meanwhile (kill a trainer, restart the server) and then :meth:`wait` for it."""
+
+    def __init__(self, proc: subprocess.Popen[str], tmp: tempfile.TemporaryDirectory[str], label: str, name: str):
+        self.proc = proc
+        self._tmp = tmp
+        self._label = label
+        self._name = name
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float = 600) -> ClientResult:
+        """The script's result once it exits. A non-zero exit or a timeout raises
+        ``AssertionError`` carrying the tail of its stderr."""
+        label, name, proc = self._label, self._name, self.proc
+        try:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                stdout, stderr = proc.communicate()
+                raise AssertionError(
+                    f"{label} {name} timed out after {timeout:g} s; stderr tail:\n{_tail(stderr)}"
+                    f"\nstdout tail:\n{_tail(stdout, 2000)}"
+                ) from None
+        finally:
+            self._tmp.cleanup()
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"{label} {name} exited with {proc.returncode}; stderr tail:\n{_tail(stderr)}"
+                f"\nstdout tail:\n{_tail(stdout, 2000)}"
+            )
+        return ClientResult(proc.returncode, stdout, stderr, _last_json_object(stdout))
+
+    def kill(self) -> None:
+        """End the script and its children (it leads its own process group), unless it has
+        exited already (then its id may be someone else's)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_client(
+    script: str | Path,
+    *,
+    base_url: str,
+    api_key: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    python: Path | None = None,
+) -> ClientProcess:
+    """Start ``script`` (a ``Path`` is a file, a ``str`` is Python source) in the Loops client
+    venv (or with ``python``, another client venv's interpreter: see tests/e2e/test_older_sdks.py)
+    and return without waiting for it; see :func:`run_client`."""
+    python = python or loops_python()
+    if python is None:
+        raise AssertionError(f"the Loops client venv {VENV} is not installed: run `scripts/install test`")
+    label = "Loops client" if python.parents[1] == VENV else f"client ({python.parents[1].name})"
+    tmp = tempfile.TemporaryDirectory(prefix="loops-client-")
+    try:
+        if isinstance(script, Path):
+            path, name = script.resolve(), script.name
+        else:
+            path, name = Path(tmp.name) / "client_script.py", "<client script>"
+            path.write_text(script)
+        proc = subprocess.Popen(
+            [str(python), str(path)],
+            cwd=cwd or tmp.name,
+            env=client_env(base_url, api_key, env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # so a timeout can end the script's children too
+        )
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return ClientProcess(proc, tmp, label, name)
+
+
 def run_client(
     script: str | Path,
     *,
@@ -107,39 +190,5 @@ def run_client(
     ``env`` is added on top of the client environment (see ``client_env``); ``cwd`` defaults to a
     fresh temporary directory. A non-zero exit or a timeout raises ``AssertionError`` carrying the
     tail of the script's stderr."""
-    python = python or loops_python()
-    if python is None:
-        raise AssertionError(f"the Loops client venv {VENV} is not installed: run `scripts/install test`")
-    label = "Loops client" if python.parents[1] == VENV else f"client ({python.parents[1].name})"
-    with tempfile.TemporaryDirectory(prefix="loops-client-") as tmp:
-        if isinstance(script, Path):
-            path, name = script.resolve(), script.name
-        else:
-            path, name = Path(tmp) / "client_script.py", "<client script>"
-            path.write_text(script)
-        proc = subprocess.Popen(
-            [str(python), str(path)],
-            cwd=cwd or tmp,
-            env=client_env(base_url, api_key, env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # so a timeout can end the script's children too
-        )
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            raise AssertionError(
-                f"{label} {name} timed out after {timeout:g} s; stderr tail:\n{_tail(stderr)}"
-                f"\nstdout tail:\n{_tail(stdout, 2000)}"
-            ) from None
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{label} {name} exited with {proc.returncode}; stderr tail:\n{_tail(stderr)}"
-            f"\nstdout tail:\n{_tail(stdout, 2000)}"
-        )
-    return ClientResult(proc.returncode, stdout, stderr, _last_json_object(stdout))
+    client = start_client(script, base_url=base_url, api_key=api_key, env=env, cwd=cwd, python=python)
+    return client.wait(timeout)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.infra.loops_client import ClientResult, require_loops_python, run_client
+from tests.infra.loops_client import ClientProcess, ClientResult, require_loops_python, run_client, start_client
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class LoopsClient:
         self, script: str | Path, *, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None
     ) -> ClientResult:
         return run_client(script, base_url=self.base_url, api_key=self.api_key, env=env, timeout=timeout, cwd=cwd)
+
+    def start(self, script: str | Path, *, env: dict[str, str] | None = None, cwd: Path | None = None) -> ClientProcess:
+        """Start a script without waiting for it (``ClientProcess.wait`` gives its result)."""
+        return start_client(script, base_url=self.base_url, api_key=self.api_key, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="session")
