@@ -22,12 +22,13 @@ import tinker
 from sqlalchemy import select, update
 from tinker import types
 
-from control_plane.db.models import Checkpoint, Deployment, Run, StatusHistory
+from control_plane.db.models import Checkpoint, Deployment
 from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.trainer import snapshots
 from data_plane.wire import queue as q
 from tests.e2e.sft import datum
+from tests.infra.live_runs import history, in_transaction, run_row, run_state, trainer_pid, wait_status
 from tests.infra.live_server import LiveServer, start_live_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -83,7 +84,7 @@ class Trainer:
         return str(self.tc.model_id)
 
     def step(
-        self, i: int, *, after_fb: Callable[[], None] | None = None, after_optim: Callable[[], None] | None = None
+        self, i: int, *, after_fb: Callable[[], object] | None = None, after_optim: Callable[[], object] | None = None
     ) -> None:
         fb = self.tc.forward_backward(batch(self.tok, i), "cross_entropy")
         if after_fb:
@@ -104,46 +105,6 @@ def reference(server: LiveServer, service: tinker.ServiceClient) -> list[float]:
     return t.losses
 
 
-def _db(server: LiveServer, fn: Callable[[Any], Any]) -> Any:
-    async def go() -> Any:
-        async with server.runtime.db.transaction() as s:
-            return await fn(s)
-
-    return server.call(go())
-
-
-def run_row(server: LiveServer, run_id: str) -> Run:
-    return _db(server, lambda s: s.get(Run, run_id))
-
-
-def history(server: LiveServer, kind: str, rid: str) -> list[tuple[str | None, str, str | None]]:
-    async def rows(s: Any) -> list[tuple[str | None, str, str | None]]:
-        stmt = (
-            select(StatusHistory)
-            .where(StatusHistory.resource_type == kind, StatusHistory.resource_id == rid)
-            .order_by(StatusHistory.id)
-        )
-        return [(h.from_status, h.to_status, h.reason) for h in (await s.execute(stmt)).scalars()]
-
-    return _db(server, rows)
-
-
-def run_state(server: LiveServer, run_id: str) -> dict[str, str]:
-    raw = server.call(server.runtime.redis.hgetall(q.run_state_key(run_id)))
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def trainer_pid(server: LiveServer, run_id: str, timeout_s: float = 120.0) -> int:
-    backend = server.runtime.backend
-    assert isinstance(backend, LocalProcessBackend)
-    dep_id = run_row(server, run_id).deployment_id
-    deadline = time.monotonic() + timeout_s
-    while (pid := backend.pid(dep_id, WorkloadRole.TRAINER)) is None:
-        assert time.monotonic() < deadline, "no trainer process"
-        time.sleep(0.05)
-    return pid
-
-
 def wait_pending(server: LiveServer, run_id: str) -> None:
     """Until the run has an op in flight (submitted, not answered)."""
     deadline = time.monotonic() + 30
@@ -158,14 +119,6 @@ def kill(server: LiveServer, run_id: str, *, when_pending: bool = True) -> int:
     pid = trainer_pid(server, run_id)
     os.kill(pid, signal.SIGKILL)
     return pid
-
-
-def wait_status(server: LiveServer, run_id: str, *statuses: str, timeout_s: float = 180.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while (st := run_row(server, run_id).status) not in statuses:
-        assert time.monotonic() < deadline, (st, history(server, "run", run_id))
-        time.sleep(0.1)
-    return st
 
 
 def assert_matches(losses: list[float], reference: list[float]) -> None:
@@ -207,10 +160,14 @@ def test_sigkill_during_each_kind_of_op_and_twice_in_a_row(
     assert run_row(server, t.run_id).status == "ACTIVE"
     went = history(server, "run", t.run_id)
     assert sum(1 for _, to, _ in went if to == "WAKING_UP") >= 4, went
-    reasons = [r or "" for _, to, r in history(server, "deployment", run_row(server, t.run_id).deployment_id)]
+    dep_id = run_row(server, t.run_id).deployment_id
+    assert dep_id is not None
+    reasons = [r or "" for _, _, r in history(server, "deployment", dep_id)]
     assert any("killed by SIGKILL" in r and "attempt 2 of 3" in r for r in reasons), reasons
     ckpts = (
-        _db(server, lambda s: s.execute(select(Checkpoint.name).where(Checkpoint.run_id == t.run_id))).scalars().all()
+        in_transaction(server, lambda s: s.execute(select(Checkpoint.name).where(Checkpoint.run_id == t.run_id)))
+        .scalars()
+        .all()
     )
     assert list(ckpts) == ["mid"]
     # and the checkpoint saved mid-way resumes a new run at that point (fork)
@@ -240,7 +197,8 @@ def test_server_restart_during_a_resume_then_scale_to_zero_and_wake(
 
     # idle past its scale_down_delay_seconds: the trainer snapshots and stops
     dep_id = run_row(server, t.run_id).deployment_id
-    _db(
+    assert dep_id is not None
+    in_transaction(
         server,
         lambda s: s.execute(update(Deployment).where(Deployment.id == dep_id).values(scale_down_delay_seconds=2)),
     )

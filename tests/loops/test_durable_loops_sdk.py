@@ -15,20 +15,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
 
 from control_plane.catalog import CatalogModel
-from control_plane.db.models import Run, StatusHistory
 from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.trainer import snapshots
 from data_plane.wire import queue as q
+from tests.infra.live_runs import history, pending, run_row, run_state, wait_status
 from tests.infra.live_server import LiveServer, start_live_server
 from tests.infra.loops_client import ClientProcess, require_loops_python, run_client, start_client
 from tests.infra.services import TestServices
@@ -98,39 +97,6 @@ def reference(server: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> d
     return res.result
 
 
-def _db(server: LiveServer, fn: Callable[[Any], Any]) -> Any:
-    async def go() -> Any:
-        async with server.runtime.db.transaction() as s:
-            return await fn(s)
-
-    return server.call(go())
-
-
-def run_row(server: LiveServer, run_id: str) -> Run:
-    return _db(server, lambda s: s.get(Run, run_id))
-
-
-def history(server: LiveServer, kind: str, rid: str) -> list[tuple[str | None, str, str | None]]:
-    async def rows(s: Any) -> list[tuple[str | None, str, str | None]]:
-        stmt = (
-            select(StatusHistory)
-            .where(StatusHistory.resource_type == kind, StatusHistory.resource_id == rid)
-            .order_by(StatusHistory.id)
-        )
-        return [(h.from_status, h.to_status, h.reason) for h in (await s.execute(stmt)).scalars()]
-
-    return _db(server, rows)
-
-
-def run_state(server: LiveServer, run_id: str) -> dict[str, str]:
-    raw = server.call(server.runtime.redis.hgetall(q.run_state_key(run_id)))
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def pending(server: LiveServer, run_id: str) -> set[str]:
-    return {m.decode() for m in server.call(server.runtime.redis.smembers(q.run_pending_key(run_id)))}
-
-
 def wait_run_id(client: ClientProcess, run_id_file: Path) -> str:
     deadline = time.monotonic() + 600
     while not run_id_file.exists():
@@ -174,13 +140,6 @@ def kill_mid_run(server: LiveServer, client: ClientProcess, run_id: str) -> dict
             return {"pid": pid, "pending": in_flight, "state": state, "snapshot_seq": manifest.next_seq}
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.005)
-
-
-def wait_status(server: LiveServer, run_id: str, status: str, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while run_row(server, run_id).status != status:
-        assert time.monotonic() < deadline, (status, history(server, "run", run_id))
-        time.sleep(0.1)
 
 
 def test_the_loops_sdk_trains_through_a_sigkill_of_its_trainer(

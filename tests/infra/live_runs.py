@@ -1,0 +1,77 @@
+"""What the durable-run tests read about a run on a live server (rows, history, Redis state,
+its trainer process), and how they wait for it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+
+from control_plane.db.models import Run, StatusHistory
+from control_plane.scheduler.local import LocalProcessBackend
+from control_plane.scheduler.protocol import WorkloadRole
+from data_plane.wire import queue as q
+from tests.infra.live_server import LiveServer
+
+History = list[tuple[str | None, str, str | None]]  # (from, to, reason), oldest first
+
+
+def in_transaction(server: LiveServer, fn: Callable[[Any], Any]) -> Any:
+    """``await fn(session)`` in a transaction on the server's loop."""
+
+    async def go() -> Any:
+        async with server.runtime.db.transaction() as s:
+            return await fn(s)
+
+    return server.call(go())
+
+
+def run_row(server: LiveServer, run_id: str) -> Run:
+    return in_transaction(server, lambda s: s.get(Run, run_id))
+
+
+def history(server: LiveServer, kind: str, rid: str) -> History:
+    async def rows(s: Any) -> History:
+        stmt = (
+            select(StatusHistory)
+            .where(StatusHistory.resource_type == kind, StatusHistory.resource_id == rid)
+            .order_by(StatusHistory.id)
+        )
+        return [(h.from_status, h.to_status, h.reason) for h in (await s.execute(stmt)).scalars()]
+
+    return in_transaction(server, rows)
+
+
+def run_state(server: LiveServer, run_id: str) -> dict[str, str]:
+    """What the run's trainer reports about it (``next_seq``, ``resumes``, ``snapshot_seq``...)."""
+    raw = server.call(server.runtime.redis.hgetall(q.run_state_key(run_id)))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def pending(server: LiveServer, run_id: str) -> set[str]:
+    """Request ids of the run's ops that are submitted and not answered."""
+    return {m.decode() for m in server.call(server.runtime.redis.smembers(q.run_pending_key(run_id)))}
+
+
+def trainer_pid(server: LiveServer, run_id: str, timeout_s: float = 120.0) -> int:
+    """The pid of the run's trainer process (waits while there is none, e.g. during a restart)."""
+    backend = server.runtime.backend
+    assert isinstance(backend, LocalProcessBackend)
+    dep_id = run_row(server, run_id).deployment_id
+    assert dep_id is not None
+    deadline = time.monotonic() + timeout_s
+    while (pid := backend.pid(dep_id, WorkloadRole.TRAINER)) is None:
+        assert time.monotonic() < deadline, "no trainer process"
+        time.sleep(0.05)
+    return pid
+
+
+def wait_status(server: LiveServer, run_id: str, *statuses: str, timeout_s: float = 180.0) -> str:
+    """Until the run has one of ``statuses``; returns it."""
+    deadline = time.monotonic() + timeout_s
+    while (st := run_row(server, run_id).status) not in statuses:
+        assert time.monotonic() < deadline, (st, history(server, "run", run_id))
+        time.sleep(0.1)
+    return st
