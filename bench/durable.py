@@ -7,7 +7,7 @@ tokens per ``forward_backward``, LoRA rank 32, then ``optim_step``, both awaited
 
 1. **Snapshot overhead per step.** The snapshot policy is a server setting, so two stacks run
    side by side, each with its own server, trainer worker and run: *every step*
-   (``OPENLOOPS_TRAINER_SNAPSHOT_MAX_OPS=2``) and *off* (only the snapshot after seq 0; the
+   (``OPENLOOPS_TRAINER_SNAPSHOT_MAX_OPS=2``, no interval) and *off* (only the snapshot after seq 0; the
    op count and interval out of reach). Steps run on one side at a time, in blocks alternating
    between the sides (which side goes first alternates by round), so drift in the machine's
    speed hits both alike. A block's first step is not measured (no snapshot of the step before
@@ -61,9 +61,13 @@ from control_plane.scheduler.protocol import LogLine, LogQuery, WorkloadRole
 from control_plane.settings import Settings
 
 EVERY_STEP, OFF = "every step", "off"
+NEVER = {"OPENLOOPS_TRAINER_SNAPSHOT_MAX_OPS": str(10**9), "OPENLOOPS_TRAINER_SNAPSHOT_INTERVAL_SECONDS": "1e9"}
 POLICIES = {
-    EVERY_STEP: {"OPENLOOPS_TRAINER_SNAPSHOT_MAX_OPS": "2"},  # fb + optim: one snapshot per step
-    OFF: {"OPENLOOPS_TRAINER_SNAPSHOT_MAX_OPS": str(10**9), "OPENLOOPS_TRAINER_SNAPSHOT_INTERVAL_SECONDS": "1e9"},
+    # after every second op (forward_backward + optim_step): one snapshot per step, after the
+    # optim_step; no interval, which would fire after the first op once a side has been idle
+    # through the other side's block and put the snapshots after the forward_backwards
+    EVERY_STEP: {**NEVER, "OPENLOOPS_TRAINER_SNAPSHOT_MAX_OPS": "2"},
+    OFF: NEVER,
 }
 DEFAULT_MAX_OPS = int(Settings.model_fields["trainer_snapshot_max_ops"].default)
 DEFAULT_INTERVAL_S = float(Settings.model_fields["trainer_snapshot_interval_seconds"].default)
@@ -154,9 +158,19 @@ class Side:
         return {text(k): text(v) for k, v in self.r.hgetall(run_state_key(self.run_id)).items()}
 
     def settle(self) -> None:
-        """Until the current snapshot covers every executed op (its write is over)."""
-        if self.policy == EVERY_STEP:
-            self.wait("snapshot", lambda: (st := self.run_state()).get("snapshot_seq") == st.get("next_seq"))
+        """Until no snapshot is being written: the current one covers every executed op, or
+        every one but the last optim_step (when a snapshot was due while the one before was
+        still being written, it is taken after the next op: after a forward_backward from then
+        on, and none is due until the next op)."""
+        if self.policy != EVERY_STEP:
+            return
+        deadline = time.monotonic() + 10
+        while (st := self.run_state()).get("snapshot_seq") != st.get("next_seq"):
+            if time.monotonic() > deadline:
+                assert int(st["snapshot_seq"]) == int(st["next_seq"]) - 1, st
+                print(f"  [{self.policy}] the snapshots come after the forward_backwards now", flush=True)
+                return
+            time.sleep(0.1)
 
     def history_id(self) -> int:
         from sqlalchemy import func, select
@@ -271,8 +285,8 @@ def recovery(side: Side, t0: float, t_result: float, spawned: float, history_id:
             "new trainer process started": spawned - woke,
             "Python start + base model loaded": loaded - spawned,
             "run restored from its snapshot": restored - loaded,
-            f"ops replayed ({len(replayed)} here)": replay_end - restored,
-            "the forward_backward itself": op_done - replay_end,
+            f"ops replayed ({len(replayed) or 'none'} here)": replay_end - restored,
+            "the `forward_backward` itself": op_done - replay_end,
             "result reaches the client": t_result - op_done,
         },
     )
@@ -423,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| measurement | result |")
     print("|---|---|")
-    for p, label in ((OFF, "snapshots off (only after seq 0)"), (EVERY_STEP, "a snapshot every step (max ops 2)")):
+    for p, label in ((OFF, "snapshots off (only after seq 0)"), (EVERY_STEP, "a snapshot every step")):
         print(f"| step, {label}: median / p90 | {statistics.median(times[p]):.3f} / {pct(times[p], 0.9):.3f} s |")
     print(
         f"| added per step, a snapshot every step | {100 * (on / off - 1):+.1f}% ({on - off:+.3f} s); per round "
@@ -443,12 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{rss[EVERY_STEP]:,.0f} MiB ({rss[EVERY_STEP] - rss[OFF]:+,.0f}) |"
     )
     print(
-        "| for comparison: a forward_backward in the blocks (worker log), median | "
+        "| for comparison: a `forward_backward` in the blocks (worker log), median | "
         f"{statistics.median(stats.forward_backward_s):.2f} s |"
     )
-    for row in recovery_rows("SIGKILL during forward_backward → its result in the client", kills):
+    for row in recovery_rows("SIGKILL during `forward_backward` → its result in the client", kills):
         print(row)
-    for row in recovery_rows("scaled to zero: forward_backward submitted → its result", wakes):
+    for row in recovery_rows("scaled to zero: `forward_backward` submitted → its result", wakes):
         print(row)
     print()
     print(
