@@ -1,6 +1,7 @@
 """What the benchmarks that run ``openloops serve`` share: the server as its own process (API +
 controller + local process backend) on a :class:`~bench.stack.Stack`, an API key, the aiohttp
-client the load is sent with, a LoRA training step through the tinker SDK, and the machine."""
+client the load is sent with, a LoRA training step through the tinker SDK, the trainer worker's
+process (its pid and peak memory), percentiles, and the machine."""
 
 from __future__ import annotations
 
@@ -140,3 +141,50 @@ def cpu_name() -> str:
 def load_average() -> float:
     """1-minute load average: anything above 0 here was not this benchmark's doing at start."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (nearest rank)."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def trainer_pid(redis_url: str, deployment_id: str) -> int | None:
+    """The pid a deployment's trainer worker reported last (``worker_state_key``): the live one
+    once the worker is ready; None before any worker started."""
+    import redis
+
+    from data_plane.wire.queue import worker_state_key
+
+    r = redis.Redis.from_url(redis_url.replace("valkey://", "redis://", 1))
+    try:
+        pid = r.hget(worker_state_key(deployment_id), "pid")
+    finally:
+        r.close()
+    return int(pid) if pid else None
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM of a process (its peak resident set since start or :func:`reset_peak_rss`), from
+    /proc; None when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def started_at(pid: int) -> float:
+    """When a process started, Unix time, to a clock tick. From its start in ticks since boot
+    (/proc/PID/stat) against the uptime now: the boot time the kernel reports (psutil's
+    ``create_time``) can be off by a second once the wall clock has been adjusted."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Make VmHWM start again from the current resident set (``clear_refs`` 5, Linux >= 4.0)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

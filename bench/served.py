@@ -37,7 +37,17 @@ from typing import Any
 
 import httpx
 
-from bench.live import PROMPT, Server, client_session, cpu_name, load_average, make_key, prompt_datum, start_openloops
+from bench.live import (
+    PROMPT,
+    Server,
+    client_session,
+    cpu_name,
+    load_average,
+    make_key,
+    pct,
+    prompt_datum,
+    start_openloops,
+)
 from bench.stack import Stack, start_stack
 from control_plane.catalog import ModelCatalog
 from control_plane.local_mode.models import prepare
@@ -152,11 +162,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 @dataclass

@@ -53,11 +53,13 @@ class Stack:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def start_stack() -> Stack:
+def start_stack(*, embedded: bool = False) -> Stack:
+    """``embedded``: start embedded servers even where OPENLOOPS_BENCH_* name others (a second
+    stack beside the first)."""
     handles: list[Any] = []
     tmp: list[Path] = []
-    db_url = os.environ.get("OPENLOOPS_BENCH_DATABASE_URL")
-    redis_url = os.environ.get("OPENLOOPS_BENCH_REDIS_URL")
+    db_url = None if embedded else os.environ.get("OPENLOOPS_BENCH_DATABASE_URL")
+    redis_url = None if embedded else os.environ.get("OPENLOOPS_BENCH_REDIS_URL")
     try:
         if not db_url:
             # the embedded server runs as its own system user when we are root: its data

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -24,9 +25,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from bench.live import peak_rss_mib, trainer_pid
 from bench.stack import Stack, start_stack
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.local_mode.models import prepare
@@ -35,8 +38,34 @@ from control_plane.scheduler.ports import free_port
 BATCH, SEQ, RANK, LR = 32, 256, 32, 1e-4
 
 
-def _batch(vocab: int, seed: int = 0) -> np.ndarray:
+def batch_tokens(vocab: int, seed: int = 0) -> np.ndarray:
+    """BATCH random sequences of SEQ + 1 token ids (inputs and their next-token targets)."""
     return np.random.default_rng(seed).integers(0, vocab, size=(BATCH, SEQ + 1), dtype=np.int64)
+
+
+def sdk_batch(tokens: np.ndarray) -> list[Any]:
+    """The tinker datums of :func:`batch_tokens`' rows: cross-entropy on every next token."""
+    from tinker import types
+
+    return [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+            loss_fn_inputs={
+                "target_tokens": types.TensorData(data=row[1:].tolist(), dtype="int64", shape=[SEQ]),
+                "weights": types.TensorData(data=[1.0] * SEQ, dtype="float32", shape=[SEQ]),
+            },
+        )
+        for row in tokens
+    ]
+
+
+def bench_model(stack: Stack) -> tuple[CatalogModel, int]:
+    """The ``bench`` local model under the stack's data dir (built once), in its catalog, and
+    its vocabulary size."""
+    model = prepare("bench", stack.data_dir / "models", quiet=True)
+    ModelCatalog([model]).dump(stack.data_dir / "catalog.yaml")
+    vocab = int(json.loads((Path(model.source) / "config.json").read_text())["vocab_size"])
+    return model, vocab
 
 
 async def _make_key(stack: Stack) -> str:
@@ -74,21 +103,13 @@ def _worker_peak_rss_mib(stack: Stack, run_id: str) -> float | None:
     """VmHWM (peak resident set) of the run's trainer worker process (its deployment's), from /proc."""
     import redis
 
-    from data_plane.wire.queue import run_state_key, text, worker_state_key
+    from data_plane.wire.queue import run_state_key, text
 
     r = redis.Redis.from_url(stack.redis_url.replace("valkey://", "redis://", 1))
     dep = r.hget(run_state_key(run_id), "deployment_id")
-    pid = r.hget(worker_state_key(text(dep)), "pid") if dep else None
     r.close()
-    if not pid:
-        return None
-    try:
-        for line in Path(f"/proc/{int(pid)}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    pid = trainer_pid(stack.redis_url, text(dep)) if dep else None
+    return peak_rss_mib(pid) if pid else None
 
 
 @dataclass
@@ -118,16 +139,7 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
         first_step: float | None = None
         tc = service.create_lora_training_client(model.name, rank=RANK, seed=0).result()
         print(f"  training client ready in {time.perf_counter() - t0:.1f}s (worker start + base model load)")
-        data = [
-            types.Datum(
-                model_input=types.ModelInput.from_ints(row[:-1].tolist()),
-                loss_fn_inputs={
-                    "target_tokens": types.TensorData(data=row[1:].tolist(), dtype="int64", shape=[SEQ]),
-                    "weights": types.TensorData(data=[1.0] * SEQ, dtype="float32", shape=[SEQ]),
-                },
-            )
-            for row in tokens
-        ]
+        data = sdk_batch(tokens)
         times = []
         for i in range(warmup + steps):
             t = time.perf_counter()
@@ -196,12 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     stack = start_stack()
     try:
         print("preparing the bench model ...")
-        model = prepare("bench", stack.data_dir / "models", quiet=True)
-        ModelCatalog([model]).dump(stack.data_dir / "catalog.yaml")
-        import json
-
-        vocab = int(json.loads((Path(model.source) / "config.json").read_text())["vocab_size"])
-        tokens = _batch(vocab)
+        model, vocab = bench_model(stack)
+        tokens = batch_tokens(vocab)
         print(f"openloops (tinker SDK -> API -> Redis -> trainer worker), batch {BATCH}x{SEQ}, rank {RANK}")
         sdk = bench_sdk(model, stack, tokens, steps, warmup)
         print("plain peft (in process)")
