@@ -7,7 +7,8 @@ new worker that restores the one and replays the other continues exactly.
 
 Policy: a snapshot is due after the first op of a run (seq 0: it pins the initial adapter),
 then once ``max_ops`` ops ran since the last one, or ``interval_s`` seconds passed with at
-least one op since it. The copy of the state happens between two ops in the worker's thread
+least one op since it. The worker asks after every op and on every tick of its loop (about a
+second), so an idle run's last ops are covered within ``interval_s`` too. The copy of the state happens between two ops in the worker's thread
 (:func:`data_plane.trainer.snapshots.capture`, CPU copies of the LoRA tensors); serialising
 and uploading happen in a background thread, one snapshot at a time, so training goes on
 meanwhile. On stop the worker waits for it and writes a final one (:meth:`Snapshotter.final`).

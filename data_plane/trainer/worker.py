@@ -382,6 +382,7 @@ class Worker:
                     self.accept(run, fields)
             if not self.stopping:
                 self.drain()
+                self._maybe_snapshot()
             if attach is not None and not self.stopping:
                 self.attach(attach)
         self.shutdown()
@@ -565,10 +566,16 @@ class Worker:
             entry = run.entry_ids.pop(seq, None)
             if entry is not None:
                 run.log.executed.append((seq, entry))  # in the log until a snapshot covers it
-            if self.model is not None:
-                self.snapshotter.maybe(self.model, run.log, run.buffer.next_seq, _seq0_error(run))
+            self._maybe_snapshot()
             if self.stopping:
                 break
+
+    def _maybe_snapshot(self) -> None:
+        """Start a snapshot of the run when one is due (after ops, and on the loop's ticks: a
+        run that went idle, or whose due snapshot waited for a running one, is covered too)."""
+        run = self.run
+        if run is not None and self.model is not None:
+            self.snapshotter.maybe(self.model, run.log, run.buffer.next_seq, _seq0_error(run))
 
     def execute(self, run: AttachedRun, seq: int, env: OpEnvelope) -> None:
         answered = seq < run.replay_until and self._answered(env.request_id)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -222,7 +223,11 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
     started: list[Driver] = []
 
     def _start(
-        run_id: str, microbatch_tokens: int = 64, max_seq_len: int = 256, deployment_id: str | None = None
+        run_id: str,
+        microbatch_tokens: int = 64,
+        max_seq_len: int = 256,
+        deployment_id: str | None = None,
+        **launch_options: Any,
     ) -> Driver:
         """A worker for deployment ``deployment_id`` (default ``dep-{run_id}``) with ``run_id``
         attached; the run's model id is the run id, as the control plane makes it."""
@@ -236,6 +241,7 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
             max_seq_len=max_seq_len,
             microbatch_tokens=microbatch_tokens,
             device="cpu",
+            **launch_options,
         )
         log_path = tmp_path / f"worker-{run_id}-{len(started)}.log"
         # a lower-case level, as the control plane spells it, must not break the worker

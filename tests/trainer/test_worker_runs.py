@@ -87,3 +87,17 @@ def test_a_worker_serves_runs_one_after_another(start_worker) -> None:
     st = a.run_state()
     assert st["state"] == "attached" and st["resumes"] == "1" and st["optim_steps"] == "1"
     assert a.proc.poll() is None
+
+
+def test_an_idle_run_is_snapshotted_within_the_interval(start_worker) -> None:
+    """The last op before a pause leaves the log within snapshot_interval_s, with no op after
+    it (the worker's loop asks whether a snapshot is due on every tick, not only after ops)."""
+    d = start_worker("run-idle", snapshot_interval_s=3.0, snapshot_max_ops=1000)
+    assert d.ok_json(d.create(rank=8, seed=5))["type"] == "create_model"  # snapshot at seq 1
+    init = op_bodies.encode(op_bodies.InitTrainerBody(lora_rank=8))
+    assert d.ok_json(send(d, OpKind.INIT_TRAINER, init, 1))["step"] == 0  # then nothing
+    deadline = time.monotonic() + 30
+    while d.run_state().get("snapshot_seq") != "2":
+        assert time.monotonic() < deadline, d.run_state()
+        time.sleep(0.05)
+    assert d.r.xlen(ops_stream("run-idle")) == 0  # every executed op left the log
