@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -132,6 +133,17 @@ class Settings(BaseSettings):
         1024, ge=1, description="most datums per forward_backward request the SDK sends (client/config)"
     )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
+    trainer_activation_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="trainers recompute decoder activations in the backward pass instead of keeping them: auto = "
+        "for micro-batches of at least 4096 tokens",
+    )
+    trainer_logits_chunk_mib: int = Field(
+        64,
+        ge=0,
+        description="trainers compute log-probabilities through the output projection this many MiB of float32 "
+        "logits at a time (never the whole [tokens, vocab] logits); 0 = all at once",
+    )
     trainer_snapshot_interval_seconds: float = Field(
         60.0,
         ge=0,

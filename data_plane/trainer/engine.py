@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from data_plane.trainer import chunked_head
+from data_plane.trainer.activation_checkpointing import LayerCheckpointing
 from data_plane.trainer.batches import Batch, Prepared, plan_microbatches
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.losses import (
@@ -104,10 +106,22 @@ _PLAIN_HEAD_ARCHS = {
 
 
 class Engine:
-    def __init__(self, model: CausalLM, device: torch.device, microbatch_tokens: int) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        device: torch.device,
+        microbatch_tokens: int,
+        logits_chunk_bytes: int = 0,
+        activation_checkpointing: str = "off",
+    ) -> None:
         self.model = model
         self.device = device
         self.microbatch_tokens = max(1, int(microbatch_tokens))
+        # > 0: log-probabilities through the output projection a chunk of positions at a time
+        # (data_plane.trainer.chunked_head), never the whole [tokens, vocab] logits
+        self.logits_chunk_bytes = max(0, int(logits_chunk_bytes))
+        # recompute decoder activations in the backward pass instead of keeping them
+        self.checkpointing = LayerCheckpointing(model, activation_checkpointing)
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.optimizer = self.new_optimizer()
@@ -231,9 +245,9 @@ class Engine:
             scale = torch.from_numpy(np.concatenate([d.scale for d in data])).to(self.device)
 
         elementwise = None
-        with torch.set_grad_enabled(not batch.forward_only):
-            flat_logits = self._logits(ids_t, mask)  # [M, V], rows in datum order
-            tlp, lse = target_logprobs_and_lse(flat_logits, targets)
+        checkpointed = not batch.forward_only and self.checkpointing.wanted(len(data) * t_max)
+        with torch.set_grad_enabled(not batch.forward_only), self.checkpointing.enabled(checkpointed):
+            tlp, top = self._target_logprobs(ids_t, mask, targets, batch.top_k)  # rows in datum order
             if batch.pairs:  # group = consecutive (chosen, rejected) pairs
                 segments = torch.from_numpy(np.repeat(np.arange(len(data)), lengths)).to(self.device)
                 scores = sequence_scores(tlp, inputs["ref_logprobs"], scale, segments, len(data))
@@ -256,10 +270,8 @@ class Engine:
             counted = torch.from_numpy(np.concatenate([d.active_rows for d in data])).to(self.device)
             stats = batch.spec.stats(tlp.detach(), inputs, batch.config)
             totals.add(totals.stats, {k: float((v * counted).sum().item()) for k, v in stats.items()})
-        top = top_k_logprobs(flat_logits, lse, batch.top_k) if batch.top_k else None
         if not batch.forward_only:
             loss.backward()
-        del flat_logits, lse
         fields = {"logprobs": tlp.detach().float().cpu().numpy()}
         if elementwise is not None:
             fields["elementwise_loss"] = elementwise.detach().float().cpu().numpy()
@@ -288,6 +300,23 @@ class Engine:
         logits = self._logits(ids, torch.ones_like(ids, dtype=torch.bool)).float()
         lp = torch.log_softmax(logits[:-1], dim=-1)
         return lp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
+
+    def _target_logprobs(
+        self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Log-probabilities of ``targets`` at the unpadded positions (and the top-k there):
+        chunk by chunk through the output projection when the model allows it
+        (:mod:`data_plane.trainer.chunked_head`), else from the full logits."""
+        if self.logits_chunk_bytes and self._split_head is not None:
+            decoder, head = self._split_head
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[mask]
+            vocab = int(head.weight.shape[0]) if isinstance(head.weight, torch.Tensor) else 0
+            rows = chunked_head.rows_per_chunk(vocab, self.logits_chunk_bytes)
+            tlp, _lse, top = chunked_head.target_logprobs(head, hidden, targets, rows, top_k)
+            return tlp, top
+        flat_logits = self._logits(ids, mask)  # [M, V]
+        tlp, lse = target_logprobs_and_lse(flat_logits, targets)
+        return tlp, (top_k_logprobs(flat_logits, lse, top_k) if top_k else None)
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits of the unpadded positions only: the decoder runs on the padded batch, the

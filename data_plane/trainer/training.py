@@ -67,6 +67,8 @@ class TrainingModel:
         store: ObjectStore,
         max_seq_len: int,
         microbatch_tokens: int,
+        logits_chunk_bytes: int = 0,
+        activation_checkpointing: str = "off",
     ) -> None:
         self.model_id = model_id
         self.base_model_name = base_model_name
@@ -77,6 +79,8 @@ class TrainingModel:
         max_pos = getattr(base.config, "max_position_embeddings", None)
         self.max_seq_len = min(max_seq_len, max_pos) if isinstance(max_pos, int) and max_pos > 0 else max_seq_len
         self.microbatch_tokens = microbatch_tokens
+        self.logits_chunk_bytes = logits_chunk_bytes  # 0: full logits (see Engine)
+        self.activation_checkpointing = activation_checkpointing  # auto | on | off (see Engine)
         self.vocab_size = vocab_size(base)
         self.lora: LoraSettings | None = None
         self.peft: CausalLM | None = None
@@ -104,7 +108,13 @@ class TrainingModel:
         self.peft = attach_lora(self.base, settings)
         self.lora = settings
         try:
-            self.engine = Engine(self.peft, self.device, self.microbatch_tokens)
+            self.engine = Engine(
+                self.peft,
+                self.device,
+                self.microbatch_tokens,
+                self.logits_chunk_bytes,
+                self.activation_checkpointing,
+            )
         except BaseException:
             self.detach()
             raise

@@ -327,6 +327,8 @@ class Worker:
             store=store,
             max_seq_len=self.launch.max_seq_len,
             microbatch_tokens=self.launch.microbatch_tokens,
+            logits_chunk_bytes=self.launch.logits_chunk_mib << 20,
+            activation_checkpointing=self.launch.activation_checkpointing,
         )
 
     def run_forever(self) -> int:

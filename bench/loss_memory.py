@@ -1,0 +1,173 @@
+"""Trainer memory and step time, full logits vs chunked log-probabilities:
+``python -m bench.loss_memory [--quick]``.
+
+The trainer's own step (``TrainingModel.forward_backward`` on the protobuf request a worker
+receives, then ``optim_step``) on the ``bench`` local model, 32 sequences x 256 tokens,
+cross-entropy, LoRA rank 32 on attention, MLP and lm_head, in a fresh process per mode so that
+each has its own peak resident set: ``full logits`` computes the loss from the whole
+``[tokens, vocab]`` float32 logits, ``chunked`` through the output projection 64 MiB of logits
+at a time (``OPENLOOPS_TRAINER_LOGITS_CHUNK_MIB``), ``chunked + checkpointing`` also recomputes
+the decoder layers' activations in the backward pass (``OPENLOOPS_TRAINER_ACTIVATION_CHECKPOINTING
+=auto``: micro-batches of 4096+ tokens), and the last mode adds the fixed glibc malloc thresholds
+a trainer worker is started with (``TRAINER_MALLOC_ENV``) — the trainer's defaults. Reports the process's peak RSS (VmHWM)
+over its whole life (base model load included, what a worker's peak is) and over the measured
+steps only (reset after a warm-up step), the median step time, and the losses (they must agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# name -> (logits chunk MiB, activation checkpointing, the trainer's malloc environment);
+# the last one is what a trainer worker runs with by default
+MODES: dict[str, tuple[int, str, bool]] = {
+    "full logits": (0, "off", False),
+    "chunked": (64, "off", False),
+    "chunked + checkpointing": (64, "auto", False),
+    "chunked + checkpointing + malloc thresholds": (64, "auto", True),
+}
+BATCH, SEQ, RANK = 32, 256, 32
+
+
+def _vmhwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dict:
+    """One mode, in this process: returns its figures."""
+    import numpy as np
+    import torch
+
+    from data_plane.storage.local import LocalDirStore
+    from data_plane.trainer.model import load_base
+    from data_plane.trainer.training import TrainingModel
+    from data_plane.wire import op_bodies
+    from data_plane.wire import tinker_wire_pb2 as pb
+
+    torch.manual_seed(0)
+    base = load_base(model_dir, torch.device("cpu"), torch.float32)
+    vocab = int(base.get_output_embeddings().weight.shape[0])
+    with tempfile.TemporaryDirectory() as store:
+        m = TrainingModel(
+            model_id="bench",
+            base_model_name="openloops/bench",
+            base=base,
+            device=torch.device("cpu"),
+            store=LocalDirStore(Path(store)),
+            max_seq_len=SEQ + 1,
+            microbatch_tokens=8192,
+            logits_chunk_bytes=chunk_mib << 20,
+            activation_checkpointing=checkpointing,
+        )
+        m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=RANK, seed=0)))
+        tokens = np.random.default_rng(0).integers(0, vocab, size=(BATCH, SEQ + 1), dtype=np.int64)
+        req = pb.ForwardBackwardRequest(model_id="bench", loss_fn="cross_entropy")
+        for row in tokens:
+            d = req.data.add()
+            d.model_input.add().encoded_text.tokens = row[:-1].astype("<i4").tobytes()
+            tgt = d.loss_fn_inputs["target_tokens"]
+            tgt.dtype, tgt.dense = pb.DTYPE_INT64, row[1:].astype("<i8").tobytes()
+            tgt.shape.extend([SEQ])
+            w = d.loss_fn_inputs["weights"]
+            w.dtype, w.dense = pb.DTYPE_FLOAT32, np.ones(SEQ, "<f4").tobytes()
+            w.shape.extend([SEQ])
+        raw = req.SerializeToString()
+        adam = op_bodies.OptimStepBody(op_bodies.AdamSpec(learning_rate=1e-4))
+
+        def step() -> float:
+            out = pb.ForwardBackwardOutput.FromString(m.forward_backward(raw))
+            m.optim_step(adam)
+            return float(out.metrics["loss:sum"])
+
+        losses = [step()]  # warm-up
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the steps alone
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - t0)
+        steps_peak = _vmhwm_mib()
+    return {"steps_peak_mib": steps_peak, "step_s": statistics.median(times), "losses": losses, "vocab": vocab}
+
+
+def _run_mode(model_dir: str, mode: tuple[int, str, bool], steps: int) -> dict:
+    from control_plane.controller.workloads import TRAINER_MALLOC_ENV
+
+    chunk, checkpointing, malloc = mode
+    env = {k: v for k, v in os.environ.items() if k not in TRAINER_MALLOC_ENV}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(TRAINER_MALLOC_ENV if malloc else {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.loss_memory", "--child", model_dir, str(chunk), checkpointing, str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 measured steps per mode, one round")
+    ap.add_argument(
+        "--child", nargs=4, metavar=("MODEL_DIR", "CHUNK_MIB", "CHECKPOINTING", "STEPS"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args()
+    if args.child:
+        model_dir, chunk, checkpointing, steps = args.child
+        out = child(model_dir, int(chunk), checkpointing, int(steps))
+        out["life_peak_mib"] = _vmhwm_mib()
+        print(json.dumps(out))
+        return
+
+    from control_plane.local_mode.models import prepare
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    steps, rounds = (2, 1) if args.quick else (5, 2)
+    with tempfile.TemporaryDirectory() as d:
+        model = prepare("bench", Path(d), quiet=True)
+        results: dict[str, list[dict]] = {name: [] for name in MODES}
+        for r in range(rounds):
+            order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
+            for name in order:  # alternate the order, one process per mode and round
+                results[name].append(_run_mode(model.source, MODES[name], steps))
+                print(f"  round {r + 1} {name}: {results[name][-1]['step_s']:.3f} s/step", flush=True)
+    base = results["full logits"]
+    for name, rows in results.items():
+        assert all(abs(a - b) <= 1e-4 * abs(a) for p, c in zip(base, rows) for a, b in zip(p["losses"], c["losses"])), (
+            f"{name}: the losses differ from the full logits'"
+        )
+
+    def worst(rows: list[dict], key: str) -> float:
+        return max(x[key] for x in rows)
+
+    def med(rows: list[dict]) -> float:
+        return statistics.median(x["step_s"] for x in rows)
+
+    print(f"\nvocabulary {base[0]['vocab']}, {BATCH} x {SEQ} tokens, rank {RANK}; {rounds} rounds x {steps} steps\n")
+    print("| mode | peak RSS, whole process | peak RSS, steps only | vs full logits | step, median | vs full logits |")
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        life, steps_peak, t = worst(rows, "life_peak_mib"), worst(rows, "steps_peak_mib"), med(rows)
+        print(
+            f"| {name} | {life:,.0f} MiB | {steps_peak:,.0f} MiB | {life / worst(base, 'life_peak_mib'):.0%} "
+            f"| {t:.3f} s | {t / med(base):.0%} |"
+        )
+    print(f"\nfirst-step loss: {base[0]['losses'][0]:.4f} (every mode within 1e-4 relative, every step)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Activation checkpointing of the decoder layers, switchable per micro-batch.
+
+With it on, a decoder layer's forward pass keeps only its inputs; the backward pass runs the
+layer again to get the activations it needs (``torch.utils.checkpoint``, non-reentrant). The
+results are the same (the recomputation is the same computation); the cost is one more
+forward pass of the decoder per backward.
+
+Each decoder layer of the base model is wrapped once (the wrapper stays with the base, which
+outlives runs); whether a call checkpoints is an attribute of the layer that the engine sets
+around each micro-batch. Transformers' own ``gradient_checkpointing_enable`` is not used: it
+only acts in training mode, and the trainer keeps the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+_FLAG = "_openloops_checkpoint"
+MODES = ("auto", "on", "off")
+# "auto" checkpoints a micro-batch of at least this many (padded) tokens: activation memory
+# grows with the tokens of a micro-batch, whatever their split into sequences
+AUTO_MIN_TOKENS = 4096
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a (PEFT-wrapped) causal LM; [] when it has no ``layers`` list."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    get_decoder = getattr(base, "get_decoder", None)
+    if not callable(get_decoder):
+        return []
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError):
+        return []
+    layers = getattr(decoder, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def _wrap(layer: torch.nn.Module) -> None:
+    if hasattr(layer, _FLAG):
+        return
+    original = layer.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if getattr(layer, _FLAG) and torch.is_grad_enabled():
+            return checkpoint(original, *args, use_reentrant=False, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(layer, _FLAG, False)
+    layer.forward = forward
+
+
+class LayerCheckpointing:
+    def __init__(self, model: torch.nn.Module, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"activation checkpointing must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.layers = decoder_layers(model) if mode != "off" else []
+        for layer in self.layers:
+            _wrap(layer)
+
+    def wanted(self, tokens: int) -> bool:
+        """Whether a micro-batch of ``tokens`` padded tokens is checkpointed."""
+        if not self.layers:
+            return False
+        return self.mode == "on" or (self.mode == "auto" and tokens >= AUTO_MIN_TOKENS)
+
+    @contextmanager
+    def enabled(self, on: bool) -> Iterator[None]:
+        for layer in self.layers:
+            setattr(layer, _FLAG, on)
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                setattr(layer, _FLAG, False)
