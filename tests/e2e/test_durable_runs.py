@@ -64,6 +64,7 @@ def server(services, live_model, tmp_path_factory: pytest.TempPathFactory):
 def service(server: LiveServer):
     client = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
     yield client
+    client.close("interrupted").result()  # stops its session heartbeats before the server goes
 
 
 def batch(tok: Any, step: int) -> list[types.Datum]:

@@ -132,6 +132,9 @@ def start_live_server(
         # small chunks: a forward_backward of a few datums becomes several requests that the
         # SDK sends concurrently (the first one last), exercising seq_id buffering
         tinker_fwdbwd_max_chunk_len=2,
+        # snapshots every 2 s of training (not 60): executed ops leave the op log soon, and the
+        # tests exercise snapshots as they train
+        trainer_snapshot_interval_seconds=2.0,
     )
     base.update(overrides)
     settings = Settings(**base)

@@ -248,7 +248,8 @@ def test_futures_idempotency_and_isolation(service, live_server: LiveServer) -> 
     assert results["create"]["model_id"] == f0["model_id"]
     assert results["save"]["path"] == f"tinker://{f0['model_id']}/weights/before"
     assert "metrics" in results["optim"]
-    # executed ops leave the run's stream (forward_backward bodies are large)
+    # executed ops leave the run's stream (forward_backward bodies are large) once a snapshot
+    # covers them (within the live server's 2 s snapshot interval)
     from data_plane.wire.queue import ops_stream
 
     deadline = time.monotonic() + 30
