@@ -6,10 +6,11 @@ receives, then ``optim_step``) on the ``bench`` local model, 32 sequences x 256 
 cross-entropy, LoRA rank 32 on attention, MLP and lm_head, in a fresh process per mode so that
 each has its own peak resident set: ``full logits`` computes the loss from the whole
 ``[tokens, vocab]`` float32 logits, ``chunked`` through the output projection 64 MiB of logits
-at a time (``OPENLOOPS_TRAINER_LOGITS_CHUNK_MIB``), ``chunked + checkpointing`` also recomputes
-the decoder layers' activations in the backward pass (``OPENLOOPS_TRAINER_ACTIVATION_CHECKPOINTING
-=auto``: micro-batches of 4096+ tokens), and the last mode adds the fixed glibc malloc thresholds
-a trainer worker is started with (``TRAINER_MALLOC_ENV``) — the trainer's defaults. Reports the process's peak RSS (VmHWM)
+at a time (``OPENLOOPS_TRAINER_LOGITS_CHUNK_MIB``, the default), ``chunked + checkpointing`` also
+recomputes the decoder layers' activations in the backward pass
+(``OPENLOOPS_TRAINER_ACTIVATION_CHECKPOINTING=on``; ``auto``, the default, does so only for
+sequences of 4096+ tokens), and the last mode adds fixed glibc malloc thresholds
+(``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` in the worker's environment). Reports the process's peak RSS (VmHWM)
 over its whole life (base model load included, what a worker's peak is) and over the measured
 steps only (reset after a warm-up step), the median step time, and the losses (they must agree).
 """
@@ -27,14 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
-# name -> (logits chunk MiB, activation checkpointing, the trainer's malloc environment);
-# the last one is what a trainer worker runs with by default
+# name -> (logits chunk MiB, activation checkpointing, fixed glibc malloc thresholds); "chunked"
+# is what a trainer runs with by default at this batch (auto checkpointing is for long sequences)
 MODES: dict[str, tuple[int, str, bool]] = {
     "full logits": (0, "off", False),
     "chunked": (64, "off", False),
-    "chunked + checkpointing": (64, "auto", False),
-    "chunked + checkpointing + malloc thresholds": (64, "auto", True),
+    "chunked + checkpointing": (64, "on", False),
+    "chunked + checkpointing + malloc thresholds": (64, "on", True),
 }
+# glibc keeps freed blocks below its self-raising (up to 32 MiB) mmap threshold in the heap, so
+# the resident set stays at the high-water mark of transient buffers; fixed thresholds give
+# large tensors their own mappings, returned when freed (at a large cost in page faults)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 BATCH, SEQ, RANK = 32, 256, 32
 
 
@@ -103,11 +108,9 @@ def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dic
 
 
 def _run_mode(model_dir: str, mode: tuple[int, str, bool], steps: int) -> dict:
-    from control_plane.controller.workloads import TRAINER_MALLOC_ENV
-
     chunk, checkpointing, malloc = mode
-    env = {k: v for k, v in os.environ.items() if k not in TRAINER_MALLOC_ENV}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(TRAINER_MALLOC_ENV if malloc else {})})
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(MALLOC_ENV if malloc else {})})
     proc = subprocess.run(
         [sys.executable, "-m", "bench.loss_memory", "--child", model_dir, str(chunk), checkpointing, str(steps)],
         capture_output=True,

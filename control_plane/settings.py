@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     trainer_activation_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto",
         description="trainers recompute decoder activations in the backward pass instead of keeping them: auto = "
-        "for micro-batches of at least 4096 tokens",
+        "for sequences of at least 4096 tokens",
     )
     trainer_logits_chunk_mib: int = Field(
         64,

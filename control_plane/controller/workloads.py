@@ -16,11 +16,6 @@ if TYPE_CHECKING:
     from control_plane.runtime import Runtime
 
 STORE_SECRET_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
-# glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in the heap, so
-# a trainer's resident set stays at the high-water mark of its transient activation buffers;
-# fixed thresholds give large tensors their own mappings, returned to the system when freed
-# (bench.loss_memory: the bench step's peak RSS 1,776 -> 926 MiB)
-TRAINER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def snapshot_prefix(org_id: str, run_id: str) -> str:
@@ -55,7 +50,7 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         session_id=None,
         base_model=dep.base_model,
         command=["python", "-m", "data_plane.trainer"],
-        env={**TRAINER_MALLOC_ENV, **launch.to_env()},
+        env=launch.to_env(),
         secret_env=[
             *(STORE_SECRET_ENV if r.store_spec.kind == "s3" else []),
             *([REDIS_URL_ENV] if redis_from_secret else []),

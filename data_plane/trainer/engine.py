@@ -245,7 +245,7 @@ class Engine:
             scale = torch.from_numpy(np.concatenate([d.scale for d in data])).to(self.device)
 
         elementwise = None
-        checkpointed = not batch.forward_only and self.checkpointing.wanted(len(data) * t_max)
+        checkpointed = not batch.forward_only and self.checkpointing.wanted(t_max)
         with torch.set_grad_enabled(not batch.forward_only), self.checkpointing.enabled(checkpointed):
             tlp, top = self._target_logprobs(ids_t, mask, targets, batch.top_k)  # rows in datum order
             if batch.pairs:  # group = consecutive (chosen, rejected) pairs

@@ -44,8 +44,8 @@ class TrainerLaunch:
     # log-probabilities through the output projection this many MiB of float32 logits at a time
     # (data_plane.trainer.chunked_head); 0 = the whole [tokens, vocab] logits at once
     logits_chunk_mib: int = 64
-    # recompute decoder activations in the backward pass: auto (micro-batches of >= 4096
-    # tokens) | on | off (data_plane.trainer.activation_checkpointing)
+    # recompute decoder activations in the backward pass: auto (sequences of >= 4096 tokens)
+    # | on | off (data_plane.trainer.activation_checkpointing)
     activation_checkpointing: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     # a run snapshot is due after this many executed ops, or this many seconds with at least one
