@@ -5,8 +5,10 @@ The trainer's own step (``TrainingModel.forward_backward`` on the protobuf reque
 receives, then ``optim_step``) on the ``bench`` local model, 32 sequences x 256 tokens,
 cross-entropy, LoRA rank 32 on attention, MLP and lm_head, in a fresh process per mode so that
 each has its own peak resident set: ``full logits`` computes the loss from the whole
-``[tokens, vocab]`` float32 logits, ``chunked`` through the output projection 64 MiB of logits
-at a time (``OPENLOOPS_TRAINER_LOGITS_CHUNK_MIB``, the default), ``chunked + checkpointing`` also
+``[tokens, vocab]`` float32 logits (what a trainer does by default while they fit in
+``OPENLOOPS_TRAINER_LOGITS_FULL_MAX_MIB``, 1 GiB), ``chunked`` through the output projection 64
+MiB of logits at a time (``OPENLOOPS_TRAINER_LOGITS_CHUNK_MIB``; the default beyond 1 GiB, and
+here with ``OPENLOOPS_TRAINER_LOGITS_FULL_MAX_MIB=0``), ``chunked + checkpointing`` also
 recomputes the decoder layers' activations in the backward pass
 (``OPENLOOPS_TRAINER_ACTIVATION_CHECKPOINTING=on``; ``auto``, the default, does so only for
 sequences of 4096+ tokens), and the last mode adds fixed glibc malloc thresholds
@@ -28,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# name -> (logits chunk MiB, activation checkpointing, fixed glibc malloc thresholds); "chunked"
-# is what a trainer runs with by default at this batch (auto checkpointing is for long sequences)
+# name -> (logits chunk MiB, activation checkpointing, fixed glibc malloc thresholds); "full
+# logits" is what a trainer does by default at this batch (its 256 MiB of logits are below the
+# 1 GiB OPENLOOPS_TRAINER_LOGITS_FULL_MAX_MIB; auto checkpointing is for long sequences)
 MODES: dict[str, tuple[int, str, bool]] = {
     "full logits": (0, "off", False),
     "chunked": (64, "off", False),
@@ -75,6 +78,7 @@ def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dic
             microbatch_tokens=8192,
             logits_chunk_bytes=chunk_mib << 20,
             activation_checkpointing=checkpointing,
+            logits_full_max_bytes=0,  # chunk whenever chunk_mib > 0
         )
         m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=RANK, seed=0)))
         tokens = np.random.default_rng(0).integers(0, vocab, size=(BATCH, SEQ + 1), dtype=np.int64)

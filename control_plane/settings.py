@@ -142,7 +142,13 @@ class Settings(BaseSettings):
         64,
         ge=0,
         description="trainers compute log-probabilities through the output projection this many MiB of float32 "
-        "logits at a time (never the whole [tokens, vocab] logits); 0 = all at once",
+        "logits at a time when a micro-batch's whole logits exceed trainer_logits_full_max_mib; 0 = never",
+    )
+    trainer_logits_full_max_mib: int = Field(
+        1024,
+        ge=0,
+        description="micro-batches whose whole float32 logits fit in this many MiB are computed in one piece (faster: "
+        "chunking runs the output projection twice); 0 = always chunk",
     )
     trainer_snapshot_interval_seconds: float = Field(
         60.0,

@@ -39,6 +39,7 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         max_seq_len=dep.max_seq_len,
         microbatch_tokens=r.settings.trainer_microbatch_tokens,
         logits_chunk_mib=r.settings.trainer_logits_chunk_mib,
+        logits_full_max_mib=r.settings.trainer_logits_full_max_mib,
         activation_checkpointing=r.settings.trainer_activation_checkpointing,
         snapshot_interval_s=r.settings.trainer_snapshot_interval_seconds,
         snapshot_max_ops=r.settings.trainer_snapshot_max_ops,

@@ -113,6 +113,7 @@ class Engine:
         microbatch_tokens: int,
         logits_chunk_bytes: int = 0,
         activation_checkpointing: str = "off",
+        logits_full_max_bytes: int = 0,
     ) -> None:
         self.model = model
         self.device = device
@@ -120,6 +121,9 @@ class Engine:
         # > 0: log-probabilities through the output projection a chunk of positions at a time
         # (data_plane.trainer.chunked_head), never the whole [tokens, vocab] logits
         self.logits_chunk_bytes = max(0, int(logits_chunk_bytes))
+        # ... but only for micro-batches whose whole logits would exceed this (smaller ones are
+        # faster in one piece: chunking computes the output projection twice)
+        self.logits_full_max_bytes = max(0, int(logits_full_max_bytes))
         # recompute decoder activations in the backward pass instead of keeping them
         self.checkpointing = LayerCheckpointing(model, activation_checkpointing)
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -307,10 +311,12 @@ class Engine:
         """Log-probabilities of ``targets`` at the unpadded positions (and the top-k there):
         chunk by chunk through the output projection when the model allows it
         (:mod:`data_plane.trainer.chunked_head`), else from the full logits."""
-        if self.logits_chunk_bytes and self._split_head is not None:
+        head_weight = getattr(self._split_head[1], "weight", None) if self._split_head is not None else None
+        vocab = int(head_weight.shape[0]) if isinstance(head_weight, torch.Tensor) else 0
+        full_bytes = int(targets.shape[0]) * vocab * chunked_head.FLOAT32_BYTES
+        if self.logits_chunk_bytes and self._split_head is not None and full_bytes > self.logits_full_max_bytes:
             decoder, head = self._split_head
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[mask]
-            vocab = int(head.weight.shape[0]) if isinstance(head.weight, torch.Tensor) else 0
             rows = chunked_head.rows_per_chunk(vocab, self.logits_chunk_bytes)
             tlp, _lse, top = chunked_head.target_logprobs(head, hidden, targets, rows, top_k)
             return tlp, top

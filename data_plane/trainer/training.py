@@ -69,6 +69,7 @@ class TrainingModel:
         microbatch_tokens: int,
         logits_chunk_bytes: int = 0,
         activation_checkpointing: str = "off",
+        logits_full_max_bytes: int = 0,
     ) -> None:
         self.model_id = model_id
         self.base_model_name = base_model_name
@@ -81,6 +82,7 @@ class TrainingModel:
         self.microbatch_tokens = microbatch_tokens
         self.logits_chunk_bytes = logits_chunk_bytes  # 0: full logits (see Engine)
         self.activation_checkpointing = activation_checkpointing  # auto | on | off (see Engine)
+        self.logits_full_max_bytes = logits_full_max_bytes  # chunk only above this (see Engine)
         self.vocab_size = vocab_size(base)
         self.lora: LoraSettings | None = None
         self.peft: CausalLM | None = None
@@ -114,6 +116,7 @@ class TrainingModel:
                 self.microbatch_tokens,
                 self.logits_chunk_bytes,
                 self.activation_checkpointing,
+                self.logits_full_max_bytes,
             )
         except BaseException:
             self.detach()

@@ -329,6 +329,7 @@ class Worker:
             microbatch_tokens=self.launch.microbatch_tokens,
             logits_chunk_bytes=self.launch.logits_chunk_mib << 20,
             activation_checkpointing=self.launch.activation_checkpointing,
+            logits_full_max_bytes=self.launch.logits_full_max_mib << 20,
         )
 
     def run_forever(self) -> int:

@@ -44,6 +44,8 @@ class TrainerLaunch:
     # log-probabilities through the output projection this many MiB of float32 logits at a time
     # (data_plane.trainer.chunked_head); 0 = the whole [tokens, vocab] logits at once
     logits_chunk_mib: int = 64
+    # ... when a micro-batch's whole logits would exceed this many MiB (else one piece: faster)
+    logits_full_max_mib: int = 1024
     # recompute decoder activations in the backward pass: auto (sequences of >= 4096 tokens)
     # | on | off (data_plane.trainer.activation_checkpointing)
     activation_checkpointing: str = "auto"

@@ -192,3 +192,25 @@ def test_checkpointed_layers_recompute_in_the_backward_pass(pair, monkeypatch) -
     assert not LayerCheckpointing(plain.peft, "off").wanted(10**6)
     with pytest.raises(ValueError, match="must be one of"):
         LayerCheckpointing(plain.peft, "sometimes")
+
+
+def test_small_logits_stay_in_one_piece(pair, monkeypatch) -> None:
+    """Chunking only starts where a micro-batch's whole logits would pass logits_full_max_bytes."""
+    _plain, chunked = pair
+    assert chunked.engine is not None
+    calls = {"n": 0}
+    real = chunked_head.target_logprobs
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked_head, "target_logprobs", counting)
+    data = sft_batch(1, n=2)  # 24 + 23 positions
+    full = sum(len(d["tokens"]) for d in data) * VOCAB * 4
+    chunked.engine.logits_full_max_bytes = full  # fits: one piece
+    chunked.forward_backward(fwd_request(data))
+    assert calls["n"] == 0
+    chunked.engine.logits_full_max_bytes = full - 1  # does not fit: chunks
+    chunked.forward_backward(fwd_request(data))
+    assert calls["n"] == 1
