@@ -168,7 +168,7 @@ class RowReconciler:
         if kind is SERVED_MODEL:
             await self._served_model_endpoint(row, status, obs)
         if status == Status.ACTIVE and kind.scales_to_zero:
-            await self._maybe_scale_down(kind, row.id)
+            await self._maybe_scale_down(kind, row)
 
     async def _served_model_endpoint(self, row: ServedModel, status: Status, obs: Observation) -> None:
         """Record where a served model's server answers while it serves (the API proxies to
@@ -396,9 +396,10 @@ class RowReconciler:
 
     # --- scale to zero ---------------------------------------------------------------------
 
-    async def _maybe_scale_down(self, kind: Kind, rid: str) -> None:
-        if kind is DEPLOYMENT and await self._ops_waiting(rid):
+    async def _maybe_scale_down(self, kind: Kind, seen: Any) -> None:
+        if kind is DEPLOYMENT and await self._ops_waiting(seen.active_run_id):
             return  # an op in flight or queued is activity, however long it takes
+        rid = seen.id
         async with self.r.db.transaction() as s:
             row = await kind.locked(s, rid)
             if row is None or not await scale_down_if_idle(s, self.r.redis, kind, row, datetime.now(UTC)):
@@ -406,12 +407,9 @@ class RowReconciler:
         log.info("scaling to zero", kind=kind.name, id=rid, reason=row.status_reason)
         await self._keep_scaled_down(kind, row)
 
-    async def _ops_waiting(self, deployment_id: str) -> bool:
-        """Whether the deployment's run has ops its trainer has not answered yet."""
-        async with self.r.db.session() as s:
-            run_id = (
-                await s.execute(select(Deployment.active_run_id).where(Deployment.id == deployment_id))
-            ).scalar_one_or_none()
+    async def _ops_waiting(self, run_id: str | None) -> bool:
+        """Whether a deployment's run (its ``active_run_id``) has ops its trainer has not
+        answered yet."""
         return run_id is not None and bool(await self.r.redis.scard(q.run_pending_key(run_id)))
 
     async def _keep_scaled_down(self, kind: Kind, row: Any) -> None:
@@ -419,7 +417,7 @@ class RowReconciler:
         trainer whose run has ops waiting wakes up (an op that arrived while it was going down:
         the request path only wakes what it saw asleep)."""
         key = (kind.name, row.id)
-        if kind is DEPLOYMENT and await self._ops_waiting(row.id):
+        if kind is DEPLOYMENT and await self._ops_waiting(row.active_run_id):
             await request_wake(self.r, "deployment", row.id, f"woken by an op waiting on run {row.active_run_id}")
             return
         try:

@@ -48,7 +48,7 @@ from data_plane.trainer.losses import (
     target_logprobs_and_lse,
     top_k_logprobs,
 )
-from data_plane.trainer.model import CausalLM
+from data_plane.trainer.model import CausalLM, vocab_size
 from data_plane.wire.op_bodies import AdamSpec
 
 
@@ -131,6 +131,7 @@ class Engine:
         self.optimizer = self.new_optimizer()
         self.optimizer_steps = 0  # how many optim_steps these weights have taken
         self._split_head = _split_head(model)
+        self._vocab = vocab_size(model)  # the width of one position's logits
         # since the last optim_step: MEAN (normalized Loops calls), SUM (anything else) or None
         self._accum_mode: str | None = None
         self._accum_count = 0  # active tokens (dpo: pairs) of the normalized calls
@@ -311,13 +312,11 @@ class Engine:
         """Log-probabilities of ``targets`` at the unpadded positions (and the top-k there):
         chunk by chunk through the output projection when the model allows it
         (:mod:`data_plane.trainer.chunked_head`), else from the full logits."""
-        head_weight = getattr(self._split_head[1], "weight", None) if self._split_head is not None else None
-        vocab = int(head_weight.shape[0]) if isinstance(head_weight, torch.Tensor) else 0
-        full_bytes = int(targets.shape[0]) * vocab * chunked_head.FLOAT32_BYTES
+        full_bytes = int(targets.shape[0]) * self._vocab * chunked_head.FLOAT32_BYTES
         if self.logits_chunk_bytes and self._split_head is not None and full_bytes > self.logits_full_max_bytes:
             decoder, head = self._split_head
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[mask]
-            rows = chunked_head.rows_per_chunk(vocab, self.logits_chunk_bytes)
+            rows = chunked_head.rows_per_chunk(self._vocab, self.logits_chunk_bytes)
             tlp, _lse, top = chunked_head.target_logprobs(head, hidden, targets, rows, top_k)
             return tlp, top
         flat_logits = self._logits(ids, mask)  # [M, V]
