@@ -44,19 +44,19 @@ from typing import Any
 import psutil
 import redis
 
+from bench.batch import LR, RANK, batch_tokens
 from bench.live import (
     cpu_name,
     load_average,
     make_key,
     pct,
-    peak_rss_mib,
-    reset_peak_rss,
     start_openloops,
     started_at,
     trainer_pid,
 )
+from bench.proc_memory import peak_rss_mib, reset_peak_rss
 from bench.stack import Stack, start_stack
-from bench.trainer_sdk import LR, RANK, batch_tokens, bench_model, sdk_batch
+from bench.trainer_sdk import bench_model, sdk_batch
 from control_plane.scheduler.protocol import LogLine, LogQuery, WorkloadRole
 from control_plane.settings import Settings
 

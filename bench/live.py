@@ -164,18 +164,6 @@ def trainer_pid(redis_url: str, deployment_id: str) -> int | None:
     return int(pid) if pid else None
 
 
-def peak_rss_mib(pid: int) -> float | None:
-    """VmHWM of a process (its peak resident set since start or :func:`reset_peak_rss`), from
-    /proc; None when it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def started_at(pid: int) -> float:
     """When a process started, Unix time, to a clock tick. From its start in ticks since boot
     (/proc/PID/stat) against the uptime now: the boot time the kernel reports (psutil's
@@ -183,8 +171,3 @@ def started_at(pid: int) -> float:
     ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Make VmHWM start again from the current resident set (``clear_refs`` 5, Linux >= 4.0)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")

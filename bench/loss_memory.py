@@ -30,6 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens
+from bench.proc_memory import peak_rss_mib, reset_peak_rss
+
 # name -> (logits chunk MiB, activation checkpointing, fixed glibc malloc thresholds); "full
 # logits" is what a trainer does by default at this batch (its 256 MiB of logits are below the
 # 1 GiB OPENLOOPS_TRAINER_LOGITS_FULL_MAX_MIB; auto checkpointing is for long sequences)
@@ -43,14 +46,13 @@ MODES: dict[str, tuple[int, str, bool]] = {
 # the resident set stays at the high-water mark of transient buffers; fixed thresholds give
 # large tensors their own mappings, returned when freed (at a large cost in page faults)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-BATCH, SEQ, RANK = 32, 256, 32
 
 
 def _vmhwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    peak = peak_rss_mib(os.getpid())
+    if peak is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak
 
 
 def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dict:
@@ -81,7 +83,7 @@ def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dic
             logits_full_max_bytes=0,  # chunk whenever chunk_mib > 0
         )
         m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=RANK, seed=0)))
-        tokens = np.random.default_rng(0).integers(0, vocab, size=(BATCH, SEQ + 1), dtype=np.int64)
+        tokens = batch_tokens(vocab)
         req = pb.ForwardBackwardRequest(model_id="bench", loss_fn="cross_entropy")
         for row in tokens:
             d = req.data.add()
@@ -93,7 +95,7 @@ def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dic
             w.dtype, w.dense = pb.DTYPE_FLOAT32, np.ones(SEQ, "<f4").tobytes()
             w.shape.extend([SEQ])
         raw = req.SerializeToString()
-        adam = op_bodies.OptimStepBody(op_bodies.AdamSpec(learning_rate=1e-4))
+        adam = op_bodies.OptimStepBody(op_bodies.AdamSpec(learning_rate=LR))
 
         def step() -> float:
             out = pb.ForwardBackwardOutput.FromString(m.forward_backward(raw))
@@ -101,7 +103,7 @@ def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dic
             return float(out.metrics["loss:sum"])
 
         losses = [step()]  # warm-up
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here: the steps alone
+        reset_peak_rss(os.getpid())  # VmHWM from here: the steps alone
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()

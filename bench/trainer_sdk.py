@@ -29,18 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from bench.live import peak_rss_mib, trainer_pid
+from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens
+from bench.live import trainer_pid
+from bench.proc_memory import peak_rss_mib
 from bench.stack import Stack, start_stack
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.local_mode.models import prepare
 from control_plane.scheduler.ports import free_port
-
-BATCH, SEQ, RANK, LR = 32, 256, 32, 1e-4
-
-
-def batch_tokens(vocab: int, seed: int = 0) -> np.ndarray:
-    """BATCH random sequences of SEQ + 1 token ids (inputs and their next-token targets)."""
-    return np.random.default_rng(seed).integers(0, vocab, size=(BATCH, SEQ + 1), dtype=np.int64)
 
 
 def sdk_batch(tokens: np.ndarray) -> list[Any]:
