@@ -28,8 +28,16 @@ from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.trainer import snapshots
 from data_plane.wire import queue as q
 from tests.e2e.sft import datum
-from tests.infra.live_runs import history, in_transaction, run_row, run_state, trainer_pid, wait_status
-from tests.infra.live_server import LiveServer, start_live_server
+from tests.infra.live_runs import (
+    history,
+    in_transaction,
+    run_row,
+    run_state,
+    start_durable_server,
+    trainer_pid,
+    wait_status,
+)
+from tests.infra.live_server import LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -46,16 +54,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def server(services, live_model, tmp_path_factory: pytest.TempPathFactory):
-    s = start_live_server(
-        services.database_url,
-        services.redis_url,
-        tmp_path_factory.mktemp("durable-data"),
-        live_model,
-        redis_db=9,
-        # a snapshot every 3 ops: every resume below restores one and replays a few logged ops
-        trainer_snapshot_max_ops=3,
-        trainer_snapshot_interval_seconds=3600.0,
-    )
+    s = start_durable_server(services, live_model, tmp_path_factory.mktemp("durable-data"), redis_db=9)
     yield s
     s.stop()
 

@@ -13,9 +13,23 @@ from control_plane.db.models import Run, StatusHistory
 from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.wire import queue as q
-from tests.infra.live_server import LiveServer
+from tests.infra.live_server import LiveServer, start_live_server
 
 History = list[tuple[str | None, str, str | None]]  # (from, to, reason), oldest first
+
+
+def start_durable_server(services: Any, live_model: Any, data_dir: Any, *, redis_db: int) -> LiveServer:
+    """A live server of a test module's own whose trainers snapshot every 3 ops (never by
+    time): a resume restores a snapshot and replays the ops logged after it."""
+    return start_live_server(
+        services.database_url,
+        services.redis_url,
+        data_dir,
+        live_model,
+        redis_db=redis_db,
+        trainer_snapshot_max_ops=3,
+        trainer_snapshot_interval_seconds=3600.0,
+    )
 
 
 def in_transaction(server: LiveServer, fn: Callable[[Any], Any]) -> Any:

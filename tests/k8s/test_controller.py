@@ -110,29 +110,16 @@ async def test_run_lifecycle_from_pods_and_worker_state(
         # crashing again at the same op, beyond run_resume_max_attempts (1 here): FAILED
         kubelet.set_status(pod, crash)
         await eventually(lambda: is_("FAILED"), T, what="FAILED")
+        went = ["DEPLOYING", "LOADING_MODEL", "ACTIVE", "WAKING_UP", "ACTIVE", "FAILED"]  # run and deployment
         hist = await history(rt, run.id)
-        assert collapse([h[1] for h in hist]) == [
-            "DEPLOYING",
-            "LOADING_MODEL",
-            "ACTIVE",
-            "WAKING_UP",
-            "ACTIVE",
-            "FAILED",
-        ], hist
+        assert collapse([h[1] for h in hist]) == went, hist
         reason = (
             "the trainer died 2 times in a row at seq 0 without getting further, so run "
             f"{run.id} is not resumed again; last: OOMKilled (exit code 137), CrashLoopBackOff"
         )
         assert hist[-1][2] == f"deployment {run.deployment_id} failed: {reason}"
         dep_hist = await history(rt, run.deployment_id)
-        assert collapse([h[1] for h in dep_hist]) == [
-            "DEPLOYING",
-            "LOADING_MODEL",
-            "ACTIVE",
-            "WAKING_UP",
-            "ACTIVE",
-            "FAILED",
-        ], dep_hist
+        assert collapse([h[1] for h in dep_hist]) == went, dep_hist
         assert dep_hist[-1][2] == reason
 
         # a failed run's workload is garbage-collected (its pods go with it)

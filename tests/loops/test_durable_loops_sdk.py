@@ -27,8 +27,8 @@ from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.trainer import snapshots
 from data_plane.wire import queue as q
-from tests.infra.live_runs import history, pending, run_row, run_state, wait_status
-from tests.infra.live_server import LiveServer, start_live_server
+from tests.infra.live_runs import history, pending, run_row, run_state, start_durable_server, wait_status
+from tests.infra.live_server import LiveServer
 from tests.infra.loops_client import ClientProcess, require_loops_python, run_client, start_client
 from tests.infra.services import TestServices
 
@@ -45,16 +45,7 @@ def server(
     services: TestServices, live_model: CatalogModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     require_loops_python()  # before the server starts: a skip then costs nothing
-    s = start_live_server(
-        services.database_url,
-        services.redis_url,
-        tmp_path_factory.mktemp("durable-loops-data"),
-        live_model,
-        redis_db=10,
-        # a snapshot every 3 ops: the resume restores one and replays the logged ops after it
-        trainer_snapshot_max_ops=3,
-        trainer_snapshot_interval_seconds=3600.0,
-    )
+    s = start_durable_server(services, live_model, tmp_path_factory.mktemp("durable-loops-data"), redis_db=10)
     yield s
     s.stop()  # stops the run's trainer process too
 

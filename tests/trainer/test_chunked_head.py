@@ -95,6 +95,19 @@ CASES = [
 ]
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> dict[str, int]:
+    """Replace ``owner.name`` by a wrapper that counts its calls in the returned ``{"n": ...}``."""
+    calls = {"n": 0}
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def _same_grads(a: TrainingModel, b: TrainingModel) -> None:
     ga, gb = grads(a), grads(b)
     assert ga.keys() == gb.keys() and ga
@@ -173,14 +186,7 @@ def test_checkpointed_layers_recompute_in_the_backward_pass(pair, monkeypatch) -
     plain, chunked = pair
     assert chunked.engine is not None
     mlp = chunked.engine.checkpointing.layers[0].mlp  # called by the layer's forward, recompute included
-    calls = {"n": 0}
-    forward = mlp.forward
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(mlp, "forward", counting)
+    calls = count_calls(monkeypatch, mlp, "forward")
     chunked.forward_backward(fwd_request(sft_batch(1, n=2)))
     with_grad, calls["n"] = calls["n"], 0
     chunked.forward_backward(fwd_request(sft_batch(1, n=2), forward_only=True))
@@ -198,14 +204,7 @@ def test_small_logits_stay_in_one_piece(pair, monkeypatch) -> None:
     """Chunking only starts where a micro-batch's whole logits would pass logits_full_max_bytes."""
     _plain, chunked = pair
     assert chunked.engine is not None
-    calls = {"n": 0}
-    real = chunked_head.target_logprobs
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(chunked_head, "target_logprobs", counting)
+    calls = count_calls(monkeypatch, chunked_head, "target_logprobs")
     data = sft_batch(1, n=2)  # 24 + 23 positions
     full = sum(len(d["tokens"]) for d in data) * VOCAB * 4
     chunked.engine.logits_full_max_bytes = full  # fits: one piece
