@@ -16,7 +16,8 @@ from control_plane.scheduler.protocol import Resources
 
 
 class RoleResources(BaseModel):
-    gpus: int = 0
+    gpus: int = Field(0, ge=0)  # per node (a trainer runs one rank per GPU)
+    nodes: int = Field(1, ge=1)  # > 1: a multi-node group (a LeaderWorkerSet on Kubernetes)
     gpu_type: str | None = None
     cpu: str | None = None
     memory: str | None = None

@@ -133,6 +133,13 @@ class Settings(BaseSettings):
         1024, ge=1, description="most datums per forward_backward request the SDK sends (client/config)"
     )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
+    trainer_ranks: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="ranks (processes, under torchrun) of a trainer whose catalog entry has no GPUs: the base model "
+        "is sharded across them with FSDP2 (a GPU trainer runs one rank per GPU)",
+    )
     trainer_activation_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto",
         description="trainers recompute decoder activations in the backward pass instead of keeping them: auto = "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from control_plane.db.models import Deployment
+from control_plane.errors import InvalidInput
 from control_plane.scheduler.ports import free_port
 from control_plane.scheduler.protocol import Capacity, WorkloadRole, WorkloadSpec
 from control_plane.services.samplers import sampler_workload_id
@@ -23,10 +24,53 @@ def snapshot_prefix(org_id: str, run_id: str) -> str:
     return f"snapshots/{org_id}/{run_id}"
 
 
+# torchrun's rendezvous port on a multi-node group's leader pod
+TORCHRUN_PORT = 29500
+
+
+def trainer_command(ranks_per_node: int, nodes: int) -> list[str]:
+    """How a trainer starts: one process, or torchrun with ``ranks_per_node`` ranks on each of
+    ``nodes`` pods (the ranks after the first follow rank 0, which alone talks to Redis). A
+    multi-node group meets at its leader: the LeaderWorkerSet controller sets
+    ``LWS_LEADER_ADDRESS`` and ``LWS_WORKER_INDEX`` in every pod, and Kubernetes expands the
+    ``$(VAR)`` references. ``--max-restarts=0``: a dead rank ends the group, and the controller
+    restarts it (the run resumes from its snapshot, docs/durability.md)."""
+    if ranks_per_node == 1 and nodes == 1:
+        return ["python", "-m", "data_plane.trainer"]
+    cmd = ["python", "-m", "torch.distributed.run", f"--nproc-per-node={ranks_per_node}", f"--nnodes={nodes}"]
+    if nodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            "--node-rank=$(LWS_WORKER_INDEX)",
+            "--master-addr=$(LWS_LEADER_ADDRESS)",
+            f"--master-port={TORCHRUN_PORT}",
+        ]
+    return [*cmd, "--max-restarts=0", "-m", "data_plane.trainer"]
+
+
 def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
     """The trainer worker of a deployment (it executes the deployment's runs one at a time), on
-    the capacity of its ``availability_model`` (dedicated or spot)."""
+    the capacity of its ``availability_model`` (dedicated or spot).
+
+    Ranks: one per GPU of the catalog entry's trainer (per node), or ``trainer_ranks`` without
+    GPUs; the base model is sharded across a replica's ranks. ``replicas`` (Loops) multiplies
+    them: each replica is a full set of the entry's nodes. On Kubernetes every replica-node is
+    a pod (a group of several is a LeaderWorkerSet); locally all ranks run under one torchrun."""
     model = r.catalog.get(dep.base_model)
+    res = model.resources.trainer
+    ranks = res.gpus if res.gpus > 0 else r.settings.trainer_ranks
+    replicas = max(1, dep.replicas)
+    if r.settings.backend == BackendKind.LOCAL:
+        if res.nodes > 1:
+            raise InvalidInput(
+                f"base model {dep.base_model!r} needs {res.nodes} trainer nodes; local mode runs single-node "
+                "trainers only",
+                field="base_model",
+            )
+        ranks_per_node, nodes = ranks * replicas, 1
+    else:
+        ranks_per_node, nodes = ranks, res.nodes * replicas
     # on Kubernetes the Redis URL (it may hold a password) reaches the worker from the worker
     # Secret, never as a plain value in the Deployment
     redis_from_secret = r.settings.backend == BackendKind.KUBERNETES
@@ -43,6 +87,7 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         activation_checkpointing=r.settings.trainer_activation_checkpointing,
         snapshot_interval_s=r.settings.trainer_snapshot_interval_seconds,
         snapshot_max_ops=r.settings.trainer_snapshot_max_ops,
+        replicas=replicas,
     )
     return WorkloadSpec(
         workload_id=dep.id,
@@ -50,13 +95,14 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         org_id=dep.org_id,
         session_id=None,
         base_model=dep.base_model,
-        command=["python", "-m", "data_plane.trainer"],
+        command=trainer_command(ranks_per_node, nodes),
         env=launch.to_env(),
         secret_env=[
             *(STORE_SECRET_ENV if r.store_spec.kind == "s3" else []),
             *([REDIS_URL_ENV] if redis_from_secret else []),
         ],
-        resources=model.resources.trainer.to_resources(),
+        resources=res.to_resources(),
+        nodes=nodes,
         capacity=Capacity(dep.availability_model),
     )
 

@@ -84,6 +84,10 @@ class WorkloadSpec:
     health_path: str | None = None
     resources: Resources = field(default_factory=Resources)
     replicas: int = 1
+    # pods of one group that start, run and restart together (a multi-node trainer: torchrun
+    # across them). > 1: a LeaderWorkerSet on Kubernetes (the leader is pod 0); the local
+    # backend runs single-node workloads only
+    nodes: int = 1
     capacity: Capacity = Capacity.DEDICATED  # a trainer of a spot deployment: Capacity.SPOT
 
 

@@ -50,6 +50,9 @@ class TrainerLaunch:
     # | on | off (data_plane.trainer.activation_checkpointing)
     activation_checkpointing: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
+    # data-parallel copies among the torchrun ranks (each takes a share of every batch; the
+    # ranks of one copy shard the base model between them): WORLD_SIZE / replicas ranks each
+    replicas: int = 1
     # a run snapshot is due after this many executed ops, or this many seconds with at least one
     # (data_plane.trainer.snapshotter); the op log in Redis holds at most about that much
     snapshot_interval_s: float = 60.0
