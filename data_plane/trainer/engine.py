@@ -41,6 +41,7 @@ import torch
 from data_plane.trainer import chunked_head
 from data_plane.trainer.activation_checkpointing import LayerCheckpointing
 from data_plane.trainer.batches import Batch, Prepared, plan_microbatches
+from data_plane.trainer.data_parallel import DataParallel
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.losses import (
     dpo_stats,
@@ -114,8 +115,11 @@ class Engine:
         logits_chunk_bytes: int = 0,
         activation_checkpointing: str = "off",
         logits_full_max_bytes: int = 0,
+        replicas: DataParallel | None = None,
     ) -> None:
         self.model = model
+        # data-parallel replicas: this one runs its share of each call and sums with the others
+        self.replicas = replicas
         self.device = device
         self.microbatch_tokens = max(1, int(microbatch_tokens))
         # > 0: log-probabilities through the output projection a chunk of positions at a time
@@ -182,13 +186,33 @@ class Engine:
             self._check_accumulation(mode)
         per_datum: list[dict[str, np.ndarray] | None] = [None] * len(batch.data)
         totals = _Totals()
-        snapshot = None if batch.forward_only else [None if p.grad is None else p.grad.clone() for p in self.params]
+        before = None if batch.forward_only else [None if p.grad is None else p.grad.clone() for p in self.params]
+        groups = plan_microbatches(batch.data, self.microbatch_tokens, pairs=batch.pairs)
+        dp = self.replicas
+        if dp is not None:
+            groups = dp.share(groups)
+            if before is not None:
+                for p in self.params:  # this replica's share, from zero (summed with the others' below)
+                    p.grad = None
+        error: Exception | None = None
         try:
-            for group in plan_microbatches(batch.data, self.microbatch_tokens, pairs=batch.pairs):
-                self._run_group(batch, group, per_datum, totals)
+            try:
+                for group in groups:
+                    self._run_group(batch, group, per_datum, totals)
+            except Exception as exc:
+                if dp is None:
+                    raise
+                error = exc
+            if dp is not None:
+                sums, error = dp.merge(per_datum, (totals.loss, totals.stats, totals.pair_stats), error)
+                totals = _Totals(*sums)
+                if error is not None:
+                    raise error
+                if before is not None:
+                    dp.sum_grads(self.params, before)
         except BaseException:
-            if snapshot is not None:
-                for p, g in zip(self.params, snapshot, strict=True):
+            if before is not None:
+                for p, g in zip(self.params, before, strict=True):
                     p.grad = g
             raise
         if mode is not None:

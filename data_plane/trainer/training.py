@@ -3,8 +3,12 @@
 Lifecycle on one worker, which may serve several runs one after another on the same loaded
 base model: ``create`` / ``create_from_checkpoint`` (seq 0) attach a LoRA adapter and remember
 its initial values; ``init_trainer`` puts the adapter back to them with a fresh optimizer;
-``detach`` removes the adapter so that the next run can ``create`` again. ``model_id`` and
-``max_seq_len`` are plain attributes the worker may reassign when it switches runs.
+``detach`` removes the adapter so that the next run can ``create`` again. ``bind`` names the
+run (``model_id``) and its ``max_seq_len`` when the worker switches runs.
+
+With several ranks (:mod:`.ranks`), every method that changes the training state or runs the
+model is a group call (:mod:`.group_calls`): the leader's call is made on every rank, and only
+the leader writes to the object store.
 
 Two request dialects reach ``forward_backward`` (see :mod:`data_plane.trainer.engine`): the
 Tinker protobuf one (:meth:`TrainingModel.forward_backward`, protobuf answer) and the Loops one
@@ -23,11 +27,15 @@ from google.protobuf.message import DecodeError
 
 from data_plane.storage.base import ObjectStore
 from data_plane.trainer import checkpoint as ckpt
+from data_plane.trainer import snapshots
 from data_plane.trainer.batches import prepare, prepare_loops
+from data_plane.trainer.data_parallel import DataParallel
 from data_plane.trainer.engine import Engine
 from data_plane.trainer.errors import UserError
+from data_plane.trainer.group_calls import Group, group_call
 from data_plane.trainer.loops_output import encode_forward_backward
 from data_plane.trainer.model import CausalLM, LoraSettings, attach_lora, vocab_size
+from data_plane.trainer.sharding import reshard
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.op_bodies import (
     CreateBody,
@@ -38,6 +46,7 @@ from data_plane.wire.op_bodies import (
 from data_plane.wire.probe import probe_tokens
 from data_plane.wire.queue import CheckpointFile
 from data_plane.wire.tensors import forward_backward_output
+from data_plane.wire.worker_config import TrainerLaunch
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,9 @@ class TrainingModel:
         logits_chunk_bytes: int = 0,
         activation_checkpointing: str = "off",
         logits_full_max_bytes: int = 0,
+        group: Group | None = None,
     ) -> None:
+        self.group = group  # the other ranks (None: this process is the whole trainer)
         self.model_id = model_id
         self.base_model_name = base_model_name
         self.base = base
@@ -78,7 +89,8 @@ class TrainingModel:
         self.store = store
         # never beyond the positions the base model was built for
         max_pos = getattr(base.config, "max_position_embeddings", None)
-        self.max_seq_len = min(max_seq_len, max_pos) if isinstance(max_pos, int) and max_pos > 0 else max_seq_len
+        self._max_pos = max_pos if isinstance(max_pos, int) and max_pos > 0 else None
+        self.max_seq_len = min(max_seq_len, self._max_pos) if self._max_pos else max_seq_len
         self.microbatch_tokens = microbatch_tokens
         self.logits_chunk_bytes = logits_chunk_bytes  # 0: full logits (see Engine)
         self.activation_checkpointing = activation_checkpointing  # auto | on | off (see Engine)
@@ -89,6 +101,43 @@ class TrainingModel:
         self.engine: Engine | None = None
         # trainable params right after seq 0 (CPU; replaced, never modified in place)
         self.initial: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_launch(cls, launch: TrainerLaunch, store: ObjectStore, group: Group | None = None) -> TrainingModel:
+        """Load the worker's base model (this rank's part of it, with several ranks) and wrap it."""
+        from data_plane.trainer.model import load_base, pick_device, pick_dtype
+        from data_plane.trainer.sharding import load_sharded_base
+
+        if group is not None:
+            device = group.ranks.device
+            base = load_sharded_base(launch.model_source, group.ranks, pick_dtype(device))
+        else:
+            device = pick_device(launch.device)
+            base = load_base(launch.model_source, device, pick_dtype(device))
+        return cls(
+            model_id="",
+            base_model_name=launch.base_model,
+            base=base,
+            device=device,
+            store=store,
+            max_seq_len=launch.max_seq_len,
+            microbatch_tokens=launch.microbatch_tokens,
+            logits_chunk_bytes=launch.logits_chunk_mib << 20,
+            activation_checkpointing=launch.activation_checkpointing,
+            logits_full_max_bytes=launch.logits_full_max_mib << 20,
+            group=group,
+        )
+
+    @group_call
+    def bind(self, model_id: str, max_seq_len: int) -> None:
+        """Serve the run ``model_id`` (its sequences at most ``max_seq_len`` tokens) from now on."""
+        self.model_id = model_id
+        self.max_seq_len = min(max_seq_len, self._max_pos) if self._max_pos else max_seq_len
+
+    @property
+    def leader(self) -> bool:
+        """Whether this rank writes checkpoints (the only rank, or rank 0 of several)."""
+        return self.group is None or self.group.is_leader
 
     @property
     def created(self) -> bool:
@@ -117,6 +166,7 @@ class TrainingModel:
                 self.logits_chunk_bytes,
                 self.activation_checkpointing,
                 self.logits_full_max_bytes,
+                replicas=self._replicas(),
             )
         except BaseException:
             self.detach()
@@ -130,12 +180,19 @@ class TrainingModel:
             n,
         )
 
+    def _replicas(self) -> DataParallel | None:
+        ranks = self.group.ranks if self.group is not None else None
+        if ranks is None or ranks.replicas == 1:
+            return None
+        return DataParallel(ranks)
+
     def attach_for_restore(self, settings: LoraSettings) -> None:
         """Attach an adapter whose values a snapshot restore fills in next
         (:func:`data_plane.trainer.snapshots.restore`)."""
         self._attach(settings)
 
     # ---- seq 0 --------------------------------------------------------------------------
+    @group_call
     def create(self, body: CreateBody) -> dict:
         # Without a client seed the adapter's seed comes from the model id, so that a worker
         # replaying this op after a crash builds the same initial adapter.
@@ -143,6 +200,7 @@ class TrainingModel:
         self._remember_initial()
         return {"model_id": self.model_id, "type": "create_model"}
 
+    @group_call
     def create_from_checkpoint(self, body: LoadWeightsBody) -> dict:
         loaded = ckpt.read_checkpoint(self.store, body.storage_prefix, body.tinker_path, body.optimizer)
         if loaded.meta is not None and loaded.meta.base_model != self.base_model_name:
@@ -170,6 +228,7 @@ class TrainingModel:
         self.initial = {n: p.detach().to("cpu", copy=True) for n, p in eng.named_params}
 
     # ---- run lifecycle ------------------------------------------------------------------
+    @group_call
     def init_trainer(self, lora_rank: int) -> dict:
         """Start a run over on the live adapter: its initial values (those right after seq 0),
         a fresh optimizer, no gradients, step 0. ``lora_rank`` must be the adapter's rank."""
@@ -185,6 +244,7 @@ class TrainingModel:
         eng.reset()
         return {"step": 0, "lora_rank": self.lora.rank}
 
+    @group_call
     def detach(self) -> None:
         """Remove the LoRA adapter (the base model is bare and unwrapped again) and drop the
         optimizer and everything else of this run, so that ``create`` /
@@ -206,6 +266,7 @@ class TrainingModel:
         eng.optimizer_steps = loaded.meta.optimizer_step if loaded.meta is not None else 0
 
     # ---- later ops ----------------------------------------------------------------------
+    @group_call
     def load(self, body: LoadWeightsBody) -> dict:
         """Legacy ``load_state[_with_optimizer]`` on the live model: replaces the adapter (and
         the optimizer state, or resets it) and drops accumulated gradients."""
@@ -236,6 +297,7 @@ class TrainingModel:
             "step": eng.optimizer_steps,
         }
 
+    @group_call
     def forward_backward(self, raw: bytes) -> bytes:
         eng = self._require()
         try:
@@ -246,6 +308,7 @@ class TrainingModel:
         res = eng.forward_backward(batch)
         return forward_backward_output(res.per_datum, res.metrics).SerializeToString()
 
+    @group_call
     def loops_forward_backward(self, raw: bytes) -> bytes:
         """The Loops dialect of forward / forward_backward: ``raw`` is a ForwardBackwardRequest
         built from the Loops SDK's JSON (``-100`` targets ignored, optional weights, per-token
@@ -260,6 +323,7 @@ class TrainingModel:
         res = eng.forward_backward(batch)
         return encode_forward_backward(res.loss, res.per_datum, res.metrics)
 
+    @group_call
     def optim_step(self, body: OptimStepBody) -> dict:
         return {"metrics": self._require().optim_step(body.adam)}
 
@@ -267,6 +331,7 @@ class TrainingModel:
         tokens = probe_tokens(self.vocab_size)
         return {"tokens": tokens, "logprobs": eng.prompt_logprobs(tokens)}
 
+    @group_call
     def save(self, body: SaveBody, seq_id: int) -> SaveOutcome:
         eng = self._require()
         kind = body.checkpoint_kind
@@ -288,15 +353,22 @@ class TrainingModel:
             seq_id=seq_id,
             probe=self._probe(eng) if kind == "sampler_weights" else None,
         )
-        files = ckpt.write_checkpoint(
-            self.store,
-            body.storage_prefix,
-            kind=kind,
-            peft_model=self.peft,
-            meta=meta,
-            optimizer=eng.optimizer if kind == "weights" else None,
-            named_params=eng.named_params,
-        )
+        if not self.leader:  # every rank holds the same adapter: the leader writes it
+            reshard(self.base)
+            return SaveOutcome([], {}, self.lora.to_dict())
+        try:
+            files = ckpt.write_checkpoint(
+                self.store,
+                body.storage_prefix,
+                kind=kind,
+                peft_model=self.peft,
+                meta=meta,
+                optimizer=eng.optimizer if kind == "weights" else None,
+                named_params=eng.named_params,
+            )
+        finally:
+            if self.group is not None:
+                reshard(self.base)  # as the followers do (taking the state dict resharded some units)
         result: dict[str, Any]
         if kind == "weights":
             result = {"path": f"tinker://{self.model_id}/weights/{body.name}", "type": "save_weights"}
@@ -314,3 +386,9 @@ class TrainingModel:
         else:
             result = {}  # unnamed sampler snapshot: the control plane fills in sampling_session_id
         return SaveOutcome(files, result, self.lora.to_dict())
+
+    @group_call
+    def restore_snapshot(self, snap: snapshots.RunSnapshot) -> None:
+        """Put a run snapshot into this model (which has no adapter yet): see
+        :func:`data_plane.trainer.snapshots.restore`."""
+        snapshots.restore(self, snap)

@@ -38,13 +38,11 @@ import json
 import logging
 import os
 import secrets
-import signal
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
@@ -53,6 +51,7 @@ from redis.typing import KeyT, StreamIdT
 from data_plane.storage.base import ObjectStore, StoreError
 from data_plane.trainer import snapshots
 from data_plane.trainer.errors import UserError
+from data_plane.trainer.group_calls import Group
 from data_plane.trainer.ordering import SeqBuffer
 from data_plane.trainer.snapshotter import RunLog, SnapshotDone, Snapshotter
 from data_plane.wire import op_bodies
@@ -140,9 +139,14 @@ class AttachedRun:
 
 class Worker:
     def __init__(
-        self, launch: TrainerLaunch, client: redis.Redis | None = None, store: ObjectStore | None = None
+        self,
+        launch: TrainerLaunch,
+        client: redis.Redis | None = None,
+        store: ObjectStore | None = None,
+        group: Group | None = None,
     ) -> None:
         self.launch = launch
+        self.group = group  # the trainer's other ranks, which follow this one (None: there are none)
         self.r = client or redis.Redis.from_url(redis_url(launch.redis_url))
         self.store = store
         self.model: TrainingModel | None = None  # once the base is loaded
@@ -313,24 +317,9 @@ class Worker:
         return True
 
     def _load_model(self) -> TrainingModel:
-        from data_plane.trainer.model import load_base, pick_device, pick_dtype
         from data_plane.trainer.training import TrainingModel
 
-        store = self._store()
-        device = pick_device(self.launch.device)
-        base = load_base(self.launch.model_source, device, pick_dtype(device))
-        return TrainingModel(
-            model_id="",
-            base_model_name=self.launch.base_model,
-            base=base,
-            device=device,
-            store=store,
-            max_seq_len=self.launch.max_seq_len,
-            microbatch_tokens=self.launch.microbatch_tokens,
-            logits_chunk_bytes=self.launch.logits_chunk_mib << 20,
-            activation_checkpointing=self.launch.activation_checkpointing,
-            logits_full_max_bytes=self.launch.logits_full_max_mib << 20,
-        )
+        return TrainingModel.from_launch(self.launch, self._store(), self.group)
 
     def run_forever(self) -> int:
         try:
@@ -349,6 +338,8 @@ class Worker:
             return 1
         finally:
             self._beat_stop.set()
+            if self.group is not None:
+                self.group.stop_followers()
 
     def _loop(self) -> int:
         runs_stream = deployment_runs_stream(self.launch.deployment_id)
@@ -436,8 +427,7 @@ class Worker:
             return
         m = self.model
         assert m is not None
-        m.model_id = event.run_id
-        m.max_seq_len = min(event.max_seq_len, self.launch.max_seq_len)
+        m.bind(event.run_id, min(event.max_seq_len, self.launch.max_seq_len))
         run = AttachedRun(event.run_id, m.max_seq_len, RunLog(event.run_id, event.snapshots), replay_until=prev_next)
         # claim the run before reading its snapshot: a predecessor still draining checks the
         # claim before it moves the snapshot manifest or trims the log (snapshots.write)
@@ -479,7 +469,7 @@ class Worker:
                 run.replay_until - 1,
             )
             return
-        snapshots.restore(m, snap)
+        m.restore_snapshot(snap)
         run.buffer = SeqBuffer(snap.next_seq)
         run.log.snapshot_seq = snap.next_seq
         if snap.seq0_error is not None:
@@ -754,31 +744,3 @@ def _free_accelerator_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001
         pass
-
-
-def main() -> int:
-    logging.basicConfig(
-        # the same variable the control plane reads (any case: "info", "WARNING", ...)
-        level=os.environ.get("OPENLOOPS_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001
-        pass
-    launch = TrainerLaunch.from_env()
-    worker = Worker(launch)
-
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping after the current op", signum)
-        worker.stopping = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    return worker.run_forever()

@@ -23,6 +23,7 @@ from data_plane.wire.queue import (
     COMPLETIONS_STREAM,
     AttachEvent,
     Completion,
+    Dialect,
     FutureResult,
     FutureState,
     OpEnvelope,
@@ -121,7 +122,7 @@ class Driver:
     _log: Path | None = None
     pending: dict[str, str] = field(default_factory=dict)
 
-    def send(self, kind: OpKind, body: bytes, seq: int | None = None) -> str:
+    def send(self, kind: OpKind, body: bytes, seq: int | None = None, dialect: Dialect = Dialect.TINKER) -> str:
         """XADD one envelope; returns its request id. ``seq`` defaults to the next one."""
         if seq is None:
             seq = self.seq
@@ -130,7 +131,7 @@ class Driver:
         rid = f"{self.run_id}-req-{self._n}"
         self.r.hset(future_key(rid), mapping={"state": FutureState.PENDING.value})
         self.r.sadd(run_pending_key(self.run_id), rid)
-        env = OpEnvelope(request_id=rid, model_id=self.model_id, seq_id=seq, kind=kind, body=body)
+        env = OpEnvelope(request_id=rid, model_id=self.model_id, seq_id=seq, kind=kind, body=body, dialect=dialect)
         self.r.xadd(ops_stream(self.run_id), env.to_fields())
         return rid
 
@@ -227,10 +228,12 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
         microbatch_tokens: int = 64,
         max_seq_len: int = 256,
         deployment_id: str | None = None,
+        ranks: int = 1,
         **launch_options: Any,
     ) -> Driver:
         """A worker for deployment ``deployment_id`` (default ``dep-{run_id}``) with ``run_id``
-        attached; the run's model id is the run id, as the control plane makes it."""
+        attached; the run's model id is the run id, as the control plane makes it. ``ranks`` >
+        1: under torchrun, as the control plane starts a trainer of several ranks."""
         deployment_id = deployment_id or f"dep-{run_id}"
         launch = TrainerLaunch(
             deployment_id=deployment_id,
@@ -252,8 +255,18 @@ def start_worker(valkey_url, tiny_model, store_root, tmp_path):
             "OMP_NUM_THREADS": "2",
             "OPENLOOPS_LOG_LEVEL": "info",
         }
+        command = [sys.executable, "-m", "data_plane.trainer"]
+        if ranks > 1:
+            command[1:1] = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={ranks}",
+                "--max-restarts=0",
+            ]
+            env["OMP_NUM_THREADS"] = "1"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "data_plane.trainer"],
+            command,
             cwd=REPO,
             env=env,
             stdout=log_path.open("w"),
