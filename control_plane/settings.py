@@ -166,6 +166,13 @@ class Settings(BaseSettings):
     trainer_snapshot_max_ops: int = Field(
         64, ge=1, description="... or after this many ops, whichever comes first (bounds the op log in Redis)"
     )
+    run_max_replicas: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="the most data-parallel replicas a Loops run may ask for (each is a full trainer: its GPUs, or "
+        "trainer_ranks processes)",
+    )
     run_resume_max_attempts: int = Field(
         3,
         ge=1,

@@ -85,7 +85,12 @@ class CreatedRun:
 
 
 async def create_run(
-    s: AsyncSession, principal: Principal, catalog: ModelCatalog, req: RunRequest, default_delay: int
+    s: AsyncSession,
+    principal: Principal,
+    catalog: ModelCatalog,
+    req: RunRequest,
+    default_delay: int,
+    max_replicas: int = 1,
 ) -> CreatedRun:
     session = await get_session(s, principal, req.session_id)
     if session.status != SessionStatus.ACTIVE.value:
@@ -104,12 +109,9 @@ async def create_run(
         raise InvalidInput("scale_down_delay_seconds must be between 1 and 3600", field="scale_down_delay_seconds")
     if req.availability_model not in ("dedicated", "spot"):
         raise InvalidInput("availability_model must be 'dedicated' or 'spot'", field="availability_model")
-    if req.replicas < 1:
-        raise InvalidInput(f"replicas must be >= 1, got {req.replicas}", field="replicas")
-    if req.replicas != 1:
+    if not 1 <= req.replicas <= max_replicas:
         raise InvalidInput(
-            "replicas > 1 (data-parallel trainers) is not supported by this server yet; use replicas=1",
-            field="replicas",
+            f"replicas must be between 1 and {max_replicas} on this server, got {req.replicas}", field="replicas"
         )
     if req.path:
         ckpt = await resolve_weights_checkpoint(s, principal, req.path, field="path")

@@ -11,7 +11,9 @@ After a call, every rank reports its outcome (success, or the error's type and m
 compare them. They are deterministic, so they agree; if they do not (a store read failed on
 one rank only, a rank ran out of memory), the ranks no longer hold the same state, and the
 whole group exits (:data:`DIVERGED_EXIT`): the controller restarts it and the run resumes from
-its last snapshot and op log, as after any crash (docs/durability.md).
+its last snapshot and op log, as after any crash (docs/durability.md). A rank that finds another
+one gone (a collective between them fails) exits the same way (:data:`BROKEN_EXIT`), without
+answering the op in hand: the restarted group executes it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import torch.distributed as dist
 
@@ -35,6 +37,13 @@ R = TypeVar("R")
 
 EXIT = "__exit__"
 DIVERGED_EXIT = 70  # the process exit status when the ranks' outcomes differ
+BROKEN_EXIT = 71  # ... when another rank is gone (a collective between them failed)
+
+
+def _exit(status: int, why: str, *args: object) -> NoReturn:
+    log.critical(why, *args)
+    logging.shutdown()
+    os._exit(status)
 
 
 class Group:
@@ -49,26 +58,45 @@ class Group:
         return self.ranks.is_leader
 
     def send(self, name: str, args: tuple, kwargs: dict) -> None:
-        dist.broadcast_object_list([(name, args, kwargs)], src=0, group=self.ranks.control)
+        try:
+            dist.broadcast_object_list([(name, args, kwargs)], src=0, group=self.ranks.control)
+        except Exception as exc:  # noqa: BLE001 - any failure here means a rank is gone
+            self._broken(exc)
 
     def receive(self) -> tuple[str, tuple, dict]:
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.ranks.control)
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.ranks.control)
+        except Exception as exc:  # noqa: BLE001
+            self._broken(exc)
         return box[0]
+
+    def _broken(self, exc: BaseException) -> NoReturn:
+        """Another rank is gone: this one cannot go on (and must not answer the op in hand as
+        failed: the run resumes on a new group, which executes it)."""
+        _exit(
+            BROKEN_EXIT,
+            "rank %d lost the trainer's other ranks (%s: %s); exiting so that the group restarts",
+            self.ranks.rank,
+            type(exc).__name__,
+            exc,
+        )
 
     def agree(self, outcome: str | None) -> None:
         """Compare this rank's outcome of the call with everyone's; exit the process when they
         differ (the state is no longer the same on every rank)."""
         outcomes: list[Any] = [None] * self.ranks.world
-        dist.all_gather_object(outcomes, outcome, group=self.ranks.control)
+        try:
+            dist.all_gather_object(outcomes, outcome, group=self.ranks.control)
+        except Exception as exc:  # noqa: BLE001 - a rank died during the call (its error is this one's cause)
+            self._broken(exc)
         if len(set(outcomes)) > 1:
-            log.critical(
+            _exit(
+                DIVERGED_EXIT,
                 "the trainer's ranks disagree on the outcome of a call (%s); exiting so that the group restarts "
                 "and the run resumes from its snapshot",
                 "; ".join(f"rank {i}: {o or 'ok'}" for i, o in enumerate(outcomes)),
             )
-            logging.shutdown()
-            os._exit(DIVERGED_EXIT)
 
     def stop_followers(self) -> None:
         if self.is_leader and self.ranks.world > 1:

@@ -72,7 +72,8 @@ async def test_create_run_validation(api):
         ({"session_id": sid, "base_model": TEST_MODEL, "lora_rank": "big"}, "lora_rank"),
         ({"session_id": sid, "base_model": TEST_MODEL, "scale_down_delay_seconds": 0}, "scale_down_delay_seconds"),
         ({"session_id": sid, "base_model": TEST_MODEL, "availability_model": "cheap"}, "availability_model"),
-        ({"session_id": sid, "base_model": TEST_MODEL, "replicas": 2}, "replicas"),
+        ({"session_id": sid, "base_model": TEST_MODEL, "replicas": 0}, "replicas"),
+        ({"session_id": sid, "base_model": TEST_MODEL, "replicas": 9}, "replicas"),  # run_max_replicas 8
         ({"session_id": sid, "base_model": TEST_MODEL, "path": "s3://x"}, "path"),
         ({"session_id": sid, "base_model": TEST_MODEL, "path": "bt://loops:run-x/weights/missing"}, "path"),
         ({"session_id": "missing", "base_model": TEST_MODEL}, None),

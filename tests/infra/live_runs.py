@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -18,9 +19,12 @@ from tests.infra.live_server import LiveServer, start_live_server
 History = list[tuple[str | None, str, str | None]]  # (from, to, reason), oldest first
 
 
-def start_durable_server(services: Any, live_model: Any, data_dir: Any, *, redis_db: int) -> LiveServer:
+def start_durable_server(
+    services: Any, live_model: Any, data_dir: Any, *, redis_db: int, **overrides: Any
+) -> LiveServer:
     """A live server of a test module's own whose trainers snapshot every 3 ops (never by
-    time): a resume restores a snapshot and replays the ops logged after it."""
+    time): a resume restores a snapshot and replays the ops logged after it. ``overrides``:
+    more settings."""
     return start_live_server(
         services.database_url,
         services.redis_url,
@@ -29,6 +33,7 @@ def start_durable_server(services: Any, live_model: Any, data_dir: Any, *, redis
         redis_db=redis_db,
         trainer_snapshot_max_ops=3,
         trainer_snapshot_interval_seconds=3600.0,
+        **overrides,
     )
 
 
@@ -89,3 +94,29 @@ def wait_status(server: LiveServer, run_id: str, *statuses: str, timeout_s: floa
         assert time.monotonic() < deadline, (st, history(server, "run", run_id))
         time.sleep(0.1)
     return st
+
+
+def rank_pids(trainer_pid: int, world: int, timeout_s: float = 120.0) -> dict[int, int]:
+    """{rank: pid} of the ranks a torchrun trainer process started (waits until all ``world``
+    run): its child processes, each named by the ``RANK`` in its environment."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone, or not ours
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != trainer_pid:
+                continue
+            for var in environ:
+                if var.startswith(b"RANK="):
+                    found[int(var[5:])] = int(entry.name)
+        if len(found) == world:
+            return found
+        assert time.monotonic() < deadline, f"torchrun {trainer_pid} runs ranks {sorted(found)}, not {world}"
+        time.sleep(0.05)

@@ -27,7 +27,15 @@ from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole
 from data_plane.trainer import snapshots
 from data_plane.wire import queue as q
-from tests.infra.live_runs import history, pending, run_row, run_state, start_durable_server, wait_status
+from tests.infra.live_runs import (
+    history,
+    pending,
+    rank_pids,
+    run_row,
+    run_state,
+    start_durable_server,
+    wait_status,
+)
 from tests.infra.live_server import LiveServer
 from tests.infra.loops_client import ClientProcess, require_loops_python, run_client, start_client
 from tests.infra.services import TestServices
@@ -172,3 +180,41 @@ def test_the_loops_sdk_trains_through_a_sigkill_of_its_trainer(
     assert dep_id is not None
     reasons = [r or "" for _, _, r in history(server, "deployment", dep_id)]
     assert any("killed by SIGKILL" in r for r in reasons), reasons
+
+
+def test_two_replicas_train_like_one_through_a_sigkill_of_a_rank(
+    server: LiveServer, reference: dict, tmp_path: Path
+) -> None:
+    """``replicas=2`` from the Loops SDK: the trainer is two data-parallel ranks under torchrun
+    (each runs half of every forward_backward; gradients are summed). Rank 1 is killed while an
+    op is in flight: the group restarts and resumes, the SDK sees no error, and every loss equals
+    the one-replica reference up to summation order."""
+    run_id_file = tmp_path / "run-id"
+    env = {**client_env(server, run_id_file), "OPENLOOPS_TEST_REPLICAS": "2"}
+    client = start_client(CLIENT, base_url=server.base_url, api_key=server.api_key, env=env)
+    try:
+        run_id = wait_run_id(client, run_id_file)
+        assert run_row(server, run_id).replicas == 2
+        backend = server.runtime.backend
+        assert isinstance(backend, LocalProcessBackend)
+        dep_id = run_row(server, run_id).deployment_id
+        assert dep_id is not None
+        deadline = time.monotonic() + 900
+        while not (int(run_state(server, run_id).get("next_seq", 0)) >= KILL_FROM_SEQ and pending(server, run_id)):
+            assert client.running() and time.monotonic() < deadline, run_state(server, run_id)
+            time.sleep(0.005)
+        pid = backend.pid(dep_id, WorkloadRole.TRAINER)
+        assert pid is not None
+        os.kill(rank_pids(pid, world=2)[1], signal.SIGKILL)
+        res = client.wait(900)
+    finally:
+        client.kill()
+    assert res.result is not None, res.stdout[-3000:]
+    losses, want = res.result["losses"], reference["losses"]
+    assert len(losses) == len(want) == STEPS
+    for i, (got, ref) in enumerate(zip(losses, want)):
+        assert abs(got - ref) <= 1e-4 * abs(ref), (i, got, ref, losses, want)
+    assert res.result["policy_version"] == STEPS
+    assert int(run_state(server, run_id)["resumes"]) >= 1
+    reasons = [r or "" for _, _, r in history(server, "deployment", dep_id)]
+    assert any("restarting the trainer" in r for r in reasons), reasons

@@ -28,7 +28,13 @@ from control_plane.services.runs import MAX_LORA_RANK
 LoraRank = Annotated[int, msgspec.Meta(ge=1, le=MAX_LORA_RANK)]
 ScaleDownDelay = Annotated[int, msgspec.Meta(ge=1, le=3600)]
 Replicas = Annotated[
-    int, msgspec.Meta(ge=1, le=1, description="1: data-parallel trainers (replicas > 1) are not supported yet")
+    int,
+    msgspec.Meta(
+        ge=1,
+        le=64,
+        description="data-parallel trainer replicas: each runs a share of every batch (at most the server's "
+        "run_max_replicas)",
+    ),
 ]
 AvailabilityModel = Literal["dedicated", "spot"]
 # 0001-01-01 .. 9999-12-31: what a timestamp can hold

@@ -101,7 +101,12 @@ class LoopsTrainingController(Controller):
         )
         async with r.db.transaction() as s:
             created = await runs_svc.create_run(
-                s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds
+                s,
+                principal,
+                r.catalog,
+                req,
+                r.settings.default_scale_down_delay_seconds,
+                max_replicas=r.settings.run_max_replicas,
             )
             await enqueue_initial_op(r, s, created.run)
             users = await p.principal_names(s, {created.run.created_by})

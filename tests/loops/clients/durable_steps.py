@@ -1,6 +1,7 @@
 """A plain Loops SDK training loop for the durability test (tests/loops/test_durable_loops_sdk.py),
 run unmodified in the Loops client venv against openloops (LOOPS_BASE_URL, BASETEN_API_KEY): a
-trainer-only run (no sampler) with a fixed seed, then OPENLOOPS_TEST_STEPS steps of
+trainer-only run (no sampler) with a fixed seed (and OPENLOOPS_TEST_REPLICAS data-parallel
+replicas, default 1), then OPENLOOPS_TEST_STEPS steps of
 forward_backward + optim_step on fixed data, each step's two ops submitted before either result
 is read. The run id goes to the file OPENLOOPS_TEST_RUN_ID_FILE as soon as the run exists (the
 test watches the run through it). Prints one JSON object: the run id and every step's loss."""
@@ -41,7 +42,8 @@ def batch(step: int) -> list[Datum]:
 
 
 service = ServiceClient()
-tc = service.create_lora_training_client(MODEL, rank=4, seed=SEED, name="durable-steps")
+REPLICAS = int(os.environ.get("OPENLOOPS_TEST_REPLICAS", "1"))
+tc = service.create_lora_training_client(MODEL, rank=4, seed=SEED, name="durable-steps", replicas=REPLICAS)
 run_id_file = Path(os.environ["OPENLOOPS_TEST_RUN_ID_FILE"])
 partial = run_id_file.with_name(run_id_file.name + ".partial")
 partial.write_text(tc.run_id)
