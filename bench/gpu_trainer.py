@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -221,16 +220,13 @@ def train_child(cfg: dict) -> dict | None:
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
-        # the N-rank path needs the trainer's FSDP2 sharding, data_plane.trainer.sharding.shard_base
-        # (base, mesh): fully_shard on each decoder layer, then the root (imported by name: the
-        # 1-rank path does not need it)
-        shard_base = importlib.import_module("data_plane.trainer.sharding").shard_base
+        from data_plane.trainer.sharding import shard_base  # the trainer's own FSDP2 sharding
 
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-        mesh = init_device_mesh(device.type, (world,))
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))  # the trainer's name
         base = shard_base(load_base(cfg["model_dir"], torch.device("cpu"), dtype), mesh)
     else:
         base = load_base(cfg["model_dir"], device, dtype)
