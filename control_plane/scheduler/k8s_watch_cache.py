@@ -122,6 +122,7 @@ class WatchCache:
         name = (obj.get("metadata") or {}).get("name")
         if not name:
             return
+        self.served = True  # the API server just answered with one (e.g. a CRD installed since)
         with self.lock:
             old = self.cache.get(name)
             if old is not None:

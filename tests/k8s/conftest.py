@@ -143,15 +143,24 @@ class Cluster:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with ClusterEmulator() as emu, kmock.Server(emu, host="127.0.0.1", port=0) as srv:
+            self.emu = emu
             emu.resources.load_bundled()
             if self.lws:
-                emu.resources[LEADERWORKERSETS] = {"namespaced": True, "kind": "LeaderWorkerSet"}
+                self._serve_lws()
             else:  # every call about it is 404, as from an API server that does not serve it
-                emu[LEADERWORKERSETS] << 404
+                emu[LEADERWORKERSETS][lambda _: not self.lws] << 404
             emu["get /version/"] << {"major": "1", "minor": "32", "gitVersion": "v1.32.0"}
             self.emu, self.url = emu, str(srv.url).rstrip("/")
             self.ready.set()
             await self._stop.wait()
+
+    def _serve_lws(self) -> None:
+        self.emu.resources[LEADERWORKERSETS] = {"namespaced": True, "kind": "LeaderWorkerSet"}
+
+    def install_lws(self) -> None:
+        """The LWS CRD is installed (a cluster started with ``lws=False``)."""
+        self.lws = True
+        self.on_loop(self._serve_lws)
 
     def stop(self) -> None:
         self.api.close()

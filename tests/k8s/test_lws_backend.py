@@ -381,3 +381,24 @@ def test_a_group_needs_two_nodes_and_valid_replicas() -> None:
         workload_manifests(trainer_spec(nodes=0), BARE)
     with pytest.raises(WorkloadSpecError, match="replicas"):
         workload_manifests(group_trainer(replicas=-1), BARE)
+
+
+async def test_a_crd_installed_later_is_used_at_once() -> None:
+    """The watch found no LeaderWorkerSet API; the CRD is installed; a group created then is
+    scaled and removed like any other (the successful create proves the API is served)."""
+    cluster = Cluster(lws=False).start()
+    b = KubernetesBackend.from_settings(backend_settings(cluster.url))
+    try:
+        assert await b.wait_synced(5.0) and not b.groups.served
+        cluster.install_lws()
+        spec = group_trainer()
+        await b.ensure(spec)
+        name = workload_name(spec.workload_id, spec.role)
+        assert cluster.get(LEADERWORKERSETS, name) is not None and b.groups.served
+        await b.scale(spec.workload_id, spec.role, 0)
+        assert cluster.get(LEADERWORKERSETS, name)["spec"]["replicas"] == 0
+        await b.remove(spec.workload_id, spec.role)
+        assert cluster.objects(LEADERWORKERSETS) == {}
+    finally:
+        await b.close()
+        cluster.stop()
