@@ -115,6 +115,20 @@ SAMPLER_CLUSTER_PORT = 8000  # in a pod (Kubernetes): fixed, the Service targets
 # sampler's resolver loads nothing outside it.
 CHECKPOINT_KEY_PREFIX = "checkpoints/"
 
+# Why a vLLM server runs on one node only (a catalog entry's ``sampler.nodes`` must be 1). vLLM
+# itself can span nodes without Ray (the multiprocessing executor: ``--nnodes``, ``--node-rank``,
+# ``--master-addr``, ``--master-port``; the other nodes run ``vllm serve --headless``), but:
+# * the LoRA resolver (data_plane.sampler.resolver) runs in the leader's API server and downloads
+#   each adapter into a directory of that pod; vLLM's workers on the other nodes load the adapter
+#   from that same path on their own filesystem, where it is not;
+# * the sampler launcher execs vLLM's API-server entry point, which has no headless mode.
+MULTI_NODE_SAMPLER_UNSUPPORTED = (
+    "a vLLM server of openloops runs on one node: across nodes, vLLM's workers on the other nodes "
+    "would load LoRA adapters from a directory that only the leader pod has (the object-store "
+    "resolver downloads them there), and the sampler launcher has no headless worker mode; "
+    "use sampler nodes: 1 (tensor parallelism within one node)"
+)
+
 
 def vllm_spec(
     r: Runtime,
@@ -135,8 +149,15 @@ def vllm_spec(
 
     Locally it listens on 127.0.0.1 at ``port`` (a free port when not given: build the spec
     once per workload and keep it) with its adapter cache under the data dir; in a pod on
-    0.0.0.0:8000 with a pod-local cache."""
+    0.0.0.0:8000 with a pod-local cache. A catalog entry whose sampler asks for several nodes is
+    refused (:data:`MULTI_NODE_SAMPLER_UNSUPPORTED`)."""
     model = r.catalog.get(base_model)
+    if model.resources.sampler.nodes > 1:
+        raise InvalidInput(
+            f"base model {base_model!r} asks for {model.resources.sampler.nodes} sampler nodes: "
+            f"{MULTI_NODE_SAMPLER_UNSUPPORTED}",
+            field="base_model",
+        )
     if r.settings.backend == BackendKind.LOCAL:
         host, port = "127.0.0.1", port or free_port()
         cache = str(r.settings.data_dir / "sampler-cache" / workload_id)

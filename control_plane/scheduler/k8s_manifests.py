@@ -3,8 +3,12 @@
 Nothing here talks to an API server or imports the ``kubernetes`` package, so every manifest can
 be validated offline (``kubernetes-validate --strict``) and compared in tests.
 
+A workload is a Deployment, or, when its spec asks for a group of several pods
+(``WorkloadSpec.nodes > 1``), a ``leaderworkerset.x-k8s.io/v1`` LeaderWorkerSet (the LWS
+controller must be installed in the cluster); an HTTP workload also gets a Service.
+
 Naming: a workload ``(role, workload_id)`` maps to one DNS-1035 label used for both the
-Deployment and its Service::
+Deployment (or LeaderWorkerSet) and its Service::
 
     ol-{role}-{slug}-{hash10}      e.g.  ol-sampler-smp-01hzx3-5c0e2f7a1b
 
@@ -41,6 +45,18 @@ ANN_ORG_ID = f"{DOMAIN}/org-id"
 ANN_SESSION_ID = f"{DOMAIN}/session-id"
 ANN_BASE_MODEL = f"{DOMAIN}/base-model"
 ANN_SPEC_HASH = f"{DOMAIN}/spec-hash"
+
+# the LeaderWorkerSet API (a custom resource: https://github.com/kubernetes-sigs/lws)
+LWS_GROUP = "leaderworkerset.x-k8s.io"
+LWS_VERSION = "v1"
+LWS_API_VERSION = f"{LWS_GROUP}/{LWS_VERSION}"
+LWS_PLURAL = "leaderworkersets"
+LWS_KIND = "LeaderWorkerSet"
+# labels the LWS controller puts on every pod of a group: the set's name, and the pod's index in
+# its group (the leader is "0")
+LABEL_LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
+LABEL_LWS_WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_LEADER_INDEX = "0"
 
 CONTAINER_PORT_NAME = "http"
 SHM_VOLUME = "dshm"
@@ -238,7 +254,9 @@ def termination_grace_period(spec: WorkloadSpec, settings: KubernetesSettings) -
     return settings.termination_grace_period_seconds
 
 
-def pod_template(spec: WorkloadSpec, settings: KubernetesSettings, name: str) -> dict[str, Any]:
+def pod_template(spec: WorkloadSpec, settings: KubernetesSettings, name: str, *, serves: bool = True) -> dict[str, Any]:
+    """The pod of a workload. ``serves=False``: the workers of a multi-node group that serves
+    HTTP (only its leader listens; the workers have no port and no HTTP probes)."""
     if not spec.command:
         raise WorkloadSpecError(f"workload {spec.workload_id!r} has an empty command")
     container: dict[str, Any] = {
@@ -251,14 +269,15 @@ def pod_template(spec: WorkloadSpec, settings: KubernetesSettings, name: str) ->
     env = container_env(spec, settings)
     if env:
         container["env"] = env
-    if spec.port is not None:
-        if not 1 <= spec.port <= 65535:
-            raise WorkloadSpecError(f"invalid port {spec.port}")
+    if spec.port is not None and not 1 <= spec.port <= 65535:
+        raise WorkloadSpecError(f"invalid port {spec.port}")
+    if spec.port is not None and serves:
         container["ports"] = [{"name": CONTAINER_PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}]
     resources = container_resources(spec, settings)
     if resources:
         container["resources"] = resources
-    container.update(http_probes(spec, settings))
+    if serves:
+        container.update(http_probes(spec, settings))
 
     pod_spec: dict[str, Any] = {
         "containers": [container],
@@ -327,23 +346,74 @@ def deployment_manifest(spec: WorkloadSpec, settings: KubernetesSettings) -> dic
     return manifest
 
 
-def owner_reference(deployment_name: str, uid: str) -> dict[str, Any]:
+def leader_worker_set_manifest(spec: WorkloadSpec, settings: KubernetesSettings) -> dict[str, Any]:
+    """The LeaderWorkerSet running a multi-node workload: ``spec.replicas`` groups (1, or 0 =
+    scaled to zero) of ``spec.nodes`` pods each; pod 0 of a group is its leader.
+
+    Leader and workers are the pod a Deployment would run (same labels, env, secrets, GPUs per
+    pod, placement, grace period); when the workload serves HTTP only the leader has the port
+    and the probes. ``RecreateGroupOnPodRestart``: a pod that restarts takes its whole group
+    down and up again (torchrun's ranks cannot lose one of theirs). ``LeaderCreated``: the
+    workers are created once the leader pod exists (they wait for it at the rendezvous; waiting
+    for it to be *ready* would deadlock a leader whose readiness needs its workers)."""
+    if spec.replicas < 0:
+        raise WorkloadSpecError(f"replicas must be >= 0, got {spec.replicas}")
+    if spec.nodes < 2:
+        raise WorkloadSpecError(f"a LeaderWorkerSet is for nodes >= 2, got {spec.nodes}")
+    name = workload_name(spec.workload_id, spec.role)
+    manifest: dict[str, Any] = {
+        "apiVersion": LWS_API_VERSION,
+        "kind": LWS_KIND,
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": workload_labels(spec, name),
+            "annotations": workload_annotations(spec),
+        },
+        "spec": {
+            "replicas": spec.replicas,
+            "startupPolicy": "LeaderCreated",
+            "leaderWorkerTemplate": {
+                "size": spec.nodes,
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": pod_template(spec, settings, name),
+                "workerTemplate": pod_template(spec, settings, name, serves=False),
+            },
+        },
+    }
+    manifest["metadata"]["annotations"][ANN_SPEC_HASH] = spec_hash(manifest)
+    return manifest
+
+
+def workload_object_manifest(spec: WorkloadSpec, settings: KubernetesSettings) -> dict[str, Any]:
+    """The object that runs ``spec``: a LeaderWorkerSet for a multi-node group, else a Deployment."""
+    if spec.nodes < 1:
+        raise WorkloadSpecError(f"nodes must be >= 1, got {spec.nodes}")
+    if spec.nodes > 1:
+        return leader_worker_set_manifest(spec, settings)
+    return deployment_manifest(spec, settings)
+
+
+def owner_reference(owner_name: str, uid: str, *, group: bool = False) -> dict[str, Any]:
+    """The Deployment (or, ``group``, the LeaderWorkerSet) that owns a workload's Service."""
     # No blockOwnerDeletion: setting it needs update on deployments/finalizers.
     return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": deployment_name,
+        "apiVersion": LWS_API_VERSION if group else "apps/v1",
+        "kind": LWS_KIND if group else "Deployment",
+        "name": owner_name,
         "uid": uid,
         "controller": True,
     }
 
 
 def service_manifest(spec: WorkloadSpec, settings: KubernetesSettings, owner_uid: str | None) -> dict[str, Any] | None:
-    """ClusterIP Service in front of an HTTP workload, owned by its Deployment (so deleting the
-    Deployment garbage-collects it). ``None`` when the workload serves no HTTP."""
+    """ClusterIP Service in front of an HTTP workload, owned by its Deployment or LeaderWorkerSet
+    (so deleting that garbage-collects it). A multi-node group's Service selects its leader pod
+    only. ``None`` when the workload serves no HTTP."""
     if spec.port is None:
         return None
     name = workload_name(spec.workload_id, spec.role)
+    group = spec.nodes > 1
     meta: dict[str, Any] = {
         "name": name,
         "namespace": settings.namespace,
@@ -351,14 +421,17 @@ def service_manifest(spec: WorkloadSpec, settings: KubernetesSettings, owner_uid
         "annotations": workload_annotations(spec),
     }
     if owner_uid:
-        meta["ownerReferences"] = [owner_reference(name, owner_uid)]
+        meta["ownerReferences"] = [owner_reference(name, owner_uid, group=group)]
+    selector = selector_labels(name)
+    if group:
+        selector[LABEL_LWS_WORKER_INDEX] = LWS_LEADER_INDEX
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": meta,
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(name),
+            "selector": selector,
             "ports": [
                 {
                     "name": CONTAINER_PORT_NAME,
@@ -380,7 +453,7 @@ def workload_manifests(
 ) -> list[dict[str, Any]]:
     """Everything ``ensure`` creates for ``spec`` (the Service's owner uid is a placeholder
     unless given): for previews and offline validation."""
-    docs = [deployment_manifest(spec, settings)]
+    docs = [workload_object_manifest(spec, settings)]
     svc = service_manifest(spec, settings, owner_uid)
     if svc is not None:
         docs.append(svc)
@@ -399,6 +472,13 @@ BACKEND_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         ("apps", "deployments", "watch"),
         ("apps", "deployments", "patch"),
         ("apps", "deployments", "delete"),
+        # multi-node workloads (WorkloadSpec.nodes > 1)
+        (LWS_GROUP, LWS_PLURAL, "create"),
+        (LWS_GROUP, LWS_PLURAL, "get"),
+        (LWS_GROUP, LWS_PLURAL, "list"),
+        (LWS_GROUP, LWS_PLURAL, "watch"),
+        (LWS_GROUP, LWS_PLURAL, "patch"),
+        (LWS_GROUP, LWS_PLURAL, "delete"),
         ("", "services", "create"),
         ("", "services", "delete"),
         ("", "pods", "list"),

@@ -43,7 +43,7 @@ FAILED_WAITING_REASONS = frozenset(
     }
 )
 
-_SEVERITY = {Phase.FAILED: 4, Phase.UNHEALTHY: 3, Phase.STARTING: 2, Phase.PENDING: 1}
+SEVERITY = {Phase.FAILED: 4, Phase.UNHEALTHY: 3, Phase.STARTING: 2, Phase.PENDING: 1}
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -143,7 +143,7 @@ def pod_finding(
                     text, code = _terminated_reason(last_term)
                     reason = f"restarted after {text}"
                 finding = (Phase.STARTING, reason, None)
-        if (finding and _SEVERITY[finding[0]] > _SEVERITY[best[0]]) or (
+        if (finding and SEVERITY[finding[0]] > SEVERITY[best[0]]) or (
             finding and best[1] is None and finding[0] == best[0]
         ):
             best = finding
@@ -212,5 +212,5 @@ def observe_workload(
                 endpoint=endpoint,
             )
         return obs(Phase.PENDING, "waiting for pods to be created", endpoint=endpoint)
-    phase, reason, code = max(findings, key=lambda f: _SEVERITY[f[0]])
+    phase, reason, code = max(findings, key=lambda f: SEVERITY[f[0]])
     return obs(phase, reason, code, endpoint=endpoint)

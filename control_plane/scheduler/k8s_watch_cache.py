@@ -1,5 +1,9 @@
-"""A namespace's Deployments or Pods, kept in memory by a list+watch loop (read by
-``KubernetesBackend.observe`` and ``list_workloads`` instead of an API call each).
+"""A namespace's Deployments, LeaderWorkerSets or Pods, kept in memory by a list+watch loop
+(read by ``KubernetesBackend.observe`` and ``list_workloads`` instead of an API call each).
+
+An *optional* resource (a custom resource such as LeaderWorkerSet, whose CRD a cluster may not
+have) that the API server answers 404 for is taken as empty and synced; it is listed again
+after ``resync_seconds`` (the CRD may be installed later).
 
 Loop: LIST (remember its resourceVersion), then WATCH from that resourceVersion with bookmarks;
 when a watch ends (server timeout, read timeout, dropped connection) it restarts from the last
@@ -75,8 +79,12 @@ class WatchCache:
         namespace: str,
         settings: KubernetesSettings,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        *,
+        optional: bool = False,
     ) -> None:
         self.kind = kind
+        self.optional = optional
+        self.served = True  # False while an optional resource is not served (404)
         self._list_fn = list_fn
         self._namespace = namespace
         self._settings = settings
@@ -114,6 +122,7 @@ class WatchCache:
         name = (obj.get("metadata") or {}).get("name")
         if not name:
             return
+        self.served = True  # the API server just answered with one (e.g. a CRD installed since)
         with self.lock:
             old = self.cache.get(name)
             if old is not None:
@@ -160,11 +169,31 @@ class WatchCache:
                 if isinstance(exc, KubernetesApiError) and exc.status == 410:
                     need_list = True
                     continue
+                if self.optional and isinstance(exc, KubernetesApiError) and exc.status == 404:
+                    self._not_served()
+                    need_list = True
+                    self._stop.wait(self._settings.resync_seconds)
+                    continue
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("k8s list/watch failed, retrying", kind=self.kind, error=self.last_error, delay=delay)
                 need_list = True
                 self._stop.wait(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, self._settings.api_retry_max_delay_seconds or 8.0)
+
+    def _not_served(self) -> None:
+        """An optional resource the API server does not serve: empty, and synced."""
+        if self.served:
+            log.info("k8s resource not served by the API server; taken as empty", kind=self.kind)
+        self.served = False
+        with self.lock:
+            old, self.cache = self.cache, {}
+        self.resource_version = None
+        self._last_list = time.monotonic()
+        self.last_error = None
+        self.synced.set()
+        if self._on_event:
+            for obj in old.values():
+                self._on_event("DELETED", obj)
 
     def _resync_due(self) -> bool:
         return time.monotonic() - self._last_list >= self._settings.resync_seconds
@@ -195,6 +224,7 @@ class WatchCache:
         self.resource_version = (data.get("metadata") or {}).get("resourceVersion") or None
         self._last_list = time.monotonic()
         self.relists += 1
+        self.served = True
         self.last_error = None
         self.synced.set()
         if self._on_event:

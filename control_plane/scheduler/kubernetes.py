@@ -1,15 +1,26 @@
-"""KubernetesBackend: workloads as Deployments (+ a Service for HTTP workloads) in one namespace.
+"""KubernetesBackend: workloads as Deployments (+ a Service for HTTP workloads) in one namespace;
+a multi-node workload (``WorkloadSpec.nodes > 1``) as a LeaderWorkerSet
+(``leaderworkerset.x-k8s.io/v1``, a custom resource: the LWS controller must be installed)
+whose groups of ``nodes`` pods start, run and restart together. Both kinds share a name; every
+call below handles either.
 
-* ``ensure``  creates the Deployment, then the Service owned by it (409 = already there).
-* ``remove``  deletes the Deployment (propagationPolicy Background: its ReplicaSet and pods go
-  too) and the Service (404 = already gone). The Service's ownerReference is the safety net.
-* ``scale``   merge-patches ``spec.replicas`` (0 = scaled to zero, the definition stays).
-* ``observe`` reads an in-memory cache of the namespace's Deployments and Pods that two
-  list+watch loops keep current (``k8s_watch_cache``) and maps it with ``k8s_status``.
-* ``list_workloads`` returns the Deployments labelled ``app.kubernetes.io/managed-by=openloops``
-  (from the watch cache; a direct labelled LIST until the cache is synced).
-* ``describe`` reads directly (no watch): the Deployment, its pods and the namespace's events
-  about them (for ``openloops admin ... show``).
+* ``ensure``  creates the Deployment or LeaderWorkerSet, then the Service owned by it (409 =
+  already there). A workload whose spec changed kind (nodes 1 -> 2 or back) first has its old
+  object deleted; the new one is created by a later ``ensure`` once the old one and its pods
+  are gone (never two trainers of one run at once).
+* ``remove``  deletes the Deployment and the LeaderWorkerSet (propagationPolicy Background: their
+  ReplicaSets/StatefulSets and pods go too) and the Service (404 = already gone). The Service's
+  ownerReference is the safety net.
+* ``scale``   merge-patches ``spec.replicas`` (pods of a Deployment, groups of a LeaderWorkerSet;
+  0 = scaled to zero, the definition stays).
+* ``observe`` reads an in-memory cache of the namespace's Deployments, LeaderWorkerSets and Pods
+  that three list+watch loops keep current (``k8s_watch_cache``; a cluster without the LWS CRD
+  has no LeaderWorkerSets) and maps it with ``k8s_status`` / ``k8s_group_status``.
+* ``list_workloads`` returns the Deployments and LeaderWorkerSets labelled
+  ``app.kubernetes.io/managed-by=openloops`` (from the watch caches; a direct labelled LIST
+  until they are synced).
+* ``describe`` reads directly (no watch): the Deployment or LeaderWorkerSet, its pods and the
+  namespace's events about them (for ``openloops admin ... show``).
 * ``logs`` lists the workload's pods and reads each one's log (``pods/log``, the container named
   after the role, ``timestamps=true``, ``sinceSeconds`` from the query's start; plus the previous
   container's log after a restart), then parses and merges them (``workload_logs``). ``desc``
@@ -37,6 +48,7 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -56,17 +68,23 @@ from control_plane.scheduler.k8s_errors import (
     KubernetesUnavailableError,
     WorkloadNotFoundError,
 )
+from control_plane.scheduler.k8s_group_status import group_replicas, group_size, leader_port, observe_group, pod_role
 from control_plane.scheduler.k8s_manifests import (
     ANN_SPEC_HASH,
     ANN_WORKLOAD_ID,
+    LABEL_LWS_NAME,
     LABEL_MANAGED_BY,
     LABEL_ROLE,
     LABEL_WORKLOAD,
+    LWS_API_VERSION,
+    LWS_GROUP,
+    LWS_PLURAL,
+    LWS_VERSION,
     MANAGED_BY,
-    deployment_manifest,
     scale_patch,
     service_manifest,
     workload_name,
+    workload_object_manifest,
 )
 from control_plane.scheduler.k8s_status import observe_workload, parse_time
 from control_plane.scheduler.k8s_usage import usage_sample
@@ -137,6 +155,51 @@ def _raw_list(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """The calls for one kind of workload object (Deployment or LeaderWorkerSet) in a namespace;
+    each takes the client's keyword arguments (``_preload_content``, ``propagation_policy``, ...)."""
+
+    what: str  # "deployment" | "leaderworkerset", for messages
+    create: Callable[..., Any]  # (body)
+    read: Callable[..., Any]  # (name)
+    patch: Callable[..., Any]  # (name, body)
+    delete: Callable[..., Any]  # (name)
+    list: Callable[..., Any]  # ()
+
+
+def _deployment_kind(apps: k8s_client.AppsV1Api, ns: str) -> _Kind:
+    return _Kind(
+        "deployment",
+        create=lambda body, **kw: apps.create_namespaced_deployment(ns, body, **kw),
+        read=lambda name, **kw: apps.read_namespaced_deployment(name, ns, **kw),
+        patch=lambda name, body, **kw: apps.patch_namespaced_deployment(name, ns, body, **kw),
+        delete=lambda name, **kw: apps.delete_namespaced_deployment(name, ns, **kw),
+        list=lambda **kw: apps.list_namespaced_deployment(ns, **kw),
+    )
+
+
+def _group_kind(custom: k8s_client.CustomObjectsApi, ns: str) -> _Kind:
+    at = (LWS_GROUP, LWS_VERSION, ns, LWS_PLURAL)
+    return _Kind(
+        "leaderworkerset",
+        create=lambda body, **kw: custom.create_namespaced_custom_object(*at, body, **kw),
+        read=lambda name, **kw: custom.get_namespaced_custom_object(*at, name, **kw),
+        patch=lambda name, body, **kw: custom.patch_namespaced_custom_object(*at, name, body, **kw),
+        delete=lambda name, **kw: custom.delete_namespaced_custom_object(*at, name, **kw),
+        list=lambda **kw: custom.list_namespaced_custom_object(*at, **kw),
+    )
+
+
+def _group_lister(custom: k8s_client.CustomObjectsApi) -> Callable[..., Any]:
+    """LIST/WATCH of LeaderWorkerSets with the signature a :class:`WatchCache` calls."""
+
+    def call(namespace: str, **kwargs: Any) -> Any:
+        return custom.list_namespaced_custom_object(LWS_GROUP, LWS_VERSION, namespace, LWS_PLURAL, **kwargs)
+
+    return call
+
+
 def _error_message(exc: ApiException) -> str:
     body = exc.body
     if isinstance(body, bytes):
@@ -169,6 +232,8 @@ class KubernetesBackend:
         self._apps = k8s_client.AppsV1Api(self._api)
         self._core = k8s_client.CoreV1Api(self._api)
         self._custom = k8s_client.CustomObjectsApi(self._api)
+        self._deployment = _deployment_kind(self._apps, self.namespace)
+        self._group = _group_kind(self._custom, self.namespace)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="openloops-k8s-api")
         # the watches get their own connections
         self._watch_api = k8s_client.ApiClient(self._cfg)
@@ -177,6 +242,14 @@ class KubernetesBackend:
             _raw_list(k8s_client.AppsV1Api(self._watch_api).list_namespaced_deployment),
             self.namespace,
             settings,
+        )
+        # optional: a cluster without the LWS CRD answers 404 (no multi-node workloads there)
+        self.groups = WatchCache(
+            "leaderworkersets",
+            _raw_list(_group_lister(k8s_client.CustomObjectsApi(self._watch_api))),
+            self.namespace,
+            settings,
+            optional=True,
         )
         self.pods = WatchCache(
             "pods",
@@ -205,6 +278,7 @@ class KubernetesBackend:
         if not self._started:
             self._started = True
             self.deployments.start()
+            self.groups.start()
             self.pods.start()
 
     async def close(self) -> None:
@@ -213,6 +287,7 @@ class KubernetesBackend:
         self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.deployments.stop)
+        await loop.run_in_executor(None, self.groups.stop)
         await loop.run_in_executor(None, self.pods.stop)
         self._executor.shutdown(wait=False, cancel_futures=True)
         for api in (self._api, self._watch_api):
@@ -222,10 +297,10 @@ class KubernetesBackend:
                 pass
 
     async def wait_synced(self, timeout: float = 10.0) -> bool:
-        """True once both caches have completed a first LIST (False on timeout)."""
+        """True once every cache has completed a first LIST (False on timeout)."""
         await self.start()
         deadline = time.monotonic() + timeout
-        informers = (self.deployments, self.pods)
+        informers = (self.deployments, self.groups, self.pods)
         while not all(i.synced.is_set() for i in informers):
             if time.monotonic() >= deadline:
                 return False
@@ -288,57 +363,111 @@ class KubernetesBackend:
         )
 
     # --- SchedulerBackend ------------------------------------------------------------------
+    def _kind(self, group: bool) -> _Kind:
+        return self._group if group else self._deployment
+
+    def _cache(self, group: bool) -> WatchCache:
+        return self.groups if group else self.deployments
+
+    def _groups_served(self) -> bool:
+        """False once the LeaderWorkerSet watch found the API not served (no CRD): no
+        LeaderWorkerSet can exist, so no call about one is made."""
+        return not (self.groups.synced.is_set() and not self.groups.served)
+
     async def ensure(self, spec: WorkloadSpec) -> None:
-        dep = deployment_manifest(spec, self.settings)  # invalid specs fail before any call
+        obj = workload_object_manifest(spec, self.settings)  # invalid specs fail before any call
         service_manifest(spec, self.settings, None)
         await self.start()
-        name = dep["metadata"]["name"]
-        created = await self._call(
-            f"create deployment {name}", self._apps.create_namespaced_deployment, self.namespace, dep, ok_status=(409,)
-        )
+        group = spec.nodes > 1
+        kind, name = self._kind(group), obj["metadata"]["name"]
+        if await self._replacing(name, group):
+            return
+        try:
+            created = await self._call(f"create {kind.what} {name}", kind.create, obj, ok_status=(409,))
+        except KubernetesApiError as exc:
+            if group and exc.status == 404:  # the LeaderWorkerSet API is not served here
+                raise KubernetesApiError(
+                    f"{exc}; {spec.role} {spec.workload_id!r} needs {spec.nodes} nodes, which runs as a "
+                    f"{LWS_API_VERSION} LeaderWorkerSet: install the LeaderWorkerSet controller in the "
+                    "cluster (docs/kubernetes.md, Multi-node trainers and samplers)",
+                    status=exc.status,
+                    reason=exc.reason,
+                ) from None
+            raise
         if created == 409:
-            existing = await self._call(
-                f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
-            )
+            existing = await self._call(f"get {kind.what} {name}", kind.read, name, ok_status=(404,))
             if existing == 404:  # deleted in between: the next ensure creates it
-                log.info("k8s deployment vanished during ensure", name=name)
+                log.info("k8s workload object vanished during ensure", name=name, kind=kind.what)
                 return
             assert isinstance(existing, dict)
-            self.deployments.upsert(existing)
+            self._cache(group).upsert(existing)
             meta = existing.get("metadata") or {}
             if meta.get("deletionTimestamp"):
-                log.info("k8s deployment is being deleted; ensure again once it is gone", name=name)
+                log.info("k8s workload object is being deleted; ensure again once it is gone", name=name)
                 return
-            if (meta.get("annotations") or {}).get(ANN_SPEC_HASH) != dep["metadata"]["annotations"][ANN_SPEC_HASH]:
+            if (meta.get("annotations") or {}).get(ANN_SPEC_HASH) != obj["metadata"]["annotations"][ANN_SPEC_HASH]:
                 log.warning(
-                    "k8s deployment exists with a different spec; left unchanged (remove it to apply)", name=name
+                    "k8s workload object exists with a different spec; left unchanged (remove it to apply)",
+                    name=name,
+                    kind=kind.what,
                 )
             owner = existing
         else:
             assert isinstance(created, dict)
-            self.deployments.upsert(created)
+            self._cache(group).upsert(created)
             owner = created
         uid = (owner.get("metadata") or {}).get("uid")
         if not uid:
-            log.warning("k8s deployment has no uid; service created without owner reference", name=name)
+            log.warning("k8s workload object has no uid; service created without owner reference", name=name)
         svc = service_manifest(spec, self.settings, uid)
         if svc is not None:
             await self._call(
                 f"create service {name}", self._core.create_namespaced_service, self.namespace, svc, ok_status=(409,)
             )
 
+    async def _replacing(self, name: str, group: bool) -> bool:
+        """True while the workload still has an object of the other kind (its spec changed
+        between one pod and a multi-node group) or pods of it: that object is deleted (with the
+        Service, whose selector and owner differ) and the new one waits until it is all gone."""
+        other = not group
+        if other and not self._groups_served():
+            old = None
+        elif self._cache(other).synced.is_set():
+            old = self._cache(other).get(name)
+        else:
+            got = await self._call(
+                f"get {self._kind(other).what} {name}", self._kind(other).read, name, ok_status=(404,)
+            )
+            old = got if isinstance(got, dict) else None
+        if old is None:
+            pods = await self._pods_of(name)
+            return any(_is_group_pod(p) == other for p in pods)
+        if not (old.get("metadata") or {}).get("deletionTimestamp"):
+            log.info(
+                "k8s workload changes kind; deleting the old object first",
+                name=name,
+                old=self._kind(other).what,
+                new=self._kind(group).what,
+            )
+            await self._delete_object(other, name)
+            await self._call(
+                f"delete service {name}", self._core.delete_namespaced_service, name, self.namespace, ok_status=(404,)
+            )
+        return True
+
+    async def _delete_object(self, group: bool, name: str) -> None:
+        kind = self._kind(group)
+        await self._call(
+            f"delete {kind.what} {name}", kind.delete, name, propagation_policy="Background", ok_status=(404,)
+        )
+        self._cache(group).discard(name)
+
     async def remove(self, workload_id: str, role: WorkloadRole) -> None:
         await self.start()
         name = workload_name(workload_id, role)
-        await self._call(
-            f"delete deployment {name}",
-            self._apps.delete_namespaced_deployment,
-            name,
-            self.namespace,
-            propagation_policy="Background",
-            ok_status=(404,),
-        )
-        self.deployments.discard(name)
+        await self._delete_object(False, name)
+        if self._groups_served():
+            await self._delete_object(True, name)
         await self._call(
             f"delete service {name}", self._core.delete_namespaced_service, name, self.namespace, ok_status=(404,)
         )
@@ -348,27 +477,48 @@ class KubernetesBackend:
             raise KubernetesApiError(f"replicas must be >= 0, got {replicas}")
         await self.start()
         name = workload_name(workload_id, role)
-        patched = await self._call(
-            f"scale deployment {name}",
-            self._apps.patch_namespaced_deployment,
-            name,
-            self.namespace,
-            scale_patch(replicas),
-            _content_type=_MERGE_PATCH,
-            ok_status=(404,),
+        first = self.groups.get(name) is not None
+        for group in (first, not first):
+            if group and not self._groups_served():
+                continue
+            kind = self._kind(group)
+            patched = await self._call(
+                f"scale {kind.what} {name}",
+                kind.patch,
+                name,
+                scale_patch(replicas),
+                _content_type=_MERGE_PATCH,
+                ok_status=(404,),
+            )
+            if patched != 404:
+                assert isinstance(patched, dict)
+                self._cache(group).upsert(patched)
+                return
+        raise WorkloadNotFoundError(
+            f"cannot scale {role} {workload_id!r}: no deployment or leaderworkerset {name}", status=404
         )
-        if patched == 404:
-            raise WorkloadNotFoundError(f"cannot scale {role} {workload_id!r}: no deployment {name}", status=404)
-        assert isinstance(patched, dict)
-        self.deployments.upsert(patched)
 
-    async def _read_workload(self, name: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        """A workload's Deployment (None if absent) and pods, read directly (not from the watch cache)."""
-        got = await self._call(
-            f"get deployment {name}", self._apps.read_namespaced_deployment, name, self.namespace, ok_status=(404,)
-        )
+    async def _read_workload(
+        self, name: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+        """A workload's Deployment and LeaderWorkerSet (None where absent) and pods, read
+        directly (not from the watch caches)."""
+        dep = await self._call(f"get deployment {name}", self._deployment.read, name, ok_status=(404,))
+        lws: dict[str, Any] | int | None = None
+        if self._groups_served():
+            lws = await self._call(f"get leaderworkerset {name}", self._group.read, name, ok_status=(404,))
         pods = await self._read_pods(name)
-        return (got if isinstance(got, dict) else None), pods
+        return (
+            dep if isinstance(dep, dict) else None,
+            lws if isinstance(lws, dict) else None,
+            pods,
+        )
+
+    async def _pods_of(self, name: str) -> list[dict[str, Any]]:
+        """A workload's pods: from the watch cache once it is synced, else listed directly."""
+        if self.pods.synced.is_set():
+            return [p for p in self.pods.values() if _workload_of(p) == name]
+        return await self._read_pods(name)
 
     async def _read_pods(self, name: str) -> list[dict[str, Any]]:
         """A workload's pods, listed directly (not from the watch cache)."""
@@ -381,36 +531,51 @@ class KubernetesBackend:
     async def observe(self, workload_id: str, role: WorkloadRole) -> Observation:
         name = workload_name(workload_id, role)
         if await self.wait_synced(timeout=min(5.0, self.settings.api_timeout_seconds)):
-            deployment = self.deployments.get(name)
+            deployment, lws = self.deployments.get(name), self.groups.get(name)
             pods = [p for p in self.pods.values() if _workload_of(p) == name]
         else:  # the watches cannot list (yet): read directly so errors surface
-            deployment, pods = await self._read_workload(name)
-        return observe_workload(
-            workload_id,
-            WorkloadRole(role),
-            deployment,
-            pods,
+            deployment, lws, pods = await self._read_workload(name)
+        return self._observation(workload_id, WorkloadRole(role), deployment, lws, pods)
+
+    def _observation(
+        self,
+        workload_id: str,
+        role: WorkloadRole,
+        deployment: dict[str, Any] | None,
+        lws: dict[str, Any] | None,
+        pods: list[dict[str, Any]],
+    ) -> Observation:
+        """From the LeaderWorkerSet unless there is none, or it is on its way out while a
+        Deployment replaces it; each kind judged on its own pods."""
+        common: dict[str, Any] = dict(
             now=datetime.now(UTC),
             unschedulable_grace=self.settings.unschedulable_grace_seconds,
             cluster_domain=self.settings.cluster_domain,
             was_ready=self._was_ready,
         )
+        if _is_current(lws, deployment):
+            group_pods = [p for p in pods if _is_group_pod(p)]
+            return observe_group(workload_id, role, lws, group_pods, **common)
+        single_pods = [p for p in pods if not _is_group_pod(p)]
+        return observe_workload(workload_id, role, deployment, single_pods, **common)
 
     async def list_workloads(self) -> list[tuple[str, WorkloadRole]]:
-        """From the watch cache (no API call per controller pass); a direct LIST (by the
-        managed-by label) while the cache is not synced."""
+        """From the watch caches (no API call per controller pass); a direct LIST (by the
+        managed-by label) while they are not synced."""
         if await self.wait_synced(timeout=min(5.0, self.settings.api_timeout_seconds)):
-            items = self.deployments.values()
+            items = self.deployments.values() + self.groups.values()
         else:
-            listed = await self._call(
-                "list deployments",
-                self._apps.list_namespaced_deployment,
-                self.namespace,
-                label_selector=MANAGED_SELECTOR,
-            )
-            assert isinstance(listed, dict)
-            items = listed.get("items") or []
-        out: list[tuple[str, WorkloadRole]] = []
+            items = []
+            for group in (False, True):
+                if group and not self._groups_served():
+                    continue
+                kind = self._kind(group)
+                listed = await self._call(
+                    f"list {kind.what}s", kind.list, label_selector=MANAGED_SELECTOR, ok_status=(404,) if group else ()
+                )
+                if isinstance(listed, dict):
+                    items += listed.get("items") or []
+        out: set[tuple[str, WorkloadRole]] = set()
         for item in items:
             meta = item.get("metadata") or {}
             labels = meta.get("labels") or {}
@@ -422,7 +587,7 @@ class KubernetesBackend:
             except ValueError:
                 continue
             if workload_id:
-                out.append((workload_id, role))
+                out.add((workload_id, role))
         return sorted(out)
 
     async def describe(self, workload_id: str, role: WorkloadRole, *, max_events: int = 20) -> WorkloadDescription:
@@ -430,24 +595,15 @@ class KubernetesBackend:
         admin CLI can call this from its own short-lived process."""
         role = WorkloadRole(role)
         name = workload_name(workload_id, role)
-        deployment, pods = await self._read_workload(name)
-        obs = observe_workload(
-            workload_id,
-            role,
-            deployment,
-            pods,
-            now=datetime.now(UTC),
-            unschedulable_grace=self.settings.unschedulable_grace_seconds,
-            cluster_domain=self.settings.cluster_domain,
-            was_ready=self._was_ready,
-        )
+        deployment, lws, pods = await self._read_workload(name)
+        obs = self._observation(workload_id, role, deployment, lws, pods)
         events: list[WorkloadEvent] = []
         if max_events > 0:
             raw = await self._call("list events", self._core.list_namespaced_event, self.namespace)
             assert isinstance(raw, dict)
             pod_names = {(p.get("metadata") or {}).get("name") for p in pods}
             events = _events_about(raw.get("items") or [], name, pod_names)[-max_events:]
-        return WorkloadDescription(obs, _describe_details(self.namespace, name, deployment, pods), events)
+        return WorkloadDescription(obs, _describe_details(self.namespace, name, deployment, lws, pods), events)
 
     async def logs(self, workload_id: str, role: WorkloadRole, query: LogQuery) -> list[LogLine]:
         """Direct reads (list pods, each pod's log): no watch is started."""
@@ -552,6 +708,19 @@ def _workload_of(obj: dict[str, Any]) -> str | None:
     return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_WORKLOAD)
 
 
+def _is_group_pod(pod: dict[str, Any]) -> bool:
+    """A pod of a LeaderWorkerSet (the LWS controller labels it with the set's name)."""
+    return LABEL_LWS_NAME in ((pod.get("metadata") or {}).get("labels") or {})
+
+
+def _is_current(lws: dict[str, Any] | None, deployment: dict[str, Any] | None) -> bool:
+    """Whether a workload is observed through its LeaderWorkerSet: there is one, and it is not
+    being deleted while a Deployment exists (a group replaced by a single pod)."""
+    if lws is None:
+        return False
+    return not (lws.get("metadata") or {}).get("deletionTimestamp") or deployment is None
+
+
 def _log_sources(pod: dict[str, Any], container: str, query: LogQuery) -> list[bool]:
     """Which logs of a pod's container can hold lines of ``query``: the current one (False)
     unless it started after ``end_ns``, the previous one (True, after a restart) unless it
@@ -575,10 +744,29 @@ def _log_sources(pod: dict[str, Any], container: str, query: LogQuery) -> list[b
 
 
 def _describe_details(
-    namespace: str, name: str, deployment: dict[str, Any] | None, pods: list[dict[str, Any]]
+    namespace: str,
+    name: str,
+    deployment: dict[str, Any] | None,
+    lws: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    details: dict[str, Any] = {"namespace": namespace, "deployment": None, "service": None, "pods": []}
-    if deployment is not None:
+    details: dict[str, Any] = {
+        "namespace": namespace,
+        "deployment": None,
+        "leaderworkerset": None,
+        "service": None,
+        "pods": [],
+    }
+    if _is_current(lws, deployment):
+        assert lws is not None
+        details.update(
+            leaderworkerset=name,
+            group_size=group_size(lws),
+            replicas=group_replicas(lws),
+            ready_replicas=(lws.get("status") or {}).get("readyReplicas") or 0,  # groups
+            service=name if leader_port(lws) is not None else None,
+        )
+    elif deployment is not None:
         spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
         containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
         details.update(
@@ -590,21 +778,23 @@ def _describe_details(
     for p in pods:
         meta, st = p.get("metadata") or {}, p.get("status") or {}
         statuses = st.get("containerStatuses") or []
-        details["pods"].append(
-            {
-                "name": meta.get("name"),
-                "phase": st.get("phase"),
-                "node": (p.get("spec") or {}).get("nodeName"),
-                "ready": bool(statuses) and all(c.get("ready") for c in statuses),
-                "restarts": sum(int(c.get("restartCount") or 0) for c in statuses),
-            }
-        )
+        entry = {
+            "name": meta.get("name"),
+            "phase": st.get("phase"),
+            "node": (p.get("spec") or {}).get("nodeName"),
+            "ready": bool(statuses) and all(c.get("ready") for c in statuses),
+            "restarts": sum(int(c.get("restartCount") or 0) for c in statuses),
+        }
+        if _is_group_pod(p):
+            entry["group_role"] = pod_role(p)
+        details["pods"].append(entry)
     return details
 
 
 def _events_about(items: list[dict[str, Any]], name: str, pod_names: set[Any]) -> list[WorkloadEvent]:
-    """Events whose object is the Deployment, one of its ReplicaSets (``{name}-{hash}``) or
-    one of its pods, oldest first."""
+    """Events whose object is the Deployment, one of its ReplicaSets (``{name}-{hash}``), the
+    LeaderWorkerSet, one of its StatefulSets (``{name}``, ``{name}-{group}``) or one of the
+    pods, oldest first."""
     out: list[tuple[str, WorkloadEvent]] = []
     for ev in items:
         obj = ev.get("involvedObject") or {}
@@ -612,6 +802,11 @@ def _events_about(items: list[dict[str, Any]], name: str, pod_names: set[Any]) -
         mine = (
             (kind == "Deployment" and oname == name)
             or (kind == "ReplicaSet" and oname.startswith(name + "-") and "-" not in oname[len(name) + 1 :])
+            or (kind == "LeaderWorkerSet" and oname == name)
+            or (
+                kind == "StatefulSet"
+                and (oname == name or (oname.startswith(name + "-") and oname[len(name) + 1 :].isdigit()))
+            )
             or (kind == "Pod" and oname in pod_names)
         )
         if not mine:

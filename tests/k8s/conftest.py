@@ -7,7 +7,9 @@ would do it: ``metadata.uid``, ``creationTimestamp`` and a growing ``resourceVer
 write (and on LIST responses), watches that start after the requested resourceVersion and
 answer ``410 Gone`` below ``expired_below``, and the garbage collector (deleting an object
 deletes what names it in ``ownerReferences``). ``Kubelet`` plays the ReplicaSet controller and
-the kubelet: it creates a Deployment's pods and patches their status.
+the kubelet: it creates a Deployment's pods and patches their status. The LeaderWorkerSet custom
+resource is served (as where the LWS CRD is installed) unless a test starts its
+``Cluster(lws=False)``; tests/k8s/lws_cluster.py plays the LWS controller.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ WORKER_SECRET = "openloops-worker"
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 SERVICES = kmock.resource("", "v1", "services")
 PODS = kmock.resource("", "v1", "pods")
+LEADERWORKERSETS = kmock.resource("leaderworkerset.x-k8s.io", "v1", "leaderworkersets")
 
 
 def now_iso(delta_seconds: float = 0) -> str:
@@ -118,7 +121,12 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
 
 class Cluster:
-    """The emulator in a thread, plus helpers used from the test's own thread."""
+    """The emulator in a thread, plus helpers used from the test's own thread. ``lws``: serve
+    the LeaderWorkerSet custom resource (False: a cluster without the LWS CRD, which answers
+    404 for it)."""
+
+    def __init__(self, *, lws: bool = True) -> None:
+        self.lws = lws
 
     def start(self) -> Cluster:
         self.ready = threading.Event()
@@ -128,17 +136,31 @@ class Cluster:
         self.api = client.ApiClient(client.Configuration(host=self.url))
         self.core = client.CoreV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
         return self
 
     async def _main(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         async with ClusterEmulator() as emu, kmock.Server(emu, host="127.0.0.1", port=0) as srv:
+            self.emu = emu
             emu.resources.load_bundled()
+            if self.lws:
+                self._serve_lws()
+            else:  # every call about it is 404, as from an API server that does not serve it
+                emu[LEADERWORKERSETS][lambda _: not self.lws] << 404
             emu["get /version/"] << {"major": "1", "minor": "32", "gitVersion": "v1.32.0"}
             self.emu, self.url = emu, str(srv.url).rstrip("/")
             self.ready.set()
             await self._stop.wait()
+
+    def _serve_lws(self) -> None:
+        self.emu.resources[LEADERWORKERSETS] = {"namespaced": True, "kind": "LeaderWorkerSet"}
+
+    def install_lws(self) -> None:
+        """The LWS CRD is installed (a cluster started with ``lws=False``)."""
+        self.lws = True
+        self.on_loop(self._serve_lws)
 
     def stop(self) -> None:
         self.api.close()

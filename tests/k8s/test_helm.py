@@ -427,7 +427,21 @@ BAD_VALUES = [
         id="catalog-unknown-field",
     ),
     pytest.param({"imagePullSecrets": [{"name": "x"}]}, "imagePullSecrets", id="pull-secrets-are-names"),
+    pytest.param(
+        {"modelCatalog": {"models": [{"name": "m", "source": "s", "resources": {"trainer": {"nodes": 0}}}]}},
+        "nodes",
+        id="catalog-zero-nodes",
+    ),
 ]
+
+
+def test_catalog_nodes_reach_the_control_plane() -> None:
+    """A multi-node trainer in the values is what the control plane's catalog loader reads."""
+    docs = render(load_values("all-options"))
+    cm = next(d for d in by_kind(docs, "ConfigMap") if "catalog.yaml" in d.get("data", {}))
+    catalog = CatalogFile.model_validate(yaml.safe_load(cm["data"]["catalog.yaml"]))
+    resources = catalog.models[0].resources
+    assert (resources.trainer.nodes, resources.sampler.nodes) == (2, 1)
 
 
 @pytest.mark.parametrize(("values", "where"), BAD_VALUES)

@@ -39,11 +39,13 @@ async def exercise_backend(cluster: Cluster) -> set[tuple[str, str, str]]:
     PodLogs(cluster)  # the kubelet's log endpoint
     before = len(cluster.requests())  # the test's own Kubelet calls are excluded below
     b = KubernetesBackend.from_settings(backend_settings(cluster.url))
-    specs = [trainer_spec(), sampler_spec(), served_model_spec()]
+    group = trainer_spec("run:group", nodes=2)  # a LeaderWorkerSet
+    specs = [trainer_spec(), sampler_spec(), served_model_spec(), group]
     try:
         for spec in specs:
             await b.ensure(spec)
             await b.ensure(spec)  # 409 -> get
+        await b.scale(group.workload_id, group.role, 0)
         smp = specs[1]
         pod = kubelet.create_pod(workload_name(smp.workload_id, smp.role))
         kubelet.set_status(pod, running("sampler", ready=True, started=True))
@@ -53,13 +55,14 @@ async def exercise_backend(cluster: Cluster) -> set[tuple[str, str, str]]:
         assert len(await b.usage(smp.workload_id, smp.role)) == 1  # metrics.k8s.io pods
         await b.scale(specs[2].workload_id, specs[2].role, 0)
         await b.scale(specs[2].workload_id, specs[2].role, 1)
-        assert len(await b.list_workloads()) == 3
+        assert len(await b.list_workloads()) == 4
         for spec in specs:
             await b.remove(spec.workload_id, spec.role)
             await b.remove(spec.workload_id, spec.role)
     finally:
         await b.close()
-    # observe before the caches are synced reads directly (get deployment, list pods)
+    # observe before the caches are synced reads directly (get deployment and leaderworkerset,
+    # list pods)
     cold = KubernetesBackend.from_settings(backend_settings(cluster.url, api_timeout_seconds=0.5))
     cold._started = True
     try:

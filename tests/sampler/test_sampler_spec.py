@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import kubernetes_validate
+import pytest
 
-from control_plane.controller.workloads import CHECKPOINT_KEY_PREFIX, sampler_spec
+from control_plane.catalog import ModelCatalog
+from control_plane.controller.workloads import CHECKPOINT_KEY_PREFIX, MULTI_NODE_SAMPLER_UNSUPPORTED, sampler_spec
+from control_plane.errors import InvalidInput
 from control_plane.runtime import build_runtime
 from control_plane.scheduler.k8s_manifests import workload_manifests
 from control_plane.scheduler.kubernetes_settings import KubernetesSettings
@@ -44,4 +47,24 @@ async def test_local_and_kubernetes_specs(services: TestServices, data_dir: Path
         assert sampler_workload_id("org/a-b") != sampler_workload_id("org/a.b")
     finally:
         await local.close()
+        await k8s.close()
+
+
+async def test_a_multi_node_sampler_is_refused_with_the_reason(services: TestServices, data_dir: Path):
+    """vLLM could span nodes without Ray, but not with adapters resolved into the leader pod's
+    own directory: a catalog sampler with nodes > 1 is an InvalidInput naming why."""
+    settings = make_settings(services, data_dir, backend=BackendKind.KUBERNETES)
+    catalog = ModelCatalog.load(settings.model_catalog_path)
+    model = catalog.get(TEST_MODEL)
+    model.resources.sampler.nodes = 2
+    model.resources.sampler.gpus = 8
+    catalog.dump(settings.model_catalog_path)
+    k8s = build_runtime(settings, with_backend=False)
+    try:
+        with pytest.raises(InvalidInput, match="asks for 2 sampler nodes") as err:
+            sampler_spec(k8s, TEST_MODEL)
+        assert err.value.field == "base_model"
+        assert MULTI_NODE_SAMPLER_UNSUPPORTED in str(err.value)
+        assert "LoRA adapters" in str(err.value)
+    finally:
         await k8s.close()
