@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         1024, ge=1, description="most datums per forward_backward request the SDK sends (client/config)"
     )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
+    trainer_allocator: Literal["jemalloc", "system"] = Field(
+        "jemalloc",
+        description="how trainer processes allocate host memory: jemalloc (preloaded; lower peak memory and "
+        "faster steps, measured in bench/README.md) or the C library's",
+    )
     trainer_ranks: int = Field(
         1,
         ge=1,

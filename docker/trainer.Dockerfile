@@ -11,6 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/var/cache/openloops/huggingface
+# jemalloc: the control plane preloads it into trainer processes (LD_PRELOAD=libjemalloc.so.2,
+# OPENLOOPS_TRAINER_ALLOCATOR)
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/openloops
 COPY pyproject.toml README.md* ./
 COPY control_plane ./control_plane

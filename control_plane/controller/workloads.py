@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from control_plane.controller.allocator import trainer_allocator_env
 from control_plane.db.models import Deployment
 from control_plane.errors import InvalidInput
 from control_plane.scheduler.ports import free_port
@@ -96,7 +97,7 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         session_id=None,
         base_model=dep.base_model,
         command=trainer_command(ranks_per_node, nodes),
-        env=launch.to_env(),
+        env={**launch.to_env(), **trainer_allocator_env(r.settings.trainer_allocator, r.settings.backend)},
         secret_env=[
             *(STORE_SECRET_ENV if r.store_spec.kind == "s3" else []),
             *([REDIS_URL_ENV] if redis_from_secret else []),

@@ -115,11 +115,11 @@ class Engine:
         logits_chunk_bytes: int = 0,
         activation_checkpointing: str = "off",
         logits_full_max_bytes: int = 0,
-        replicas: DataParallel | None = None,
+        ranks: DataParallel | None = None,
     ) -> None:
         self.model = model
-        # data-parallel replicas: this one runs its share of each call and sums with the others
-        self.replicas = replicas
+        # the trainer's other ranks: this one runs its share of each call and sums with theirs
+        self.ranks = ranks
         self.device = device
         self.microbatch_tokens = max(1, int(microbatch_tokens))
         # > 0: log-probabilities through the output projection a chunk of positions at a time
@@ -187,18 +187,22 @@ class Engine:
         per_datum: list[dict[str, np.ndarray] | None] = [None] * len(batch.data)
         totals = _Totals()
         before = None if batch.forward_only else [None if p.grad is None else p.grad.clone() for p in self.params]
-        groups = plan_microbatches(batch.data, self.microbatch_tokens, pairs=batch.pairs)
-        dp = self.replicas
-        if dp is not None:
-            groups = dp.share(groups)
+        dp = self.ranks
+        empty_passes = 0
+        if dp is None:
+            groups = plan_microbatches(batch.data, self.microbatch_tokens, pairs=batch.pairs)
+        else:
+            groups, empty_passes = dp.plan(batch.data, self.microbatch_tokens, batch.pairs)
             if before is not None:
-                for p in self.params:  # this replica's share, from zero (summed with the others' below)
+                for p in self.params:  # this rank's share, from zero (summed with the others' below)
                     p.grad = None
         error: Exception | None = None
         try:
             try:
                 for group in groups:
                     self._run_group(batch, group, per_datum, totals)
+                for _ in range(empty_passes):
+                    self._empty_pass(batch.forward_only)
             except Exception as exc:
                 if dp is None:
                     raise
@@ -320,6 +324,15 @@ class Engine:
                 rec["top_k_token_ids"] = np.where(rows, top_np[1][start:end], -1).astype(np.int64)
             out[i] = rec
             start = end
+
+    def _empty_pass(self, forward_only: bool) -> None:
+        """A one-token forward (and backward) pass that changes nothing: it keeps this rank in
+        step with the other shards of its replica when it has one micro-batch fewer."""
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        with torch.set_grad_enabled(not forward_only):
+            logits = self._logits(ids, torch.ones_like(ids, dtype=torch.bool))
+            if not forward_only:
+                (logits.sum() * 0.0).backward()
 
     @torch.no_grad()
     def prompt_logprobs(self, tokens: list[int]) -> list[float]:

@@ -1,18 +1,18 @@
 """The ranks of one trainer under torchrun: who is who, and the process groups between them.
 
-A trainer with several ranks is ``replicas`` data-parallel copies of ``WORLD_SIZE / replicas``
-ranks each. The ranks of one copy (a *replica*) shard the frozen base model between them with
-FSDP2 (:mod:`data_plane.trainer.sharding`) and all work on the same data; the replicas each
-take a share of every batch (:mod:`data_plane.trainer.data_parallel`). Global rank 0 (the
-*leader*) alone talks to Redis and the object store's snapshots; it sends every model call to
-the others (:mod:`data_plane.trainer.group_calls`).
+A trainer with several ranks is ``replicas`` copies of ``WORLD_SIZE / replicas`` ranks each.
+The ranks of one copy (a *replica*) shard the frozen base model between them with FSDP2
+(:mod:`data_plane.trainer.sharding`); a replica of one rank holds the whole model. Every rank
+takes its own share of every batch (:mod:`data_plane.trainer.data_parallel`). Global rank 0
+(the *leader*) alone talks to Redis and writes to the object store; it sends every model call
+to the others (:mod:`data_plane.trainer.group_calls`).
 
 Process groups:
 
-- ``control``: every rank, gloo (CPU): the leader's calls, and the check that every rank got
-  the same outcome. Idle followers block in it between ops, so its timeout is long.
-- ``replicas``: the ranks at the same position in every replica: gradient sums (tensors, on the
-  training device's backend) and the merge of the replicas' outputs (``replicas_cpu``, gloo).
+- the default group (every rank, on the training device's backend): gradient sums;
+- ``control``: every rank, gloo (CPU): the leader's calls, the merge of the shares' outputs,
+  and the check that every rank got the same outcome. Idle followers block in it between ops,
+  so its timeout is long;
 - ``mesh``: the replica's own ranks, the device mesh the base model is sharded over.
 """
 
@@ -46,8 +46,6 @@ class Ranks:
     replicas: int
     device: torch.device
     control: Any  # ProcessGroup (all ranks, gloo)
-    replica_peers: Any  # ProcessGroup (same shard position in every replica; None with 1 replica)
-    replica_peers_cpu: Any  # the same ranks over gloo, for Python objects
     mesh: Any  # DeviceMesh of this replica's ranks (None when a replica is one rank)
 
     @property
@@ -93,14 +91,6 @@ def init(replicas: int, device_kind: str) -> Ranks:
     dist.init_process_group(backend, timeout=IDLE_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     shard_size = world // replicas
-    peers = peers_cpu = None
-    # every rank creates every group (new_group is collective), keeping its own
-    for position in range(shard_size):
-        members = [r * shard_size + position for r in range(replicas)]
-        g = dist.new_group(members)
-        g_cpu = dist.new_group(members, backend="gloo")
-        if rank in members and replicas > 1:
-            peers, peers_cpu = g, g_cpu
     mesh = None
     if shard_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -109,7 +99,7 @@ def init(replicas: int, device_kind: str) -> Ranks:
         # dimension of that name (any other name means tensor parallelism to it: local shapes)
         mesh2d = init_device_mesh(device.type, (replicas, shard_size), mesh_dim_names=("replicate", "fsdp"))
         mesh = mesh2d["fsdp"]
-    ranks = Ranks(world, rank, local_rank, replicas, device, control, peers, peers_cpu, mesh)
+    ranks = Ranks(world, rank, local_rank, replicas, device, control, mesh)
     log.info("trainer %s", ranks.describe())
     return ranks
 

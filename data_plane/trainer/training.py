@@ -166,7 +166,7 @@ class TrainingModel:
                 self.logits_chunk_bytes,
                 self.activation_checkpointing,
                 self.logits_full_max_bytes,
-                replicas=self._replicas(),
+                ranks=self._shares(),
             )
         except BaseException:
             self.detach()
@@ -180,11 +180,9 @@ class TrainingModel:
             n,
         )
 
-    def _replicas(self) -> DataParallel | None:
-        ranks = self.group.ranks if self.group is not None else None
-        if ranks is None or ranks.replicas == 1:
-            return None
-        return DataParallel(ranks)
+    def _shares(self) -> DataParallel | None:
+        """How this rank splits batches with the others (None: it is the only one)."""
+        return DataParallel(self.group.ranks) if self.group is not None and self.group.ranks.world > 1 else None
 
     def attach_for_restore(self, settings: LoraSettings) -> None:
         """Attach an adapter whose values a snapshot restore fills in next

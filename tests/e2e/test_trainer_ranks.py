@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import tinker
@@ -83,6 +84,10 @@ def test_a_rank_killed_mid_step_restarts_the_group_and_nothing_is_lost(
     # the trainer really is two ranks, the base sharded between them
     pids = rank_pids(trainer_pid(server, ref_id), world=2)
     assert sorted(pids) == [0, 1]
+    # ... each allocating with jemalloc (OPENLOOPS_TRAINER_ALLOCATOR's default; scripts/install
+    # puts the library in)
+    for pid in pids.values():
+        assert "libjemalloc" in Path(f"/proc/{pid}/maps").read_text(), pid
     assert run_state(server, ref_id).get("resumes", "0") == "0"
 
     run_id, losses = train(server, service, {(1, "fb"): 1, (3, "optim"): 0})
