@@ -4,6 +4,7 @@ replicas and nodes shape it per backend, and the allocator it preloads."""
 from __future__ import annotations
 
 import ctypes.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from control_plane.settings import BackendKind
 from data_plane.wire.worker_config import TrainerLaunch
 from tests.control_plane.conftest import TEST_MODEL, make_settings
 
+REPO = Path(__file__).resolve().parents[2]
 SINGLE = ["python", "-m", "data_plane.trainer"]
 
 
@@ -110,3 +112,38 @@ async def test_the_allocator_setting(services, data_dir) -> None:
     finally:
         await rt.close()
         await system.close()
+
+
+async def test_the_gpu_example_values_give_sharded_trainers(services, data_dir) -> None:
+    """helm/examples/values-gpu.yaml as written: the 70B model's trainer is one pod of 4 GPUs
+    running 4 ranks (the base sharded across them), with shared memory for NCCL; as a Loops run
+    with replicas 2 it becomes a valid LeaderWorkerSet of two such pods."""
+    import kubernetes_validate
+    import yaml
+
+    from control_plane.scheduler.k8s_manifests import workload_object_manifest
+    from control_plane.scheduler.kubernetes_settings import KubernetesSettings
+    from tests.k8s.lws_schema import K8S_VERSION, validate_leader_worker_set
+
+    values = yaml.safe_load((REPO / "helm" / "examples" / "values-gpu.yaml").read_text())
+    rt = build_runtime(make_settings(services, data_dir, backend=BackendKind.KUBERNETES), with_backend=False)
+    k8s = KubernetesSettings(namespace="openloops-workloads", worker_secret_name="openloops-worker-credentials")
+    try:
+        for entry in values["modelCatalog"]["models"]:
+            rt.catalog.upsert(CatalogModel(**entry))
+        name = "meta-llama/Llama-3.1-70B-Instruct"
+        spec = trainer_spec(rt, deployment(name))  # type: ignore[arg-type]
+        assert spec.nodes == 1 and spec.resources.gpus == 4 and spec.resources.shm == "16Gi"
+        assert "--nproc-per-node=4" in spec.command and "--standalone" in spec.command
+        doc = workload_object_manifest(spec, k8s)
+        assert doc["kind"] == "Deployment"
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] in (4, "4")
+        assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
+        two = trainer_spec(rt, deployment(name, replicas=2))  # type: ignore[arg-type]
+        doc = workload_object_manifest(two, k8s)
+        assert doc["kind"] == "LeaderWorkerSet" and doc["spec"]["leaderWorkerTemplate"]["size"] == 2
+        validate_leader_worker_set(doc)
+    finally:
+        await rt.close()
