@@ -5,6 +5,7 @@ optimizer, saves and loads; a checkpoint saved on 2 ranks loads on 1 and the rev
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -154,3 +155,30 @@ def test_a_bad_input_fails_the_op_on_every_rank_and_the_trainer_goes_on(start_wo
     assert d.proc is not None and d.proc.poll() is None
     r = redis.Redis.from_url(valkey_url)
     assert r.ping()
+
+
+def test_sigterm_stops_the_group_after_a_final_snapshot_and_the_run_resumes_on_a_new_one(start_worker):
+    """What scaling to zero does to a two-rank trainer: SIGTERM to torchrun (it passes it on to
+    both ranks); the leader writes the final snapshot and stops its follower;
+    a new group attached to the run restores it and goes on exactly where it was."""
+    d = start_worker("ranks-term", microbatch_tokens=64, ranks=2, deployment_id="dep-ranks-term")
+    d.ok_json(d.create(rank=4, seed=2))
+    first = d.ok_proto(d.fwd(sft_batch(3))).metrics["loss:sum"]
+    d.ok_json(d.optim(learning_rate=LR))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.wait(60)  # torchrun itself exits 1 on a signal (SignalException); its ranks stop cleanly
+    logs = d.logs()
+    assert "final snapshot of run ranks-term" in logs and "rank 1 exits" in logs, logs
+    assert d.run_state()["snapshot_seq"] == "3"
+
+    again = start_worker("ranks-term", microbatch_tokens=64, ranks=2, deployment_id="dep-ranks-term")
+    again.seq = d.seq
+    second = again.ok_proto(again.fwd(sft_batch(3))).metrics["loss:sum"]
+    # the same run one step later, on one rank: its second loss is the two-rank run's
+    ref = start_worker("ranks-term-ref", microbatch_tokens=64)
+    ref.ok_json(ref.create(rank=4, seed=2))
+    _close(ref.ok_proto(ref.fwd(sft_batch(3))).metrics["loss:sum"], first)
+    ref.ok_json(ref.optim(learning_rate=LR))
+    _close(ref.ok_proto(ref.fwd(sft_batch(3))).metrics["loss:sum"], second)
+    assert int(again.run_state()["resumes"]) == 1
