@@ -46,6 +46,9 @@ class SessionStatus(StrEnum):
 class Scope(StrEnum):
     MANAGE_ORG_TRAINING_PROJECTS = "manage_org_training_projects"
     MANAGE_OWN = "manage_own_user_or_service_account"
+    # the org's API keys (list, create, revoke): an openloops extension, never granted by
+    # default (``openloops admin keys create --scope manage_org_api_keys``)
+    MANAGE_ORG_API_KEYS = "manage_org_api_keys"
 
 
 ALL_SCOPES = (Scope.MANAGE_ORG_TRAINING_PROJECTS, Scope.MANAGE_OWN)

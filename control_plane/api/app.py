@@ -11,6 +11,7 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.routes import HTTPRoute
 
+from control_plane.api.console.routes import console_router
 from control_plane.api.errors import EXCEPTION_HANDLERS
 from control_plane.api.health import download, healthz, metrics, readyz
 from control_plane.api.legacy import LegacyController
@@ -23,6 +24,7 @@ from control_plane.api.loops.trainer_plane import LoopsTrainerPlaneController
 from control_plane.api.loops.training import LoopsTrainingController
 from control_plane.api.observability import HttpMetrics, observability_middleware
 from control_plane.api.openapi import ExactJsonRenderPlugin
+from control_plane.api.openloops.routes import OpenloopsController
 from control_plane.api.request import ApiRequest
 from control_plane.api.tinker.routes import TINKER_HANDLERS
 from control_plane.runtime import Runtime
@@ -58,6 +60,8 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         ServedModelsController,
         ServedModelOpenAIController,
         LegacyController,
+        OpenloopsController,
+        console_router,
         *TINKER_HANDLERS,
         *runtime.extras.get("route_handlers", []),
         *(extra_handlers or []),

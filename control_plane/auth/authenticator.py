@@ -243,6 +243,11 @@ class Authenticator:
         except Exception as exc:  # noqa: BLE001 - last-used is best effort; never fail a request
             log.warning("could not record API key last-used times", error=str(exc), keys=len(seen))
 
+    def forget(self, key_hash: str) -> None:
+        """Drop this process's entry of a key (a revocation made here takes effect here at once;
+        other replicas follow within ``key_local_cache_seconds``)."""
+        self._entries.pop(key_hash, None)
+
     async def close(self) -> None:
         if self._flush_task is not None:
             with contextlib.suppress(Exception):
