@@ -27,7 +27,7 @@ from control_plane.api.state import rt
 from control_plane.auth.authenticator import invalidate_key
 from control_plane.auth.principal import Principal
 from control_plane.db import models as m
-from control_plane.errors import Forbidden, InvalidInput, NotFound
+from control_plane.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge
 from control_plane.fields import column_length
 from control_plane.services import identity, org_keys, run_activity
 from control_plane.statuses import Scope
@@ -86,7 +86,7 @@ class OpenloopsController(Controller):
         "/api_keys",
         opt=KEYS,
         status_code=201,
-        responses=raises(InvalidInput, Forbidden),
+        responses=raises(InvalidInput, Forbidden, PayloadTooLarge),
         operation_class=OptionalBodyOperation,
     )
     async def create_key(
