@@ -134,7 +134,13 @@ def sa_create(org: str = ORG, name: str = typer.Option(..., "--name"), as_json: 
 def key_create(
     org: str = ORG,
     owner: str = typer.Option(..., "--owner", help="User id/email or service account id/name."),
-    scope: list[str] = typer.Option(None, "--scope", help="Repeat for several; default: all scopes."),
+    scope: list[str] = typer.Option(
+        None,
+        "--scope",
+        help="Repeat for several; default: the training scopes (manage_org_training_projects, "
+        "manage_own_user_or_service_account). manage_org_api_keys (the org's keys, the console's keys page) "
+        "only when named.",
+    ),
     name: str | None = typer.Option(None, "--name"),
     as_json: bool = JSON,
 ) -> None:

@@ -200,6 +200,7 @@ def _prepare_with_progress(kind: str, models_root: Path, log: TextIO | None, why
 def _banner(base_url: str, api_key: str, data_dir: Path, log_path: Path) -> None:
     console.print(f"openloops is up at [bold]{base_url}[/bold]")
     console.print(f"API key: [bold]{api_key}[/bold]")
+    console.print(f"console: {base_url}/console (sign in with the API key)", soft_wrap=True, highlight=False)
     console.print()
     console.print("[dim]# for the tinker SDK and the Loops SDK:[/dim]", highlight=False)
     console.print(f"export TINKER_BASE_URL={base_url} TINKER_API_KEY={api_key}", soft_wrap=True, highlight=False)

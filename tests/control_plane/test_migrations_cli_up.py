@@ -156,7 +156,8 @@ def _assert_quiet_banner(lines: list[str], data_dir: Path, url: str, key: str, *
     assert len(progress) == (1 if first_start else 0), text  # one progress bar, first start only
     if first_start:
         assert "3/3" in progress[0] and "openloops/tiny ready" in progress[0], progress
-    assert len(lines) <= 11, text
+    assert len(lines) <= 12, text
+    assert f"console: {url}/console (sign in with the API key)" in lines, text
     log = data_dir / "logs" / "openloops.log"
     assert f"export TINKER_BASE_URL={url} TINKER_API_KEY={key}" in lines, text
     assert f"export LOOPS_BASE_URL={url} BASETEN_API_KEY={key}" in lines, text
