@@ -1,5 +1,5 @@
 """One control-plane process: the API server plus the background tasks that belong to it
-(controller, completion consumer, futures notifier). Used by ``openloops serve`` and ``up``."""
+(controller, completion consumer, telemetry consumer, futures notifier). Used by ``openloops serve`` and ``up``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from control_plane.controller.reconciler import Controller
 from control_plane.event_loop import http_implementation
 from control_plane.runtime import Runtime, build_runtime
 from control_plane.settings import Settings
+from control_plane.telemetry.consumer import TelemetryConsumer
 from control_plane.training.completions import CompletionConsumer
 
 log = structlog.get_logger("openloops.server")
@@ -30,6 +31,12 @@ def background_tasks(runtime: Runtime) -> list[BackgroundTask]:
     """Long-running coroutines of a control-plane process, each taking the stop event."""
     tasks: list[BackgroundTask] = [
         CompletionConsumer(runtime).run_forever,
+        TelemetryConsumer(
+            runtime.db,
+            runtime.redis,
+            batch_size=runtime.settings.telemetry_batch_size,
+            batch_ms=runtime.settings.telemetry_batch_ms,
+        ).run_forever,
         runtime.meter.run_forever,
     ]
     if runtime.backend is not None:

@@ -223,6 +223,17 @@ class Settings(BaseSettings):
     )
     usage_retention_hours: float = Field(168.0, gt=0, description="resource samples older than this are deleted")
 
+    # --- training telemetry (control_plane/telemetry/) ---------------------------------
+    training_metrics_retention_days: float = Field(
+        90.0, ge=0, description="per-step training metrics older than this are deleted by the controller (0: kept)"
+    )
+    telemetry_batch_size: int = Field(
+        500, ge=1, le=10000, description="telemetry entries an API process writes to Postgres in one transaction"
+    )
+    telemetry_batch_ms: int = Field(
+        500, ge=1, le=60000, description="how long an API process gathers telemetry entries before it writes them"
+    )
+
     # --- local mode --------------------------------------------------------------------
     dev_org_name: str = "dev"
     dev_user_email: str = "dev@localhost"

@@ -6,7 +6,8 @@ server released the lock with it, so another replica may already lead); other re
 to take the lock every ``controller_lock_retry_seconds``. Each pass flushes request activity,
 reconciles deployments and served models (:mod:`.lifecycle`), then runs (:mod:`.runs`, from
 their deployments) and samplers (:mod:`.samplers`), expires idle Tinker sessions,
-garbage-collects orphan workloads and flushes last-seen times. Every step is idempotent, so a
+garbage-collects orphan workloads, deletes training metrics past their retention and flushes
+last-seen times. Every step is idempotent, so a
 pass cut short by a crash or a failover is simply done again.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import timedelta
 
 import structlog
@@ -33,6 +35,9 @@ from control_plane.scheduler.protocol import WorkloadRole
 from control_plane.services.heartbeats import expire_sessions, flush_session_heartbeats
 from control_plane.services.samplers import is_sampler_workload_id
 from control_plane.statuses import TERMINAL, Status
+from control_plane.telemetry.retention import prune_training_metrics
+
+TELEMETRY_PRUNE_SECONDS = 60.0
 
 log = structlog.get_logger("openloops.controller")
 LOCK_KEY = 0x6F6C6F6F  # "oloo"
@@ -53,6 +58,7 @@ class Controller:
         self._wake = asyncio.Event()
         self.is_leader = False
         self.passes = 0
+        self._metrics_pruned_at = float("-inf")
 
     # --- leadership ---------------------------------------------------------------------
 
@@ -160,6 +166,7 @@ class Controller:
             self._sessions,
             self._gc,
             self._usage,
+            self._telemetry,
             self._flush,
         )
         for step in steps:
@@ -207,6 +214,16 @@ class Controller:
 
     async def _usage(self) -> None:
         await self.usage.maybe_sample()
+
+    async def _telemetry(self) -> None:
+        """Training metrics past ``training_metrics_retention_days``: once a minute at most."""
+        now = time.monotonic()
+        if now - self._metrics_pruned_at < TELEMETRY_PRUNE_SECONDS:
+            return
+        self._metrics_pruned_at = now
+        deleted = await prune_training_metrics(self.r.db, self.r.settings.training_metrics_retention_days)
+        if deleted:
+            log.info("training metrics past retention deleted", rows=deleted)
 
     async def _flush(self) -> None:
         await flush_last_seen(self.r.db, self.r.redis)

@@ -351,3 +351,17 @@ class StatusHistory(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _ts(server_default=func.now())
     __table_args__ = (Index("ix_status_history_resource", "resource_type", "resource_id", "created_at", "id"),)
+
+
+class TrainingMetric(Base):
+    """The merged metrics of one optimizer step of a run (control_plane/telemetry/merge.py);
+    ``seqs``: the ops merged into it (each counts once)."""
+
+    __tablename__ = "training_metrics"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[str] = mapped_column(String(40))
+    time: Mapped[datetime] = _ts()
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    seqs: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), default=list)
+    __table_args__ = (Index("ix_training_metrics_time", "time"),)

@@ -101,6 +101,10 @@ class TrainingModel:
         self.engine: Engine | None = None
         # trainable params right after seq 0 (CPU; replaced, never modified in place)
         self.initial: dict[str, torch.Tensor] | None = None
+        # the metrics of the last forward / forward_backward and whether it was forward-only
+        # (the worker's telemetry reads them; the answer itself is already encoded)
+        self.last_metrics: dict[str, float] = {}
+        self.last_forward_only = False
 
     @classmethod
     def from_launch(cls, launch: TrainerLaunch, store: ObjectStore, group: Group | None = None) -> TrainingModel:
@@ -304,6 +308,7 @@ class TrainingModel:
             raise UserError(f"forward_backward body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
         batch = prepare(req, self.vocab_size, self.max_seq_len)
         res = eng.forward_backward(batch)
+        self.last_metrics, self.last_forward_only = res.metrics, batch.forward_only
         return forward_backward_output(res.per_datum, res.metrics).SerializeToString()
 
     @group_call
@@ -319,6 +324,7 @@ class TrainingModel:
             raise UserError(f"forward_backward body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
         batch = prepare_loops(req, self.vocab_size, self.max_seq_len)
         res = eng.forward_backward(batch)
+        self.last_metrics, self.last_forward_only = res.metrics, batch.forward_only
         return encode_forward_backward(res.loss, res.per_datum, res.metrics)
 
     @group_call

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import threading
@@ -61,6 +62,8 @@ from data_plane.wire.queue import (
     FUTURE_DONE_CHANNEL,
     FUTURE_TTL_SECONDS,
     JSON_CONTENT,
+    TELEMETRY_MAXLEN,
+    TELEMETRY_STREAM,
     AttachEvent,
     Completion,
     Dialect,
@@ -82,6 +85,7 @@ from data_plane.wire.queue import (
     worker_state_key,
     xread_streams,
 )
+from data_plane.wire.telemetry import OpTelemetry, TelemetryKind
 from data_plane.wire.worker_config import TrainerLaunch
 
 if TYPE_CHECKING:
@@ -279,7 +283,11 @@ class Worker:
         state = self.r.hget(future_key(request_id), "state")
         return state is not None and state != FutureState.PENDING.value.encode()
 
-    def write_result(self, run_id: str, request_id: str, result: FutureResult) -> None:
+    def write_result(
+        self, run_id: str, request_id: str, result: FutureResult, telemetry: OpTelemetry | None = None
+    ) -> None:
+        """Answer a future; a training op's ``telemetry`` entry goes out in the same round trip
+        (a replayed op's answer, and so its telemetry, is already out: nothing is written)."""
         if request_id == self._mute:
             return  # a replayed op: the client already has its answer
 
@@ -289,6 +297,8 @@ class Worker:
             p.expire(future_key(request_id), FUTURE_TTL_SECONDS)
             p.srem(run_pending_key(run_id), request_id)
             p.publish(FUTURE_DONE_CHANNEL, request_id)
+            if telemetry is not None:
+                p.xadd(TELEMETRY_STREAM, telemetry.to_fields(), maxlen=TELEMETRY_MAXLEN, approximate=True)
             p.execute()
 
         self._retrying(f"future {request_id}", _write)
@@ -634,13 +644,20 @@ class Worker:
         kind = env.kind
         if kind == OpKind.REJECTED:
             log.info("seq %d was rejected by the control plane: %s", seq, env.body[:200].decode(errors="replace"))
-        elif kind == OpKind.FORWARD_BACKWARD and env.dialect == Dialect.LOOPS:
-            body = m.loops_forward_backward(env.body)
-            self.write_result(run.run_id, env.request_id, FutureResult(FutureState.DONE, JSON_CONTENT, body))
         elif kind == OpKind.FORWARD_BACKWARD:
-            self.write_result(run.run_id, env.request_id, FutureResult.ok_proto(m.forward_backward(env.body)))
+            step, t0 = self._optim_steps() + 1, time.perf_counter()
+            if env.dialect == Dialect.LOOPS:
+                result = FutureResult(FutureState.DONE, JSON_CONTENT, m.loops_forward_backward(env.body))
+            else:
+                result = FutureResult.ok_proto(m.forward_backward(env.body))
+            fwd = TelemetryKind.FORWARD if m.last_forward_only else TelemetryKind.FORWARD_BACKWARD
+            telemetry = _telemetry(run.run_id, seq, fwd, step, t0, m.last_metrics)
+            self.write_result(run.run_id, env.request_id, result, telemetry)
         elif kind == OpKind.OPTIM_STEP:
-            self._ok(run, env, m.optim_step(_body(op_bodies.decode_optim, env.body)))
+            step, t0 = self._optim_steps() + 1, time.perf_counter()
+            out = m.optim_step(_body(op_bodies.decode_optim, env.body))
+            telemetry = _telemetry(run.run_id, seq, TelemetryKind.OPTIM_STEP, step, t0, out.get("metrics") or {})
+            self.write_result(run.run_id, env.request_id, FutureResult.ok_json(out), telemetry)
         elif kind == OpKind.INIT_TRAINER:
             self._ok(run, env, m.init_trainer(_body(op_bodies.decode_init, env.body).lora_rank))
         elif kind == OpKind.LOAD_WEIGHTS:
@@ -684,6 +701,25 @@ class Worker:
                 publish=body.publish,
             )
         )
+
+
+def _telemetry(
+    run_id: str, seq: int, kind: TelemetryKind, step: int, t0: float, metrics: dict[str, float]
+) -> OpTelemetry:
+    """The telemetry entry of an op that started at ``t0`` (``perf_counter``) and just ended;
+    non-finite metrics become null (JSON, and Postgres's JSONB, have no NaN)."""
+    clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+    tokens = clean.get("num_tokens:sum", clean.get("num_tokens")) or 0.0
+    return OpTelemetry(
+        run_id=run_id,
+        seq=seq,
+        kind=kind,
+        step=step,
+        time=time.time(),
+        duration_s=time.perf_counter() - t0,
+        tokens=int(tokens) if kind != TelemetryKind.OPTIM_STEP else 0,
+        metrics=clean,
+    )
 
 
 def _seq0_error(run: AttachedRun) -> tuple[str, str] | None:

@@ -47,6 +47,13 @@ FUTURE_DONE_CHANNEL = f"{PREFIX}:future-done"
 COMPLETIONS_STREAM = f"{PREFIX}:completions"
 COMPLETIONS_GROUP = "control-plane"
 FUTURE_TTL_SECONDS = 3600
+# one small entry per executed training op (:class:`data_plane.wire.telemetry.OpTelemetry`),
+# written in the same round trip as the op's answer; the control plane's TelemetryConsumer
+# (consumer group below) stores them as per-step rows. Trimmed to about this many entries, so
+# a control plane that is down for long loses the oldest metrics rather than Redis memory.
+TELEMETRY_STREAM = f"{PREFIX}:telemetry"
+TELEMETRY_GROUP = "control-plane"
+TELEMETRY_MAXLEN = 200_000
 
 
 def ops_stream(run_id: str) -> str:

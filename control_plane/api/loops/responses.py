@@ -379,3 +379,18 @@ class OpenAIModel(msgspec.Struct):
 class OpenAIModelList(msgspec.Struct):
     object: str
     data: list[OpenAIModel]
+
+
+class MetricsStep(msgspec.Struct):
+    step: int
+    time: datetime
+    metrics: dict[str, Any]
+
+
+class TrainingMetrics(msgspec.Struct):
+    """A run's per-step training metrics (control_plane/telemetry/reads.py explains the range,
+    the cursor and downsampling)."""
+
+    steps: list[MetricsStep]
+    next_cursor: str | None
+    downsampled: bool
