@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx
 import pytest
@@ -99,6 +100,11 @@ def sign_in(page: Any, server: LiveServer, key: str, path: str = "/console") -> 
     page.click("button[type=submit]")
 
 
+def at(path: str) -> Callable[[str], bool]:
+    """A URL predicate: the page is at ``path`` (percent-decoded; run ids hold colons)."""
+    return lambda url: unquote(urlsplit(url).path) == path
+
+
 def plotted(page: Any, chart: str) -> list[list[float]]:
     raw = page.get_attribute(f'.chart[data-chart="{chart}"] svg', "data-series")
     assert raw is not None
@@ -135,7 +141,7 @@ def test_the_console_shows_a_run_trained_by_the_tinker_sdk(live_server: LiveServ
 
     # the run page charts exactly the API's losses
     row.locator("a").first.click()
-    page.wait_for_url(f"**/console/runs/{run_id}")
+    page.wait_for_url(at(f"/console/runs/{run_id}"))
     page.locator('.chart[data-chart="loss:sum"] svg path').first.wait_for(timeout=WAIT_MS)
     want = [[s["step"], s["metrics"]["loss:sum"]] for s in api_steps]
     assert plotted(page, "loss:sum") == want
@@ -182,7 +188,7 @@ def test_the_console_shows_a_run_trained_by_the_tinker_sdk(live_server: LiveServ
     other = browser.new_context()
     page = other.new_page()
     sign_in(page, server, new_tenant(server, "console-other-org"), f"/console/runs/{run_id}")
-    page.wait_for_url(f"**/console/runs/{run_id}")
+    page.wait_for_url(at(f"/console/runs/{run_id}"))
     page.locator("h1[data-page=not-found]").wait_for(timeout=WAIT_MS)
     assert "404" in page.locator("h1").inner_text()
     shots(page, "not-found")
