@@ -89,3 +89,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# --- the browser (console tests) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Debian's Chromium under Playwright, one for the session (tests/infra/browser.py)."""
+    from tests.infra.browser import chromium
+
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def shots():
+    """``shots(page, name)``: keep a screenshot of the page as a test artifact."""
+    from tests.infra.browser import screenshots
+
+    return screenshots()

@@ -2,16 +2,15 @@
 server: sign in, the runs list shows a run the tinker SDK trains in this test, its page charts
 the run's real losses (the values plotted are the API's) and updates as steps arrive, its
 checkpoints have download links, another org's run is a 404 page, an org admin creates and
-revokes keys, and a revoked key is signed out. A screenshot of each page is kept in
-``test-artifacts/console/`` (or ``$OPENLOOPS_TEST_ARTIFACTS/console``)."""
+revokes keys, and a revoked key is signed out. A screenshot of each page is kept
+(tests/infra/browser.py). The served-model page and its playground are tested with a served
+model in tests/e2e/test_served_models.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -23,44 +22,13 @@ from tinker import types
 from control_plane.services import identity
 from control_plane.statuses import Scope
 from tests.e2e.sft import TEXT, datum
+from tests.infra.browser import sign_in
 from tests.infra.live_server import LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(os.environ.get("OPENLOOPS_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 LR = 1e-2
 WAIT_MS = 30_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    assert CHROMIUM.exists(), "Chromium is missing: scripts/install test installs it (apt-get install chromium)"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def shots() -> Callable[[Any, str], None]:
-    out = ARTIFACTS / "console"
-    out.mkdir(parents=True, exist_ok=True)
-
-    def shot(page: Any, name: str) -> None:
-        page.screenshot(path=str(out / f"{name}.png"), full_page=True)
-
-    return shot
 
 
 def new_tenant(server: LiveServer, name: str, scopes: list[str] | None = None, org_id: str | None = None) -> str:
@@ -93,13 +61,6 @@ def metrics_of(server: LiveServer, run_id: str, steps: int) -> list[dict]:
         time.sleep(0.2)
 
 
-def sign_in(page: Any, server: LiveServer, key: str, path: str = "/console") -> None:
-    page.goto(f"{server.base_url}{path}")
-    page.wait_for_url("**/console/sign-in**")
-    page.fill("#api-key", key)
-    page.click("button[type=submit]")
-
-
 def at(path: str) -> Callable[[str], bool]:
     """A URL predicate: the page is at ``path`` (percent-decoded; run ids hold colons)."""
     return lambda url: unquote(urlsplit(url).path) == path
@@ -130,7 +91,7 @@ def test_the_console_shows_a_run_trained_by_the_tinker_sdk(live_server: LiveServ
     page = ctx.new_page()
 
     # sign in: the console opens on the runs page, which lists the run
-    sign_in(page, server, server.api_key)
+    sign_in(page, server.base_url, server.api_key)
     page.wait_for_url("**/console/runs")
     row = page.locator(f'#runs tr[data-run-id="{run_id}"]')
     row.wait_for(timeout=WAIT_MS)
@@ -187,7 +148,7 @@ def test_the_console_shows_a_run_trained_by_the_tinker_sdk(live_server: LiveServ
     # another org's key: the run is a 404 page
     other = browser.new_context()
     page = other.new_page()
-    sign_in(page, server, new_tenant(server, "console-other-org"), f"/console/runs/{run_id}")
+    sign_in(page, server.base_url, new_tenant(server, "console-other-org"), f"/console/runs/{run_id}")
     page.wait_for_url(at(f"/console/runs/{run_id}"))
     page.locator("h1[data-page=not-found]").wait_for(timeout=WAIT_MS)
     assert "404" in page.locator("h1").inner_text()
@@ -206,7 +167,7 @@ def test_an_org_admin_manages_keys_and_a_revoked_key_is_signed_out(
     # a key without the scope sees no keys page, and the API refuses it
     ctx = browser.new_context()
     page = ctx.new_page()
-    sign_in(page, server, plain_key)
+    sign_in(page, server.base_url, plain_key)
     page.wait_for_url("**/console/runs")
     assert page.locator("#nav-keys").is_hidden()
     r = httpx.get(f"{server.base_url}/v1/openloops/api_keys", headers={"Authorization": f"Api-Key {plain_key}"})
@@ -215,7 +176,7 @@ def test_an_org_admin_manages_keys_and_a_revoked_key_is_signed_out(
     # the admin creates a key: shown once; it works
     admin = browser.new_context()
     apage = admin.new_page()
-    sign_in(apage, server, admin_key)
+    sign_in(apage, server.base_url, admin_key)
     apage.wait_for_url("**/console/runs")
     apage.click("#nav-keys")
     apage.wait_for_url("**/console/keys")

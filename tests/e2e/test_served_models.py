@@ -1,11 +1,12 @@
 """Train -> serve -> use, end to end: the unmodified tinker SDK trains the tiny model and saves
 two sampler checkpoints, both are deployed as one served model (its own vLLM server, started by
 the live server's controller), the official ``openai`` client chats with each by name, plain and
-streaming, the served model's logprobs agree with the trainer's (its verification), its metrics
+streaming, the console's page of it charts its requests and its playground chats with it, the served model's logprobs agree with the trainer's (its verification), its metrics
 count the requests, it scales to zero and a request wakes it, and after deactivation it is gone."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from tinker import types
 
 from control_plane.db.models import ServedModel
 from tests.e2e.sft import TEXT, datum
+from tests.infra.browser import sign_in
 from tests.sampler.live import LiveStack
 
 pytestmark = pytest.mark.timeout(900)
@@ -67,7 +69,9 @@ def served(http: httpx.Client, sm_id: str) -> dict:
     return r.json()["served_model"]
 
 
-def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(stack: LiveStack, http: httpx.Client, two_checkpoints):
+def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(
+    stack: LiveStack, http: httpx.Client, two_checkpoints, browser: Any, shots: Any
+):
     r = http.post("/v1/loops/checkpoints/deploy", json={"checkpoint_ids": two_checkpoints, "model_name": "cats"})
     assert r.status_code == 200, r.text
     sm_id, base_url = r.json()["model_id"], r.json()["base_url"]
@@ -125,6 +129,22 @@ def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(stack: LiveStack, 
     metrics = wait_for("the request metrics", volume, 60)
     assert sum(p["status_2xx"] for p in metrics["inference_volume_by_status"]) >= 6
     assert all(p["p50"] is not None and p["p50"] <= p["p99"] for p in metrics["response_time_stats"])
+
+    # the console's page of it: its request charts, and the playground chats with a checkpoint
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    sign_in(page, stack.base_url, stack.api_key, f"/console/served-models/{sm_id}")
+    page.locator('.chart[data-chart="inference_volume"] svg path').first.wait_for(timeout=60_000)
+    charted = json.loads(page.get_attribute('.chart[data-chart="inference_volume"] svg', "data-series") or "[]")
+    assert sum(y for _, y in charted[0]["points"]) >= 6
+    assert page.locator('.chart[data-chart="latency"] .legend span').count() == 3  # p50, p95, p99
+    page.select_option("#pg-model", "late")
+    page.fill("#pg-max-tokens", "6")
+    page.fill("#pg-prompt", "hi")
+    page.click("form.chat button[type=submit]")
+    page.locator("#pg-log .msg.assistant").wait_for(timeout=60_000)
+    assert page.locator("#pg-log .msg.assistant").inner_text().startswith("late: ")
+    shots(page, "served-model")
+    page.close()
 
     # idle -> scaled to zero; a request wakes it and is answered
     async def short_delay() -> None:
