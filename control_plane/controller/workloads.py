@@ -61,7 +61,7 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
     model = r.catalog.get(dep.base_model)
     res = model.resources.trainer
     ranks = res.gpus if res.gpus > 0 else r.settings.trainer_ranks
-    replicas = max(1, dep.replicas)
+    replicas = max(1, dep.replicas or 1)  # a row not yet flushed has no default filled in
     if r.settings.backend == BackendKind.LOCAL:
         if res.nodes > 1:
             raise InvalidInput(
