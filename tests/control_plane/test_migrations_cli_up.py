@@ -279,7 +279,14 @@ def _assert_private(data_dir: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
-    for what in ("list", "dev-credentials.json", "runtime.json", "models/catalog.yaml", "logs/openloops.log", "postgres"):
+    for what in (
+        "list",
+        "dev-credentials.json",
+        "runtime.json",
+        "models/catalog.yaml",
+        "logs/openloops.log",
+        "postgres",
+    ):
         assert seen[what][0] == "PermissionError", (what, seen[what])
     assert seen["valkey"][0] == "ok" and seen["valkey"][1].startswith("-NOAUTH"), seen["valkey"]
 
