@@ -133,6 +133,7 @@ def build_runtime(settings: Settings, *, with_backend: bool = True) -> Runtime:
         RateLimit(settings.rate_limit_enabled, settings.rate_limit_per_second, settings.rate_limit_burst),
         settings.key_cache_ttl_seconds,
         local_ttl_s=settings.key_local_cache_seconds,
+        lookups_per_minute=settings.auth_lookups_per_minute if settings.rate_limit_enabled else 0,
     )
     return Runtime(
         settings=settings,

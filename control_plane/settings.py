@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     rate_limit_per_second: float = Field(50.0, gt=0, description="sustained requests/s per key")
     rate_limit_burst: int = Field(200, ge=1, description="bucket size per key")
     rate_limit_enabled: bool = True
+    auth_lookups_per_minute: int = Field(
+        600,
+        ge=1,
+        description="database lookups of API keys unknown to the key cache, per client address and minute (a "
+        "client with valid keys needs one per key per key_cache_ttl_seconds); past it the address gets 429",
+    )
     last_seen_flush_seconds: float = Field(10.0, gt=0)
 
     # --- models and workers ------------------------------------------------------------

@@ -29,7 +29,8 @@ def presented_key(request: Request) -> str | None:
 
 async def provide_principal(request: Request) -> Principal:
     runtime = rt(request)
-    principal = await runtime.authenticator.authenticate(presented_key(request))
+    client = request.client.host if request.client else None
+    principal = await runtime.authenticator.authenticate(presented_key(request), client)
     scope: Scope | None = request.route_handler.opt.get("scope")
     if scope is not None:
         principal.require(scope)

@@ -13,6 +13,12 @@ Two layers, so that a request usually costs no network round trip for its key:
   allowance, and a key below ten requests per second takes one token per round trip — exactly
   the shared bucket. Leased tokens unused when the entry expires are dropped, never returned
   twice. Last-used times are buffered and written to the Redis hash about once a second.
+
+A wrong key costs what a right one does: an unknown or revoked key is cached (negatively, for
+a few seconds) and takes tokens from its own bucket like any key, so repeating it is answered
+429 once its bucket is empty. Trying many different wrong keys costs a database lookup each:
+those lookups are budgeted per client address (``auth_lookups_per_minute``), past which the
+address gets 429 without a lookup until the minute ends.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ log = structlog.get_logger("openloops.auth")
 
 CACHE_PREFIX = "openloops:apikey:"
 BUCKET_PREFIX = "openloops:ratelimit:"
+LOOKUP_PREFIX = "openloops:authlookups:"  # + client address + minute: database lookups of unknown keys
 LAST_SEEN_KEYS = "openloops:lastseen:keys"
 LEASE_SECONDS = 0.1  # a lease is at most this much of a key's sustained rate
 SEEN_FLUSH_SECONDS = 1.0  # buffered last-used times reach Redis this often
@@ -51,7 +58,7 @@ local p = redis.call('GET', KEYS[1])
 if not p then return {0} end
 local now = tonumber(ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[4], ARGV[1])
-if ARGV[5] ~= '1' or p == 'null' then return {1, p, 0, 0} end
+if ARGV[5] ~= '1' then return {1, p, 0, 0} end
 local rate = tonumber(ARGV[2]); local burst = tonumber(ARGV[3]); local want = tonumber(ARGV[6])
 local b = redis.call('HMGET', KEYS[2], 't', 'ts')
 local tokens = tonumber(b[1]); local ts = tonumber(b[2])
@@ -95,12 +102,15 @@ class Authenticator:
         cache_ttl_s: float,
         *,
         local_ttl_s: float = 0.5,
+        lookups_per_minute: int = 0,
     ) -> None:
         self._db = db
         self._redis = redis
         self._rate = rate_limit
         self._ttl_ms = int(cache_ttl_s * 1000)
         self._local_ttl = local_ttl_s
+        self._lookups_per_minute = lookups_per_minute  # per client address; 0 = unlimited
+        self.lookups = 0  # database lookups of keys made by this process (for tests and metrics)
         self._script = redis.register_script(_LUA)
         self._entries: dict[str, _Entry] = {}
         self._refreshing: dict[str, asyncio.Future[_Entry]] = {}
@@ -108,7 +118,9 @@ class Authenticator:
         self._seen_flushed_at = time.monotonic()
         self._flush_task: asyncio.Task[None] | None = None
 
-    async def authenticate(self, presented: str | None) -> Principal:
+    async def authenticate(self, presented: str | None, client: str | None = None) -> Principal:
+        """The principal of ``presented``; ``client`` is the caller's address (its database
+        lookups of unknown keys are budgeted)."""
         if not presented:
             raise Unauthenticated(
                 "missing API key: send 'Authorization: Bearer <key>', "
@@ -122,11 +134,11 @@ class Authenticator:
             now = time.monotonic()
             e = self._entries.get(key_hash)
             if e is None or now >= e.expires or (limited and e.tokens <= 0 and now >= e.denied_until):
-                e = await self._refresh(key_hash)
+                e = await self._refresh(key_hash, client)
                 now = time.monotonic()
-            if e.principal is None:
-                raise Unauthenticated("invalid or revoked API key")
             if not limited:
+                if e.principal is None:
+                    raise Unauthenticated("invalid or revoked API key")
                 break
             if e.tokens > 0:
                 e.tokens -= 1
@@ -135,6 +147,8 @@ class Authenticator:
                 raise self._limited(e.denied_until - now)
             # the lease went to concurrent requests of this key: take another (each round
             # trip either grants a token to someone or answers 429, so this ends)
+        if e.principal is None:  # it took its token like a right key: repeating it ends in 429
+            raise Unauthenticated("invalid or revoked API key")
         self._record_seen(key_hash, now)
         return e.principal
 
@@ -146,7 +160,7 @@ class Authenticator:
 
     # ------------------------------------------------------------------ shared state
 
-    async def _refresh(self, key_hash: str) -> _Entry:
+    async def _refresh(self, key_hash: str, client: str | None = None) -> _Entry:
         """One round trip for the key (single flight: concurrent requests share it)."""
         pending = self._refreshing.get(key_hash)
         if pending is not None:
@@ -154,7 +168,7 @@ class Authenticator:
         fut: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._refreshing[key_hash] = fut
         try:
-            entry = await self._fetch(key_hash)
+            entry = await self._fetch(key_hash, client)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 fut.cancel()
@@ -167,9 +181,10 @@ class Authenticator:
         fut.set_result(entry)
         return entry
 
-    async def _fetch(self, key_hash: str) -> _Entry:
+    async def _fetch(self, key_hash: str, client: str | None = None) -> _Entry:
         result = await self._run(key_hash)
         if result[0] == 0:
+            await self._budget_lookup(client)
             await self._load_into_cache(key_hash)
             result = await self._run(key_hash)
             if result[0] == 0:  # evicted in between: extremely unlikely, fail closed
@@ -208,7 +223,25 @@ class Authenticator:
             ],
         )
 
+    async def _budget_lookup(self, client: str | None) -> None:
+        """Count a database lookup against the client's budget for this minute; 429 past it."""
+        if not self._lookups_per_minute or not client:
+            return
+        minute = int(time.time() // 60)
+        key = f"{LOOKUP_PREFIX}{client}:{minute}"
+        p = self._redis.pipeline(transaction=True)
+        p.incr(key)
+        p.expire(key, 120)
+        count = int((await p.execute())[0])
+        if count > self._lookups_per_minute:
+            raise RateLimited(
+                f"too many unknown API keys from this address ({self._lookups_per_minute} lookups a minute); "
+                "check the key you send",
+                retry_after_s=max(0.001, 60 - time.time() % 60),
+            )
+
     async def _load_into_cache(self, key_hash: str) -> None:
+        self.lookups += 1
         async with self._db.session() as s:
             row = (await s.execute(select(ApiKey).where(ApiKey.key_hash == key_hash))).scalar_one_or_none()
         if row is None or row.revoked_at is not None:

@@ -23,6 +23,7 @@ from control_plane.cli.log_output import BufferedLoggerFactory, CurrentStderr, U
 from control_plane.local_mode import logs, runtime_file
 from control_plane.local_mode.embedded import EmbeddedServiceError
 from control_plane.local_mode.models import LOCAL_MODELS, ModelPrepError, check_kind, prepare, register
+from control_plane.local_mode.private import lock_down, private_umask
 from control_plane.settings import Settings
 
 app = typer.Typer(help="openloops: self-hosted LoRA post-training (Loops + Tinker APIs).", no_args_is_help=True)
@@ -122,7 +123,9 @@ def up(
     except ModelPrepError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from exc
+    private_umask()  # files of this server and its workers are this user's only
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    lock_down(settings.data_dir)
     log = logs.open_log(settings.data_dir)
     log_path = logs.log_path(settings.data_dir)
     configure_logging(settings.model_copy(update={"log_json": False}), log_file=log)
@@ -132,6 +135,7 @@ def up(
     try:
         with err_console.status("starting PostgreSQL and Valkey ..."):
             resolved = Resolved(settings)
+        lock_down(settings.data_dir)  # the embedded PostgreSQL, as root, opened the path to its user
         s = resolved.settings
         with err_console.status("applying migrations ..."):
             migrate.upgrade(s.database_url)  # type: ignore[arg-type]

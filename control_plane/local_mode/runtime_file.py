@@ -1,6 +1,6 @@
 """``{data_dir}/runtime.json``: where a running ``openloops up`` serves, so that admin CLI
 calls against the same data dir can reach its embedded Redis (e.g. to drop a revoked key
-from the cache at once)."""
+from the cache at once). It holds the Redis URL with its password: its owner's only (0600)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ def path(data_dir: Path) -> Path:
 def write(data_dir: Path, **info: Any) -> None:
     p = path(data_dir)
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"pid": os.getpid(), **info}))
+    tmp.chmod(0o600)  # an older file of that name may have had wider permissions
     tmp.replace(p)
 
 

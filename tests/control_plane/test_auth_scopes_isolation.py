@@ -237,3 +237,45 @@ async def test_last_used_recorded_without_per_request_writes(api):
     assert await flush_last_seen(api.runtime.db, api.runtime.redis) == 1
     async with api.runtime.db.session() as s:
         assert (await identity.get_api_key(s, t.principal.key_id)).last_used_at is not None
+
+
+async def test_a_wrong_key_is_rate_limited_like_a_right_one(clean_state, services, data_dir):
+    """The same wrong key: 401 until its bucket is empty, then 429 (as a right key would be).
+    Many different wrong keys from one address: database lookups are budgeted per address and
+    minute, then 429 without a lookup; a key already cached still works from there."""
+    from control_plane.auth.keys import generate_key
+    from tests.control_plane.conftest import make_tenant
+
+    settings = make_settings(
+        services,
+        data_dir,
+        rate_limit_enabled=True,
+        rate_limit_per_second=0.5,
+        rate_limit_burst=3,
+        auth_lookups_per_minute=5,
+    )
+    rt = build_runtime(settings, with_backend=False)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(rt)), base_url="http://testserver")
+    try:
+        t = await make_tenant(rt, "acme")
+        assert (await client.get("/v1/loops/capabilities", headers=t.headers)).status_code == 200  # now cached
+        wrong = {"Authorization": f"Bearer {generate_key()}"}
+        codes = [(await client.get("/v1/loops/capabilities", headers=wrong)).status_code for _ in range(6)]
+        assert codes[:3] == [401, 401, 401] and codes[3:] == [429, 429, 429], codes
+        r = await client.get("/v1/loops/capabilities", headers=wrong)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert rt.authenticator.lookups == 2  # the right key and the wrong one, once each
+
+        # distinct wrong keys: 3 more lookups fill this address's budget of 5, then 429 at once
+        codes = []
+        for _ in range(6):
+            r = await client.get("/v1/loops/capabilities", headers={"Authorization": f"Bearer {generate_key()}"})
+            codes.append(r.status_code)
+        assert codes == [401, 401, 401, 429, 429, 429], codes
+        assert "unknown API keys from this address" in r.json()["detail"] and int(r.headers["Retry-After"]) >= 1
+        assert rt.authenticator.lookups == 5
+        # the cached right key is unaffected
+        assert (await client.get("/v1/loops/capabilities", headers=t.headers)).status_code == 200
+    finally:
+        await client.aclose()
+        await rt.close()

@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -192,6 +194,7 @@ def _fresh_then_restart(data_dir: Path) -> None:
         assert r.status_code == 200 and len(r.json()["supported_models"]) == 1
         r = httpx.post(f"{url}/v1/loops/sessions", headers={"Authorization": f"Bearer {key}"}, json={}, timeout=10)
         sid = r.json()["session"]["id"]
+        _assert_private(data_dir)
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(60) == 0
@@ -211,6 +214,81 @@ def _fresh_then_restart(data_dir: Path) -> None:
     log = (data_dir / "logs" / "openloops.log").read_text()
     assert log.count("===== openloops up: pid") == 2  # one section per start
     assert f"path=/v1/loops/sessions/{sid}" in log  # the access log went there too
+
+
+# run as another user (nobody) with the system Python (no packages): what it can see of a
+# running local mode
+PROBE = r"""
+import json, os, socket, sys
+data_dir, pg_socket, valkey_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out = {}
+def attempt(name, fn):
+    try:
+        out[name] = ["ok", str(fn())[:200]]
+    except Exception as exc:
+        out[name] = [type(exc).__name__, str(exc)[:200]]
+attempt("list", lambda: os.listdir(data_dir))
+for f in ("dev-credentials.json", "runtime.json", "models/catalog.yaml", "logs/openloops.log"):
+    attempt(f, lambda f=f: open(os.path.join(data_dir, f)).read())
+def pg():
+    s = socket.socket(socket.AF_UNIX); s.connect(pg_socket); s.close()
+attempt("postgres", pg)
+def valkey():
+    s = socket.create_connection(("127.0.0.1", valkey_port), timeout=5)
+    s.sendall(b"PING\r\n")
+    return s.recv(200).decode()
+attempt("valkey", valkey)
+print(json.dumps(out))
+"""
+
+
+def _assert_private(data_dir: Path) -> None:
+    """The data dir and both servers are the owner's only: modes, and (as root) what another
+    user can do — not list or read the data dir, not connect to PostgreSQL, not talk to Valkey
+    without its password."""
+    as_root = os.geteuid() == 0
+    assert stat.S_IMODE(data_dir.stat().st_mode) == (0o711 if as_root else 0o700)
+    for f in ("dev-credentials.json", "runtime.json", "models/catalog.yaml"):
+        assert stat.S_IMODE((data_dir / f).stat().st_mode) == 0o600, f
+    for d in ("logs", "valkey", "models"):
+        assert stat.S_IMODE((data_dir / d).stat().st_mode) == 0o700, d
+    runtime = json.loads((data_dir / "runtime.json").read_text())
+    redis_url = urlsplit(runtime["redis_url"])
+    assert redis_url.password and len(redis_url.password) >= 32  # Valkey requires its generated password
+    pid_lines = (data_dir / "postgres" / "data" / "postmaster.pid").read_text().splitlines()
+    pg_socket = f"{pid_lines[4]}/.s.PGSQL.{pid_lines[3]}"  # socket dir and port lines
+    assert stat.S_IMODE(os.stat(pg_socket).st_mode) == 0o700
+    if not as_root:
+        return  # switching to another uid needs root: the modes above are what keeps it out
+    r = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            PROBE,
+            str(data_dir),
+            pg_socket,
+            str(redis_url.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    for what in (
+        "list",
+        "dev-credentials.json",
+        "runtime.json",
+        "models/catalog.yaml",
+        "logs/openloops.log",
+        "postgres",
+    ):
+        assert seen[what][0] == "PermissionError", (what, seen[what])
+    assert seen["valkey"][0] == "ok" and seen["valkey"][1].startswith("-NOAUTH"), seen["valkey"]
 
 
 def test_openloops_up_reports_a_postgres_failure(tmp_path: Path) -> None:
