@@ -94,9 +94,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --- the browser (console tests) ------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """Debian's Chromium under Playwright, one for the session (tests/infra/browser.py)."""
+    """Debian's Chromium under Playwright, one per test module (tests/infra/browser.py). Not
+    per session: Playwright's sync API keeps an event loop running in this thread while it is
+    open, and pytest-asyncio cannot run the async fixtures of later modules beside it."""
     from tests.infra.browser import chromium
 
     with chromium() as b:

@@ -133,7 +133,7 @@ def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(
     # the console's page of it: its request charts, and the playground chats with a checkpoint
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     sign_in(page, stack.base_url, stack.api_key, f"/console/served-models/{sm_id}")
-    page.locator('.chart[data-chart="inference_volume"] svg path').first.wait_for(timeout=60_000)
+    page.locator('.chart[data-chart="inference_volume"] .legend span').first.wait_for(timeout=60_000)
     charted = json.loads(page.get_attribute('.chart[data-chart="inference_volume"] svg', "data-series") or "[]")
     assert sum(y for _, y in charted[0]["points"]) >= 6
     assert page.locator('.chart[data-chart="latency"] .legend span').count() == 3  # p50, p95, p99

@@ -74,6 +74,9 @@ export function lineChart(series, opts = {}) {
     const raw = good.map((p) => p[1]);
     if (weight > 0) svg.append(svgEl("path", { class: `raw series-${i}`, d: d(raw) }));
     svg.append(svgEl("path", { class: `smooth series-${i}`, d: d(weight > 0 ? smooth(raw, weight) : raw) }));
+    if (good.length === 1) {  // one point makes no line: mark it
+      svg.append(svgEl("circle", { class: `dot series-${i}`, cx: sx(good[0][0]).toFixed(1), cy: sy(good[0][1]).toFixed(1), r: 3 }));
+    }
     const last = good[good.length - 1];
     const item = document.createElement("span");
     item.textContent = `${s.name}: ${fmt(last[1])} at ${fmt(last[0])}`;
