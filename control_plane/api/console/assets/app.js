@@ -357,8 +357,8 @@ async function servedModelPage(gen, id) {
     const t = (p) => Date.parse(p.timestamp) / 1000;
     const lat = m.metrics.response_time_stats || [];
     charts.replaceChildren(
-      lineChart([{ name: "requests", points: (m.metrics.inference_volume || []).map((p) => [t(p), p.value]) }], { id: "inference_volume", title: "Requests per minute", xLabel: "s" }),
-      lineChart(["p50", "p95", "p99"].map((q) => ({ name: `${q} ms`, points: lat.filter((p) => p[q] !== null).map((p) => [t(p), p[q]]) })), { id: "latency", title: "Latency percentiles (ms)", xLabel: "s" }),
+      lineChart([{ name: "requests", points: (m.metrics.inference_volume || []).map((p) => [t(p), p.value]) }], { id: "inference_volume", title: "Requests per minute", xTime: true }),
+      lineChart(["p50", "p95", "p99"].map((q) => ({ name: `${q} ms`, points: lat.filter((p) => p[q] !== null).map((p) => [t(p), p[q]]) })), { id: "latency", title: "Latency percentiles (ms)", xTime: true }),
     );
   };
   await draw();

@@ -28,7 +28,8 @@ export const fmt = (v) => {
   return Number(v.toPrecision(4)).toString();
 };
 
-// series: [{name, points: [[x, y], ...]}]; opts: {title, smoothing (0..0.99), xLabel}
+// series: [{name, points: [[x, y], ...]}]; opts: {title, smoothing (0..0.99), xLabel, xTime (x is
+// epoch seconds: labelled as clock times)}
 export function lineChart(series, opts = {}) {
   const box = document.createElement("div");
   box.className = "chart";
@@ -63,7 +64,7 @@ export function lineChart(series, opts = {}) {
   }
   for (const [x, v, anchor] of [[PAD.l, x0, "start"], [W - PAD.r, x1, "end"]]) {
     const t = svgEl("text", { class: "tick", x, y: H - 6, "text-anchor": anchor });
-    t.textContent = `${fmt(v)}${opts.xLabel ? " " + opts.xLabel : ""}`;
+    t.textContent = opts.xTime ? new Date(v * 1000).toLocaleTimeString() : `${fmt(v)}${opts.xLabel ? " " + opts.xLabel : ""}`;
     svg.append(t);
   }
   const weight = opts.smoothing ?? 0;
@@ -79,7 +80,7 @@ export function lineChart(series, opts = {}) {
     }
     const last = good[good.length - 1];
     const item = document.createElement("span");
-    item.textContent = `${s.name}: ${fmt(last[1])} at ${fmt(last[0])}`;
+    item.textContent = `${s.name}: ${fmt(last[1])} at ${opts.xTime ? new Date(last[0] * 1000).toLocaleTimeString() : fmt(last[0])}`;
     legend.append(item);
   });
   return box;
