@@ -4,8 +4,8 @@
 - active sessions (``max_active_sessions_per_org``): Tinker sessions not finished or expired
   (idle ones expire), and Loops sessions of the last 24 hours (the Loops protocol never ends a
   session, so one counts for a day after its creation);
-- active runs (``max_active_runs_per_org``): runs (training models) not ended, a run scaled to
-  zero included.
+- active runs (``max_active_runs_per_org``): runs (training models) neither ended nor being
+  deactivated, a run scaled to zero included.
 
 Each check runs under the org's capacity lock (:func:`control_plane.services.capacity.lock_org`,
 already held inside :func:`~control_plane.services.capacity.reserving`), so concurrent
@@ -23,10 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control_plane.db.models import Run, Session
 from control_plane.errors import LimitExceeded
 from control_plane.services.capacity import lock_org
-from control_plane.statuses import TERMINAL, SessionStatus
+from control_plane.statuses import TERMINAL, SessionStatus, Status
 
 LOOPS_SESSION_COUNTS_FOR = timedelta(hours=24)
 RUNS = "max_active_runs_per_org"
+ENDING = TERMINAL | {Status.DEACTIVATING}  # a run being deactivated no longer counts
 SESSIONS = "max_active_sessions_per_org"
 
 
@@ -37,7 +38,7 @@ async def check_active_runs(s: AsyncSession, org_id: str, limit: int, retry_afte
         await s.execute(
             select(func.count())
             .select_from(Run)
-            .where(Run.org_id == org_id, Run.status.not_in([x.value for x in TERMINAL]))
+            .where(Run.org_id == org_id, Run.status.not_in([x.value for x in ENDING]))
         )
     ).scalar_one()
     if n >= limit:
