@@ -45,9 +45,28 @@ class Gone(DomainError):
 class RateLimited(DomainError):
     code = "rate_limited"
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
+    def __init__(self, message: str, retry_after_s: float, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason = reason  # the stable ``details.reason`` of the answer, when there is one
+
+
+class CapacityExceeded(RateLimited):
+    """Starting the workload would take the org past its ceiling of GPUs of one type
+    (control_plane/services/capacity.py). ``details.reason`` is Loops' ``loops_capacity``,
+    which its SDK retries after ``Retry-After``; the tinker SDK retries any 429."""
+
+    code = "capacity_exceeded"
+    REASON = "loops_capacity"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s, reason=self.REASON)
+
+
+class LimitExceeded(RateLimited):
+    """An org guard rail (active sessions, active runs, futures in flight): ``reason`` names it."""
+
+    code = "limit_exceeded"
 
 
 class Unavailable(DomainError):

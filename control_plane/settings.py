@@ -218,6 +218,35 @@ class Settings(BaseSettings):
         "flagged (CPU fp32 agrees to ~1e-5; bf16 GPU kernels differ by a few hundredths)",
     )
 
+    # --- capacity and guard rails (docs/loops.md, "Capacity and limits") ---------------
+    capacity_default_max_gpus: dict[str, int] = Field(
+        default_factory=dict,
+        description="installation-wide ceiling per GPU type on what one org's live trainers, samplers and served "
+        'models hold, as JSON ({"NVIDIA-H100-80GB-HBM3": 16, "cpu": 8}; "*" = every type not named); a type '
+        "without one has no ceiling. `openloops admin capacity set` overrides it per org",
+    )
+    capacity_retry_after_seconds: int = Field(
+        10, ge=1, le=60, description="the Retry-After of a 429 loops_capacity refusal (both SDKs honour up to 60 s)"
+    )
+    max_active_sessions_per_org: int = Field(
+        1000, ge=1, description="active (unfinished) sessions an org may hold; one more is refused with 429"
+    )
+    max_active_runs_per_org: int = Field(
+        1000, ge=1, description="runs (training models) of an org that have not ended; one more is refused with 429"
+    )
+    max_inflight_futures_per_org: int = Field(
+        10000,
+        ge=1,
+        description="training ops and Tinker samples of an org submitted and not yet answered; one more is refused "
+        "with 429 (the SDKs back off and resubmit)",
+    )
+    control_body_limit_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="request body limit of the routes that create or change resources (sessions, runs, samplers, "
+        "served models, keys, capacity); the op and sampling routes take request_body_limit_bytes",
+    )
+
     # --- metering ----------------------------------------------------------------------
     metrics_flush_seconds: float = Field(
         5.0,
@@ -243,6 +272,14 @@ class Settings(BaseSettings):
     # --- local mode --------------------------------------------------------------------
     dev_org_name: str = "dev"
     dev_user_email: str = "dev@localhost"
+
+    @field_validator("capacity_default_max_gpus")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(k for k, n in v.items() if n < 0 or not k)
+        if bad:
+            raise ValueError(f"capacity_default_max_gpus: negative ceiling or empty GPU type: {bad}")
+        return v
 
     @field_validator("public_base_url")
     @classmethod

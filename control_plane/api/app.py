@@ -15,6 +15,7 @@ from control_plane.api.console.routes import console_router
 from control_plane.api.errors import EXCEPTION_HANDLERS
 from control_plane.api.health import download, healthz, metrics, readyz
 from control_plane.api.legacy import LegacyController
+from control_plane.api.loops.capacity import TrainingCapacityController
 from control_plane.api.loops.checkpoint_import import LoopsCheckpointImportController
 from control_plane.api.loops.deployments import LoopsDeploymentsController
 from control_plane.api.loops.resources import LoopsResourcesController
@@ -52,6 +53,7 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         metrics,
         download,
         LoopsTrainingController,
+        TrainingCapacityController,
         LoopsTrainingMetricsController,
         LoopsResourcesController,
         LoopsCheckpointImportController,

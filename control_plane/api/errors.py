@@ -42,6 +42,9 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
     errors: list[ErrorItem] | None = None  # each failed check, when request validation failed
     category: str | None = None  # sampling errors: user | server
     retry_after_s: float | None = None  # 429: when to retry (also in Retry-After)
+    # stable machine-readable context, as Loops' ApiError: {"reason": "loops_capacity"} for a
+    # capacity refusal (the Loops SDK reads details.reason), the guard rail's name for a limit
+    details: dict[str, str] | None = None
 
 
 STATUS_BY_ERROR: dict[type[e.DomainError], int] = {
@@ -52,6 +55,8 @@ STATUS_BY_ERROR: dict[type[e.DomainError], int] = {
     e.Conflict: 409,
     e.Gone: 410,
     e.PayloadTooLarge: 413,
+    e.CapacityExceeded: 429,  # details.reason = "loops_capacity", Retry-After
+    e.LimitExceeded: 429,  # details.reason names the guard rail
     e.RateLimited: 429,
     e.Unavailable: 503,
 }
@@ -89,6 +94,7 @@ def error_response(
     category: str | None = None,
     retry_after_s: float | None = None,
     headers: dict[str, str] | None = None,
+    details: dict[str, str] | None = None,
 ) -> Response[ErrorBody]:
     body = ErrorBody(
         code=code,
@@ -98,6 +104,7 @@ def error_response(
         errors=errors,
         category=category,
         retry_after_s=retry_after_s,
+        details=details,
     )
     headers = dict(headers or {})
     if status == 429 and retry_after_s is not None:
@@ -110,7 +117,16 @@ def error_response(
 def domain_error_handler(request: Request, exc: e.DomainError) -> Response[ErrorBody]:
     status = next((st for cls, st in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 500)
     retry = round(exc.retry_after_s, 3) if isinstance(exc, e.RateLimited) else None
-    return error_response(request, status, exc.code, exc.message, field=exc.field, retry_after_s=retry)
+    reason = exc.reason if isinstance(exc, e.RateLimited) else None
+    return error_response(
+        request,
+        status,
+        exc.code,
+        exc.message,
+        field=exc.field,
+        retry_after_s=retry,
+        details={"reason": reason} if reason else None,
+    )
 
 
 def sampling_code(cls: type[SamplingError]) -> str:

@@ -27,7 +27,7 @@ from control_plane.api.loops.responses import (
     TrainerServer,
 )
 from control_plane.api.loops.schemas import LoraRank, ScaleDownDelay
-from control_plane.api.loops.training import ORG, OWN, CheckpointIdPath, SessionPath
+from control_plane.api.loops.training import ORG, ORG_CREATE, OWN, CheckpointIdPath, SessionPath
 from control_plane.api.openapi import OptionalBodyOperation, raises
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
@@ -35,6 +35,7 @@ from control_plane.db import models as m
 from control_plane.db.models import Run, Sampler
 from control_plane.errors import InvalidInput, NotFound, PayloadTooLarge
 from control_plane.fields import CheckpointPath, CheckpointPathOrEmpty, Int64, ModelName, PosInt32, ProjectId, RunId
+from control_plane.services import admission
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
@@ -87,7 +88,7 @@ class LegacyController(Controller):
 
     @post(
         "/trainer_sessions",
-        opt=ORG,
+        opt=ORG_CREATE,
         status_code=200,
         responses=raises(InvalidInput, PayloadTooLarge),
         operation_class=OptionalBodyOperation,
@@ -95,7 +96,9 @@ class LegacyController(Controller):
     async def create_session(
         self, request: Request, principal: Principal, data: LegacySessionBody | None = None
     ) -> SessionCreated:
-        async with rt(request).db.transaction() as s:
+        r = rt(request)
+        async with r.db.transaction() as s:
+            await admission.session(s, r.settings, principal.org_id)
             row = await sessions_svc.create_session(
                 s, principal, origin="loops", training_project_id=data.training_project_id if data else None
             )
@@ -103,7 +106,7 @@ class LegacyController(Controller):
 
     @post(
         "/trainer_sessions/{session_id:str}/trainers",
-        opt=ORG,
+        opt=ORG_CREATE,
         status_code=200,
         responses=raises(InvalidInput, PayloadTooLarge, NotFound),
     )
@@ -121,9 +124,10 @@ class LegacyController(Controller):
             path=data.checkpoint_path,
         )
         async with r.db.transaction() as s:
-            created = await runs_svc.create_run(
-                s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds
-            )
+            async with admission.run(s, r.settings, r.catalog, principal.org_id):
+                created = await runs_svc.create_run(
+                    s, principal, r.catalog, req, r.settings.default_scale_down_delay_seconds
+                )
             run, smp = created.run, created.sampler
             await enqueue_initial_op(r, s, run)
         await r.kick_controller()
@@ -134,7 +138,7 @@ class LegacyController(Controller):
 
     @post(
         "/trainer_sessions/{session_id:str}/samplers",
-        opt=ORG,
+        opt=ORG_CREATE,
         status_code=200,
         responses=raises(InvalidInput, PayloadTooLarge, NotFound),
     )
@@ -148,7 +152,7 @@ class LegacyController(Controller):
             max_seq_length=data.max_seq_length,
             model_path=data.checkpoint_path,
         )
-        async with r.db.transaction() as s:
+        async with r.db.transaction() as s, admission.workload(s, r.settings, r.catalog, principal.org_id):
             smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
         await r.kick_controller()
         return SamplerCreated(_sampling_server(smp, r.settings.base_url))

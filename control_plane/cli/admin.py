@@ -15,7 +15,7 @@ from control_plane.api.loops.presenters import served_model_base_url
 from control_plane.auth.authenticator import invalidate_key
 from control_plane.auth.principal import Principal
 from control_plane.catalog import ModelCatalog
-from control_plane.cli import admin_show
+from control_plane.cli import admin_capacity, admin_show
 from control_plane.cli.context import Resolved, console, emit, emit_one, err_console
 from control_plane.db import migrate
 from control_plane.db.engine import Database
@@ -44,6 +44,7 @@ served_models = typer.Typer(
     help="Served models (checkpoints served as OpenAI-compatible models).", no_args_is_help=True
 )
 checkpoints = typer.Typer(help="Checkpoints.", no_args_is_help=True)
+capacity = typer.Typer(help="GPU ceilings of an org (and what its live workloads hold).", no_args_is_help=True)
 db = typer.Typer(help="Schema migrations.", no_args_is_help=True)
 for sub, name in (
     (orgs, "orgs"),
@@ -55,6 +56,7 @@ for sub, name in (
     (deployments, "deployments"),
     (served_models, "served-models"),
     (checkpoints, "checkpoints"),
+    (capacity, "capacity"),
     (db, "db"),
 ):
     app.add_typer(sub, name=name)
@@ -517,6 +519,38 @@ def served_model_show(
 
 
 # --- database ------------------------------------------------------------------------------
+
+
+# --- capacity ------------------------------------------------------------------------------
+
+
+@capacity.command("show")
+def capacity_show(org: str = ORG, as_json: bool = JSON) -> None:
+    """Per GPU type: the ceiling that applies (-1: none), the operator's, and the units in use."""
+    settings = Settings()
+
+    async def go(d: Database, _: Resolved) -> list[dict[str, Any]]:
+        return await admin_capacity.show(d, settings, org)
+
+    emit(_run(go), admin_capacity.COLUMNS, as_json=as_json, title="capacity")
+
+
+@capacity.command("set")
+def capacity_set(
+    org: str = ORG,
+    gpu_type: str = typer.Option(..., "--gpu-type", help="A catalog GPU type, or cpu for models without GPUs."),
+    max_gpus: int | None = typer.Option(
+        None, "--max-gpus", min=0, help="The org's ceiling for the type; leave out to go back to the default."
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Set the org's ceiling for one GPU type (overrides OPENLOOPS_CAPACITY_DEFAULT_MAX_GPUS)."""
+    settings = Settings()
+
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        return await admin_capacity.set_limit(d, settings, org, gpu_type, max_gpus)
+
+    emit_one(_run(go), as_json=as_json)
 
 
 @db.command("upgrade")

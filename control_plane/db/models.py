@@ -365,3 +365,22 @@ class TrainingMetric(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     seqs: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), default=list)
     __table_args__ = (Index("ix_training_metrics_time", "time"),)
+
+
+class CapacityLimit(Base):
+    """An org's ceiling on the GPUs of one type its live workloads hold
+    (control_plane/services/capacity.py). ``operator_max_gpus`` is set by operators
+    (``openloops admin capacity set``; unset: the installation default,
+    ``OPENLOOPS_CAPACITY_DEFAULT_MAX_GPUS``); ``org_max_gpus`` by the org's admins
+    (``PATCH /v1/training/capacity``), never above the operator's. The lower one applies."""
+
+    __tablename__ = "capacity_limits"
+    org_id: Mapped[str] = mapped_column(ForeignKey("orgs.id", ondelete="CASCADE"), primary_key=True)
+    gpu_type: Mapped[str] = mapped_column(String(100), primary_key=True)
+    operator_max_gpus: Mapped[int | None] = mapped_column(Integer)
+    org_max_gpus: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = _ts(server_default=func.now())
+    __table_args__ = (
+        CheckConstraint("operator_max_gpus IS NULL OR operator_max_gpus >= 0", name="ck_capacity_operator_max"),
+        CheckConstraint("org_max_gpus IS NULL OR org_max_gpus >= 0", name="ck_capacity_org_max"),
+    )

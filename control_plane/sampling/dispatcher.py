@@ -30,8 +30,9 @@ from control_plane.sampling.errors import SamplerBusy, SamplerUnavailable, Sampl
 from control_plane.sampling.translate import SampleSpec
 from control_plane.scaling.activity import record_activity
 from control_plane.scaling.kinds import SAMPLER
-from control_plane.scaling.wake import ASLEEP, touch_and_wake
+from control_plane.scaling.wake import ASLEEP, request_wake, touch_and_wake
 from control_plane.services.samplers import SamplerTarget, sampler_target
+from control_plane.statuses import Status
 from control_plane.training.queue import TrainerQueue
 from data_plane.wire import queue as q
 
@@ -150,10 +151,14 @@ class SamplingDispatcher:
         wid = target.workload_id
         if self.in_flight(wid) >= self.max_in_flight:
             raise SamplerBusy(f"the sampler for {target.base_model} has {self.in_flight(wid)} requests in flight")
+        if self._runtime is not None and target.status == Status.SCALED_TO_ZERO:
+            # waking holds capacity again: refused (429 loops_capacity) before a future exists
+            await request_wake(self._runtime, "sampler", target.sampler_id, strict=True)
         rid = new_request_id()
+        limit = self._runtime.settings.max_inflight_futures_per_org if self._runtime is not None else None
         self._in_flight[wid] = self.in_flight(wid) + 1
         try:
-            await self._queue.create_future(rid, run_id=wid, org_id=target.org_id)
+            await self._queue.create_future(rid, run_id=wid, org_id=target.org_id, max_inflight=limit)
         except BaseException:
             self._in_flight[wid] -= 1
             raise

@@ -12,6 +12,14 @@ WAKING_UP (history row), kicks the controller and waits (bounded by
 the row ACTIVE; it then returns and the request proceeds. If the wake-up fails it raises
 :class:`~control_plane.errors.Unavailable`; if it takes too long, :class:`WakeTimeout`
 (both 503 with a JSON body).
+
+Waking holds capacity again (control_plane/services/capacity.py): the move to WAKING_UP is
+made under the org's capacity lock, and refused when the org is at its ceiling. Then the row
+stays SCALED_TO_ZERO with a ``status_reason`` saying it waits for capacity, and
+:func:`touch_and_wake` raises :class:`~control_plane.errors.CapacityExceeded` (429
+``loops_capacity``: the request is retried later by the SDK), while :func:`request_wake`
+(ops queued for a trainer, health checks, the controller) returns: a trainer with ops waiting
+is woken by the controller's next pass once the org has room.
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ import structlog
 from redis.asyncio.client import PubSub
 from sqlalchemy import select
 
-from control_plane.errors import NotFound, Unavailable
+from control_plane.errors import CapacityExceeded, NotFound, Unavailable
 from control_plane.scaling.activity import record_activity
 from control_plane.scaling.kinds import DEPLOYMENT, RUN, Kind, KindName, kind_of
 from control_plane.services import history
+from control_plane.services.capacity import CapacityPolicy, reserving
 from control_plane.statuses import TERMINAL, Status
 
 if TYPE_CHECKING:
@@ -91,15 +100,23 @@ async def op_arrived(runtime: Runtime, run_id: str, deployment_id: str | None, r
 
 
 async def request_wake(
-    runtime: Runtime, kind: KindName, resource_id: str, reason: str = "woken by a request"
+    runtime: Runtime, kind: KindName, resource_id: str, reason: str = "woken by a request", *, strict: bool = False
 ) -> Status:
     """Ask for a scaled-to-zero resource to wake up and return at once (the controller brings
-    it back); the status it had. Records the request as activity too."""
+    it back); the status it had. Records the request as activity too. When the org is at its
+    capacity ceiling the resource stays asleep: ``strict`` raises CapacityExceeded, otherwise
+    this returns (the row's reason says it waits for capacity)."""
     k = kind_of(kind)
     await record_activity(runtime.redis, k, resource_id)
     status = await _status(runtime, k, resource_id)
     if status == Status.SCALED_TO_ZERO:
-        await _request_wake(runtime, k, resource_id, reason)
+        try:
+            await _request_wake(runtime, k, resource_id, reason)
+        except CapacityExceeded:
+            if strict:
+                raise
+            log.info("wake-up waits for capacity", kind=k.name, id=resource_id)
+            return status
         await runtime.kick_controller()
     return status
 
@@ -113,10 +130,27 @@ async def _status(runtime: Runtime, k: Kind, resource_id: str) -> Status:
 
 
 async def _request_wake(runtime: Runtime, k: Kind, resource_id: str, reason: str = "woken by a request") -> None:
+    """SCALED_TO_ZERO -> WAKING_UP under the org's capacity lock; CapacityExceeded (and a
+    status reason on the row that says so) when the org has no room for it."""
+    try:
+        async with runtime.db.transaction() as s:
+            org_id = (await s.execute(select(k.model.org_id).where(k.model.id == resource_id))).scalar_one_or_none()
+            if org_id is None:
+                return
+            async with reserving(s, CapacityPolicy.of(runtime.settings, runtime.catalog), org_id):
+                row = await k.locked(s, resource_id)
+                if row is not None and row.status == Status.SCALED_TO_ZERO.value:
+                    history.transition(s, k.name, row, Status.WAKING_UP, reason)
+    except CapacityExceeded as exc:
+        await _note_waiting(runtime, k, resource_id, f"waiting for capacity to wake up: {exc.message}")
+        raise
+
+
+async def _note_waiting(runtime: Runtime, k: Kind, resource_id: str, reason: str) -> None:
     async with runtime.db.transaction() as s:
         row = await k.locked(s, resource_id)
-        if row is not None and row.status == Status.SCALED_TO_ZERO.value:
-            history.transition(s, k.name, row, Status.WAKING_UP, reason)
+        if row is not None and row.status == Status.SCALED_TO_ZERO.value and row.status_reason != reason:
+            row.status_reason = reason
 
 
 async def _wait_active(runtime: Runtime, k: Kind, resource_id: str, pubsub: PubSub, deadline: float) -> None:

@@ -156,6 +156,7 @@ class LoopsTrainerOps:
                 org_id=t.run.org_id,
                 fingerprint=fingerprint,
                 starts_client=op == "init_trainer_server",
+                max_inflight=self.r.settings.max_inflight_futures_per_org,
             )
         except KeyReused:
             raise Conflict(f"Idempotency-Key {operation_id!r} was used for a different request") from None

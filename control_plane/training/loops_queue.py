@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from control_plane.ids import new_request_id
+from control_plane.training.inflight import admit_future
 from data_plane.wire import queue as q
 
 # KEYS: op key, run meta, pending set, ops stream, future, run state (the worker's progress)
@@ -100,8 +101,11 @@ class LoopsQueue:
         org_id: str,
         fingerprint: str,
         starts_client: bool,
+        max_inflight: int | None = None,
     ) -> Submitted:
         rid = new_request_id()
+        if max_inflight is not None:
+            await admit_future(self._redis, org_id, rid, max_inflight)
         status, rec = await self._submit(
             keys=[
                 op_key(run_id, operation_id),

@@ -23,6 +23,7 @@ from control_plane.db.models import Checkpoint, Run
 from control_plane.errors import DomainError, Gone, InvalidInput, NotFound
 from control_plane.ids import training_model_id
 from control_plane.scaling.wake import op_arrived
+from control_plane.services import admission
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import runs as runs_svc
 from control_plane.statuses import TERMINAL, Status
@@ -103,7 +104,15 @@ class TrainingOps:
         return run
 
     async def _submit(self, run: Run, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
-        rid, is_new = await self.queue.submit(run.id, run.id, seq_id, kind, body, org_id=run.org_id)
+        rid, is_new = await self.queue.submit(
+            run.id,
+            run.id,
+            seq_id,
+            kind,
+            body,
+            org_id=run.org_id,
+            max_inflight=self.r.settings.max_inflight_futures_per_org,
+        )
         await op_arrived(self.r, run.id, run.deployment_id, run.status)  # activity; wakes a sleeping trainer
         if is_new:
             await self._fail_if_ended(run.id, rid)
@@ -228,11 +237,12 @@ class TrainingOps:
                 if existing.org_id != principal.org_id:
                     raise NotFound("session", session_id)
                 return existing
-            run = (
-                await runs_svc.create_run(
-                    s, principal, self.r.catalog, req, self.r.settings.run_scale_down_delay_seconds
-                )
-            ).run
+            async with admission.run(s, self.r.settings, self.r.catalog, principal.org_id):
+                run = (
+                    await runs_svc.create_run(
+                        s, principal, self.r.catalog, req, self.r.settings.run_scale_down_delay_seconds
+                    )
+                ).run
             run.init_path = init_path
         return run
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from control_plane.ids import new_request_id
+from control_plane.training.inflight import admit_future
 from data_plane.wire import queue as q
 
 # KEYS: seq claim, future, pending set, ops stream
@@ -45,12 +46,23 @@ class TrainerQueue:
         self._submit = redis.register_script(_SUBMIT)
 
     async def submit(
-        self, run_id: str, model_id: str, seq_id: int, kind: q.OpKind, body: bytes, *, org_id: str = ""
+        self,
+        run_id: str,
+        model_id: str,
+        seq_id: int,
+        kind: q.OpKind,
+        body: bytes,
+        *,
+        org_id: str = "",
+        max_inflight: int | None = None,
     ) -> tuple[str, bool]:
         """Enqueue an op once per ``(model_id, seq_id)``. Returns ``(request_id, is_new)``:
         a repeated submission gets the first submission's request id back. ``org_id`` is
-        recorded on the future so that only that org can retrieve it."""
+        recorded on the future so that only that org can retrieve it; with ``max_inflight``
+        the org's futures in flight are limited (:mod:`.inflight`)."""
         rid = new_request_id()
+        if max_inflight is not None and org_id:
+            await admit_future(self._redis, org_id, rid, max_inflight)
         got = await self._submit(
             keys=[
                 q.seq_claim_key(model_id, seq_id),
@@ -78,8 +90,13 @@ class TrainerQueue:
         got = await self._redis.get(q.seq_claim_key(model_id, seq_id))
         return q.text(got) if got is not None else None
 
-    async def create_future(self, request_id: str, run_id: str | None = None, *, org_id: str = "") -> None:
-        """A pending future not backed by a worker op (e.g. sampling)."""
+    async def create_future(
+        self, request_id: str, run_id: str | None = None, *, org_id: str = "", max_inflight: int | None = None
+    ) -> None:
+        """A pending future not backed by a worker op (e.g. sampling); with ``max_inflight``
+        the org's futures in flight are limited (:mod:`.inflight`)."""
+        if max_inflight is not None and org_id:
+            await admit_future(self._redis, org_id, request_id, max_inflight)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(q.future_key(request_id), mapping={"state": q.FutureState.PENDING.value, "org": org_id})
             pipe.expire(q.future_key(request_id), q.FUTURE_TTL_SECONDS)

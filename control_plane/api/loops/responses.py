@@ -394,3 +394,28 @@ class TrainingMetrics(msgspec.Struct):
     steps: list[MetricsStep]
     next_cursor: str | None
     downsampled: bool
+
+
+class TrainingGpuCapacity(msgspec.Struct):
+    """One GPU type of an org's capacity (Loops' ``TrainingGpuCapacityItem``). ``limit`` -1:
+    no ceiling; ``baseline`` equals ``limit`` (everything below it starts at once; 0 without
+    one)."""
+
+    gpu_type: str
+    baseline: int
+    limit: int
+    usage_count: int
+    dedicated_usage_count: int
+    spot_usage_count: int
+
+
+class TrainingCapacity(msgspec.Struct):
+    """``GET /v1/training/capacity`` (Loops' ``GetTrainingGpuCapacityResponse``; no teams)."""
+
+    gpu_capacities: list[TrainingGpuCapacity]
+
+
+class TrainingCapacityPatched(msgspec.Struct):
+    """``PATCH /v1/training/capacity``: the GPU type's capacity after the change."""
+
+    gpu_capacity: TrainingGpuCapacity

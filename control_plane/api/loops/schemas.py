@@ -139,3 +139,12 @@ class DeployCheckpointsBody(msgspec.Struct, kw_only=True):
     hf_secret_name: Annotated[str, msgspec.Meta(max_length=253, pattern=SECRET_NAME)] | None = None
     # openloops extension: idle time before it scales to zero (default: the server's)
     scale_down_delay_seconds: Annotated[int, msgspec.Meta(ge=1, le=30 * 86400)] | None = None
+
+
+class PatchCapacityBody(msgspec.Struct, kw_only=True):
+    """``PATCH /v1/training/capacity``: the org's own ceiling for one GPU type. Loops' body also
+    names a ``team_id``; openloops has no teams, so one is declined."""
+
+    gpu_type: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    max_gpus: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+    team_id: Annotated[str, msgspec.Meta(max_length=200)] | None = None

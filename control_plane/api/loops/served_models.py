@@ -31,7 +31,7 @@ from control_plane.api.loops.responses import (
     ServedModelMetrics,
 )
 from control_plane.api.loops.schemas import DeployCheckpointsBody, MetricsBody
-from control_plane.api.loops.training import ORG, ListScope
+from control_plane.api.loops.training import ORG, ORG_CREATE, ListScope
 from control_plane.api.openapi import OptionalBodyOperation, raises
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
@@ -40,6 +40,7 @@ from control_plane.errors import Gone, InvalidInput, NotFound, PayloadTooLarge, 
 from control_plane.metering import series
 from control_plane.sampling.errors import SamplerFailed, SamplerUnavailable
 from control_plane.sampling.served_proxy import open_upstream, served_proxy_for
+from control_plane.services import admission
 from control_plane.services import served_models as sm_svc
 
 ServedModelPath = Annotated[str, path_id(m.ServedModel.id, "the served model's id")]
@@ -54,7 +55,7 @@ class ServedModelsController(Controller):
 
     @post(
         "/checkpoints/deploy",
-        opt=ORG,
+        opt=ORG_CREATE,
         status_code=200,
         responses=raises(InvalidInput, PayloadTooLarge, NotFound),
     )
@@ -64,16 +65,18 @@ class ServedModelsController(Controller):
         name in ``model``; ``base_url`` is the root of its OpenAI-compatible API."""
         r = rt(request)
         async with r.db.transaction() as s:
-            served = await sm_svc.deploy(
-                s,
-                principal,
-                r.catalog,
-                checkpoint_ids=list(data.checkpoint_ids),
-                model_name=data.model_name,
-                instance_type_id=data.instance_type_id,
-                hf_secret_name=data.hf_secret_name,
-                scale_down_delay_seconds=data.scale_down_delay_seconds or r.settings.default_scale_down_delay_seconds,
-            )
+            async with admission.workload(s, r.settings, r.catalog, principal.org_id):
+                served = await sm_svc.deploy(
+                    s,
+                    principal,
+                    r.catalog,
+                    checkpoint_ids=list(data.checkpoint_ids),
+                    model_name=data.model_name,
+                    instance_type_id=data.instance_type_id,
+                    hf_secret_name=data.hf_secret_name,
+                    scale_down_delay_seconds=data.scale_down_delay_seconds
+                    or r.settings.default_scale_down_delay_seconds,
+                )
             users = await p.principal_names(s, {served.model.created_by})
         await r.kick_controller()
         out = p.served_model_json(served, r.settings.base_url, users)

@@ -26,12 +26,13 @@ from control_plane.api.loops.responses import (
 )
 from control_plane.api.loops.schemas import CreateRunBody, CreateSamplerBody, CreateSessionBody
 from control_plane.api.openapi import OptionalBodyOperation, raises
+from control_plane.api.request import CONTROL_BODY
 from control_plane.api.state import rt
 from control_plane.auth.principal import Principal
 from control_plane.db import models as m
 from control_plane.errors import InvalidInput, NotFound, PayloadTooLarge
 from control_plane.fields import column_length
-from control_plane.services import hot_reads
+from control_plane.services import admission, hot_reads
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
 from control_plane.services import sessions as sessions_svc
@@ -41,6 +42,7 @@ from control_plane.training.queue import TrainerQueue
 
 ORG = {"scope": Scope.MANAGE_ORG_TRAINING_PROJECTS}
 OWN = {"scope": Scope.MANAGE_OWN}
+ORG_CREATE = {**ORG, **CONTROL_BODY}  # a route that creates: its body is small
 
 SessionPath = Annotated[str, path_id(m.Session.id)]
 RunPath = Annotated[str, path_id(m.Run.id)]
@@ -58,7 +60,7 @@ class LoopsTrainingController(Controller):
 
     @post(
         "/sessions",
-        opt=ORG,
+        opt=ORG_CREATE,
         status_code=200,
         responses=raises(InvalidInput, PayloadTooLarge),
         operation_class=OptionalBodyOperation,
@@ -68,6 +70,7 @@ class LoopsTrainingController(Controller):
     ) -> SessionCreated:
         r = rt(request)
         async with r.db.transaction() as s:
+            await admission.session(s, r.settings, principal.org_id)
             row = await sessions_svc.create_session(
                 s, principal, origin="loops", training_project_id=data.training_project_id if data else None
             )
@@ -100,14 +103,15 @@ class LoopsTrainingController(Controller):
             with_sampler=with_sampler,
         )
         async with r.db.transaction() as s:
-            created = await runs_svc.create_run(
-                s,
-                principal,
-                r.catalog,
-                req,
-                r.settings.default_scale_down_delay_seconds,
-                max_replicas=r.settings.run_max_replicas,
-            )
+            async with admission.run(s, r.settings, r.catalog, principal.org_id):
+                created = await runs_svc.create_run(
+                    s,
+                    principal,
+                    r.catalog,
+                    req,
+                    r.settings.default_scale_down_delay_seconds,
+                    max_replicas=r.settings.run_max_replicas,
+                )
             await enqueue_initial_op(r, s, created.run)
             users = await p.principal_names(s, {created.run.created_by})
         for rid in created.replaced_run_ids:
@@ -115,11 +119,11 @@ class LoopsTrainingController(Controller):
         await r.kick_controller()
         return RunEnvelope(p.run_json(created.run, created.sampler, r.settings.base_url, users))
 
-    @post("/runs", opt=ORG, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
+    @post("/runs", opt=ORG_CREATE, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
     async def create_run(self, request: Request, principal: Principal, data: CreateRunBody) -> RunEnvelope:
         return await self._create_run(request, principal, data, with_sampler=True)
 
-    @post("/trainers", opt=ORG, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
+    @post("/trainers", opt=ORG_CREATE, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
     async def create_trainer(self, request: Request, principal: Principal, data: CreateRunBody) -> RunEnvelope:
         return await self._create_run(request, principal, data, with_sampler=False)
 
@@ -158,7 +162,7 @@ class LoopsTrainingController(Controller):
         await r.kick_controller()
         return p.deactivated_json(run.id, run.base_model, users, run.created_by)
 
-    @post("/samplers", opt=ORG, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
+    @post("/samplers", opt=ORG_CREATE, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound))
     async def create_sampler(self, request: Request, principal: Principal, data: CreateSamplerBody) -> SamplerEnvelope:
         r = rt(request)
         req = samplers_svc.SamplerRequest(
@@ -169,7 +173,8 @@ class LoopsTrainingController(Controller):
             model_path=data.model_path,
         )
         async with r.db.transaction() as s:
-            smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
+            async with admission.workload(s, r.settings, r.catalog, principal.org_id):
+                smp = await samplers_svc.create_sampler(s, principal, r.catalog, req)
             users = await p.principal_names(s, {smp.created_by})
         await r.kick_controller()
         return SamplerEnvelope(p.sampler_json(smp, r.settings.base_url, users))

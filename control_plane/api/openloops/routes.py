@@ -23,6 +23,7 @@ from control_plane.api.openloops.responses import (
     WhoAmI,
 )
 from control_plane.api.openloops.schemas import CreateApiKeyBody
+from control_plane.api.request import CONTROL_BODY
 from control_plane.api.state import rt
 from control_plane.auth.authenticator import invalidate_key
 from control_plane.auth.principal import Principal
@@ -84,7 +85,7 @@ class OpenloopsController(Controller):
 
     @post(
         "/api_keys",
-        opt=KEYS,
+        opt={**KEYS, **CONTROL_BODY},
         status_code=201,
         responses=raises(InvalidInput, Forbidden, PayloadTooLarge),
         operation_class=OptionalBodyOperation,

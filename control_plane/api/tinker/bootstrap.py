@@ -13,6 +13,7 @@ from sqlalchemy import select
 from control_plane.api.auth import provide_principal
 from control_plane.api.fields import path_id, query_int
 from control_plane.api.openapi import OptionalBodyOperation, raises
+from control_plane.api.request import CONTROL_BODY
 from control_plane.api.state import rt
 from control_plane.api.tinker.responses import (
     Accepted,
@@ -41,12 +42,14 @@ from control_plane.db import models as m
 from control_plane.db.models import Run, Sampler, Session, TrainingProject
 from control_plane.errors import Gone, InvalidInput, NotFound, PayloadTooLarge
 from control_plane.fields import INT64_MAX
+from control_plane.services import admission
 from control_plane.services import sessions as sessions_svc
 from control_plane.services.heartbeats import record_heartbeat
 from control_plane.services.scoping import list_scope_filter
 from control_plane.statuses import Scope, SessionStatus
 
 OWN = {"scope": Scope.MANAGE_OWN}
+OWN_CONTROL = {**OWN, **CONTROL_BODY}  # a route whose body is a few fields
 MAX_LIMIT = 1000
 log = structlog.get_logger("openloops.tinker")
 
@@ -147,9 +150,11 @@ class TinkerBootstrapController(Controller):
             ]
         )
 
-    @post("/create_session", opt=OWN, status_code=200, responses=raises(InvalidInput, PayloadTooLarge))
+    @post("/create_session", opt=OWN_CONTROL, status_code=200, responses=raises(InvalidInput, PayloadTooLarge))
     async def create_session(self, request: Request, principal: Principal, data: CreateSessionBody) -> SessionCreated:
-        async with rt(request).db.transaction() as s:
+        r = rt(request)
+        async with r.db.transaction() as s:
+            await admission.session(s, r.settings, principal.org_id)
             row = await sessions_svc.create_session(
                 s,
                 principal,
@@ -163,7 +168,10 @@ class TinkerBootstrapController(Controller):
         return SessionCreated(session_id=row.id)
 
     @post(
-        "/session_heartbeat", opt=OWN, status_code=200, responses=raises(InvalidInput, PayloadTooLarge, NotFound, Gone)
+        "/session_heartbeat",
+        opt=OWN_CONTROL,
+        status_code=200,
+        responses=raises(InvalidInput, PayloadTooLarge, NotFound, Gone),
     )
     async def heartbeat(self, request: Request, principal: Principal, data: SessionIdBody) -> HeartbeatAck:
         r = rt(request)

@@ -20,6 +20,7 @@ from litestar.params import KwargDefinition as Doc
 from control_plane.api.auth import provide_principal
 from control_plane.api.fields import items, path_id
 from control_plane.api.openapi import raises
+from control_plane.api.request import CONTROL_BODY
 from control_plane.api.state import rt
 from control_plane.api.tinker.responses import SamplerInfo, SampleSubmitted, SamplingSessionCreated
 from control_plane.auth.principal import Principal
@@ -29,6 +30,7 @@ from control_plane.fields import INT32_MAX, INT64_MIN, CheckpointPath, ModelName
 from control_plane.sampling.dispatcher import dispatcher_for
 from control_plane.sampling.errors import InvalidSampleRequest, SamplerBusy, UnsupportedSampleFeature
 from control_plane.sampling.translate import MAX_NUM_SAMPLES, parse_sample_request
+from control_plane.services import admission
 from control_plane.services import checkpoints as checkpoints_svc
 from control_plane.services import sessions as sessions_svc
 from control_plane.services.samplers import get_sampler
@@ -98,7 +100,7 @@ class TinkerSamplingController(Controller):
 
     @post(
         "/create_sampling_session",
-        opt=OWN,
+        opt={**OWN, **CONTROL_BODY},
         status_code=200,
         responses=raises(InvalidInput, PayloadTooLarge, NotFound, Conflict),
     )
@@ -132,15 +134,16 @@ class TinkerSamplingController(Controller):
             model = r.catalog.get(base_model)
             if not model.sampleable:
                 raise InvalidInput(f"base model {base_model!r} cannot be sampled", field="base_model")
-            smp = await open_sampling_session(
-                s,
-                org_id=principal.org_id,
-                created_by=principal.principal_id,
-                session_id=session.id,
-                seq_id=data.sampling_session_seq_id,
-                base_model=model.name,
-                checkpoint=ckpt,
-            )
+            async with admission.workload(s, r.settings, r.catalog, principal.org_id):
+                smp = await open_sampling_session(
+                    s,
+                    org_id=principal.org_id,
+                    created_by=principal.principal_id,
+                    session_id=session.id,
+                    seq_id=data.sampling_session_seq_id,
+                    base_model=model.name,
+                    checkpoint=ckpt,
+                )
         await r.kick_controller()
         return SamplingSessionCreated(sampling_session_id=smp.id)
 

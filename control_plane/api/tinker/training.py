@@ -14,7 +14,7 @@ from litestar.params import Parameter
 from control_plane.api.auth import provide_principal
 from control_plane.api.openapi import raises
 from control_plane.api.state import rt
-from control_plane.api.tinker.bootstrap import OWN
+from control_plane.api.tinker.bootstrap import OWN, OWN_CONTROL
 from control_plane.api.tinker.responses import FutureRef, ModelData, ModelInfo, OptimizerConfig
 from control_plane.api.tinker.schemas import (
     CreateModelBody,
@@ -69,7 +69,7 @@ class TinkerTrainingController(Controller):
     dependencies = {"principal": Provide(provide_principal)}
     tags = ["tinker"]
 
-    @post("/create_model", opt=OWN, status_code=200, responses=OP_ERRORS)
+    @post("/create_model", opt=OWN_CONTROL, status_code=200, responses=OP_ERRORS)
     async def create_model(self, request: Request, principal: Principal, data: CreateModelBody) -> FutureRef:
         lc = data.lora_config
         lora = (
