@@ -211,8 +211,12 @@ async function runPage(gen, runId) {
       charts.replaceChildren(h("p", { class: "muted" }, "No training steps recorded yet."));
       return;
     }
-    const names = [...new Set(metrics.steps.flatMap((s) => Object.keys(s.metrics)))]
+    const all = new Set(metrics.steps.flatMap((s) => Object.keys(s.metrics)));
+    const names = [...all]
       .filter((k) => metrics.steps.some((s) => typeof s.metrics[k] === "number"))
+      // the worker reports grad_norm:mean and learning_rate:mean, the telemetry grad_norm and
+      // learning_rate too: one chart each
+      .filter((k) => !(k.endsWith(":mean") && all.has(k.slice(0, -":mean".length))))
       .sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
     charts.replaceChildren(
       ...names.map((name) =>
