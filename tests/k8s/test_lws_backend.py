@@ -198,8 +198,11 @@ async def test_group_status_from_all_of_its_pods(backend: KubernetesBackend, clu
         leader,
         waiting("sampler", "CrashLoopBackOff", restarts=1, last=terminated(137, "OOMKilled")),
     )
-    obs = await wait_phase(backend, spec, phase=Phase.FAILED)
-    assert obs.reason == "leader: OOMKilled (exit code 137), CrashLoopBackOff" and obs.exit_code == 137
+    # (FAILED already, for the worker: wait for the leader's reason, not just the phase)
+    obs = await wait_phase(
+        backend, spec, phase=Phase.FAILED, reason="leader: OOMKilled (exit code 137), CrashLoopBackOff"
+    )
+    assert obs.exit_code == 137
 
     details = (await backend.describe(spec.workload_id, spec.role)).details
     assert details["leaderworkerset"] == name and details["deployment"] is None
