@@ -26,6 +26,7 @@ import structlog
 
 from control_plane.db.engine import Database
 from control_plane.telemetry.store import write_batch
+from control_plane.training.consumer_groups import ensure_group, poll_forever
 from data_plane.wire import queue as q
 from data_plane.wire.telemetry import OpTelemetry
 
@@ -60,23 +61,10 @@ class TelemetryConsumer:
         self.written = 0  # entries written and acknowledged by this consumer
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(q.TELEMETRY_STREAM, q.TELEMETRY_GROUP, id="0", mkstream=True)
-        except aioredis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await ensure_group(self.redis, q.TELEMETRY_STREAM, q.TELEMETRY_GROUP)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.ensure_group()
-                while not stop.is_set():
-                    await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Redis or Postgres blip: retry, never die
-                log.warning("telemetry consumer error; retrying", error=str(exc))
-                await asyncio.sleep(1.0)
+        await poll_forever(self.ensure_group, self.poll_once, stop, log, "telemetry consumer")
 
     async def poll_once(self) -> int:
         """Read one batch, write it, acknowledge it. Returns how many entries it held."""

@@ -15,12 +15,12 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
 import structlog
 
 from control_plane.db.models import Run
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services.sampling_sessions import open_sampling_session
+from control_plane.training.consumer_groups import ensure_group, poll_forever
 from control_plane.training.queue import TrainerQueue
 from data_plane.wire import queue as q
 
@@ -47,23 +47,10 @@ class CompletionConsumer:
         self.handled = 0
 
     async def ensure_group(self) -> None:
-        try:
-            await self.r.redis.xgroup_create(q.COMPLETIONS_STREAM, q.COMPLETIONS_GROUP, id="0", mkstream=True)
-        except aioredis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await ensure_group(self.r.redis, q.COMPLETIONS_STREAM, q.COMPLETIONS_GROUP)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.ensure_group()
-                while not stop.is_set():
-                    await self.poll_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Redis or Postgres blip: retry, never die
-                log.warning("completion consumer error; retrying", error=str(exc))
-                await asyncio.sleep(1.0)
+        await poll_forever(self.ensure_group, self.poll_once, stop, log, "completion consumer")
 
     async def poll_once(self, block_ms: int = READ_BLOCK_MS) -> int:
         """Handle stale entries of dead consumers, then new ones. Returns how many were handled."""
