@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.batch import sft_request
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "bench" / "README.md"
 BEGIN, END = "<!-- bench.gpu_trainer: begin -->", "<!-- bench.gpu_trainer: end -->"
@@ -167,24 +169,11 @@ def peak_tflops_for(name: str) -> float | None:
 
 
 def request_bytes(batch: int, seq: int, vocab: int, seed: int = 0) -> bytes:
-    """A Tinker ForwardBackwardRequest (what a worker receives): ``batch`` random sequences of
-    ``seq`` positions, cross-entropy on every next token."""
+    """``batch`` random sequences of ``seq`` positions as the request a worker receives."""
     import numpy as np
 
-    from data_plane.wire import tinker_wire_pb2 as pb
-
     rows = np.random.default_rng(seed).integers(0, vocab, size=(batch, seq + 1), dtype=np.int64)
-    req = pb.ForwardBackwardRequest(model_id="bench", loss_fn="cross_entropy")
-    for row in rows:
-        d = req.data.add()
-        d.model_input.add().encoded_text.tokens = row[:-1].astype("<i4").tobytes()
-        tgt = d.loss_fn_inputs["target_tokens"]
-        tgt.dtype, tgt.dense = pb.DTYPE_INT64, row[1:].astype("<i8").tobytes()
-        tgt.shape.extend([seq])
-        w = d.loss_fn_inputs["weights"]
-        w.dtype, w.dense = pb.DTYPE_FLOAT32, np.ones(seq, "<f4").tobytes()
-        w.shape.extend([seq])
-    return req.SerializeToString()
+    return sft_request(rows)
 
 
 def _sync(device: Any) -> None:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens
+from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens, sft_request
 from bench.proc_memory import peak_rss_mib, reset_peak_rss
 
 if TYPE_CHECKING:
@@ -70,21 +70,7 @@ def _vmhwm_mib() -> float:
 
 def request(vocab: int) -> bytes:
     """The bench batch as the protobuf ``forward_backward`` request a worker receives."""
-    import numpy as np
-
-    from data_plane.wire import tinker_wire_pb2 as pb
-
-    req = pb.ForwardBackwardRequest(model_id="bench", loss_fn="cross_entropy")
-    for row in batch_tokens(vocab):
-        d = req.data.add()
-        d.model_input.add().encoded_text.tokens = row[:-1].astype("<i4").tobytes()
-        tgt = d.loss_fn_inputs["target_tokens"]
-        tgt.dtype, tgt.dense = pb.DTYPE_INT64, row[1:].astype("<i8").tobytes()
-        tgt.shape.extend([SEQ])
-        w = d.loss_fn_inputs["weights"]
-        w.dtype, w.dense = pb.DTYPE_FLOAT32, np.ones(SEQ, "<f4").tobytes()
-        w.shape.extend([SEQ])
-    return req.SerializeToString()
+    return sft_request(batch_tokens(vocab))
 
 
 def measure(m: TrainingModel, steps: int) -> dict:
