@@ -3,31 +3,16 @@ and its status history together with its deployment's (the console's runs and ru
 
 from __future__ import annotations
 
-import base64
-import binascii
-from datetime import datetime
-
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Run, StatusHistory
 from control_plane.errors import InvalidInput
+from control_plane.services import keyset
 from control_plane.services import runs as runs_svc
 
 MAX_LIMIT = 500
-
-
-def encode_cursor(run: Run) -> str:
-    return base64.urlsafe_b64encode(f"{run.created_at.isoformat()}|{run.id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        when, rid = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(when), rid
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidInput("cursor is not one this server gave out", field="cursor") from None
 
 
 async def list_runs(
@@ -47,14 +32,7 @@ async def list_runs(
         conds.append(Run.status == status.upper())
     if base_model:
         conds.append(Run.base_model == base_model)
-    if cursor:
-        when, rid = _decode_cursor(cursor)
-        conds.append(or_(Run.created_at < when, (Run.created_at == when) & (Run.id < rid)))
-    q = select(Run).where(*conds).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)
-    rows = list((await s.execute(q)).scalars())
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (encode_cursor(rows[-1]) if more and rows else None)
+    return await keyset.newest_first(s, Run, conds, limit, cursor, "cursor")
 
 
 async def history(s: AsyncSession, principal: Principal, run_id: str) -> list[StatusHistory]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.auth.principal import Principal
@@ -20,7 +20,7 @@ from control_plane.catalog import ModelCatalog
 from control_plane.db.models import Checkpoint, ServedModel, ServedModelCheckpoint
 from control_plane.errors import Conflict, InvalidInput, NotFound
 from control_plane.ids import new_id
-from control_plane.services import history
+from control_plane.services import history, keyset
 from control_plane.services.scoping import org_list_filter
 from control_plane.statuses import TERMINAL, Status
 from data_plane.sampler.names import adapter_name_for_prefix
@@ -203,28 +203,8 @@ async def list_served_models(
     conds = list(org_list_filter(ServedModel, principal, scope))
     if live_only:
         conds.append(ServedModel.status.notin_([x.value for x in TERMINAL]))
-    if page_token:
-        at, sep, last_id = page_token.partition("|")
-        try:
-            after = datetime.fromisoformat(at)
-        except ValueError:
-            after = None
-        if not sep or after is None or after.tzinfo is None:
-            raise InvalidInput("page_token is not one this server gave out", field="page_token")
-        conds.append(
-            or_(ServedModel.created_at < after, and_(ServedModel.created_at == after, ServedModel.id < last_id))
-        )
-    q = (
-        select(ServedModel)
-        .where(*conds)
-        .order_by(ServedModel.created_at.desc(), ServedModel.id.desc())
-        .limit(limit + 1)
-    )
-    rows = list((await s.execute(q)).scalars())
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, token = await keyset.newest_first(s, ServedModel, conds, limit, page_token, "page_token")
     members = await checkpoints_of(s, [r.id for r in rows])
-    token = f"{rows[-1].created_at.isoformat()}|{rows[-1].id}" if more and rows else None
     return Page([Served(r, members[r.id]) for r in rows], token)
 
 
