@@ -281,6 +281,15 @@ def _finite(arr: np.ndarray, what: str) -> np.ndarray:
     return arr
 
 
+def units(data: Sequence[Prepared], pairs: bool = False) -> list[list[int]]:
+    """The datum indices that must stay together (a ``dpo`` pair ``(2p, 2p + 1)``, else one
+    datum), ordered by target width K, then longest first, then position."""
+    size = 2 if pairs else 1
+    out = [list(range(j, min(j + size, len(data)))) for j in range(0, len(data), size)]
+    out.sort(key=lambda u: (data[u[0]].k, -max(data[i].length for i in u), u[0]))
+    return out
+
+
 def plan_microbatches(data: Sequence[Prepared], budget_tokens: int, pairs: bool = False) -> list[list[int]]:
     """Group datum indices: same target width K, sorted by length (longest first), each group
     with ``len(group) * longest <= budget_tokens`` (a longer single datum forms its own group).
@@ -288,15 +297,11 @@ def plan_microbatches(data: Sequence[Prepared], budget_tokens: int, pairs: bool 
     With ``pairs``, datums ``(2p, 2p + 1)`` are one unit (length: the longer of the two) that is
     never split, listed in that order inside its group; a pair over the budget forms its own group.
     """
-    size = 2 if pairs else 1
-    units = [list(range(j, min(j + size, len(data)))) for j in range(0, len(data), size)]
-    lengths = {u[0]: max(data[i].length for i in u) for u in units}
-    units.sort(key=lambda u: (data[u[0]].k, -lengths[u[0]], u[0]))
     groups: list[list[int]] = []
     cur: list[int] = []
     cur_max = 0
-    for u in units:
-        n = lengths[u[0]]
+    for u in units(data, pairs):
+        n = max(data[i].length for i in u)
         if cur and (data[cur[0]].k != data[u[0]].k or (len(cur) + len(u)) * max(cur_max, n) > budget_tokens):
             groups.append(cur)
             cur, cur_max = [], 0

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_plane.trainer.batches import Prepared, plan_microbatches
+from data_plane.trainer.batches import Prepared, plan_microbatches, units
 from data_plane.trainer.ranks import Ranks
 
 Share = dict[int, dict[str, np.ndarray]]  # datum index -> its outputs
@@ -44,11 +44,8 @@ class DataParallel:
     def plan(self, data: Sequence[Prepared], budget_tokens: int, pairs: bool) -> tuple[list[list[int]], int]:
         """This rank's micro-batches of a call (datum indices), and how many empty passes it
         must add to keep step with the other ranks of its replica."""
-        size = 2 if pairs else 1
-        units = [list(range(j, min(j + size, len(data)))) for j in range(0, len(data), size)]
-        units.sort(key=lambda u: (-max(data[i].length for i in u), u[0]))
         shares: list[list[int]] = [[] for _ in range(self.shares)]
-        for n, unit in enumerate(units):
+        for n, unit in enumerate(units(data, pairs)):
             shares[n % self.shares].extend(unit)
         plans = [
             [[share[i] for i in group] for group in plan_microbatches([data[i] for i in share], budget_tokens, pairs)]
