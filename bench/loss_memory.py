@@ -61,7 +61,7 @@ BASELINE = "full logits, glibc"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def _vmhwm_mib() -> float:
+def vmhwm_mib() -> float:
     peak = peak_rss_mib(os.getpid())
     if peak is None:
         raise RuntimeError("no VmHWM in /proc/self/status")
@@ -94,7 +94,7 @@ def measure(m: TrainingModel, steps: int) -> dict:
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
-    return {"steps_peak_mib": _vmhwm_mib(), "step_s": statistics.median(times), "losses": losses, "vocab": m.vocab_size}
+    return {"steps_peak_mib": vmhwm_mib(), "step_s": statistics.median(times), "losses": losses, "vocab": m.vocab_size}
 
 
 def new_model(
@@ -138,7 +138,7 @@ def child(model_dir: str, chunk_mib: int, checkpointing: str, steps: int) -> dic
         return measure(new_model(base, store, chunk_mib, checkpointing), steps)
 
 
-def _allocator_env(allocator: str) -> dict[str, str]:
+def allocator_env(allocator: str) -> dict[str, str]:
     if allocator == "thresholds":
         return MALLOC_ENV
     if allocator == "jemalloc":
@@ -152,7 +152,7 @@ def _allocator_env(allocator: str) -> dict[str, str]:
 def _run_mode(model_dir: str, mode: tuple[int, str, str], steps: int) -> dict:
     chunk, checkpointing, allocator = mode
     env = {k: v for k, v in os.environ.items() if k not in (*MALLOC_ENV, "LD_PRELOAD", "MALLOC_CONF")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **_allocator_env(allocator)})
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **allocator_env(allocator)})
     proc = subprocess.run(
         [sys.executable, "-m", "bench.loss_memory", "--child", model_dir, str(chunk), checkpointing, str(steps)],
         capture_output=True,
@@ -174,7 +174,7 @@ def main() -> None:
     if args.child:
         model_dir, chunk, checkpointing, steps = args.child
         out = child(model_dir, int(chunk), checkpointing, int(steps))
-        out["life_peak_mib"] = _vmhwm_mib()
+        out["life_peak_mib"] = vmhwm_mib()
         print(json.dumps(out))
         return
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.batch import BATCH, RANK, SEQ
-from bench.loss_memory import _allocator_env, _vmhwm_mib, measure, new_model
+from bench.loss_memory import allocator_env, measure, new_model, vmhwm_mib
 
 RANKS = (1, 2)
 
@@ -43,7 +43,7 @@ def child(model_dir: str, steps: int) -> dict | None:
         base = load_base(model_dir, torch.device("cpu"), torch.float32)
         with tempfile.TemporaryDirectory() as store:
             out = measure(new_model(base, store, 0, "off"), steps)
-        return {"ranks": [{**out, "life_peak_mib": _vmhwm_mib(), "base_mib": _base_mib(base)}]}
+        return {"ranks": [{**out, "life_peak_mib": vmhwm_mib(), "base_mib": _base_mib(base)}]}
     import torch.distributed as dist
 
     group = Group(rank_setup.init(1, "cpu"))
@@ -56,7 +56,7 @@ def child(model_dir: str, steps: int) -> dict | None:
         else:
             follow(m, group)
             out = {}
-    out["life_peak_mib"] = _vmhwm_mib()
+    out["life_peak_mib"] = vmhwm_mib()
     out["base_mib"] = _base_mib(base)
     everyone: list = [None] * group.ranks.world
     dist.all_gather_object(everyone, out, group=group.ranks.control)
@@ -75,7 +75,7 @@ def _base_mib(base: Any) -> float:
 
 def run(model_dir: str, ranks: int, steps: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **_allocator_env("jemalloc")})
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **allocator_env("jemalloc")})
     cmd = [sys.executable, "-m", "bench.ranks", "--child", model_dir, str(steps)]
     if ranks > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
