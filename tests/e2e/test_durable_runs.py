@@ -157,7 +157,8 @@ def test_sigkill_during_each_kind_of_op_and_twice_in_a_row(
 
     state = run_state(server, t.run_id)
     assert int(state["resumes"]) >= 4, state  # every kill was followed by a resume
-    assert run_row(server, t.run_id).status == "ACTIVE"
+    # ACTIVE on the controller's next pass after the last restore (the ops need not wait for it)
+    assert wait_status(server, t.run_id, "ACTIVE", "FAILED") == "ACTIVE", run_row(server, t.run_id)
     went = history(server, "run", t.run_id)
     assert sum(1 for _, to, _ in went if to == "WAKING_UP") >= 4, went
     dep_id = run_row(server, t.run_id).deployment_id
