@@ -19,11 +19,11 @@ from control_plane.api.loops.capacity import TrainingCapacityController
 from control_plane.api.loops.checkpoint_import import LoopsCheckpointImportController
 from control_plane.api.loops.deployments import LoopsDeploymentsController
 from control_plane.api.loops.resources import LoopsResourcesController
+from control_plane.api.loops.run_metrics import LoopsRunMetricsController
 from control_plane.api.loops.sampler_plane import LoopsSamplerPlaneController, SamplerStatusController
 from control_plane.api.loops.served_models import ServedModelOpenAIController, ServedModelsController
 from control_plane.api.loops.trainer_plane import LoopsTrainerPlaneController
 from control_plane.api.loops.training import LoopsTrainingController
-from control_plane.api.loops.training_metrics import LoopsTrainingMetricsController
 from control_plane.api.observability import HttpMetrics, observability_middleware
 from control_plane.api.openapi import ExactJsonRenderPlugin
 from control_plane.api.openloops.routes import OpenloopsController
@@ -54,7 +54,7 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         download,
         LoopsTrainingController,
         TrainingCapacityController,
-        LoopsTrainingMetricsController,
+        LoopsRunMetricsController,
         LoopsResourcesController,
         LoopsCheckpointImportController,
         LoopsDeploymentsController,

@@ -307,7 +307,8 @@ class ServedModelCheckpoint(Base):
 
 class RequestBucket(Base):
     """Per-minute request counters of a resource's serving route (``resource_type`` deployment
-    or served_model): the source of the request series of its ``metrics``."""
+    or served_model): the source of the request series of its ``metrics``; ``run``: the sampling
+    a run's samplers did (its ``sampling_metrics`` and usage)."""
 
     __tablename__ = "request_buckets"
     resource_type: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -319,6 +320,10 @@ class RequestBucket(Base):
     max_concurrent: Mapped[int] = mapped_column(Integer, default=0)
     # latency histogram counts over LATENCY_BUCKETS_MS (+ overflow), for p50/p95/p99
     latency_hist: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    # what the sampling server reported for the minute's requests (0 where it reports nothing)
+    samples: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class UsageSample(Base):

@@ -6,7 +6,8 @@ a latency histogram and the most requests it had in flight at once. A background
 (:meth:`RequestMeter.run_forever`) adds what accumulated to the ``request_buckets`` rows every
 ``metrics_flush_seconds`` (one upsert per resource and minute), and on shutdown. Several API
 replicas add into the same rows; concurrency is each replica's peak, summed (an upper bound of
-the true peak).
+the true peak). Sampling requests also add the samples and tokens the server reported
+(:class:`Tokens`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from sqlalchemy import func, literal_column
@@ -30,6 +32,43 @@ log = structlog.get_logger("openloops.metering")
 # upper bounds (ms) of the latency histogram buckets; one overflow bucket follows
 LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 Key = tuple[str, str, int]  # resource type, resource id, minute (epoch seconds // 60)
+# resource types of sampling counters: a run's samplers, or a sampler of no run (a base model)
+RUN_SAMPLING = "run"
+SAMPLER_SAMPLING = "sampler"
+
+
+def sampling_resource(run_id: str | None, sampler_id: str) -> tuple[str, str]:
+    """Where one sampling request is counted: for its run, else for its sampler."""
+    return (RUN_SAMPLING, run_id) if run_id is not None else (SAMPLER_SAMPLING, sampler_id)
+
+
+@dataclass
+class Tokens:
+    """What one sampling request produced: sequences, and prompt / generated tokens."""
+
+    samples: int = 0
+    prompt: int = 0
+    completion: int = 0
+
+    @classmethod
+    def of_completion(cls, answer: Any) -> Tokens | None:
+        """From an OpenAI-style JSON answer (``choices``, ``usage``); None when it has neither."""
+        if not isinstance(answer, dict):
+            return None
+        usage = answer.get("usage")
+        choices = answer.get("choices")
+        if not isinstance(usage, dict) and not isinstance(choices, list):
+            return None
+        usage = usage if isinstance(usage, dict) else {}
+        return cls(
+            samples=len(choices) if isinstance(choices, list) else 0,
+            prompt=_count(usage.get("prompt_tokens")),
+            completion=_count(usage.get("completion_tokens")),
+        )
+
+
+def _count(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 @dataclass
@@ -39,6 +78,18 @@ class _Bucket:
     c5: int = 0
     max_concurrent: int = 0
     hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    samples: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: _Bucket) -> None:
+        """Fold ``other`` in (concurrency: the higher peak)."""
+        self.c2, self.c4, self.c5 = self.c2 + other.c2, self.c4 + other.c4, self.c5 + other.c5
+        self.max_concurrent = max(self.max_concurrent, other.max_concurrent)
+        self.hist = [x + y for x, y in zip(self.hist, other.hist, strict=True)]
+        self.samples += other.samples
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
 
 
 def latency_bucket(ms: float) -> int:
@@ -53,7 +104,7 @@ class RequestMeter:
         self._in_flight: dict[tuple[str, str], int] = {}
 
     @contextlib.contextmanager
-    def track(self, resource_type: str, resource_id: str) -> Iterator[_Outcome]:
+    def track(self, resource_type: str, resource_id: str) -> Iterator[Outcome]:
         """Count one request: ``with meter.track("deployment", dep_id) as out: ...; out.status
         = 202``. The request is counted when the block exits (5xx when it raised and no status
         was set); ``out.skip = True`` leaves it out (a long poll that only timed out)."""
@@ -62,7 +113,7 @@ class RequestMeter:
         self._in_flight[key] = now
         bucket = self._bucket(resource_type, resource_id)
         bucket.max_concurrent = max(bucket.max_concurrent, now)
-        out = _Outcome()
+        out = Outcome()
         t0 = time.perf_counter()
         try:
             yield out
@@ -75,10 +126,17 @@ class RequestMeter:
             if not self._in_flight[key]:
                 del self._in_flight[key]
             if not out.skip:
-                self.record(resource_type, resource_id, out.status or 200, (time.perf_counter() - t0) * 1000)
+                ms = (time.perf_counter() - t0) * 1000
+                self.record(resource_type, resource_id, out.status or 200, ms, out.tokens)
 
-    def record(self, resource_type: str, resource_id: str, status: int, latency_ms: float) -> None:
+    def record(
+        self, resource_type: str, resource_id: str, status: int, latency_ms: float, tokens: Tokens | None = None
+    ) -> None:
         b = self._bucket(resource_type, resource_id)
+        if tokens is not None:
+            b.samples += tokens.samples
+            b.prompt_tokens += tokens.prompt
+            b.completion_tokens += tokens.completion
         cls = status // 100
         if cls >= 5:
             b.c5 += 1
@@ -110,6 +168,9 @@ class RequestMeter:
                 "count_5xx": b.c5,
                 "max_concurrent": b.max_concurrent,
                 "latency_hist": b.hist,
+                "samples": b.samples,
+                "prompt_tokens": b.prompt_tokens,
+                "completion_tokens": b.completion_tokens,
             }
             for (rt, rid, minute), b in pending.items()
         ]
@@ -122,6 +183,9 @@ class RequestMeter:
                 "count_4xx": RequestBucket.count_4xx + ex.count_4xx,
                 "count_5xx": RequestBucket.count_5xx + ex.count_5xx,
                 "max_concurrent": RequestBucket.max_concurrent + ex.max_concurrent,
+                "samples": RequestBucket.samples + ex.samples,
+                "prompt_tokens": RequestBucket.prompt_tokens + ex.prompt_tokens,
+                "completion_tokens": RequestBucket.completion_tokens + ex.completion_tokens,
                 # element-wise sum of the two histograms
                 "latency_hist": func.array(
                     literal_column(
@@ -136,10 +200,7 @@ class RequestMeter:
         except Exception:
             # keep the counts for the next flush rather than lose them
             for key, b in pending.items():
-                cur = self._buckets.setdefault(key, _Bucket())
-                cur.c2, cur.c4, cur.c5 = cur.c2 + b.c2, cur.c4 + b.c4, cur.c5 + b.c5
-                cur.max_concurrent = max(cur.max_concurrent, b.max_concurrent)
-                cur.hist = [x + y for x, y in zip(cur.hist, b.hist, strict=True)]
+                self._buckets.setdefault(key, _Bucket()).add(b)
             raise
         return len(rows)
 
@@ -154,6 +215,9 @@ class RequestMeter:
 
 
 @dataclass
-class _Outcome:
+class Outcome:
+    """What :meth:`RequestMeter.track` records when its block exits."""
+
     status: int | None = None
     skip: bool = False
+    tokens: Tokens | None = None

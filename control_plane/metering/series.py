@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control_plane.db.models import RequestBucket, UsageSample
@@ -25,6 +25,7 @@ from control_plane.errors import InvalidInput
 from control_plane.metering.requests import LATENCY_BUCKETS_MS
 
 MAX_POINTS = 2000
+MAX_STEP_SECONDS = 2**31 - 1
 DEFAULT_WINDOW = timedelta(hours=1)
 Point = dict[str, Any]
 
@@ -85,7 +86,14 @@ def percentile(hist: list[int], q: float) -> float | None:
     return float(LATENCY_BUCKETS_MS[-1])
 
 
-async def request_series(s: AsyncSession, resource_type: str, resource_id: str, w: Window) -> dict[str, list[Point]]:
+TOKEN_SERIES = ("samples", "prompt_tokens", "completion_tokens")
+
+
+async def request_series(
+    s: AsyncSession, resource_type: str, resource_id: str, w: Window, *, tokens: bool = False
+) -> dict[str, list[Point]]:
+    """The four request series; with ``tokens`` also ``samples``, ``prompt_tokens`` and
+    ``completion_tokens`` (per step, or per ``time_divisor_seconds`` like the volumes)."""
     rows = (
         await s.execute(
             select(RequestBucket)
@@ -101,18 +109,23 @@ async def request_series(s: AsyncSession, resource_type: str, resource_id: str, 
     steps: dict[int, dict[str, Any]] = {}
     for r in rows:
         a = steps.setdefault(
-            w.index(r.bucket_start), {"c2": 0, "c4": 0, "c5": 0, "conc": 0, "hist": [0] * len(r.latency_hist)}
+            w.index(r.bucket_start),
+            {"c2": 0, "c4": 0, "c5": 0, "conc": 0, "hist": [0] * len(r.latency_hist), **dict.fromkeys(TOKEN_SERIES, 0)},
         )
+        for k in TOKEN_SERIES:
+            a[k] += getattr(r, k)
         a["c2"] += r.count_2xx
         a["c4"] += r.count_4xx
         a["c5"] += r.count_5xx
         a["conc"] = max(a["conc"], r.max_concurrent)
         a["hist"] = [x + y for x, y in zip(a["hist"], r.latency_hist, strict=True)]
-    out: dict[str, list[Point]] = {
-        k: [] for k in ("inference_volume", "concurrent_requests", "response_time_stats", "inference_volume_by_status")
-    }
+    names = ("inference_volume", "concurrent_requests", "response_time_stats", "inference_volume_by_status")
+    out: dict[str, list[Point]] = {k: [] for k in names + (TOKEN_SERIES if tokens else ())}
     for idx in sorted(steps):
         a, ts = steps[idx], w.stamp(idx)
+        if tokens:
+            for k in TOKEN_SERIES:
+                out[k].append({"timestamp": ts, "value": w.rate(a[k])})
         out["inference_volume"].append({"timestamp": ts, "value": w.rate(a["c2"] + a["c4"] + a["c5"])})
         out["concurrent_requests"].append({"timestamp": ts, "value": a["conc"]})
         out["response_time_stats"].append(
@@ -213,3 +226,23 @@ async def deployment_metrics(s: AsyncSession, resource_type: str, resource_id: s
         **await request_series(s, resource_type, resource_id, w),
         **await usage_series(s, resource_type, resource_id, w),
     }
+
+
+async def sampling_totals(s: AsyncSession, resource_type: str, resource_id: str, w: Window) -> dict[str, int]:
+    """Sums over the window: ``requests``, ``errors`` (4xx and 5xx) and the token counters."""
+    b = RequestBucket
+    row = (
+        await s.execute(
+            select(
+                func.coalesce(func.sum(b.count_2xx + b.count_4xx + b.count_5xx), 0),
+                func.coalesce(func.sum(b.count_4xx + b.count_5xx), 0),
+                *(func.coalesce(func.sum(getattr(b, k)), 0) for k in TOKEN_SERIES),
+            ).where(
+                b.resource_type == resource_type,
+                b.resource_id == resource_id,
+                b.bucket_start >= w.start,
+                b.bucket_start < w.end,
+            )
+        )
+    ).one()
+    return dict(zip(("requests", "errors", *TOKEN_SERIES), (int(v) for v in row), strict=True))

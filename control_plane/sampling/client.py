@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from control_plane.metering.requests import Tokens
 from control_plane.sampling.errors import (
     AdapterLoadFailed,
     AdapterNotFound,
@@ -302,7 +303,18 @@ class VLLMClient:
     ) -> bytes:
         """Run one Tinker ``asample`` body against ``model`` (the served base-model name, or an
         adapter's LoRA name); the serialized ``SampleResponse`` protobuf."""
+        return (await self.sample_counted(request, model=model, request_id=request_id))[0]
+
+    async def sample_counted(
+        self, request: Mapping[str, Any] | SampleSpec, *, model: str, request_id: str | None = None
+    ) -> tuple[bytes, Tokens]:
+        """:meth:`sample`, and what it produced: the sequences returned and the tokens vLLM
+        reported (a greedy request runs once and its sequence is repeated: counted as returned)."""
         spec = request if isinstance(request, SampleSpec) else parse_sample_request(request)
         mml = await self.max_model_len() if spec.max_tokens is None else None
         body = build_completion_body(spec, model=model, max_model_len=mml, request_id=request_id)
-        return completion_to_sample_response(spec, await self.completions(body))
+        answer = await self.completions(body)
+        got = Tokens.of_completion(answer) or Tokens()
+        repeat = spec.num_samples // spec.vllm_n
+        tokens = Tokens(samples=spec.num_samples, prompt=got.prompt, completion=got.completion * repeat)
+        return completion_to_sample_response(spec, answer), tokens

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -25,6 +26,7 @@ import structlog
 from control_plane.db.engine import Database
 from control_plane.errors import DomainError, Unavailable
 from control_plane.ids import new_request_id
+from control_plane.metering.requests import Outcome, sampling_resource
 from control_plane.sampling.client import VLLMClient
 from control_plane.sampling.errors import SamplerBusy, SamplerUnavailable, SamplingError
 from control_plane.sampling.translate import SampleSpec
@@ -177,26 +179,36 @@ class SamplingDispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, target: SamplerTarget, spec: SampleSpec, rid: str) -> None:
-        wid = target.workload_id
+        with self.metered(target) as out:
+            try:
+                result = await self._sample(target, spec, rid, out)
+            except asyncio.CancelledError:
+                out.skip = True  # server shutdown: not the sampler's doing
+                raise
+            out.status = 200 if result.state == q.FutureState.DONE else _failure_status(result.category)
+        await self._queue.complete(target.workload_id, rid, result)
+
+    async def _sample(self, target: SamplerTarget, spec: SampleSpec, rid: str, out: Outcome) -> q.FutureResult:
         try:
             await self._touch(target)
             if not target.serving:
                 target = await self.wait_serving(target.org_id, target.sampler_id)
             assert target.endpoint is not None
-            payload = await self.client(target.endpoint).sample(spec, model=target.model, request_id=rid)
-            result = q.FutureResult.ok_proto(payload)
+            client = self.client(target.endpoint)
+            payload, out.tokens = await client.sample_counted(spec, model=target.model, request_id=rid)
+            return q.FutureResult.ok_proto(payload)
         except SamplingError as exc:
             if isinstance(exc, SamplerUnavailable):
                 self.forget(target.org_id, target.sampler_id)
-            result = q.FutureResult.failed(exc.message, q.ErrorCategory(exc.category))
+            return q.FutureResult.failed(exc.message, q.ErrorCategory(exc.category))
         except DomainError as exc:  # the pinned checkpoint was deleted meanwhile; a wake-up failed
             category = q.ErrorCategory.SERVER if isinstance(exc, Unavailable) else q.ErrorCategory.USER
-            result = q.FutureResult.failed(exc.message, category)
+            return q.FutureResult.failed(exc.message, category)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(
                     self._queue.complete(
-                        wid,
+                        target.workload_id,
                         rid,
                         q.FutureResult.failed("sampling was cancelled (server shutdown)", q.ErrorCategory.SERVER),
                     )
@@ -204,8 +216,15 @@ class SamplingDispatcher:
             raise
         except Exception as exc:  # never leave a future pending
             log.exception("sampling failed", request_id=rid, error=repr(exc))
-            result = q.FutureResult.failed(f"internal error while sampling: {exc!r}", q.ErrorCategory.SERVER)
-        await self._queue.complete(wid, rid, result)
+            return q.FutureResult.failed(f"internal error while sampling: {exc!r}", q.ErrorCategory.SERVER)
+
+    def metered(self, target: SamplerTarget) -> AbstractContextManager[Outcome]:
+        """Counts one sampling request of ``target`` (latency, outcome, samples and tokens: set
+        ``out.status`` and ``out.tokens``) for its run, or for the sampler when it has no run
+        (a base model's); see :func:`control_plane.metering.requests.sampling_resource`."""
+        if self._runtime is None:
+            return contextlib.nullcontext(Outcome())
+        return self._runtime.meter.track(*sampling_resource(target.metered_run_id, target.sampler_id))
 
     async def _touch(self, target: SamplerTarget) -> None:
         """Scale to zero: record the request; a sampler that was scaled to zero is woken and
@@ -282,3 +301,8 @@ def dispatcher_for(r: Runtime) -> SamplingDispatcher:
             r.db, TrainerQueue(r.redis), max_in_flight=r.settings.sampler_max_in_flight, runtime=r
         )
     return d
+
+
+def _failure_status(category: q.ErrorCategory | None) -> int:
+    """The HTTP class a failed sampling future is counted as (it answers no HTTP status)."""
+    return 400 if category == q.ErrorCategory.USER else 503

@@ -165,6 +165,8 @@ class SamplerTarget:
     follows_run: bool  # a run-paired sampler serving the adapter its run published
     run_id: str | None = None
     version: int = 0  # the served adapter's policy version (0: the base model)
+    # the run its sampling is counted for: the row's run, or the run of its pinned checkpoint
+    metered_run_id: str | None = None
     adapter_label: str | None = None  # the served checkpoint's name (None: the base model)
 
     @property
@@ -202,11 +204,13 @@ async def sampler_target(s: AsyncSession, org_id: str, sampler_id: str) -> Sampl
     follows = False
     version = 0
     label = None
+    metered = smp.run_id
     if smp.checkpoint_id is not None:
         ckpt = await s.get(Checkpoint, smp.checkpoint_id)
         if ckpt is None:
             raise Gone(f"the checkpoint {smp.model_path or smp.checkpoint_id} of sampler {smp.id!r} was deleted")
         model, version, label = adapter_name_for_prefix(ckpt.storage_prefix), ckpt.policy_version or 0, ckpt.name
+        metered = metered or ckpt.run_id
     elif smp.run_id is not None and smp.model_path is None:
         follows = True
         published, version = await published_checkpoint(s, smp.run_id)
@@ -227,4 +231,5 @@ async def sampler_target(s: AsyncSession, org_id: str, sampler_id: str) -> Sampl
         run_id=smp.run_id,
         version=version,
         adapter_label=label,
+        metered_run_id=metered,
     )

@@ -19,6 +19,7 @@ import pytest
 import tinker
 from tinker import types
 
+from control_plane.metering.requests import RUN_SAMPLING, Tokens
 from control_plane.services import identity
 from control_plane.statuses import Scope
 from tests.e2e.sft import TEXT, datum
@@ -131,6 +132,20 @@ def test_the_console_shows_a_run_trained_by_the_tinker_sdk(live_server: LiveServ
     assert (
         href and httpx.get(href if href.startswith("http") else server.base_url + href, timeout=30).status_code == 200
     )
+
+    # the run's sampling: its totals and charts (counted as the sampling dispatcher counts a
+    # request; the SDKs' sampling reaching these counters is tested in tests/e2e and tests/loops)
+    async def sampled() -> None:
+        server.runtime.meter.record(RUN_SAMPLING, run_id, 200, 30.0, Tokens(samples=2, prompt=5, completion=9))
+        await server.runtime.meter.flush()
+
+    assert "No sampling" in page.locator("#sampling").inner_text()
+    server.call(sampled())
+    totals = page.locator("#sampling-totals")
+    totals.wait_for(timeout=WAIT_MS)
+    assert totals.inner_text() == "1 requests (0 failed), 2 samples, 5 prompt tokens, 9 generated tokens"
+    assert [p[1] for p in plotted(page, "sampling_tokens")] == [9]
+    assert [p[1] for p in plotted(page, "sampling_inference_volume")] == [1]
     shots(page, "run")
 
     for section, heading in (

@@ -4,6 +4,7 @@ trainer's forward logprobs on the same checkpoint."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 import tinker
@@ -133,3 +134,47 @@ def test_sampler_logprobs_agree_with_trainer_forward(trained, service):
         )
         assert dsample < LOGPROB_ATOL
     print(f"[e2e] sampled-token logprobs: max |diff| = {MEASURED['trainer_vs_vllm_sampled_logprob_max_abs_diff']:.2e}")
+
+
+def test_a_runs_sampling_is_counted_for_it(trained, service, stack):
+    """What the SDK samples from a run's weights shows in the run's sampling_metrics: requests,
+    sequences and tokens as returned; a base-model sampler's requests count for no run."""
+    tc, tok = trained
+    run_id = str(tc.model_id)
+
+    def totals() -> dict[str, int]:
+        stack.call(stack.runtime.meter.flush())
+        r = httpx.get(
+            f"{stack.base_url}/v1/loops/runs/{run_id}/sampling_metrics",
+            headers={"Authorization": f"Bearer {stack.api_key}"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["totals"]
+
+    before = totals()
+    sc = tc.save_weights_and_get_sampling_client().result()
+    prompt = tok.encode(TEXT)[:6]
+    sampled = sc.sample(
+        prompt=types.ModelInput.from_ints(prompt),
+        num_samples=3,
+        sampling_params=types.SamplingParams(max_tokens=5, seed=1, temperature=1.0, stop=[]),
+    ).result()
+    greedy_twice = sc.sample(
+        prompt=types.ModelInput.from_ints(prompt),
+        num_samples=2,
+        sampling_params=types.SamplingParams(max_tokens=4, temperature=0.0, stop=[]),
+    ).result()
+    base = service.create_sampling_client(base_model=stack.base_model).result()
+    greedy(base, prompt)  # counted for the base model's sampler, not for this run
+    after = totals()
+
+    got = {k: after[k] - before[k] for k in after}
+    generated = sum(len(s.tokens) for r in (sampled, greedy_twice) for s in r.sequences)
+    assert got == {
+        "requests": 2,
+        "errors": 0,
+        "samples": 5,
+        "prompt_tokens": 2 * len(prompt),
+        "completion_tokens": generated,
+    }, (got, generated)

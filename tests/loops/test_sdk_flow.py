@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.infra.vllm_server import vllm_available
@@ -121,3 +122,22 @@ def test_the_tinker_sdk_trains_a_loops_run_further(flow: dict, live_server) -> N
         assert after.metrics["loss:sum"] < fb.metrics["loss:sum"]
     finally:
         service.close("success").result()
+
+
+def test_the_runs_sampling_is_counted_for_it(flow: dict, live_server) -> None:
+    """The Loops SDK's sampling (sample, compute_logprobs, the DPO reference logprobs) through
+    the sampler's base_url counts for the run: requests, sequences and tokens."""
+    live_server.call(live_server.runtime.meter.flush())
+    r = httpx.get(
+        f"{live_server.base_url}/v1/loops/runs/{flow['run_id']}/sampling_metrics",
+        headers={"Authorization": f"Bearer {live_server.api_key}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    totals = r.json()["totals"]
+    generated = sum(len(s["tokens"]) for s in flow["samples"])
+    # sample (2 sequences) + compute_logprobs + the DPO helper's reference logprobs, all answered
+    assert totals["requests"] >= 3 and totals["errors"] == 0, totals
+    assert totals["samples"] >= 2 + 1 + 1, totals
+    assert totals["completion_tokens"] >= generated > 0, totals
+    assert totals["prompt_tokens"] > 0, totals

@@ -396,6 +396,19 @@ class TrainingMetrics(msgspec.Struct):
     downsampled: bool
 
 
+class SamplingMetrics(msgspec.Struct):
+    """A run's sampling per step of the window (control_plane/metering/series.py: the four
+    request series plus ``samples``, ``prompt_tokens``, ``completion_tokens``) and the window's
+    ``totals`` (``requests``, ``errors``, ``samples``, ``prompt_tokens``, ``completion_tokens``)."""
+
+    run_id: str
+    start: datetime
+    end: datetime
+    step_seconds: int
+    metrics: dict[str, Any]
+    totals: dict[str, int]
+
+
 class TrainingGpuCapacity(msgspec.Struct):
     """One GPU type of an org's capacity (Loops' ``TrainingGpuCapacityItem``). ``limit`` -1:
     no ceiling; ``baseline`` equals ``limit`` (everything below it starts at once; 0 without

@@ -27,7 +27,7 @@ from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import KwargDefinition, Parameter
 
 from control_plane.api.auth import provide_principal
-from control_plane.api.errors import error_response
+from control_plane.api.errors import error_response, http_status_of
 from control_plane.api.fields import items, path_id
 from control_plane.api.loops.gateway_errors import DATA_PLANE_EXCEPTION_HANDLERS, mark
 from control_plane.api.loops.responses import (
@@ -43,6 +43,7 @@ from control_plane.auth.principal import Principal
 from control_plane.db import models as m
 from control_plane.errors import Gone, InvalidInput, NotFound, PayloadTooLarge, RunOrSamplerRequired, Unavailable
 from control_plane.fields import CHECKPOINT_PATH, INT64_MAX, NO_NUL, Text, column_length
+from control_plane.metering.requests import Tokens
 from control_plane.sampling.client import VLLMClient
 from control_plane.sampling.errors import SamplerBusy, SamplerFailed, SamplerUnavailable
 from control_plane.sampling.loops_plane import LoopsSamplerPlane, PolicyVersionBehind, Routing, Serving
@@ -136,10 +137,17 @@ async def _forward(plane: LoopsSamplerPlane, serving: Serving, path: str, body: 
     async def call(client: VLLMClient, _t: SamplerTarget) -> tuple[int, Any]:
         return await client.forward_json(path, call_body)
 
-    try:
-        status, payload = await plane.dispatcher.run_direct(serving.target, call)
-    except SamplerBusy as exc:  # a dedicated sampler's client retries 503s, not 429s
-        raise SamplerUnavailable(exc.message) from exc
+    with plane.dispatcher.metered(serving.target) as out:
+        try:
+            status, payload = await plane.dispatcher.run_direct(serving.target, call)
+        except SamplerBusy as exc:  # a dedicated sampler's client retries 503s, not 429s
+            out.status = 503
+            raise SamplerUnavailable(exc.message) from exc
+        except BaseException as exc:
+            out.status = http_status_of(exc)
+            raise
+        out.status = status
+        out.tokens = Tokens.of_completion(payload) if status < 400 else None
     if isinstance(payload, dict) and "model" in payload:
         payload["model"] = body.get("model") or serving.label
     return Response(

@@ -192,18 +192,22 @@ async function runPage(gen, runId) {
   const charts = h("div", { class: "grid", id: "charts" });
   const historyBox = h("div", {});
   const checkpoints = h("div", {});
+  const sampling = h("div", { id: "sampling" });
   replace(
     h("h1", { dataset: { page: "run" } }, run.name || run.id),
     head,
     h("h2", {}, "Training metrics"),
     h("div", { class: "filters" }, h("label", { for: "smoothing" }, "Smoothing", smoothing)),
     charts,
+    h("h2", {}, "Sampling (last hour)"),
+    sampling,
     h("h2", {}, "Checkpoints"),
     checkpoints,
     h("h2", {}, "Status history"),
     historyBox,
   );
   let metrics = null;
+  let lastSampled = null;
   const drawCharts = () => {
     const weight = Number(smoothing.value);
     sessionStorage.setItem("openloops.smoothing", smoothing.value);
@@ -227,9 +231,10 @@ async function runPage(gen, runId) {
   };
   smoothing.addEventListener("input", drawCharts);
   const draw = async () => {
-    const [{ run: now }, m, hist, ckpts] = await Promise.all([
+    const [{ run: now }, m, sampled, hist, ckpts] = await Promise.all([
       api(`/v1/loops/runs/${encodeURIComponent(runId)}`),
       api(`/v1/loops/runs/${encodeURIComponent(runId)}/training_metrics?max_points=500`),
+      api(`/v1/loops/runs/${encodeURIComponent(runId)}/sampling_metrics`),
       api(`/v1/openloops/runs/${encodeURIComponent(runId)}/status_history`),
       api(`/v1/loops/checkpoints?run_id=${encodeURIComponent(runId)}&scope=org`),
     ]);
@@ -254,6 +259,9 @@ async function runPage(gen, runId) {
         h("tr", {}, h("td", {}, when(c.at)), h("td", {}, c.resource_type), h("td", {}, c.from_status || "–"), h("td", {}, status(c.to_status)), h("td", {}, c.reason || ""))), { id: "history" }),
     );
     drawCheckpoints(checkpoints, ckpts.checkpoints);
+    const sampledNow = JSON.stringify(sampled);
+    if (sampledNow !== lastSampled) drawSampling(sampling, sampled);
+    lastSampled = sampledNow;
   };
   await draw();
   live(gen, draw);
@@ -358,15 +366,35 @@ async function servedModelPage(gen, id) {
       h("dt", {}, "OpenAI base URL"), h("dd", {}, h("code", {}, now.base_url)),
       h("dt", {}, "Checkpoints"), h("dd", {}, now.checkpoints.map((c) => `${c.model} (${c.verification || "unverified"})`).join(", ")),
       h("dt", {}, "Last request"), h("dd", {}, when(now.last_request_at))));
-    const t = (p) => Date.parse(p.timestamp) / 1000;
-    const lat = m.metrics.response_time_stats || [];
-    charts.replaceChildren(
-      lineChart([{ name: "requests", points: (m.metrics.inference_volume || []).map((p) => [t(p), p.value]) }], { id: "inference_volume", title: "Requests per minute", xTime: true }),
-      lineChart(["p50", "p95", "p99"].map((q) => ({ name: `${q} ms`, points: lat.filter((p) => p[q] !== null).map((p) => [t(p), p[q]]) })), { id: "latency", title: "Latency percentiles (ms)", xTime: true }),
-    );
+    charts.replaceChildren(...requestCharts(m.metrics));
   };
   await draw();
   live(gen, draw);
+}
+
+// request volume and latency percentiles of a metrics window (per-minute steps)
+const stamp = (p) => Date.parse(p.timestamp) / 1000;
+function requestCharts(metrics, prefix = "") {
+  const lat = metrics.response_time_stats || [];
+  return [
+    lineChart([{ name: "requests", points: (metrics.inference_volume || []).map((p) => [stamp(p), p.value]) }], { id: `${prefix}inference_volume`, title: "Requests per minute", xTime: true }),
+    lineChart(["p50", "p95", "p99"].map((q) => ({ name: `${q} ms`, points: lat.filter((p) => p[q] !== null).map((p) => [stamp(p), p[q]]) })), { id: `${prefix}latency`, title: "Latency percentiles (ms)", xTime: true }),
+  ];
+}
+
+function drawSampling(box, m) {
+  const t = m.totals;
+  if (!t.requests) {
+    box.replaceChildren(h("p", { class: "muted" }, "No sampling in the last hour."));
+    return;
+  }
+  const series = (name) => (m.metrics[name] || []).map((p) => [stamp(p), p.value]);
+  box.replaceChildren(
+    h("p", { id: "sampling-totals" }, `${t.requests} requests (${t.errors} failed), ${t.samples} samples, ${t.prompt_tokens} prompt tokens, ${t.completion_tokens} generated tokens`),
+    h("div", { class: "grid" },
+      ...requestCharts(m.metrics, "sampling_"),
+      lineChart([{ name: "generated", points: series("completion_tokens") }, { name: "prompt", points: series("prompt_tokens") }], { id: "sampling_tokens", title: "Tokens per minute", xTime: true })),
+  );
 }
 
 function playground(sm) {
