@@ -24,6 +24,7 @@ from control_plane.api.loops.sampler_plane import LoopsSamplerPlaneController, S
 from control_plane.api.loops.served_models import ServedModelOpenAIController, ServedModelsController
 from control_plane.api.loops.trainer_plane import LoopsTrainerPlaneController
 from control_plane.api.loops.training import LoopsTrainingController
+from control_plane.api.loops.usage import LoopsUsageController
 from control_plane.api.observability import HttpMetrics, observability_middleware
 from control_plane.api.openapi import ExactJsonRenderPlugin
 from control_plane.api.openloops.routes import OpenloopsController
@@ -55,6 +56,7 @@ def create_app(runtime: Runtime, *, extra_handlers: list | None = None) -> Lites
         LoopsTrainingController,
         TrainingCapacityController,
         LoopsRunMetricsController,
+        LoopsUsageController,
         LoopsResourcesController,
         LoopsCheckpointImportController,
         LoopsDeploymentsController,

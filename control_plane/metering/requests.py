@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,57 @@ class Tokens:
             prompt=_count(usage.get("prompt_tokens")),
             completion=_count(usage.get("completion_tokens")),
         )
+
+
+class TokenTap:
+    """Reads what a proxied OpenAI-style answer produced as its bytes pass through: a JSON
+    answer's ``choices`` and ``usage``; a server-sent event stream's last ``usage`` chunk (sent
+    when the request asked for it with ``stream_options.include_usage``; otherwise the stream's
+    tokens are not counted) with ``samples`` the request's ``n``. Holds at most
+    :data:`TAP_LIMIT` bytes (a JSON answer past that is not counted; of a stream, its tail)."""
+
+    def __init__(self, content_type: str | None, requested_n: int = 1) -> None:
+        self.stream = (content_type or "").startswith("text/event-stream")
+        self.json = not self.stream and "json" in (content_type or "")
+        self.n = requested_n
+        self._buf = bytearray()
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not (self.stream or self.json) or self._overflow:
+            return
+        self._buf += chunk
+        if len(self._buf) > TAP_LIMIT:
+            if self.json:
+                self._overflow, self._buf = True, bytearray()
+            else:
+                del self._buf[: len(self._buf) - TAP_TAIL]
+
+    def tokens(self) -> Tokens | None:
+        if self._overflow or not self._buf:
+            return None
+        if self.json:
+            try:
+                return Tokens.of_completion(json.loads(self._buf))
+            except ValueError:
+                return None
+        for line in reversed(bytes(self._buf).splitlines()):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    usage = json.loads(line[5:]).get("usage")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(usage, dict):
+                    return Tokens(
+                        samples=self.n,
+                        prompt=_count(usage.get("prompt_tokens")),
+                        completion=_count(usage.get("completion_tokens")),
+                    )
+        return Tokens(samples=self.n)
+
+
+TAP_LIMIT = 4 << 20
+TAP_TAIL = 64 << 10
 
 
 def _count(v: Any) -> int:

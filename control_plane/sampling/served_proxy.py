@@ -50,6 +50,7 @@ class Upstream:
     body: bytes
     stream: bool
     rename: Callable[[bytes], bytes]  # the adapter's name in an answer -> the client's name
+    n: int = 1  # the sequences asked for (what a stream's samples count as)
 
 
 class ServedModelProxy:
@@ -151,7 +152,9 @@ class ServedModelProxy:
         def rename(chunk: bytes) -> bytes:
             return chunk.replace(old, new) if old != new else chunk
 
-        return Upstream(served, client, msgspec.json.encode(body), stream, rename)
+        n = body.get("n", 1)
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        return Upstream(served, client, msgspec.json.encode(body), stream, rename, n)
 
 
 @dataclass(slots=True)

@@ -12,7 +12,14 @@ import pytest
 from sqlalchemy import select
 
 from control_plane.db.models import RequestBucket
-from control_plane.metering.requests import RUN_SAMPLING, SAMPLER_SAMPLING, Tokens, sampling_resource
+from control_plane.metering.requests import (
+    RUN_SAMPLING,
+    SAMPLER_SAMPLING,
+    TAP_LIMIT,
+    Tokens,
+    TokenTap,
+    sampling_resource,
+)
 from tests.control_plane.test_training_metrics import run_of
 
 
@@ -123,3 +130,30 @@ async def test_another_orgs_run_is_not_found_and_bad_params_name_their_field(api
         r = await get_sampling(api, t, run_id, **params)
         assert r.status_code == 400, (params, r.text)
         assert r.json()["field"] == field, (params, r.json())
+
+
+def test_a_tap_counts_a_json_answer_and_a_streams_usage_chunk():
+    answer = b'{"choices": [{"text": "a"}], "usage": {"prompt_tokens": 4, "completion_tokens": 6}}'
+    tap = TokenTap("application/json")
+    for i in range(0, len(answer), 7):  # in pieces, as a proxy passes it on
+        tap.feed(answer[i : i + 7])
+    assert tap.tokens() == Tokens(samples=1, prompt=4, completion=6)
+
+    events = (
+        b'data: {"choices": [{"index": 0, "text": "a"}], "usage": null}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 8}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    tap = TokenTap("text/event-stream; charset=utf-8", requested_n=2)
+    tap.feed(events[:50])
+    tap.feed(events[50:])
+    assert tap.tokens() == Tokens(samples=2, prompt=3, completion=8)
+    # a stream that did not ask for usage counts its sequences only
+    tap = TokenTap("text/event-stream", requested_n=3)
+    tap.feed(b'data: {"choices": [{"index": 0, "text": "a"}], "usage": null}\n\ndata: [DONE]\n\n')
+    assert tap.tokens() == Tokens(samples=3)
+    # a JSON answer past the limit is not counted rather than held in memory
+    tap = TokenTap("application/json")
+    tap.feed(b" " * (TAP_LIMIT + 1))
+    tap.feed(answer)
+    assert tap.tokens() is None

@@ -409,6 +409,21 @@ class SamplingMetrics(msgspec.Struct):
     totals: dict[str, int]
 
 
+class UsageReport(msgspec.Struct):
+    """An org's usage (control_plane/metering/usage_report.py): ``items`` per run (``kind``
+    run, samplers or served_model) or per ``day``, each with ``worker_seconds`` (by GPU type),
+    ``worker_seconds_by_kind``, ``tokens_trained``, ``training_steps``, ``sampling`` and
+    ``served`` (requests, errors, samples, prompt_tokens, completion_tokens); ``totals`` the
+    same for the whole window."""
+
+    org_id: str
+    start: str
+    end: str
+    group_by: str
+    items: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+
 class TrainingGpuCapacity(msgspec.Struct):
     """One GPU type of an org's capacity (Loops' ``TrainingGpuCapacityItem``). ``limit`` -1:
     no ceiling; ``baseline`` equals ``limit`` (everything below it starts at once; 0 without

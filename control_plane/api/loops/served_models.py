@@ -38,6 +38,7 @@ from control_plane.auth.principal import Principal
 from control_plane.db import models as m
 from control_plane.errors import Gone, InvalidInput, NotFound, PayloadTooLarge, Unavailable
 from control_plane.metering import series
+from control_plane.metering.requests import TokenTap
 from control_plane.sampling.errors import SamplerFailed, SamplerUnavailable
 from control_plane.sampling.served_proxy import open_upstream, served_proxy_for
 from control_plane.services import admission
@@ -236,14 +237,18 @@ async def _complete(request: Request, principal: Principal, served_model_id: str
         tracking.__exit__(None, None, None)
         raise
     out.status = opened.status
+    tap = TokenTap(opened.content_type, up.n)
 
     async def body() -> Any:
         try:
             async for chunk in opened.body:
+                tap.feed(chunk)
                 yield chunk
         finally:
             with contextlib.suppress(Exception):
                 await opened.body.aclose()
+            if opened.status < 400:
+                out.tokens = tap.tokens()
             tracking.__exit__(None, None, None)
 
     return Stream(body(), status_code=opened.status, media_type=opened.content_type)
