@@ -15,7 +15,7 @@ from control_plane.api.loops.presenters import served_model_base_url
 from control_plane.auth.authenticator import invalidate_key
 from control_plane.auth.principal import Principal
 from control_plane.catalog import ModelCatalog
-from control_plane.cli import admin_capacity, admin_show
+from control_plane.cli import admin_capacity, admin_show, admin_usage
 from control_plane.cli.context import Resolved, console, emit, emit_one, err_console
 from control_plane.db import migrate
 from control_plane.db.engine import Database
@@ -551,6 +551,34 @@ def capacity_set(
         return await admin_capacity.set_limit(d, settings, org, gpu_type, max_gpus)
 
     emit_one(_run(go), as_json=as_json)
+
+
+# --- usage ---------------------------------------------------------------------------------
+
+
+@app.command("usage")
+def usage(
+    org: str = ORG,
+    since: str | None = typer.Option(
+        None, "--since", help="ISO 8601 date or date-time (UTC unless it names a zone); default 30 days ago."
+    ),
+    until: str | None = typer.Option(None, "--until", help="End of the window (default now)."),
+    group_by: str = typer.Option("run", "--group-by", help="run or day."),
+    as_json: bool = JSON,
+) -> None:
+    """An org's usage: worker time by GPU type (observed lifetimes), tokens trained, sampling
+    and served-model requests and tokens, per run or per UTC day (GET /v1/loops/usage)."""
+    settings = Settings()
+
+    async def go(d: Database, _: Resolved) -> dict[str, Any]:
+        return await admin_usage.report(d, settings, org, since, until, group_by)
+
+    rep = _run(go)
+    if as_json:
+        print(admin_usage.dumps(rep))
+        return
+    title = f"usage of {rep['org_id']}, {rep['start']} .. {rep['end']}"
+    emit(admin_usage.table_rows(rep), admin_usage.COLUMNS, as_json=False, title=title)
 
 
 @db.command("upgrade")

@@ -20,28 +20,16 @@ import tinker
 from tinker import types
 
 from control_plane.metering.requests import RUN_SAMPLING, Tokens
-from control_plane.services import identity
 from control_plane.statuses import Scope
 from tests.e2e.sft import TEXT, datum
 from tests.infra.browser import sign_in
+from tests.infra.live_runs import new_tenant
 from tests.infra.live_server import LiveServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 LR = 1e-2
 WAIT_MS = 30_000
-
-
-def new_tenant(server: LiveServer, name: str, scopes: list[str] | None = None, org_id: str | None = None) -> str:
-    """An API key (of a new org, or a new user of ``org_id``) with ``scopes``."""
-
-    async def go() -> str:
-        async with server.runtime.db.transaction() as s:
-            org = await identity.get_org(s, org_id) if org_id else await identity.create_org(s, name)
-            user = await identity.create_user(s, org, f"{name}@example.com")
-            return (await identity.create_api_key(s, user, scopes=scopes)).plaintext
-
-    return server.call(go())
 
 
 def metrics_of(server: LiveServer, run_id: str, steps: int) -> list[dict]:

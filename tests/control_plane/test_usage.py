@@ -8,6 +8,10 @@ tests/e2e/test_usage_live.py."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -168,3 +172,33 @@ async def test_bad_parameters_name_their_field(api, params, field):
     r = await usage(api, t, **params)
     assert r.status_code == 400, r.text
     assert r.json()["field"] == field, r.json()
+
+
+async def test_admin_usage_prints_the_same_report(api, services, data_dir):
+    t, run_id = await seed(api)
+    want = (await usage(api, t, **WINDOW)).json()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENLOOPS_")}
+    env.update(
+        OPENLOOPS_DATABASE_URL=services.database_url,
+        OPENLOOPS_REDIS_URL=services.redis_url,
+        OPENLOOPS_DATA_DIR=str(data_dir),
+        OPENLOOPS_MODEL_CATALOG_PATH=str(api.runtime.settings.model_catalog_path),
+        COLUMNS="250",  # one table row per line
+    )
+
+    def admin(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "control_plane.cli.main", "admin", "usage", "--org", "acme", *args]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    r = admin("--since", WINDOW["start"], "--until", WINDOW["end"], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == want
+    r = admin("--since", WINDOW["start"], "--until", WINDOW["end"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    run_line = next(line for line in lines if f"run {run_id}" in line)
+    assert "cpu 1.500" in run_line and "147" in run_line  # 90 minutes; tokens trained
+    total = next(line for line in lines if "total" in line)
+    assert "cpu 2.600" in total  # 156 minutes
+    r = admin("--group-by", "week")
+    assert r.returncode == 1 and "group_by must be one of run, day" in r.stderr

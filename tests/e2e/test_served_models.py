@@ -85,8 +85,15 @@ def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(
 
     # each checkpoint by name, plain: greedy completions differ between the two adapters
     outs = {}
+    tokens = {"prompt_tokens": 0, "completion_tokens": 0}  # what vLLM reported, for usage
+
+    def used(u: Any) -> None:
+        tokens["prompt_tokens"] += u.prompt_tokens
+        tokens["completion_tokens"] += u.completion_tokens
+
     for name in ("early", "late", stack.base_model):
         c = client.completions.create(model=name, prompt="the cat sat", max_tokens=8, temperature=0.0, logprobs=1)
+        used(c.usage)
         assert c.model == name  # the client sees the name it asked for, never an adapter path
         assert c.choices[0].logprobs is not None and len(c.choices[0].logprobs.token_logprobs) == 8
         outs[name] = c.choices[0].text
@@ -95,6 +102,7 @@ def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(
         model="late", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0.0
     )
     assert chat.model == "late" and chat.choices[0].message.content is not None
+    used(chat.usage)
 
     # streaming: the same text arrives in pieces, and the raw stream ends with data: [DONE]
     pieces = [
@@ -105,6 +113,19 @@ def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(
         if ch.choices
     ]
     assert len(pieces) > 1 and "".join(pieces) == outs["late"]
+    # a stream that asks for usage: its last chunk carries it, and the proxy counts it
+    chunks = list(
+        client.completions.create(
+            model="early",
+            prompt="the dog",
+            max_tokens=5,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None
+    used(chunks[-1].usage)
     with http.stream(
         "POST",
         f"{base_url}/chat/completions",
@@ -129,6 +150,16 @@ def test_train_deploy_chat_verify_meter_sleep_wake_deactivate(
     metrics = wait_for("the request metrics", volume, 60)
     assert sum(p["status_2xx"] for p in metrics["inference_volume_by_status"]) >= 6
     assert all(p["p50"] is not None and p["p50"] <= p["p99"] for p in metrics["response_time_stats"])
+
+    # usage: the served model's requests and exactly the tokens vLLM reported for them (the two
+    # streams that did not ask for usage count no tokens)
+    def usage() -> Any:
+        items = [i for i in http.get("/v1/loops/usage").json()["items"] if i.get("served_model_id") == sm_id]
+        return len(items) == 1 and items[0]["served"]["requests"] >= 7 and items[0]
+
+    item = wait_for("the served model's usage", usage, 60)
+    assert {k: item["served"][k] for k in tokens} == tokens, (item, tokens)
+    assert item["worker_seconds"] and item["name"] == "cats"
 
     # the console's page of it: its request charts, and the playground chats with a checkpoint
     page = browser.new_page(viewport={"width": 1280, "height": 900})

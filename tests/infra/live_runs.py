@@ -1,5 +1,5 @@
-"""What the durable-run tests read about a run on a live server (rows, history, Redis state,
-its trainer process), and how they wait for it."""
+"""What the live-server tests read about a run (rows, history, Redis state, its trainer
+process), how they wait for it, and how they make a tenant of their own."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy import select
 from control_plane.db.models import Run, StatusHistory
 from control_plane.scheduler.local import LocalProcessBackend
 from control_plane.scheduler.protocol import WorkloadRole
+from control_plane.services import identity
 from data_plane.wire import queue as q
 from tests.infra.live_server import LiveServer, start_live_server
 
@@ -120,3 +121,15 @@ def rank_pids(trainer_pid: int, world: int, timeout_s: float = 120.0) -> dict[in
             return found
         assert time.monotonic() < deadline, f"torchrun {trainer_pid} runs ranks {sorted(found)}, not {world}"
         time.sleep(0.05)
+
+
+def new_tenant(server: LiveServer, name: str, scopes: list[str] | None = None, org_id: str | None = None) -> str:
+    """An API key (of a new org, or a new user of ``org_id``) with ``scopes``."""
+
+    async def go() -> str:
+        async with server.runtime.db.transaction() as s:
+            org = await identity.get_org(s, org_id) if org_id else await identity.create_org(s, name)
+            user = await identity.create_user(s, org, f"{name}@example.com")
+            return (await identity.create_api_key(s, user, scopes=scopes)).plaintext
+
+    return server.call(go())
