@@ -21,10 +21,10 @@ from control_plane.db import migrate
 from control_plane.db.engine import Database
 from control_plane.errors import DomainError
 from control_plane.runtime import store_spec
+from control_plane.services import admission, identity
 from control_plane.services import checkpoint_import as import_svc
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import deployments as dep_svc
-from control_plane.services import identity
 from control_plane.services import runs as runs_svc
 from control_plane.services import samplers as samplers_svc
 from control_plane.services import served_models as sm_svc
@@ -369,11 +369,13 @@ def served_model_create(
 
     async def go(d: Database, _: Resolved) -> dict[str, Any]:
         p = await _admin(d, org)
-        async with d.transaction() as s:
+        catalog = ModelCatalog.load(settings.resolved_catalog_path)
+        # held to the org's capacity like the API's deploy: raise the ceiling first if need be
+        async with d.transaction() as s, admission.workload(s, settings, catalog, p.org_id):
             x = await sm_svc.deploy(
                 s,
                 p,
-                ModelCatalog.load(settings.resolved_catalog_path),
+                catalog,
                 checkpoint_ids=checkpoint_ids,
                 model_name=name,
                 scale_down_delay_seconds=scale_down_delay or settings.default_scale_down_delay_seconds,

@@ -35,10 +35,15 @@ async def open_sampling_session(
     seq_id: int,
     base_model: str,
     checkpoint: Checkpoint | None,
+    asleep_because: str | None = None,
 ) -> Sampler:
     """Create (or return, when it already exists with the same target) the Sampler row of one
     Tinker sampling session, with its initial history row. The row starts in DEPLOYING; the
     controller moves it as the shared vLLM server of ``base_model`` comes up.
+
+    With ``asleep_because`` the row starts SCALED_TO_ZERO with that reason instead (the org
+    had no capacity for another sampler server; the first request wakes it, or answers 429
+    while there is still none).
 
     Idempotent on the id: a repeated call with the same target returns the existing row; a
     call that reuses the id for a different target raises :class:`Conflict`."""
@@ -60,7 +65,8 @@ async def open_sampling_session(
         model_path=checkpoint_tinker_path(checkpoint) if checkpoint is not None else None,
         checkpoint_id=want_ckpt,
         max_seq_length=None,
-        status=Status.DEPLOYING.value,
+        status=(Status.SCALED_TO_ZERO if asleep_because else Status.DEPLOYING).value,
+        status_reason=asleep_because,
         created_at=now,
         updated_at=now,
     )
@@ -77,6 +83,6 @@ async def open_sampling_session(
         if smp.org_id != org_id or smp.checkpoint_id != want_ckpt or smp.base_model != base_model:
             raise Conflict(f"sampling session {sid!r} already exists for a different model or checkpoint")
         return smp
-    history.initial(s, "sampler", smp, "sampling session created")
+    history.initial(s, "sampler", smp, asleep_because or "sampling session created")
     await s.flush()
     return smp

@@ -11,14 +11,18 @@ gets a path back before that checkpoint is listed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.db.models import Run
+from control_plane.db.models import Checkpoint, Run, Sampler
+from control_plane.errors import CapacityExceeded
 from control_plane.services import checkpoints as ckpt_svc
+from control_plane.services.capacity import CapacityPolicy, reserving
 from control_plane.services.sampling_sessions import open_sampling_session
 from control_plane.training.consumer_groups import ensure_group, poll_forever
 from control_plane.training.queue import TrainerQueue
@@ -116,15 +120,28 @@ class CompletionConsumer:
                 run.published_checkpoint_id = ckpt.id
                 run.policy_version = int(c.policy_version or 0)
             if c.checkpoint_name is None and kind == "sampler_weights":
-                sampler = await open_sampling_session(
-                    s,
-                    org_id=run.org_id,
-                    created_by=run.created_by,
-                    session_id=run.session_id,
-                    seq_id=int(c.sampling_session_seq_id or 0),
-                    base_model=run.base_model,
-                    checkpoint=ckpt,
-                )
+                sampler = await self._sampling_session(s, run, ckpt, int(c.sampling_session_seq_id or 0))
                 result = {"sampling_session_id": sampler.id, "type": "save_weights_for_sampler"}
         await self.queue.complete(c.run_id, c.request_id, q.FutureResult.ok_json(result))
         log.info("checkpoint recorded", run_id=c.run_id, kind=kind, name=name)
+
+    async def _sampling_session(self, s: AsyncSession, run: Run, ckpt: Checkpoint, seq_id: int) -> Sampler:
+        """The sampling session of an unnamed save_weights_for_sampler, held to the org's
+        capacity like every sampler: when another sampler server would pass the ceiling, the
+        session still opens (the save succeeded) but asleep, and its first request wakes it or
+        answers 429 ``loops_capacity`` (which the tinker SDK retries) until capacity frees."""
+        opening = functools.partial(
+            open_sampling_session,
+            s,
+            org_id=run.org_id,
+            created_by=run.created_by,
+            session_id=run.session_id,
+            seq_id=seq_id,
+            base_model=run.base_model,
+            checkpoint=ckpt,
+        )
+        try:
+            async with s.begin_nested(), reserving(s, CapacityPolicy.of(self.r.settings, self.r.catalog), run.org_id):
+                return await opening()
+        except CapacityExceeded as exc:
+            return await opening(asleep_because=f"waiting for capacity to wake up: {exc.message}")

@@ -7,6 +7,7 @@ sampler server counts one ``cpu`` unit."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,11 +19,18 @@ from sqlalchemy import select, update
 
 from control_plane.api.app import create_app
 from control_plane.cli import admin_capacity
-from control_plane.db.models import Deployment, Run, Sampler
+from control_plane.controller.lifecycle import RowReconciler
+from control_plane.controller.retry import BackendRetry
+from control_plane.db.models import Checkpoint, Deployment, Run, Sampler
 from control_plane.errors import CapacityExceeded
 from control_plane.runtime import build_runtime
+from control_plane.scaling.kinds import DEPLOYMENT
 from control_plane.scaling.wake import request_wake
 from control_plane.statuses import Status
+from control_plane.training.completions import CompletionConsumer
+from control_plane.training.inflight import inflight_key
+from control_plane.training.queue import read_future
+from data_plane.wire import queue as q
 from tests.control_plane.conftest import ALL, OTHER_MODEL, TEST_MODEL, Api, Tenant, make_settings
 from tests.control_plane.seed import add_checkpoint
 from tests.infra.services import TestServices
@@ -274,3 +282,118 @@ async def test_no_ceiling_by_default(api: Api) -> None:
     )
     assert res.status_code == 200
     assert (await _cpu(api, t))["usage_count"] == 4
+
+
+async def test_the_controller_wakes_a_trainer_with_waiting_ops_once_capacity_frees(
+    capi: CapiFactory, services: TestServices, data_dir: Path
+) -> None:
+    """An op that reached a scaled-to-zero trainer while the org is at its ceiling waits in the
+    run's log; the controller keeps the trainer asleep (saying why) until capacity frees, then
+    wakes it on its next pass."""
+    async with capi(capacity_default_max_gpus={"cpu": 1}) as api:
+        t = await api.tenant("acme")
+        sid = await _loops_session(api, t)
+        sleeping = (await _trainer(api, t, sid)).json()["run"]
+        dep_id = sleeping["deployment_id"]
+        async with api.runtime.db.transaction() as s:
+            await s.execute(
+                update(Deployment).where(Deployment.id == dep_id).values(status=Status.SCALED_TO_ZERO.value)
+            )
+        other = await _trainer(api, t, sid)  # takes the org's one unit
+        assert other.status_code == 200, other.text
+        await api.runtime.redis.sadd(q.run_pending_key(sleeping["id"]), "req-waiting")
+
+        # the controller's pass, with a backend (local processes; nothing is started here)
+        runtime = build_runtime(make_settings(services, data_dir, capacity_default_max_gpus={"cpu": 1}))
+        try:
+            rows = RowReconciler(runtime, BackendRetry(attempts=3, max_seconds=60, base_delay=1, max_delay=5))
+
+            async def status() -> tuple[str, str | None]:
+                async with runtime.db.session() as s:
+                    dep = await s.get(Deployment, dep_id)
+                    assert dep is not None
+                    return dep.status, dep.status_reason
+
+            await rows.reconcile(DEPLOYMENT, dep_id)
+            st, reason = await status()
+            assert st == Status.SCALED_TO_ZERO.value
+            assert reason is not None and reason.startswith("waiting for capacity to wake up"), reason
+            # the other trainer ends: the next pass wakes the sleeping one for its waiting op
+            deact = await api.client.post(f"/v1/loops/runs/{other.json()['run']['id']}/deactivate", headers=t.headers)
+            assert deact.status_code == 200
+            await rows.reconcile(DEPLOYMENT, dep_id)
+            st, reason = await status()
+            assert st == Status.WAKING_UP.value and reason == f"woken by an op waiting on run {sleeping['id']}"
+        finally:
+            await runtime.close()
+
+
+async def test_sampling_a_sleeping_sampler_at_the_ceiling_is_refused_before_a_future_exists(
+    capi: CapiFactory,
+) -> None:
+    async with capi(capacity_default_max_gpus={"cpu": 1}) as api:
+        t = await api.tenant("acme")
+        tsid = await _tinker_session(api, t)
+        res = await api.client.post(
+            "/api/v1/create_sampling_session",
+            json={"session_id": tsid, "sampling_session_seq_id": 0, "base_model": TEST_MODEL},
+            headers=t.headers,
+        )
+        assert res.status_code == 200, res.text
+        smp_id = res.json()["sampling_session_id"]
+        async with api.runtime.db.transaction() as s:
+            await s.execute(update(Sampler).where(Sampler.id == smp_id).values(status=Status.SCALED_TO_ZERO.value))
+        sid = await _loops_session(api, t)
+        assert (await _trainer(api, t, sid)).status_code == 200  # the org's one unit
+        body = {"sampling_session_id": smp_id, "prompt": {"chunks": [{"tokens": [1, 2, 3]}]}, "num_samples": 1}
+        body["sampling_params"] = {"max_tokens": 4}
+        futures = set(await api.runtime.redis.keys("*future*"))  # the trainer's init op
+        inflight = await api.runtime.redis.zcard(inflight_key(t.org_id))
+        res = await api.client.post("/api/v1/asample", json=body, headers=t.headers)
+        _capacity_refusal(res)  # the tinker SDK backs off and retries this
+        # no future was created: nothing more in flight for the org, no new future
+        assert await api.runtime.redis.zcard(inflight_key(t.org_id)) == inflight
+        assert set(await api.runtime.redis.keys("*future*")) == futures
+        async with api.runtime.db.session() as s:
+            smp = await s.get(Sampler, smp_id)
+        assert smp is not None and smp.status == Status.SCALED_TO_ZERO.value
+
+
+async def test_a_sampling_session_a_save_opens_past_the_ceiling_starts_asleep(capi: CapiFactory) -> None:
+    """save_weights_and_get_sampling_client at the ceiling: the save succeeds and its sampling
+    session opens, scaled to zero and saying why (its requests get 429 until capacity frees)
+    instead of starting another sampler server past the ceiling."""
+    async with capi(capacity_default_max_gpus={"cpu": 1}) as api:
+        t = await api.tenant("acme")
+        run = (await _trainer(api, t, await _loops_session(api, t))).json()["run"]  # the one unit
+        consumer = CompletionConsumer(api.runtime)
+
+        async def save(seq: int) -> Sampler:
+            rid = f"req-save-{seq}"
+            await consumer.handle(
+                q.Completion(
+                    request_id=rid,
+                    run_id=run["id"],
+                    kind=q.OpKind.SAVE_WEIGHTS_FOR_SAMPLER,
+                    checkpoint_kind="sampler_weights",
+                    storage_prefix=f"ckpt/acme/{seq}",
+                    sampling_session_seq_id=seq,
+                )
+            )
+            got = await read_future(api.runtime.redis, rid)
+            assert got is not None and got.state == q.FutureState.DONE, got
+            async with api.runtime.db.session() as s:
+                smp = await s.get(Sampler, json.loads(got.body)["sampling_session_id"])
+            assert smp is not None
+            return smp
+
+        asleep = await save(0)
+        assert asleep.status == Status.SCALED_TO_ZERO.value
+        assert asleep.status_reason is not None and asleep.status_reason.startswith("waiting for capacity to wake up")
+        assert (await _cpu(api, t))["usage_count"] == 1
+        # with room for a sampler server, the next one starts as usual
+        await admin_capacity.set_limit(api.runtime.db, api.runtime.settings, "acme", "cpu", 2)
+        assert (await save(1)).status == Status.DEPLOYING.value
+        async with api.runtime.db.session() as s:
+            saved = (await s.execute(select(Checkpoint).where(Checkpoint.run_id == run["id"]))).scalars().all()
+        assert len(saved) == 2  # both saves were recorded
