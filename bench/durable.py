@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         stacks.append(start_stack())
         stacks.append(start_stack(embedded=True))  # the second policy's own database and Valkey
         print("preparing the bench model ...", flush=True)
-        model, vocab = bench_model(stacks[0])
+        model, vocab = bench_model(stacks[0], "bench")
         data = sdk_batch(batch_tokens(vocab))
         for policy, stack in zip((EVERY_STEP, OFF), stacks):
             sides[policy] = Side(policy, stack, stacks[0].data_dir / "catalog.yaml", model.name)

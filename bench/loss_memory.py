@@ -55,6 +55,7 @@ MODES: dict[str, tuple[int, str, str]] = {
     "chunked + checkpointing, jemalloc": (64, "on", "jemalloc"),
 }
 BASELINE = "full logits, glibc"
+DEFAULT_MODE = "full logits, jemalloc (default)"  # what a worker does with the default settings
 # glibc keeps freed blocks below its self-raising (up to 32 MiB) mmap threshold in the heap, so
 # the resident set stays at the high-water mark of transient buffers; fixed thresholds give
 # large tensors their own mappings, returned when freed (at a large cost in page faults)
@@ -149,7 +150,8 @@ def allocator_env(allocator: str) -> dict[str, str]:
     return {}
 
 
-def _run_mode(model_dir: str, mode: tuple[int, str, str], steps: int) -> dict:
+def run_mode(model_dir: str, mode: tuple[int, str, str], steps: int) -> dict:
+    """One mode in a fresh process: its figures (``step_s``, ``losses``, peaks)."""
     chunk, checkpointing, allocator = mode
     env = {k: v for k, v in os.environ.items() if k not in (*MALLOC_ENV, "LD_PRELOAD", "MALLOC_CONF")}
     env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **allocator_env(allocator)})
@@ -188,7 +190,7 @@ def main() -> None:
         for r in range(rounds):
             order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
             for name in order:  # alternate the order, one process per mode and round
-                results[name].append(_run_mode(model.source, MODES[name], steps))
+                results[name].append(run_mode(model.source, MODES[name], steps))
                 print(f"  round {r + 1} {name}: {results[name][-1]['step_s']:.3f} s/step", flush=True)
     base = results[BASELINE]
     for name, rows in results.items():

@@ -1,15 +1,24 @@
-"""Training step through openloops vs plain peft: ``python -m bench.trainer_sdk [--quick]``.
+"""Training step through openloops vs plain peft:
+``python -m bench.trainer_sdk [--model tiny|bench] [--quick] [--readme]``.
 
-Both sides train the same LoRA (rank 32 on attention, MLP and lm_head, AdamW) on the ``bench``
-local model with the same batch (32 sequences x 256 tokens, cross-entropy):
+Both sides train the same LoRA (rank 32 on attention, MLP and lm_head, AdamW) on a local model
+(``--model``: ``bench``, hidden 256 and 4 layers, or ``tiny``, whose step is short enough that
+the row measures openloops' own overhead) with the same batch (32 sequences x 256 tokens,
+cross-entropy):
 
 - **openloops**: the unmodified tinker SDK against a real ``openloops serve`` process (its
   controller starts a trainer worker subprocess); one step = ``forward_backward`` +
   ``optim_step``, submitted back to back (the SDK pipelines them) and waited for.
 - **plain peft**: the same step in this process with transformers + peft + torch.optim.AdamW,
   no server, no queue, no serialization.
+- **the trainer, in process**: the worker's own step (``TrainingModel.forward_backward`` on the
+  protobuf request, then ``optim_step``) in a fresh process with the worker's allocator
+  (jemalloc) and defaults, no server (bench.loss_memory's child): the reference for openloops'
+  added time, which is the first row minus this one.
 
-They run one after the other, never at the same time. Prints a markdown table.
+They run one after the other, never at the same time. Then the round trip of a small op: a
+1 x 8-token ``forward`` through the SDK, against the same forward in process. Prints a markdown
+table; ``--readme`` also writes it into bench/README.md (between the markers of ``--model``).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import numpy as np
 
 from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens
 from bench.live import trainer_pid
+from bench.loss_memory import DEFAULT_MODE, MODES, run_mode
 from bench.proc_memory import peak_rss_mib
 from bench.stack import Stack, start_stack
 from control_plane.catalog import CatalogModel, ModelCatalog
@@ -54,10 +64,14 @@ def sdk_batch(tokens: np.ndarray) -> list[Any]:
     ]
 
 
-def bench_model(stack: Stack) -> tuple[CatalogModel, int]:
-    """The ``bench`` local model under the stack's data dir (built once), in its catalog, and
+SMALL_OP_TOKENS = 8
+SMALL_OP_ROUNDS = 40
+
+
+def bench_model(stack: Stack, kind: str) -> tuple[CatalogModel, int]:
+    """The local model ``kind`` under the stack's data dir (built once), in its catalog, and
     its vocabulary size."""
-    model = prepare("bench", stack.data_dir / "models", quiet=True)
+    model = prepare(kind, stack.data_dir / "models", quiet=True)
     ModelCatalog([model]).dump(stack.data_dir / "catalog.yaml")
     vocab = int(json.loads((Path(model.source) / "config.json").read_text())["vocab_size"])
     return model, vocab
@@ -112,6 +126,25 @@ class SdkResult:
     step_times: list[float]
     first_step_s: float  # create_lora_training_client -> first completed step
     worker_peak_rss_mib: float | None
+    small_op_times: list[float]  # 1 x 8-token forward round trips
+
+
+def small_datum(tokens: np.ndarray) -> Any:
+    from tinker import types
+
+    row = tokens[0, : SMALL_OP_TOKENS + 1]
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData(data=row[1:].tolist(), dtype="int64", shape=[SMALL_OP_TOKENS]),
+            "weights": types.TensorData(data=[1.0] * SMALL_OP_TOKENS, dtype="float32", shape=[SMALL_OP_TOKENS]),
+        },
+    )
+
+
+def quantile(xs: list[float], q: float) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))]
 
 
 def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int, warmup: int) -> SdkResult:
@@ -148,10 +181,17 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
             print(f"  openloops step {i}: {dt:.3f}s loss:sum={loss:.1f}{' (warm-up)' if i < warmup else ''}")
             if i >= warmup:
                 times.append(dt)
+        small = [small_datum(tokens)]
+        small_times = []
+        for i in range(SMALL_OP_ROUNDS + 3):
+            t = time.perf_counter()
+            tc.forward(small, "cross_entropy").result()
+            if i >= 3:
+                small_times.append(time.perf_counter() - t)
         rss = _worker_peak_rss_mib(stack, tc.model_id)
         service.close("success").result()
         assert first_step is not None
-        return SdkResult(times, first_step, rss)
+        return SdkResult(times, first_step, rss, small_times)
     finally:
         proc.terminate()
         try:
@@ -160,7 +200,7 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
             proc.kill()
 
 
-def bench_peft(model: CatalogModel, tokens: np.ndarray, steps: int, warmup: int) -> list[float]:
+def bench_peft(model: CatalogModel, tokens: np.ndarray, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -192,38 +232,90 @@ def bench_peft(model: CatalogModel, tokens: np.ndarray, steps: int, warmup: int)
         print(f"  plain peft step {i}: {dt:.3f}s loss:sum={loss.item():.1f}{' (warm-up)' if i < warmup else ''}")
         if i >= warmup:
             times.append(dt)
-    return times
+    small = torch.from_numpy(tokens[:1, : SMALL_OP_TOKENS + 1])
+    small_times = []
+    with torch.no_grad():
+        for i in range(SMALL_OP_ROUNDS + 3):
+            t = time.perf_counter()
+            logits = m(input_ids=small[:, :-1]).logits
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), small[0, 1:], reduction="none")
+            if i >= 3:
+                small_times.append(time.perf_counter() - t)
+    return times, small_times
+
+
+def table(kind: str, sdk: SdkResult, peft: list[float], peft_small: list[float], engine_s: float) -> str:
+    s_med, p_med = statistics.median(sdk.step_times), statistics.median(peft)
+    tok = BATCH * SEQ
+    so, ps = sdk.small_op_times, peft_small
+    rss = f"{sdk.worker_peak_rss_mib:,.0f} MiB" if sdk.worker_peak_rss_mib is not None else "n/a"
+    lines = [
+        f"`--model {kind}`; {machine()}",
+        "",
+        "| path | median step (s) | tokens/s | vs plain peft |",
+        "|---|---:|---:|---:|",
+        f"| plain peft, in process | {p_med:.3f} | {tok / p_med:,.0f} | 1.00 |",
+        f"| the trainer, in process (its allocator, no server) | {engine_s:.3f} | {tok / engine_s:,.0f} "
+        f"| {p_med / engine_s:.2f} |",
+        f"| openloops via tinker SDK | {s_med:.3f} | {tok / s_med:,.0f} | {p_med / s_med:.2f} |",
+        "",
+        f"Added per step by openloops (SDK, API, Redis, worker loop) over the trainer in process: "
+        f"{1000 * (s_med - engine_s):+.1f} ms ({100 * (s_med / engine_s - 1):+.1f}%). "
+        f"A {SMALL_OP_TOKENS}-token `forward` round trip: p50 {1000 * quantile(so, 0.5):.1f} ms, "
+        f"p90 {1000 * quantile(so, 0.9):.1f} ms through the SDK, against {1000 * quantile(ps, 0.5):.1f} ms "
+        f"in process ({len(so)} rounds). `create_lora_training_client` -> first step "
+        f"{sdk.first_step_s:.1f} s; trainer worker peak RSS {rss}.",
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, CPU float32, "
+        f"load average {load:.2f} at the end"
+    )
+
+
+def write_readme(kind: str, text: str, path: Path = Path(__file__).parent / "README.md") -> None:
+    """Replace the text between this model's markers in bench/README.md."""
+    begin, end = f"<!-- trainer_sdk:{kind}:begin -->", f"<!-- trainer_sdk:{kind}:end -->"
+    doc = path.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"bench/README.md has no {begin} ... {end} section")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("tiny", "bench"), default="bench", help="the local model (default bench)")
     ap.add_argument("--quick", action="store_true", help="2 measured steps instead of 6")
+    ap.add_argument("--readme", action="store_true", help="write the table into bench/README.md")
     args = ap.parse_args(argv)
     steps, warmup = (2, 1) if args.quick else (6, 2)
+    print(machine())
     stack = start_stack()
     try:
-        print("preparing the bench model ...")
-        model, vocab = bench_model(stack)
+        print(f"preparing the {args.model} model ...")
+        model, vocab = bench_model(stack, args.model)
         tokens = batch_tokens(vocab)
         print(f"openloops (tinker SDK -> API -> Redis -> trainer worker), batch {BATCH}x{SEQ}, rank {RANK}")
         sdk = bench_sdk(model, stack, tokens, steps, warmup)
         print("plain peft (in process)")
-        peft = bench_peft(model, tokens, steps, warmup)
+        peft, peft_small = bench_peft(model, tokens, steps, warmup)
+        print("the trainer in process (fresh process, the worker's allocator)")
+        engine = run_mode(model.source, MODES[DEFAULT_MODE], steps)
+        print(f"  median step {engine['step_s']:.3f}s, losses {[round(x, 1) for x in engine['losses']]}")
     finally:
         stack.stop()
-    s_med, p_med = statistics.median(sdk.step_times), statistics.median(peft)
-    tok = BATCH * SEQ
+    text = table(args.model, sdk, peft, peft_small, engine["step_s"])
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, CPU float32")
-    print("| path | median step (s) | tokens/s | vs plain peft |")
-    print("|---|---|---|---|")
-    print(f"| plain peft, in process | {p_med:.3f} | {tok / p_med:,.0f} | 1.00 |")
-    print(f"| openloops via tinker SDK | {s_med:.3f} | {tok / s_med:,.0f} | {p_med / s_med:.2f} |")
-    print()
-    print(f"overhead vs plain peft: {100 * (s_med / p_med - 1):+.1f}% (target <= +10%)")
-    print(f"create_lora_training_client -> first completed step: {sdk.first_step_s:.1f}s")
-    rss = f"{sdk.worker_peak_rss_mib:.0f} MiB" if sdk.worker_peak_rss_mib is not None else "n/a"
-    print(f"trainer worker peak RSS (VmHWM): {rss}")
+    print(text)
+    if args.readme:
+        write_readme(args.model, text)
+        print("written into bench/README.md")
     return 0
 
 

@@ -77,7 +77,7 @@ class RunReconciler:
         if to in ENDED:
             # nothing will complete the run's waiting ops any more
             why = f"trainer worker failed: {reason}" if to == Status.FAILED else f"run {run.id} is {to.value}: {reason}"
-            await self.queue.fail_pending(run.id, why)
+            await self.queue.end_run(run.id, why)
             await self._drop_durable_state(run)
 
     async def _drop_durable_state(self, run: Run) -> None:

@@ -25,6 +25,15 @@ async def record_activity(redis: aioredis.Redis, kind: Kind, resource_id: str, a
     await redis.hset(activity_key(kind), resource_id, f"{time.time() if at is None else at:.3f}")
 
 
+async def record_activities(redis: aioredis.Redis, items: list[tuple[Kind, str]]) -> None:
+    """:func:`record_activity` of several resources in one round trip."""
+    now = f"{time.time():.3f}"
+    async with redis.pipeline(transaction=False) as pipe:
+        for kind, resource_id in items:
+            pipe.hset(activity_key(kind), resource_id, now)
+        await pipe.execute()
+
+
 async def pending_activity(redis: aioredis.Redis, kind: Kind, resource_id: str) -> datetime | None:
     """Activity recorded but not flushed yet (the controller re-checks this just before it
     scales something down)."""

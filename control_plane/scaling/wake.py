@@ -35,7 +35,7 @@ from redis.asyncio.client import PubSub
 from sqlalchemy import select
 
 from control_plane.errors import CapacityExceeded, NotFound, Unavailable
-from control_plane.scaling.activity import record_activity
+from control_plane.scaling.activity import record_activities, record_activity
 from control_plane.scaling.kinds import DEPLOYMENT, RUN, Kind, KindName, kind_of
 from control_plane.services import history
 from control_plane.services.capacity import CapacityPolicy, reserving
@@ -91,10 +91,10 @@ async def op_arrived(runtime: Runtime, run_id: str, deployment_id: str | None, r
     """A training op for ``run_id`` was queued: activity of the run and of its deployment (what
     keeps its trainer up; heartbeats do not), and a scaled-to-zero trainer is woken without
     waiting (the op waits in the run's log; the client polls its future meanwhile)."""
-    await record_activity(runtime.redis, RUN, run_id)
     if deployment_id is None:
+        await record_activity(runtime.redis, RUN, run_id)
         return
-    await record_activity(runtime.redis, DEPLOYMENT, deployment_id)
+    await record_activities(runtime.redis, [(RUN, run_id), (DEPLOYMENT, deployment_id)])
     if run_status in (Status.SCALED_TO_ZERO.value, Status.WAKING_UP.value):
         await request_wake(runtime, "deployment", deployment_id)
 

@@ -18,8 +18,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Deployment, Run
 from control_plane.errors import Conflict, DomainError, Gone, InvalidInput, NotFound
@@ -166,7 +164,7 @@ class LoopsTrainerOps:
                 "only one training client at a time can drive a run"
             ) from None
         if sub.is_new:
-            await self._fail_if_ended(t.run.id, sub.request_id)
+            await TrainerQueue(self.r.redis).fail_if_ended(t.run.id, sub.request_id)
 
     async def _reject(
         self, t: Target, operation_id: str, body: w._Op, op: str, fingerprint: str, exc: DomainError
@@ -189,17 +187,6 @@ class LoopsTrainerOps:
         if rid is not None:
             await TrainerQueue(self.r.redis).complete(
                 t.run.id, rid, q.FutureResult.failed(exc.message, q.ErrorCategory.USER)
-            )
-
-    async def _fail_if_ended(self, run_id: str, request_id: str) -> None:
-        """An op that joins the pending set after the controller's failure sweep fails itself
-        (as in the Tinker path: control_plane/training/ops.py)."""
-        async with self.r.db.session() as s:
-            status, reason = (await s.execute(select(Run.status, Run.status_reason).where(Run.id == run_id))).one()
-        if Status(status) in TERMINAL:
-            msg = f"run {run_id!r} is {status}" + (f": {reason}" if reason else "")
-            await TrainerQueue(self.r.redis).complete(
-                run_id, request_id, q.FutureResult.failed(msg, q.ErrorCategory.SERVER)
             )
 
     async def _build(self, t: Target, op: str, body: w._Op) -> tuple[q.OpKind, bytes]:

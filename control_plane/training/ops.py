@@ -75,7 +75,33 @@ def _check_optimizer(config: dict[str, Any] | None) -> None:
         )
 
 
-def storage_prefix(run: Run, kind: str, name: str) -> str:
+@dataclass(frozen=True)
+class OpRun:
+    """What an op needs of its run row (a read-only view, shared through the read cache)."""
+
+    id: str
+    org_id: str
+    status: str
+    status_reason: str | None
+    deployment_id: str | None
+    base_model: str
+    init_path: str | None
+    lora_rank: int
+
+    @classmethod
+    def of(cls, run: Run) -> OpRun:
+        return cls(
+            run.id, run.org_id, run.status, run.status_reason, run.deployment_id, run.base_model, run.init_path,
+            run.lora_rank,
+        )  # fmt: skip
+
+
+_OP_RUN = select(
+    Run.id, Run.org_id, Run.status, Run.status_reason, Run.deployment_id, Run.base_model, Run.init_path, Run.lora_rank
+)
+
+
+def storage_prefix(run: OpRun | Run, kind: str, name: str) -> str:
     """Where a checkpoint's files go. Unique per save (a random suffix): an overwritten name
     gets a new prefix, so an adapter name a sampler cached never changes content."""
     return f"checkpoints/{run.org_id}/{run.id}/{kind}/{name}-{secrets.token_hex(4)}"
@@ -87,15 +113,23 @@ class TrainingOps:
         self.queue = TrainerQueue(runtime.redis)
 
     # ---- model lookup -------------------------------------------------------------------
-    async def owned_run(self, principal: Principal, model_id: str) -> Run:
-        """The training model's run row; 404 when unknown or another org's."""
-        async with self.r.db.session() as s:
-            run = await s.get(Run, model_id)
-        if run is None or run.org_id != principal.org_id:
+    async def owned_run(self, principal: Principal, model_id: str) -> OpRun:
+        """What ops need of the training model's run; 404 when unknown or another org's.
+        Through the process's read cache (control_plane/db/read_cache.py: dropped within
+        milliseconds of any write to the run), so a training loop's ops read no database; a run
+        that ended meanwhile is caught by :meth:`TrainerQueue.fail_if_ended` after submission."""
+
+        async def load() -> OpRun | None:
+            async with self.r.db.session() as s:
+                row = (await s.execute(_OP_RUN.where(Run.id == model_id, Run.org_id == principal.org_id))).one_or_none()
+            return OpRun(*row) if row is not None else None
+
+        run = await self.r.db.read_cache.get_or_load(model_id, ("op_run", principal.org_id), load)
+        if run is None:
             raise NotFound("model", model_id)
         return run
 
-    async def live_run(self, principal: Principal, model_id: str) -> Run:
+    async def live_run(self, principal: Principal, model_id: str) -> OpRun:
         run = await self.owned_run(principal, model_id)
         if Status(run.status) in TERMINAL:
             reason = f": {run.status_reason}" if run.status_reason else ""
@@ -103,7 +137,7 @@ class TrainingOps:
             raise Gone(f"model {model_id!r} is {run.status}{reason}; create a new training client")
         return run
 
-    async def _submit(self, run: Run, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
+    async def _submit(self, run: OpRun, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
         rid, is_new = await self.queue.submit(
             run.id,
             run.id,
@@ -115,20 +149,10 @@ class TrainingOps:
         )
         await op_arrived(self.r, run.id, run.deployment_id, run.status)  # activity; wakes a sleeping trainer
         if is_new:
-            await self._fail_if_ended(run.id, rid)
+            await self.queue.fail_if_ended(run.id, rid)
         if is_new and seq_id == 0:
             await self.r.kick_controller()
         return Submitted(rid, run.id)
-
-    async def _fail_if_ended(self, run_id: str, request_id: str) -> None:
-        """Close the race with a dying worker: the controller commits FAILED/INACTIVE and only
-        then fails the run's pending futures, so an op added to the pending set after that
-        sweep sees the final status here and fails itself instead of waiting forever."""
-        async with self.r.db.session() as s:
-            status, reason = (await s.execute(select(Run.status, Run.status_reason).where(Run.id == run_id))).one()
-        if Status(status) in TERMINAL:
-            msg = f"model {run_id!r} is {status}" + (f": {reason}" if reason else "")
-            await self.queue.complete(run_id, request_id, FutureResult.failed(msg, ErrorCategory.SERVER))
 
     async def _repeat(self, principal: Principal, model_id: str, seq_id: int) -> Submitted | None:
         rid = await self.queue.claimed(model_id, seq_id)
@@ -159,7 +183,7 @@ class TrainingOps:
             principal, model_id, session_id, model_seq_id, base_model, asdict(lora), user_metadata
         )
         body = op_bodies.CreateBody(lora=op_bodies.LoraSpec(**asdict(lora)))
-        return await self._submit(run, 0, OpKind.CREATE, op_bodies.encode(body))
+        return await self._submit(OpRun.of(run), 0, OpKind.CREATE, op_bodies.encode(body))
 
     async def create_from_state(
         self,
@@ -195,7 +219,7 @@ class TrainingOps:
             init_path=path,
         )
         body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
-        return await self._submit(run, 0, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
+        return await self._submit(OpRun.of(run), 0, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
 
     async def _claim_model_id(
         self, principal: Principal, session_id: str, model_seq_id: int
@@ -253,7 +277,11 @@ class TrainingOps:
 
     # ---- ops on a live model ------------------------------------------------------------
     async def _op(
-        self, principal: Principal, model_id: str, seq_id: int, build: Callable[[Run], Awaitable[tuple[OpKind, bytes]]]
+        self,
+        principal: Principal,
+        model_id: str,
+        seq_id: int,
+        build: Callable[[OpRun], Awaitable[tuple[OpKind, bytes]]],
     ) -> Submitted:
         """Claim ``(model_id, seq_id)`` and enqueue what ``build`` validates and encodes.
 
@@ -274,7 +302,7 @@ class TrainingOps:
             raise
         return await self._submit(run, seq_id, kind, body)
 
-    async def _reject(self, run: Run, seq_id: int, exc: DomainError) -> None:
+    async def _reject(self, run: OpRun, seq_id: int, exc: DomainError) -> None:
         rid, is_new = await self.queue.submit(
             run.id, run.id, seq_id, OpKind.REJECTED, exc.message.encode(), org_id=run.org_id
         )
@@ -291,7 +319,7 @@ class TrainingOps:
         if not req.model_id:
             raise InvalidInput("model_id is required", field="model_id")
 
-        async def build(_run: Run) -> tuple[OpKind, bytes]:
+        async def build(_run: OpRun) -> tuple[OpKind, bytes]:
             if not req.loss_fn:
                 raise InvalidInput("loss_fn is required", field="loss_fn")
             if len(req.data) == 0:
@@ -312,7 +340,7 @@ class TrainingOps:
         adam: dict[str, Any] | None,
         optimizer_params: dict[str, Any] | None,
     ) -> Submitted:
-        async def build(_run: Run) -> tuple[OpKind, bytes]:
+        async def build(_run: OpRun) -> tuple[OpKind, bytes]:
             if optimizer_params is not None:
                 kind = optimizer_params.get("type", "?")
                 raise InvalidInput(
@@ -338,7 +366,7 @@ class TrainingOps:
         user_metadata: dict[str, Any] | None,
         encrypt_to: list[str] | None = None,
     ) -> Submitted:
-        async def build(run: Run) -> tuple[OpKind, bytes]:
+        async def build(run: OpRun) -> tuple[OpKind, bytes]:
             if encrypt_to:
                 raise InvalidInput(
                     "age_encryption_recipients is not supported by this server: exports are not encrypted",
@@ -380,7 +408,7 @@ class TrainingOps:
         return await self._op(principal, model_id, seq_id, build)
 
     async def load(self, principal: Principal, *, model_id: str, seq_id: int, path: str, optimizer: bool) -> Submitted:
-        async def build(run: Run) -> tuple[OpKind, bytes]:
+        async def build(run: OpRun) -> tuple[OpKind, bytes]:
             ckpt = await self._weights_checkpoint(principal, path)
             if ckpt.base_model != run.base_model:
                 raise InvalidInput(

@@ -40,6 +40,14 @@ async def read_hash(redis: aioredis.Redis, key: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+ENDED_TTL_SECONDS = 7 * 24 * 3600  # past it, an op to the run is refused by its row's status
+
+
+def run_ended_key(run_id: str) -> str:
+    """Set (to the reason) once a run has ended: see :meth:`TrainerQueue.end_run`."""
+    return f"{q.PREFIX}:run-ended:{run_id}"
+
+
 class TrainerQueue:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
@@ -106,6 +114,22 @@ class TrainerQueue:
 
     async def read(self, request_id: str, org_id: str | None = None) -> q.FutureResult | None:
         return await read_future(self._redis, request_id, org_id)
+
+    async def end_run(self, run_id: str, message: str) -> int:
+        """The run ended (its row is INACTIVE or FAILED, committed): its pending futures fail
+        with ``message``, and so does every op submitted from now on (:meth:`fail_if_ended`).
+        The mark goes first: an op added to the pending set after the sweep sees it."""
+        await self._redis.set(run_ended_key(run_id), message, ex=ENDED_TTL_SECONDS)
+        return await self.fail_pending(run_id, message)
+
+    async def fail_if_ended(self, run_id: str, request_id: str) -> bool:
+        """After an op joined the run's pending set: fail it at once if the run ended (closes
+        the race with :meth:`end_run`'s sweep, without a database read on the hot path)."""
+        raw = await self._redis.get(run_ended_key(run_id))
+        if raw is None:
+            return False
+        await self.complete(run_id, request_id, q.FutureResult.failed(q.text(raw), q.ErrorCategory.SERVER))
+        return True
 
     async def fail_pending(self, run_id: str, message: str) -> int:
         """Resolve every pending future of a run with a server error (its worker is gone)."""

@@ -12,8 +12,9 @@ from control_plane.db.models import Run, Session
 from control_plane.scaling.activity import activity_key
 from control_plane.scaling.kinds import RUN
 from control_plane.services.heartbeats import expire_sessions, flush_session_heartbeats
+from control_plane.training.queue import TrainerQueue
 from data_plane.wire import tinker_wire_pb2 as pb
-from data_plane.wire.queue import ops_stream
+from data_plane.wire.queue import FutureState, ops_stream, run_pending_key
 from tests.control_plane.conftest import TEST_MODEL, Api
 
 
@@ -257,3 +258,45 @@ async def test_rest_listing_pages_and_scopes(api: Api) -> None:
     assert bad_id.status_code == 400
     wi = await api.client.post("/api/v1/weights_info", json={"tinker_path": "tinker://bad"}, headers=t.headers)
     assert wi.status_code == 400 and wi.json()["field"] == "tinker_path"
+
+
+async def test_an_op_on_a_run_that_ended_fails_from_the_mark_and_later_from_the_row(api: Api) -> None:
+    """The ops route reads its run through the process's read cache and no longer reads the
+    database after submitting: ending a run marks it in Redis before the pending sweep
+    (TrainerQueue.end_run), so an op that slipped in past a still-cached ACTIVE row fails at
+    once with the run's reason, one pending at the sweep fails with it, and once the row's
+    change reaches the cache the route answers 410 without enqueuing anything."""
+    t = await api.tenant("acme")
+    sid = await _session(api, t.headers)
+    mid = (
+        await api.client.post(
+            "/api/v1/create_model",
+            json={"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL},
+            headers=t.headers,
+        )
+    ).json()["model_id"]
+    h = {**t.headers, "Content-Type": "application/x-protobuf"}
+    queue = TrainerQueue(api.runtime.redis)
+
+    async def submit(seq: int) -> str:
+        res = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, seq, [1, 2, 3]), headers=h)
+        assert res.status_code == 200, res.text
+        return str(res.json()["request_id"])
+
+    pending = await submit(1)
+    first = await queue.read(pending)
+    assert first is not None and first.state == FutureState.PENDING
+    # the controller's side, the row left as it is: a cached or stale ACTIVE row lets ops in
+    assert await queue.end_run(mid, f"run {mid} is INACTIVE: deactivated") == 2  # the create too (no worker)
+    swept = await queue.read(pending)
+    assert swept is not None and swept.state == FutureState.FAILED and b"deactivated" in swept.body
+    late = await queue.read(await submit(2))
+    assert late is not None and late.state == FutureState.FAILED and b"INACTIVE: deactivated" in late.body
+    assert await api.runtime.redis.scard(run_pending_key(mid)) == 0  # nothing left waiting
+    # the row changes: the read cache drops the run, the next op is refused before any queueing
+    async with api.runtime.db.transaction() as s:
+        await s.execute(update(Run).where(Run.id == mid).values(status="INACTIVE", status_reason="deactivated"))
+    before = await api.runtime.redis.xlen(ops_stream(mid))
+    res = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, 3, [1, 2, 3]), headers=h)
+    assert res.status_code == 410 and "INACTIVE" in res.json()["detail"]
+    assert await api.runtime.redis.xlen(ops_stream(mid)) == before

@@ -115,7 +115,7 @@ class LoopsTrainingController(Controller):
             await enqueue_initial_op(r, s, created.run)
             users = await p.principal_names(s, {created.run.created_by})
         for rid in created.replaced_run_ids:
-            await TrainerQueue(r.redis).fail_pending(rid, f"run {rid} was replaced by run {created.run.id}")
+            await TrainerQueue(r.redis).end_run(rid, f"run {rid} was replaced by run {created.run.id}")
         await r.kick_controller()
         return RunEnvelope(p.run_json(created.run, created.sampler, r.settings.base_url, users))
 
