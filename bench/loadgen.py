@@ -1,11 +1,17 @@
 """Load generators, each in its own process: ``wrk`` when it is installed (Debian: ``apt-get
-install wrk``), else a Python client (httpx, one connection per worker) that is itself
-CPU-bound and therefore measures less than the server can do."""
+install wrk``; :func:`ensure_wrk` installs it when it can), else a Python client (httpx, one
+connection per worker) that is itself CPU-bound and therefore measures less than the server can
+do. Every run reports the CPU its generator used (:attr:`LoadResult.client_cpu`, cores): a
+generator that kept its threads busy was the bottleneck (:attr:`LoadResult.generator_bound`),
+and what it measured is the generator, not the server."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,22 +42,64 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     client: str
+    client_cpu: float = 0.0  # cores the generator kept busy on average (CPU time / wall time)
+    client_threads: int = 1
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def generator_bound(self) -> bool:
+        """The generator's threads were busy ~all the time: it, not the server, set the pace."""
+        return self.client_cpu >= GENERATOR_BOUND * self.client_threads
+
+
+GENERATOR_BOUND = 0.85  # of each generator thread
 
 
 def client_name() -> str:
     return "wrk" if shutil.which("wrk") else "python-httpx"
 
 
+def ensure_wrk(install: bool = True) -> str | None:
+    """``wrk``'s path; when it is missing and ``install`` allows, install Debian's package
+    (as root with apt-get, the only way this machine gets it). None when it stays missing."""
+    if (path := shutil.which("wrk")) or not install:
+        return path
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print("wrk is not installed (apt-get install wrk); falling back to the Python load generator")
+        return None
+    print("installing wrk (Debian's package) for a load generator that can saturate the server ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (
+        ["apt-get", "install", "-y", "-q", "wrk"],
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "wrk"],
+    ):
+        if subprocess.run(cmd, env=env, capture_output=True, check=False).returncode == 0 and shutil.which("wrk"):
+            return shutil.which("wrk")
+    print("could not install wrk; falling back to the Python load generator")
+    return None
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_load(url: str, headers: dict[str, str], *, connections: int, seconds: float, threads: int = 1) -> LoadResult:
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     if shutil.which("wrk"):
-        return _run_wrk(url, headers, connections=connections, seconds=seconds, threads=threads)
-    cmd = [sys.executable, "-m", "bench.loadgen", url, json.dumps(headers), str(connections), str(seconds)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return LoadResult(**json.loads(out.strip().splitlines()[-1]))
+        res = _run_wrk(url, headers, connections=connections, seconds=seconds, threads=threads)
+        nthreads = min(threads, connections)
+    else:
+        cmd = [sys.executable, "-m", "bench.loadgen", url, json.dumps(headers), str(connections), str(seconds)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        res, nthreads = LoadResult(**json.loads(out.strip().splitlines()[-1])), 1
+    # the generator's CPU over its run (start-up included: a slight overestimate)
+    busy = (_children_cpu() - cpu0) / max(time.perf_counter() - t0, 1e-9)
+    return dataclasses.replace(res, client_cpu=busy, client_threads=nthreads)
 
 
 def _run_wrk(url: str, headers: dict[str, str], *, connections: int, seconds: float, threads: int) -> LoadResult:

@@ -65,7 +65,7 @@ def sdk_batch(tokens: np.ndarray) -> list[Any]:
 
 
 SMALL_OP_TOKENS = 8
-SMALL_OP_ROUNDS = 40
+SMALL_OP_ROUNDS = 200
 
 
 def bench_model(stack: Stack, kind: str) -> tuple[CatalogModel, int]:
@@ -127,6 +127,27 @@ class SdkResult:
     first_step_s: float  # create_lora_training_client -> first completed step
     worker_peak_rss_mib: float | None
     small_op_times: list[float]  # 1 x 8-token forward round trips
+    worker_step_times: list[float]  # the worker's own time in each measured step's ops (telemetry)
+
+
+def worker_step_times(base: str, key: str, run_id: str, steps: int) -> list[float]:
+    """``step_time_s`` of the run's last ``steps`` steps from its training telemetry: the
+    worker's time executing the step's ops, without the queue, the API or the SDK."""
+    import httpx
+
+    deadline = time.monotonic() + 30
+    while True:  # telemetry lands within about OPENLOOPS_TELEMETRY_BATCH_MS of each answer
+        r = httpx.get(
+            f"{base}/v1/loops/runs/{run_id}/training_metrics",
+            headers={"Authorization": f"Bearer {key}"},
+            params={"limit": 10000},
+            timeout=30,
+        )
+        r.raise_for_status()
+        got = [x["metrics"] for x in r.json()["steps"] if "step_time_s" in x["metrics"]]
+        if len(got) >= steps or time.monotonic() > deadline:
+            return [float(m["step_time_s"]) for m in got[-steps:]]
+        time.sleep(0.5)
 
 
 def small_datum(tokens: np.ndarray) -> Any:
@@ -189,9 +210,10 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
             if i >= 3:
                 small_times.append(time.perf_counter() - t)
         rss = _worker_peak_rss_mib(stack, tc.model_id)
+        worker = worker_step_times(base, key, tc.model_id, warmup + steps)[warmup:]
         service.close("success").result()
         assert first_step is not None
-        return SdkResult(times, first_step, rss, small_times)
+        return SdkResult(times, first_step, rss, small_times, worker)
     finally:
         proc.terminate()
         try:
@@ -260,7 +282,10 @@ def table(kind: str, sdk: SdkResult, peft: list[float], peft_small: list[float],
         f"| openloops via tinker SDK | {s_med:.3f} | {tok / s_med:,.0f} | {p_med / s_med:.2f} |",
         "",
         f"Added per step by openloops (SDK, API, Redis, worker loop) over the trainer in process: "
-        f"{1000 * (s_med - engine_s):+.1f} ms ({100 * (s_med / engine_s - 1):+.1f}%). "
+        f"{1000 * (s_med - engine_s):+.1f} ms ({100 * (s_med / engine_s - 1):+.1f}%), of which the worker's "
+        f"own time in the step's ops (telemetry: median {statistics.median(sdk.worker_step_times):.3f} s) is "
+        f"{1000 * (statistics.median(sdk.worker_step_times) - engine_s):+.1f} ms and the path around it "
+        f"(SDK encode/decode, HTTP, API, Redis, polls) {1000 * (s_med - statistics.median(sdk.worker_step_times)):+.1f} ms. "
         f"A {SMALL_OP_TOKENS}-token `forward` round trip: p50 {1000 * quantile(so, 0.5):.1f} ms, "
         f"p90 {1000 * quantile(so, 0.9):.1f} ms through the SDK, against {1000 * quantile(ps, 0.5):.1f} ms "
         f"in process ({len(so)} rounds). `create_lora_training_client` -> first step "

@@ -8,6 +8,7 @@ submission is answered before any validation, so an HTTP retry of an op that alr
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 from collections.abc import Awaitable, Callable
@@ -147,9 +148,13 @@ class TrainingOps:
             org_id=run.org_id,
             max_inflight=self.r.settings.max_inflight_futures_per_org,
         )
-        await op_arrived(self.r, run.id, run.deployment_id, run.status)  # activity; wakes a sleeping trainer
+        # activity (wakes a sleeping trainer) and, for a new op, the check that its run has not
+        # ended meanwhile: independent, so both round trips at once
+        arrived = op_arrived(self.r, run.id, run.deployment_id, run.status)
         if is_new:
-            await self.queue.fail_if_ended(run.id, rid)
+            await asyncio.gather(arrived, self.queue.fail_if_ended(run.id, rid))
+        else:
+            await arrived
         if is_new and seq_id == 0:
             await self.r.kick_controller()
         return Submitted(rid, run.id)
