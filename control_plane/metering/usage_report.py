@@ -11,7 +11,8 @@ report.
 - **Tokens trained**: the ``tokens`` of the run's training-metric steps in the window (the
   telemetry; its retention, ``OPENLOOPS_TRAINING_METRICS_RETENTION_DAYS``, bounds how far back).
 - **Sampling**: requests, samples, prompt and generated tokens of the sampling request counters
-  (per run; samplers of no run per base model). **Served**: the same of served models.
+  (per run; samplers of no run per base model). **Served**: the same of served models. Those
+  counters are per minute: a window takes every minute it touches.
 
 ``group_by=run`` gives one item per run (its trainer's share: the deployment's intervals while
 the run was attached to it, from its creation until it ended), per base model for samplers
@@ -362,7 +363,9 @@ async def _sampling(s: AsyncSession, r: _Report, org_id: str) -> None:
         func.sum(b.prompt_tokens),
         func.sum(b.completion_tokens),
     )
-    window = (b.bucket_start >= r.w.start, b.bucket_start < r.w.end)
+    # the counters are per minute: the window takes every minute it touches
+    first_minute = r.w.start.replace(second=0, microsecond=0)
+    window = (b.bucket_start >= first_minute, b.bucket_start < r.w.end)
     sources = (
         (RUN_SAMPLING, Run, Run.id, lambda row: ("run", row)),
         (SAMPLER_SAMPLING, Sampler, Sampler.base_model, lambda row: (SAMPLER, row)),

@@ -150,6 +150,9 @@ async def test_the_window_clips_and_another_org_sees_nothing(api):
     body = (await usage(api, t, start=m(30).isoformat(), end=m(60).isoformat())).json()
     assert body["totals"]["worker_seconds_by_kind"] == {"sampler": {"cpu": 1800}, "trainer": {"cpu": 1800}}
     assert body["totals"]["tokens_trained"] == 0  # its steps were at 15, 25 and 70 minutes
+    # request counters are per minute: a window that starts inside a minute takes that minute
+    body = (await usage(api, t, start=m(20.5).isoformat(), end=m(21).isoformat())).json()
+    assert body["totals"]["sampling"]["requests"] == 4 and body["totals"]["sampling"]["samples"] == 5
     other = await api.tenant("globex")
     body = (await usage(api, other, **WINDOW)).json()
     assert body["items"] == [] and body["totals"]["worker_seconds"] == {}
