@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sqlalchemy import select
+
 from control_plane.auth.principal import Principal
 from control_plane.db.models import Deployment, Run
 from control_plane.errors import Conflict, DomainError, Gone, InvalidInput, NotFound
@@ -60,19 +62,34 @@ class LoopsTrainerOps:
 
     # ---- addressing --------------------------------------------------------------------------
     async def target(self, principal: Principal, deployment_id: str, run_id: str | None) -> Target:
-        """The deployment (404 for another org's) and the run ``X-Run-Id`` names on it."""
-        async with self.r.db.session() as s:
-            dep = await s.get(Deployment, deployment_id)
-            if dep is None or dep.org_id != principal.org_id:
-                raise NotFound("deployment", deployment_id)
-            if not run_id:
-                raise InvalidInput("name the run this request is for in the X-Run-Id header", field="X-Run-Id")
-            run = await s.get(Run, run_id)
-        if run is None or run.org_id != principal.org_id:
-            raise NotFound("run", run_id)
-        if run.deployment_id != dep.id:
-            raise NotFound("run", f"{run_id} on deployment {deployment_id}")
-        return Target(dep, run)
+        """The deployment (404 for another org's) and the run ``X-Run-Id`` names on it.
+
+        Every op and poll asks, so the pair comes through the process's read cache (keyed by
+        the run: any write to the run row drops it within milliseconds). The deployment's
+        fields that ops use (id, org, base model) never change; its status, which may, is read
+        fresh where it matters (:meth:`health`). The rows are shared read-only views: nothing
+        changes them. A run that ended meanwhile is caught after submission
+        (:meth:`TrainerQueue.fail_if_ended`)."""
+        if not run_id:
+            raise InvalidInput("name the run this request is for in the X-Run-Id header", field="X-Run-Id")
+
+        async def load() -> Target | tuple[str, str]:
+            async with self.r.db.session() as s:
+                dep = await s.get(Deployment, deployment_id)
+                if dep is None or dep.org_id != principal.org_id:
+                    return ("deployment", deployment_id)
+                run = await s.get(Run, run_id)
+            if run is None or run.org_id != principal.org_id:
+                return ("run", run_id)
+            if run.deployment_id != dep.id:
+                return ("run", f"{run_id} on deployment {deployment_id}")
+            return Target(dep, run)
+
+        # a miss is cached too (as what is missing): the row's INSERT would drop it
+        got = await self.r.db.read_cache.get_or_load(run_id, ("loops_target", principal.org_id, deployment_id), load)
+        if isinstance(got, tuple):
+            raise NotFound(*got)
+        return got
 
     @staticmethod
     def live(t: Target) -> None:
@@ -89,7 +106,11 @@ class LoopsTrainerOps:
                 "model", f"{base_model} on deployment {t.deployment.id} (it trains {t.deployment.base_model})"
             )
         self.live(t)
-        if t.deployment.status == Status.SCALED_TO_ZERO.value:
+        async with self.r.db.session() as s:  # fresh: the cached view may predate a scale-down
+            dep_status = (
+                await s.execute(select(Deployment.status).where(Deployment.id == t.deployment.id))
+            ).scalar_one_or_none()
+        if dep_status == Status.SCALED_TO_ZERO.value:
             # a client that checks whether its trainer is up means to use it: wake it (an awake
             # trainer's health checks are not activity, so polling them keeps nothing up)
             await request_wake(self.r, "deployment", t.deployment.id)
