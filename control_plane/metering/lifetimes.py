@@ -1,11 +1,13 @@
 """When workloads ran, from their status history: the intervals usage bills.
 
-A deployment (a trainer), a sampler row or a served model runs from the moment it enters a
-status in which its workload exists (:data:`RUNNING`: the controller's ``LIVE`` statuses, plus
-``DEACTIVATING``, while it is being stopped) until the first status after that in which it does
-not (scaled to zero, inactive, failed). The controller writes those transitions as it observes
-the workload, so the intervals are the observed lifetime, not a requested one. Interval
-arithmetic here is on half-open ``[start, end)`` pairs of aware datetimes.
+A deployment (a trainer), a sampler row or a served model runs from the moment the controller
+observes its workload started (:data:`RUNNING`: loading its model, active, unhealthy, updating,
+waking up or restarting, and ``DEACTIVATING`` while it is being stopped) until the first status
+after that in which nothing runs (scaled to zero, inactive, failed). ``DEPLOYING`` is not
+running: the workload was asked for and not seen started yet (a process spawning, a pod being
+scheduled). The controller writes those transitions on the pass that observes them, so the
+intervals are the observed lifetime, not the requested one, to within a pass at each end.
+Interval arithmetic here is on half-open ``[start, end)`` pairs of aware datetimes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import date, datetime, time, timedelta
 
 from control_plane.statuses import LIVE, Status
 
-RUNNING = frozenset({*(s.value for s in LIVE), Status.DEACTIVATING.value})
+RUNNING = frozenset({*(s.value for s in LIVE if s != Status.DEPLOYING), Status.DEACTIVATING.value})
 Interval = tuple[datetime, datetime]
 
 

@@ -32,7 +32,8 @@ def m(minutes: float) -> datetime:
 
 def test_running_intervals_open_and_close_on_status_changes():
     changes = [(m(0), "DEPLOYING"), (m(10), "ACTIVE"), (m(70), "SCALED_TO_ZERO"), (m(100), "WAKING_UP")]
-    assert lifetimes.running_intervals(changes, until=m(120)) == [(m(0), m(70)), (m(100), m(120))]
+    # DEPLOYING is asked for, not running: the interval opens when the workload is seen started
+    assert lifetimes.running_intervals(changes, until=m(120)) == [(m(10), m(70)), (m(100), m(120))]
     assert lifetimes.union([(m(5), m(50)), (m(40), m(60)), (m(60), m(61))]) == [(m(5), m(61))]
     assert lifetimes.by_day([(m(0), m(130))]) == {T0.date(): 3600.0, (T0 + timedelta(days=1)).date(): 70 * 60.0}
 
@@ -70,14 +71,14 @@ async def seed(api) -> tuple[object, str]:
             for at, to in changes:
                 s.add(StatusHistory(org_id=org, resource_type=kind, resource_id=rid, to_status=to, created_at=m(at)))
 
-        # the trainer runs [0, 70) and [100, 131) minutes: 101 minutes
+        # the trainer runs [10, 70) and [100, 131) minutes: 91 minutes (DEPLOYING does not count)
         hist("deployment", run.deployment_id, (0, "DEPLOYING"), (10, "ACTIVE"), (70, "SCALED_TO_ZERO"),
              (100, "WAKING_UP"), (130, "DEACTIVATING"), (131, "INACTIVE"))  # fmt: skip
-        # the run ends at 120: its share is [0, 70) + [100, 120) = 90 minutes
+        # the run ends at 120: its share is [10, 70) + [100, 120) = 80 minutes
         hist("run", run_id, (0, "DEPLOYING"), (10, "ACTIVE"), (120, "INACTIVE"))
-        # the two samplers share one server: [5, 50) and [40, 60) -> [5, 60), 55 minutes
+        # the two samplers share one server: [20, 50) and [42, 60) -> [20, 60), 40 minutes
         hist("sampler", paired_sampler, (5, "DEPLOYING"), (20, "ACTIVE"), (50, "SCALED_TO_ZERO"))
-        hist("sampler", other.id, (40, "DEPLOYING"), (60, "INACTIVE"))
+        hist("sampler", other.id, (40, "DEPLOYING"), (42, "ACTIVE"), (60, "INACTIVE"))
         for step, (at, tokens) in enumerate(((15, 100), (25, 40), (70, 7)), start=1):
             s.add(TrainingMetric(run_id=run_id, step=step, org_id=org, time=m(at), metrics={"tokens": tokens}))
         zeros = [0] * (len(LATENCY_BUCKETS_MS) + 1)
@@ -111,8 +112,8 @@ async def test_usage_by_run(api):
     body = r.json()
     assert body["group_by"] == "run" and body["start"].startswith("2026-11-02T00:00:00")
     totals = body["totals"]
-    assert totals["worker_seconds"] == {"cpu": 101 * 60 + 55 * 60}
-    assert totals["worker_seconds_by_kind"] == {"sampler": {"cpu": 55 * 60}, "trainer": {"cpu": 101 * 60}}
+    assert totals["worker_seconds"] == {"cpu": 91 * 60 + 40 * 60}
+    assert totals["worker_seconds_by_kind"] == {"sampler": {"cpu": 40 * 60}, "trainer": {"cpu": 91 * 60}}
     assert totals["tokens_trained"] == 147 and totals["training_steps"] == 3
     assert totals["sampling"] == {
         "requests": 7,
@@ -125,10 +126,10 @@ async def test_usage_by_run(api):
     assert set(items) == {"run", "samplers"}
     run = items["run"]
     assert run["run_id"] == run_id and run["base_model"] == TEST_MODEL
-    assert run["worker_seconds"] == {"cpu": 90 * 60}
+    assert run["worker_seconds"] == {"cpu": 80 * 60}
     assert run["tokens_trained"] == 147 and run["sampling"]["requests"] == 5 and run["sampling"]["samples"] == 7
     smp = items["samplers"]
-    assert smp["base_model"] == TEST_MODEL and smp["worker_seconds"] == {"cpu": 55 * 60}
+    assert smp["base_model"] == TEST_MODEL and smp["worker_seconds"] == {"cpu": 40 * 60}
     assert smp["sampling"]["requests"] == 2 and smp["sampling"]["completion_tokens"] == 20
 
 
@@ -137,11 +138,11 @@ async def test_usage_by_day_splits_at_midnight_and_sums_to_the_totals(api):
     body = (await usage(api, t, group_by="day", **WINDOW)).json()
     days = {i["day"]: i for i in body["items"]}
     assert set(days) == {"2026-11-02", "2026-11-03"}
-    assert days["2026-11-02"]["worker_seconds_by_kind"] == {"sampler": {"cpu": 55 * 60}, "trainer": {"cpu": 60 * 60}}
+    assert days["2026-11-02"]["worker_seconds_by_kind"] == {"sampler": {"cpu": 40 * 60}, "trainer": {"cpu": 50 * 60}}
     assert days["2026-11-03"]["worker_seconds_by_kind"] == {"trainer": {"cpu": (10 + 31) * 60}}
     assert days["2026-11-02"]["tokens_trained"] == 140 and days["2026-11-03"]["tokens_trained"] == 7
     assert days["2026-11-02"]["sampling"]["requests"] == 6 and days["2026-11-03"]["sampling"]["requests"] == 1
-    assert body["totals"]["worker_seconds"] == {"cpu": (101 + 55) * 60}
+    assert body["totals"]["worker_seconds"] == {"cpu": (91 + 40) * 60}
     assert body["totals"]["sampling"]["requests"] == 7
 
 
@@ -200,8 +201,8 @@ async def test_admin_usage_prints_the_same_report(api, services, data_dir):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     run_line = next(line for line in lines if f"run {run_id}" in line)
-    assert "cpu 1.500" in run_line and "147" in run_line  # 90 minutes; tokens trained
+    assert "cpu 1.333" in run_line and "147" in run_line  # 80 minutes; tokens trained
     total = next(line for line in lines if "total" in line)
-    assert "cpu 2.600" in total  # 156 minutes
+    assert "cpu 2.183" in total  # 131 minutes
     r = admin("--group-by", "week")
     assert r.returncode == 1 and "group_by must be one of run, day" in r.stderr
