@@ -128,14 +128,15 @@ async def request_series(
                 out[k].append({"timestamp": ts, "value": w.rate(a[k])})
         out["inference_volume"].append({"timestamp": ts, "value": w.rate(a["c2"] + a["c4"] + a["c5"])})
         out["concurrent_requests"].append({"timestamp": ts, "value": a["conc"]})
-        out["response_time_stats"].append(
-            {
-                "timestamp": ts,
-                "p50": percentile(a["hist"], 0.5),
-                "p95": percentile(a["hist"], 0.95),
-                "p99": percentile(a["hist"], 0.99),
-            }
-        )
+        if any(a["hist"]):  # a step whose only row holds a request still in flight has no latency yet
+            out["response_time_stats"].append(
+                {
+                    "timestamp": ts,
+                    "p50": percentile(a["hist"], 0.5),
+                    "p95": percentile(a["hist"], 0.95),
+                    "p99": percentile(a["hist"], 0.99),
+                }
+            )
         out["inference_volume_by_status"].append(
             {
                 "timestamp": ts,

@@ -157,3 +157,27 @@ def test_a_tap_counts_a_json_answer_and_a_streams_usage_chunk():
     tap.feed(b" " * (TAP_LIMIT + 1))
     tap.feed(answer)
     assert tap.tokens() is None
+
+
+async def test_a_request_in_flight_across_a_flush_and_a_minute_leaves_no_empty_latency_point(api):
+    """A flush while a request is in flight writes its minute's concurrency alone; when the
+    request ends in the next minute, the first minute has no latency: it gets no point (a null
+    percentile would break every chart and client that reads them)."""
+    t, run_id = await run_of(api)
+    meter = api.runtime.meter
+    minute = int(time.time() // 60) * 60 - 120
+    clock = "control_plane.metering.requests.time.time"
+    with mock.patch(clock, return_value=minute + 50):
+        tracking = meter.track(RUN_SAMPLING, run_id)
+        out = tracking.__enter__()
+        await meter.flush()
+    with mock.patch(clock, return_value=minute + 65):
+        out.status = 200
+        tracking.__exit__(None, None, None)
+    await meter.flush()
+    r = await get_sampling(api, t, run_id, start_epoch_millis=minute * 1000, end_epoch_millis=(minute + 120) * 1000)
+    m = r.json()["metrics"]
+    assert [p["value"] for p in m["concurrent_requests"]] == [1, 0]
+    assert [p["value"] for p in m["inference_volume"]] == [0, 1]
+    (only,) = m["response_time_stats"]
+    assert only["timestamp"] == m["inference_volume"][1]["timestamp"] and only["p50"] is not None

@@ -247,8 +247,10 @@ async def _complete(request: Request, principal: Principal, served_model_id: str
         finally:
             with contextlib.suppress(Exception):
                 await opened.body.aclose()
-            if opened.status < 400:
-                out.tokens = tap.tokens()
-            tracking.__exit__(None, None, None)
+            try:
+                if opened.status < 400:
+                    out.tokens = tap.tokens()
+            finally:  # the request is counted whatever the tap made of its answer
+                tracking.__exit__(None, None, None)
 
     return Stream(body(), status_code=opened.status, media_type=opened.content_type)
