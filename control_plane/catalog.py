@@ -84,6 +84,10 @@ class ModelCatalog:
     def models(self) -> list[CatalogModel]:
         return list(self._models.values())
 
+    def find(self, name: str) -> CatalogModel | None:
+        """The entry named ``name``, or None (a model removed from the catalog)."""
+        return self._models.get(name)
+
     def get(self, name: str, *, field: str = "base_model") -> CatalogModel:
         model = self._models.get(name)
         if model is None:

@@ -60,9 +60,14 @@ class Tokens:
         choices = answer.get("choices")
         if not isinstance(usage, dict) and not isinstance(choices, list):
             return None
+        return cls.of_usage(usage, samples=len(choices) if isinstance(choices, list) else 0)
+
+    @classmethod
+    def of_usage(cls, usage: Any, *, samples: int) -> Tokens:
+        """From an OpenAI ``usage`` object (anything else counts no tokens)."""
         usage = usage if isinstance(usage, dict) else {}
         return cls(
-            samples=len(choices) if isinstance(choices, list) else 0,
+            samples=samples,
             prompt=_count(usage.get("prompt_tokens")),
             completion=_count(usage.get("completion_tokens")),
         )
@@ -107,11 +112,7 @@ class TokenTap:
                 except (ValueError, AttributeError):
                     continue
                 if isinstance(usage, dict):
-                    return Tokens(
-                        samples=self.n,
-                        prompt=_count(usage.get("prompt_tokens")),
-                        completion=_count(usage.get("completion_tokens")),
-                    )
+                    return Tokens.of_usage(usage, samples=self.n)
         return Tokens(samples=self.n)
 
 

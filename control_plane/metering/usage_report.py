@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import Date, Numeric, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.catalog import CatalogModel, ModelCatalog
+from control_plane.catalog import ModelCatalog
 from control_plane.db.models import Deployment, RequestBucket, Run, Sampler, ServedModel, StatusHistory, TrainingMetric
 from control_plane.errors import InvalidInput
 from control_plane.metering import lifetimes
@@ -144,15 +144,12 @@ class UsagePolicy:
     catalog: ModelCatalog
     trainer_ranks: int
 
-    def model(self, name: str) -> CatalogModel | None:
-        return next((m for m in self.catalog.models if m.name == name), None)
-
     def trainer(self, base_model: str, replicas: int) -> Counter[str]:
-        m = self.model(base_model)
+        m = self.catalog.find(base_model)
         return trainer_units(m, replicas, self.trainer_ranks) if m else Counter({UNKNOWN: max(1, replicas)})
 
     def sampler(self, base_model: str) -> Counter[str]:
-        m = self.model(base_model)
+        m = self.catalog.find(base_model)
         return sampler_units(m) if m else Counter({UNKNOWN: 1})
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control_plane.catalog import CatalogModel, ModelCatalog
+from control_plane.catalog import ModelCatalog
 from control_plane.db.models import Deployment, Sampler, ServedModel
 from control_plane.services.capacity_units import sampler_units, trainer_units
 from control_plane.statuses import LIVE
@@ -32,10 +32,6 @@ class Usage:
         return self.dedicated + self.spot
 
 
-def _model(catalog: ModelCatalog, name: str) -> CatalogModel | None:
-    return next((m for m in catalog.models if m.name == name), None)
-
-
 async def org_usage(s: AsyncSession, catalog: ModelCatalog, trainer_ranks: int, org_id: str) -> Usage:
     usage = Usage()
     deps = await s.execute(
@@ -44,7 +40,7 @@ async def org_usage(s: AsyncSession, catalog: ModelCatalog, trainer_ranks: int, 
         )
     )
     for base_model, replicas, availability in deps:
-        if (model := _model(catalog, base_model)) is not None:
+        if (model := catalog.find(base_model)) is not None:
             target = usage.spot if availability == "spot" else usage.dedicated
             target.update(trainer_units(model, replicas, trainer_ranks))
     sampled = await s.execute(
@@ -54,6 +50,6 @@ async def org_usage(s: AsyncSession, catalog: ModelCatalog, trainer_ranks: int, 
         select(ServedModel.base_model).where(ServedModel.org_id == org_id, ServedModel.status.in_(_LIVE))
     )
     for base_model in [*sampled.scalars(), *served.scalars()]:
-        if (model := _model(catalog, base_model)) is not None:
+        if (model := catalog.find(base_model)) is not None:
             usage.dedicated.update(sampler_units(model))
     return usage

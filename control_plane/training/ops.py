@@ -12,7 +12,7 @@ import asyncio
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import zstandard
@@ -91,15 +91,11 @@ class OpRun:
 
     @classmethod
     def of(cls, run: Run) -> OpRun:
-        return cls(
-            run.id, run.org_id, run.status, run.status_reason, run.deployment_id, run.base_model, run.init_path,
-            run.lora_rank,
-        )  # fmt: skip
+        return cls(*(getattr(run, f.name) for f in fields(cls)))
 
 
-_OP_RUN = select(
-    Run.id, Run.org_id, Run.status, Run.status_reason, Run.deployment_id, Run.base_model, Run.init_path, Run.lora_rank
-)
+# the view's columns, named by its fields
+_OP_RUN = select(*(getattr(Run, f.name) for f in fields(OpRun)))
 
 
 def storage_prefix(run: OpRun | Run, kind: str, name: str) -> str:
