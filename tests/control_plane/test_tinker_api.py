@@ -28,6 +28,16 @@ async def _session(api: Api, headers: dict[str, str]) -> str:
     return res.json()["session_id"]
 
 
+async def _model(api: Api, headers: dict[str, str]) -> str:
+    """A new session's first training model (its create op waits: no worker here)."""
+    sid = await _session(api, headers)
+    res = await api.client.post(
+        "/api/v1/create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL}, headers=headers
+    )
+    assert res.status_code == 200, res.text
+    return str(res.json()["model_id"])
+
+
 def _fwd(model_id: str, seq_id: int, tokens: list[int]) -> bytes:
     req = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
     d = req.data.add()
@@ -90,14 +100,7 @@ async def test_create_model_validation_and_rows(api: Api) -> None:
 
 async def test_training_op_validation(api: Api) -> None:
     t = await api.tenant("acme")
-    sid = await _session(api, t.headers)
-    mid = (
-        await api.client.post(
-            "/api/v1/create_model",
-            json={"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL},
-            headers=t.headers,
-        )
-    ).json()["model_id"]
+    mid = await _model(api, t.headers)
     h = {**t.headers, "Content-Type": "application/x-protobuf"}
     garbage = await api.client.post("/api/v1/forward_backward", content=b"\xff\xff\xff", headers=h)
     assert garbage.status_code == 400 and "ForwardBackwardRequest" in garbage.json()["detail"]
@@ -267,14 +270,7 @@ async def test_an_op_on_a_run_that_ended_fails_from_the_mark_and_later_from_the_
     once with the run's reason, one pending at the sweep fails with it, and once the row's
     change reaches the cache the route answers 410 without enqueuing anything."""
     t = await api.tenant("acme")
-    sid = await _session(api, t.headers)
-    mid = (
-        await api.client.post(
-            "/api/v1/create_model",
-            json={"session_id": sid, "model_seq_id": 0, "base_model": TEST_MODEL},
-            headers=t.headers,
-        )
-    ).json()["model_id"]
+    mid = await _model(api, t.headers)
     h = {**t.headers, "Content-Type": "application/x-protobuf"}
     queue = TrainerQueue(api.runtime.redis)
 
