@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 
 from bench.explain import explain_service_call
-from bench.live import cpu_name, load_average
 from bench.loadgen import GENERATOR_BOUND, LoadResult, client_name, ensure_wrk, run_load
+from bench.machine import cpu_name, load_average
 from bench.seed import TENANT_CHECKPOINTS, Tenant, grow_checkpoints, reset, seed_tenant
 from bench.stack import BENCH_MODEL, Stack, start_stack
 from control_plane.catalog import ModelCatalog

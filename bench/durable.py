@@ -46,14 +46,13 @@ import redis
 
 from bench.batch import LR, RANK, batch_tokens
 from bench.live import (
-    cpu_name,
-    load_average,
     make_key,
     pct,
     start_openloops,
     started_at,
     trainer_pid,
 )
+from bench.machine import cpu_name, load_average
 from bench.proc_memory import peak_rss_mib, reset_peak_rss
 from bench.stack import Stack, start_stack
 from bench.trainer_sdk import bench_model, sdk_batch

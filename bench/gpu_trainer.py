@@ -1,4 +1,4 @@
-"""Trainer and sampler on a GPU: ``python -m bench.gpu_trainer [--quick] [--write-readme] [--out DIR]``.
+"""Trainer and sampler on a GPU: ``python -m bench.gpu_trainer [--quick] [--readme] [--out DIR]``.
 
 Builds the ``qwen3-0.6b`` preset locally (Qwen3-0.6B's architecture, random bfloat16 weights,
 this repo's own tokenizer: nothing is downloaded), then measures, each in its own process so
@@ -24,7 +24,7 @@ projection, activation checkpointing), over ``n_gpus`` x the GPU's dense bfloat1
 
 Without a CUDA device it exits with status 2, except with ``--device cpu --preset tiny``,
 which runs every path on the CPU with the tiny model (float32) so that the code is exercised
-anywhere. ``--from-json FILE --write-readme`` writes the README section from a saved result.
+anywhere. ``--from-json FILE --readme`` writes the README section from a saved result.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.batch import sft_request
+from bench.readme_section import write_section
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "bench" / "README.md"
-BEGIN, END = "<!-- bench.gpu_trainer: begin -->", "<!-- bench.gpu_trainer: end -->"
 NO_CUDA = "no CUDA device: this benchmark needs a GPU"
 NO_CUDA_EXIT = 2
 
@@ -544,15 +543,6 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(body: str, path: Path = README) -> None:
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} section to replace")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
-
-
 # ---- main ---------------------------------------------------------------------------------
 
 
@@ -582,8 +572,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-sampler", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer steps and one sampler round")
     ap.add_argument("--out", help="write gpu_trainer.json, gpu_trainer.md and the vLLM log here")
-    ap.add_argument("--write-readme", action="store_true", help="replace this benchmark's section of bench/README.md")
-    ap.add_argument("--from-json", help="render (and with --write-readme write) a saved gpu_trainer.json")
+    ap.add_argument(
+        "--readme",
+        "--write-readme",
+        dest="write_readme",
+        action="store_true",
+        help="replace this benchmark's section of bench/README.md",
+    )
+    ap.add_argument("--from-json", help="render (and with --readme write) a saved gpu_trainer.json")
     ap.add_argument("--child-train", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -598,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         body = render(res)
         print(body)
         if args.write_readme:
-            write_readme(body)
+            write_section("gpu_trainer", body)
         return 0
 
     import torch
@@ -705,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "gpu_trainer.json").write_text(json.dumps(res, indent=2) + "\n")
         (out_dir / "gpu_trainer.md").write_text(body + "\n")
     if args.write_readme:
-        write_readme(body)
+        write_section("gpu_trainer", body)
     return 0
 
 

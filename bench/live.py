@@ -6,7 +6,6 @@ process (its pid and peak memory), percentiles, and the machine."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -125,22 +124,6 @@ def prompt_datum(tokens: list[int]) -> Any:
             "weights": types.TensorData(data=[1.0] * n, dtype="float32", shape=[n]),
         },
     )
-
-
-def cpu_name() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return cpu
-
-
-def load_average() -> float:
-    """1-minute load average: anything above 0 here was not this benchmark's doing at start."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def pct(xs: list[float], q: float) -> float:

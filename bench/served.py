@@ -41,13 +41,12 @@ from bench.live import (
     PROMPT,
     Server,
     client_session,
-    cpu_name,
-    load_average,
     make_key,
     pct,
     prompt_datum,
     start_openloops,
 )
+from bench.machine import cpu_name, load_average
 from bench.stack import Stack, start_stack
 from control_plane.catalog import ModelCatalog
 from control_plane.local_mode.models import prepare

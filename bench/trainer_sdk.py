@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,9 @@ import numpy as np
 from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens
 from bench.live import trainer_pid
 from bench.loss_memory import DEFAULT_MODE, MODES, run_mode
+from bench.machine import machine_line
 from bench.proc_memory import peak_rss_mib
+from bench.readme_section import write_section
 from bench.stack import Stack, start_stack
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.local_mode.models import prepare
@@ -273,7 +274,7 @@ def table(kind: str, sdk: SdkResult, peft: list[float], peft_small: list[float],
     so, ps = sdk.small_op_times, peft_small
     rss = f"{sdk.worker_peak_rss_mib:,.0f} MiB" if sdk.worker_peak_rss_mib is not None else "n/a"
     lines = [
-        f"`--model {kind}`; {machine()}",
+        f"`--model {kind}`; {machine_line()}",
         "",
         "| path | median step (s) | tokens/s | vs plain peft |",
         "|---|---:|---:|---:|",
@@ -295,25 +296,6 @@ def table(kind: str, sdk: SdkResult, peft: list[float], peft_small: list[float],
     return "\n".join(lines)
 
 
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, CPU float32, "
-        f"load average {load:.2f} at the end"
-    )
-
-
-def write_readme(kind: str, text: str, path: Path = Path(__file__).parent / "README.md") -> None:
-    """Replace the text between this model's markers in bench/README.md."""
-    begin, end = f"<!-- trainer_sdk:{kind}:begin -->", f"<!-- trainer_sdk:{kind}:end -->"
-    doc = path.read_text()
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"bench/README.md has no {begin} ... {end} section")
-    head, rest = doc.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("tiny", "bench"), default="bench", help="the local model (default bench)")
@@ -321,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", action="store_true", help="write the table into bench/README.md")
     args = ap.parse_args(argv)
     steps, warmup = (2, 1) if args.quick else (6, 2)
-    print(machine())
+    print(machine_line())
     stack = start_stack()
     try:
         print(f"preparing the {args.model} model ...")
@@ -340,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if args.readme:
-        write_readme(args.model, text)
+        write_section(f"trainer_sdk.{args.model}", text)
         print("written into bench/README.md")
     return 0
 

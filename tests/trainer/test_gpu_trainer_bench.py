@@ -19,8 +19,8 @@ from bench.gpu_trainer import (
     peak_tflops_for,
     percentile,
     render,
-    write_readme,
 )
+from bench.readme_section import write_section
 
 REPO = Path(__file__).resolve().parents[2]
 QWEN3_06B = Shape(hidden=1024, intermediate=3072, layers=28, heads=16, kv_heads=8, head_dim=128, vocab=151936)
@@ -134,6 +134,6 @@ def test_cpu_tiny_path_reports_consistent_numbers(tmp_path):
     # the README section is replaced between its markers, the rest kept
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- bench.gpu_trainer: begin -->\nold\n<!-- bench.gpu_trainer: end -->\nafter\n")
-    write_readme(render(res), readme)
+    write_section("gpu_trainer", render(res), readme)
     text = readme.read_text()
     assert "old" not in text and "| 1 | 2 × 32 | 64 |" in text and text.endswith("end -->\nafter\n")
