@@ -1,10 +1,13 @@
 """Long-polling futures: one Redis subscription per process wakes every waiting poll.
 
 A future is the hash at ``future_key(request_id)`` (see :mod:`data_plane.wire.queue`); whoever
-completes it PUBLISHes the request id on ``FUTURE_DONE_CHANNEL``. ``FutureWaiter`` keeps one
-pub/sub connection per API process and hands each message to the polls waiting for that id,
-so a completed op reaches its waiting poll within milliseconds and no poll sleeps in a loop.
-Any replica can answer any poll: the hash is the source of truth, the message only a wake-up.
+completes it PUBLISHes on ``FUTURE_DONE_CHANNEL`` (:func:`~data_plane.wire.queue.done_message`:
+the request id, and the result itself when it is small). ``FutureWaiter`` keeps one pub/sub
+connection per API process and hands each message to the polls waiting for that id, so a
+completed op reaches its waiting poll within milliseconds and no poll sleeps in a loop. A poll
+woken with the result in the message answers with it (the hash was written in the same
+transaction, before the message); otherwise it reads the hash. Any replica can answer any poll:
+the hash is the source of truth, the message a wake-up that may carry a copy.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 import structlog
@@ -22,10 +26,18 @@ from data_plane.wire import queue as q
 log = structlog.get_logger("openloops.futures")
 
 
+@dataclass(eq=False)
+class _Poll:
+    """One waiting poll: woken by its event, with the result when the message carried it."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    result: q.FutureResult | None = None
+
+
 class FutureWaiter:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[_Poll]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
@@ -47,9 +59,10 @@ class FutureWaiter:
                 async for msg in pubsub.listen():
                     if msg.get("type") != "message":
                         continue
-                    rid = msg["data"].decode() if isinstance(msg["data"], bytes) else str(msg["data"])
-                    for ev in self._waiters.get(rid, ()):
-                        ev.set()
+                    rid, result = q.parse_done_message(msg["data"])
+                    for poll in self._waiters.get(rid, ()):
+                        poll.result = result
+                        poll.event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis blip: resubscribe
@@ -61,9 +74,9 @@ class FutureWaiter:
                     await pubsub.aclose()
 
     def _wake_all(self) -> None:
-        for evs in self._waiters.values():
-            for ev in evs:
-                ev.set()
+        for polls in self._waiters.values():
+            for poll in polls:
+                poll.event.set()
 
     async def read(self, request_id: str, org_id: str | None = None) -> q.FutureResult | None:
         return await read_future(self._redis, request_id, org_id)
@@ -73,13 +86,14 @@ class FutureWaiter:
         ``timeout_s``; ``None`` when no such future exists for ``org_id`` (unknown, expired
         or another org's)."""
         await self._ensure_listening()
-        ev = asyncio.Event()
-        self._waiters[request_id].add(ev)
+        poll = _Poll()
+        self._waiters[request_id].add(poll)
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             while True:
-                ev.clear()  # before reading: a completion after the read still wakes us
+                poll.event.clear()  # before reading: a completion after the read still wakes us
+                # the first read is always the hash's: it says whether the future is the org's
                 cur = await self.read(request_id, org_id)
                 if cur is None or cur.state != q.FutureState.PENDING:
                     return cur
@@ -87,12 +101,14 @@ class FutureWaiter:
                 if left <= 0:
                     return cur
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ev.wait(), timeout=left)
+                    await asyncio.wait_for(poll.event.wait(), timeout=left)
+                if poll.result is not None and poll.result.state != q.FutureState.PENDING:
+                    return poll.result  # carried by the message: no read back
         finally:
-            evs = self._waiters.get(request_id)
-            if evs is not None:
-                evs.discard(ev)
-                if not evs:
+            polls = self._waiters.get(request_id)
+            if polls is not None:
+                polls.discard(poll)
+                if not polls:
                     self._waiters.pop(request_id, None)
 
     async def close(self) -> None:

@@ -12,6 +12,7 @@ future fails with the same message, or every later op of the run would wait for 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -68,8 +69,8 @@ class LoopsTrainerOps:
         the run: any write to the run row drops it within milliseconds). The deployment's
         fields that ops use (id, org, base model) never change; its status, which may, is read
         fresh where it matters (:meth:`health`). The rows are shared read-only views: nothing
-        changes them. A run that ended meanwhile is caught after submission
-        (:meth:`TrainerQueue.fail_if_ended`)."""
+        changes them. A run that ended meanwhile is caught by the enqueue
+        (:meth:`TrainerQueue.end_run`)."""
         if not run_id:
             raise InvalidInput("name the run this request is for in the X-Run-Id header", field="X-Run-Id")
 
@@ -158,15 +159,18 @@ class LoopsTrainerOps:
         except DomainError as exc:
             await self._reject(t, operation_id, body, op, fingerprint, exc)
             raise
-        await self._enqueue(t, operation_id, body.seq_id, kind, payload, fingerprint, op)
-        await op_arrived(self.r, t.run.id, t.deployment.id, t.run.status)
+        # the op's activity (wakes a sleeping trainer) needs nothing of the enqueue: both at once
+        await asyncio.gather(
+            self._enqueue(t, operation_id, body.seq_id, kind, payload, fingerprint, op),
+            op_arrived(self.r, t.run.id, t.deployment.id, t.run.status),
+        )
         return operation_id
 
     async def _enqueue(
         self, t: Target, operation_id: str, seq_id: int, kind: q.OpKind, payload: bytes, fingerprint: str, op: str
     ) -> None:
         try:
-            sub = await self.queue.submit(
+            await self.queue.submit(
                 run_id=t.run.id,
                 operation_id=operation_id,
                 seq_id=seq_id,
@@ -184,8 +188,6 @@ class LoopsTrainerOps:
                 f"seq_id {seq_id} of run {t.run.id} (trainer seq {exc.worker_seq}) belongs to another operation: "
                 "only one training client at a time can drive a run"
             ) from None
-        if sub.is_new:
-            await TrainerQueue(self.r.redis).fail_if_ended(t.run.id, sub.request_id)
 
     async def _reject(
         self, t: Target, operation_id: str, body: w._Op, op: str, fingerprint: str, exc: DomainError

@@ -114,7 +114,7 @@ class TrainingOps:
         """What ops need of the training model's run; 404 when unknown or another org's.
         Through the process's read cache (control_plane/db/read_cache.py: dropped within
         milliseconds of any write to the run), so a training loop's ops read no database; a run
-        that ended meanwhile is caught by :meth:`TrainerQueue.fail_if_ended` after submission."""
+        that ended meanwhile is caught by the enqueue (:meth:`TrainerQueue.end_run`)."""
 
         async def load() -> OpRun | None:
             async with self.r.db.session() as s:
@@ -135,22 +135,20 @@ class TrainingOps:
         return run
 
     async def _submit(self, run: OpRun, seq_id: int, kind: OpKind, body: bytes) -> Submitted:
-        rid, is_new = await self.queue.submit(
-            run.id,
-            run.id,
-            seq_id,
-            kind,
-            body,
-            org_id=run.org_id,
-            max_inflight=self.r.settings.max_inflight_futures_per_org,
+        # the op's activity (wakes a sleeping trainer) needs nothing of the enqueue: both round
+        # trips at once (the controller also wakes a sleeping trainer that has ops waiting)
+        (rid, is_new), _ = await asyncio.gather(
+            self.queue.submit(
+                run.id,
+                run.id,
+                seq_id,
+                kind,
+                body,
+                org_id=run.org_id,
+                max_inflight=self.r.settings.max_inflight_futures_per_org,
+            ),
+            op_arrived(self.r, run.id, run.deployment_id, run.status),
         )
-        # activity (wakes a sleeping trainer) and, for a new op, the check that its run has not
-        # ended meanwhile: independent, so both round trips at once
-        arrived = op_arrived(self.r, run.id, run.deployment_id, run.status)
-        if is_new:
-            await asyncio.gather(arrived, self.queue.fail_if_ended(run.id, rid))
-        else:
-            await arrived
         if is_new and seq_id == 0:
             await self.r.kick_controller()
         return Submitted(rid, run.id)
@@ -293,13 +291,19 @@ class TrainingOps:
         the 4xx.
         """
         _check_seq(seq_id)
-        if (again := await self._repeat(principal, model_id, seq_id)) is not None:
-            return again
-        run = await self.live_run(principal, model_id)
         try:
+            run = await self.live_run(principal, model_id)
             kind, body = await build(run)
-        except InvalidInput as exc:
-            await self._reject(run, seq_id, exc)
+        except NotFound:
+            raise  # not this org's model: nothing of it is shown, a claim on it included
+        except DomainError as exc:
+            # a repeated submission is answered as the first was, whatever validating it
+            # again says (an HTTP retry of a save whose name now exists); the common case, a
+            # new op, is told apart by the enqueue itself, so it pays no extra round trip
+            if (rid := await self.queue.claimed(model_id, seq_id)) is not None:
+                return Submitted(rid, model_id)
+            if isinstance(exc, InvalidInput):
+                await self._reject(await self.owned_run(principal, model_id), seq_id, exc)
             raise
         return await self._submit(run, seq_id, kind, body)
 

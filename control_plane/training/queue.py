@@ -6,20 +6,32 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from control_plane.ids import new_request_id
-from control_plane.training.inflight import admit_future
+from control_plane.training.inflight import admission, admit_future, admit_lua, refused
 from data_plane.wire import queue as q
 
-# KEYS: seq claim, future, pending set, ops stream
-# ARGV: request_id, ttl, model_id, seq_id, kind, body, org_id
-_SUBMIT = """
-local prev = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'GET', 'EX', ARGV[2])
-if prev then return prev end
+# KEYS: seq claim, future, pending set, ops stream, run-ended mark, then admission's two
+# ARGV: request_id, ttl, model_id, seq_id, kind, body, org_id, then admission's six
+# One round trip: a repeat returns the first request id (nothing counted); a full org is
+# refused before anything is claimed; an op of a run that ended is claimed with a pending
+# future but not enqueued (the caller fails the future with the mark's reason).
+_SUBMIT = (
+    """
+local prev = redis.call('GET', KEYS[1])
+if prev then return {'repeat', prev} end
+"""
+    + admit_lua(6, 8)
+    + """
+if adm_full then return {'full', tostring(adm_full)} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('HSET', KEYS[2], 'state', 'pending', 'org', ARGV[7])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+local ended = redis.call('GET', KEYS[5])
+if ended then return {'ended', ended} end
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('XADD', KEYS[4], '*', 'request_id', ARGV[1], 'model_id', ARGV[3], 'seq_id', ARGV[4], 'kind', ARGV[5], 'body', ARGV[6])
-return ARGV[1]
+return {'new', ARGV[1]}
 """
+)
 
 
 async def read_future(redis: aioredis.Redis, request_id: str, org_id: str | None = None) -> q.FutureResult | None:
@@ -67,21 +79,28 @@ class TrainerQueue:
         """Enqueue an op once per ``(model_id, seq_id)``. Returns ``(request_id, is_new)``:
         a repeated submission gets the first submission's request id back. ``org_id`` is
         recorded on the future so that only that org can retrieve it; with ``max_inflight``
-        the org's futures in flight are limited (:mod:`.inflight`)."""
+        the org's futures in flight are limited (:mod:`.inflight`). An op of a run that ended
+        (:meth:`end_run`) gets its future failed at once with the end's reason."""
         rid = new_request_id()
-        if max_inflight is not None and org_id:
-            await admit_future(self._redis, org_id, rid, max_inflight)
-        got = await self._submit(
+        adm_keys, adm_args = admission(org_id, rid, max_inflight)
+        status, got = await self._submit(
             keys=[
                 q.seq_claim_key(model_id, seq_id),
                 q.future_key(rid),
                 q.run_pending_key(run_id),
                 q.ops_stream(run_id),
+                run_ended_key(run_id),
+                *adm_keys,
             ],
-            args=[rid, q.FUTURE_TTL_SECONDS, model_id, seq_id, kind.value, body, org_id],
+            args=[rid, q.FUTURE_TTL_SECONDS, model_id, seq_id, kind.value, body, org_id, *adm_args],
         )
-        got = got.decode() if isinstance(got, bytes) else str(got)
-        return got, got == rid
+        status, got = q.text(status), q.text(got)
+        if status == "full":
+            raise refused(int(got), max_inflight)
+        if status == "ended":
+            await self.complete(run_id, rid, q.FutureResult.failed(got, q.ErrorCategory.SERVER))
+            return rid, True
+        return got, status == "new"
 
     async def complete(self, run_id: str | None, request_id: str, result: q.FutureResult) -> None:
         key = q.future_key(request_id)
@@ -90,7 +109,7 @@ class TrainerQueue:
             pipe.expire(key, q.FUTURE_TTL_SECONDS)
             if run_id:
                 pipe.srem(q.run_pending_key(run_id), request_id)
-            pipe.publish(q.FUTURE_DONE_CHANNEL, request_id)
+            pipe.publish(q.FUTURE_DONE_CHANNEL, q.done_message(request_id, result))
             await pipe.execute()
 
     async def claimed(self, model_id: str, seq_id: int) -> str | None:
@@ -117,19 +136,12 @@ class TrainerQueue:
 
     async def end_run(self, run_id: str, message: str) -> int:
         """The run ended (its row is INACTIVE or FAILED, committed): its pending futures fail
-        with ``message``, and so does every op submitted from now on (:meth:`fail_if_ended`).
-        The mark goes first: an op added to the pending set after the sweep sees it."""
+        with ``message``, and so does every op submitted from now on. The mark goes first and
+        the enqueue scripts read it in the same atomic step that joins the pending set, so an
+        op either sees the mark or is in the set this sweep reads: no database read on an op's
+        path closes the race with a run that ends."""
         await self._redis.set(run_ended_key(run_id), message, ex=ENDED_TTL_SECONDS)
         return await self.fail_pending(run_id, message)
-
-    async def fail_if_ended(self, run_id: str, request_id: str) -> bool:
-        """After an op joined the run's pending set: fail it at once if the run ended (closes
-        the race with :meth:`end_run`'s sweep, without a database read on the hot path)."""
-        raw = await self._redis.get(run_ended_key(run_id))
-        if raw is None:
-            return False
-        await self.complete(run_id, request_id, q.FutureResult.failed(q.text(raw), q.ErrorCategory.SERVER))
-        return True
 
     async def fail_pending(self, run_id: str, message: str) -> int:
         """Resolve every pending future of a run with a server error (its worker is gone)."""

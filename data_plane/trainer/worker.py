@@ -76,6 +76,7 @@ from data_plane.wire.queue import (
     RunState,
     WorkerState,
     deployment_runs_stream,
+    done_message,
     future_key,
     ops_stream,
     run_pending_key,
@@ -159,6 +160,7 @@ class Worker:
         self.stopping = False
         self._beat_stop = threading.Event()
         self._mute: str | None = None  # request id whose answer is already out (a replayed op)
+        self._progressed = False  # the current op's answer carried the run's progress
         self.snapshotter = Snapshotter(
             self._store,
             interval_s=launch.snapshot_interval_s,
@@ -200,12 +202,15 @@ class Worker:
         run = self.run
         if run is None:
             return
-        fields: OutFields = {
+        fields = self._progress_fields(run)
+        self._retrying("run state", lambda: self.r.hset(run_state_key(run.run_id), mapping=fields))
+
+    def _progress_fields(self, run: AttachedRun) -> OutFields:
+        return {
             "next_seq": max(run.buffer.next_seq, run.replay_until),
             "optim_steps": self._optim_steps(),
             "updated_at": f"{time.time():.3f}",
         }
-        self._retrying("run state", lambda: self.r.hset(run_state_key(run.run_id), mapping=fields))
 
     def _store(self) -> ObjectStore:
         if self.store is None:
@@ -290,18 +295,24 @@ class Worker:
         (a replayed op's answer, and so its telemetry, is already out: nothing is written)."""
         if request_id == self._mute:
             return  # a replayed op: the client already has its answer
+        # the run's progress rides along (the op is done: its seq is behind next_seq already)
+        run = self.run if self.run is not None and self.run.run_id == run_id else None
+        progress = self._progress_fields(run) if run is not None else None
 
         def _write() -> None:
             p = self.r.pipeline(transaction=True)
             p.hset(future_key(request_id), mapping=result.to_fields())
             p.expire(future_key(request_id), FUTURE_TTL_SECONDS)
             p.srem(run_pending_key(run_id), request_id)
-            p.publish(FUTURE_DONE_CHANNEL, request_id)
+            p.publish(FUTURE_DONE_CHANNEL, done_message(request_id, result))
             if telemetry is not None:
                 p.xadd(TELEMETRY_STREAM, telemetry.to_fields(), maxlen=TELEMETRY_MAXLEN, approximate=True)
+            if progress is not None:
+                p.hset(run_state_key(run_id), mapping=progress)
             p.execute()
 
         self._retrying(f"future {request_id}", _write)
+        self._progressed = progress is not None
 
     def complete(self, c: Completion) -> None:
         if c.request_id == self._mute:
@@ -556,6 +567,7 @@ class Worker:
             return
         for seq, env in run.buffer.ready():
             t0 = time.perf_counter()
+            self._progressed = False
             self.execute(run, seq, env)
             log.info(
                 "seq %d %s done in %.3fs (request %s)%s",
@@ -565,7 +577,8 @@ class Worker:
                 env.request_id,
                 " (replayed)" if seq < run.replay_until else "",
             )
-            self.progress()
+            if not self._progressed:  # (an answer written by this op carried it)
+                self.progress()
             entry = run.entry_ids.pop(seq, None)
             if entry is not None:
                 run.log.executed.append((seq, entry))  # in the log until a snapshot covers it

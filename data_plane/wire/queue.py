@@ -19,10 +19,10 @@ its input and result follow):
    order (seq 0 is the model-creating op: ``create`` or ``load_weights``).
 3. For ops whose result needs no control-plane bookkeeping the worker writes the result itself
    (:func:`write_result` semantics: hash at :func:`future_key`, then ``PUBLISH`` on
-   :data:`FUTURE_DONE_CHANNEL`). For ops that create checkpoints it appends a
-   :class:`Completion` to :data:`COMPLETIONS_STREAM`; the control plane records the checkpoint
-   row first and only then completes the future, so a path returned to a client is always
-   listed.
+   :data:`FUTURE_DONE_CHANNEL` of :func:`done_message`: the result itself when it is small).
+   For ops that create checkpoints it appends a :class:`Completion` to
+   :data:`COMPLETIONS_STREAM`; the control plane records the checkpoint row first and only
+   then completes the future, so a path returned to a client is always listed.
 4. The worker reports its lifecycle in the hash :func:`worker_state_key` of its deployment
    (``loading``, ``ready``, ``failed`` with a ``detail``; the attached ``run_id``; GPU use) and
    each run's progress in :func:`run_state_key` (``next_seq``, ``optim_steps``, ``state``
@@ -285,6 +285,40 @@ class FutureResult:
             json.dumps({"error": message, "category": category.value}).encode(),
             category,
         )
+
+
+# A future's answer rides in its FUTURE_DONE_CHANNEL message when its body is at most this
+# large, so a waiting poll answers without reading the hash back; a larger one (a 32 × 256
+# forward's logprobs) is announced by its request id alone and read from the hash. Every API
+# replica receives every message: the cap bounds that fan-out.
+INLINE_RESULT_MAX_BYTES = 64 * 1024
+
+
+def done_message(request_id: str, result: FutureResult) -> bytes:
+    """What is PUBLISHed on :data:`FUTURE_DONE_CHANNEL` once ``result`` is in the future's hash:
+    the request id, and the result too when it is small (see :func:`parse_done_message`)."""
+    if len(result.body) > INLINE_RESULT_MAX_BYTES:
+        return request_id.encode()
+    category = result.category.value if result.category is not None else ""
+    head = "\n".join((request_id, result.state.value, category, result.content_type))
+    return head.encode() + b"\n" + result.body
+
+
+def parse_done_message(data: bytes | str) -> tuple[str, FutureResult | None]:
+    """``(request_id, result or None)`` of a :data:`FUTURE_DONE_CHANNEL` message: a bare request
+    id (a large result, or a publisher that does not inline) carries no result. Request ids never
+    hold a newline."""
+    raw = data.encode() if isinstance(data, str) else data
+    if b"\n" not in raw:
+        return raw.decode(), None
+    rid, state, category, content_type, body = raw.split(b"\n", 4)
+    result = FutureResult(
+        state=FutureState(state.decode()),
+        content_type=content_type.decode(),
+        body=body,
+        category=ErrorCategory(category.decode()) if category else None,
+    )
+    return rid.decode(), result
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,15 @@ from data_plane.trainer.model import load_base
 from data_plane.trainer.training import TrainingModel
 from data_plane.wire import op_bodies
 from data_plane.wire import tinker_wire_pb2 as pb
-from data_plane.wire.queue import ErrorCategory, FutureState, OpKind, run_pending_key, run_state_key
+from data_plane.wire.queue import (
+    FUTURE_DONE_CHANNEL,
+    ErrorCategory,
+    FutureState,
+    OpKind,
+    parse_done_message,
+    run_pending_key,
+    run_state_key,
+)
 from data_plane.wire.worker_config import StoreSpec, TrainerLaunch
 from tests.trainer.conftest import REPO, Driver, fwd_request, sft_batch
 
@@ -154,7 +162,22 @@ def test_worker_end_to_end(start_worker, tiny_model, store_root, tmp_path):
     # forward_only between forward_backward and optim_step must not touch the gradients
     a.ok_proto(a.fwd(EVAL, forward_only=True))
     losses = [out1.metrics["loss:sum"], None, None]
-    a.ok_json(a.optim(learning_rate=LR))
+    # the answer's wake-up message carries the (small) answer, and the run's progress is
+    # written in the same transaction: whoever is woken reads it already there
+    sub = a.r.pubsub()
+    sub.subscribe(FUTURE_DONE_CHANNEL)
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    m1 = a.optim(learning_rate=LR)
+    msg = sub.get_message(timeout=60)
+    while msg is not None and parse_done_message(msg["data"])[0] != m1:
+        msg = sub.get_message(timeout=60)
+    assert msg is not None
+    progress = a.r.hgetall(run_state_key(a.run_id))
+    assert int(progress[b"next_seq"]) == a.seq and int(progress[b"optim_steps"]) == 1
+    rid, carried = parse_done_message(msg["data"])
+    assert carried is not None and carried == a.result(m1)
+    sub.close()
+    assert a.ok_json(m1)["metrics"]["learning_rate:mean"] == LR
 
     # step 2 with every kind of bad input between forward_backward and optim_step
     f2 = a.fwd(TRAIN)
