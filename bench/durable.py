@@ -1,4 +1,4 @@
-"""Durable runs: ``python -m bench.durable [--quick]``.
+"""Durable runs: ``python -m bench.durable [--quick] [--readme]``.
 
 What durable runs cost and what a restart takes, with the unmodified tinker SDK against
 ``openloops serve`` (API + controller; the controller starts the trainer worker subprocess) on
@@ -24,13 +24,15 @@ tokens per ``forward_backward``, LoRA rank 32, then ``optim_step``, both awaited
    database); once the run is SCALED_TO_ZERO and its trainer gone, the time from submitting a
    ``forward_backward`` to its result, broken down the same way.
 
-Prints the machine and its load average first, and a markdown table at the end.
+Prints the machine and its load average first, and the results as markdown at the end;
+``--readme`` also writes them into bench/README.md (between the markers of ``durable``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import re
 import signal
@@ -52,8 +54,9 @@ from bench.live import (
     started_at,
     trainer_pid,
 )
-from bench.machine import cpu_name, load_average
+from bench.machine import load_average, machine_line
 from bench.proc_memory import peak_rss_mib, reset_peak_rss
+from bench.readme_section import write_section
 from bench.stack import Stack, start_stack
 from bench.trainer_sdk import bench_model, sdk_batch
 from control_plane.scheduler.protocol import LogLine, LogQuery, WorkloadRole
@@ -70,6 +73,8 @@ POLICIES = {
 }
 DEFAULT_MAX_OPS = int(Settings.model_fields["trainer_snapshot_max_ops"].default)
 DEFAULT_INTERVAL_S = float(Settings.model_fields["trainer_snapshot_interval_seconds"].default)
+CONTROLLER_INTERVAL_S = float(Settings.model_fields["controller_interval_seconds"].default)
+TARGET_PCT = 3.0  # at most this much added per step at the default policy
 SNAPSHOT_LINE = re.compile(r"snapshot of run \S+ at seq \d+ \(step \d+\): (\d+) bytes in ([\d.]+)s")
 FORWARD_BACKWARD_LINE = re.compile(r"seq \d+ forward_backward done in ([\d.]+)s \(request \S+\)$")
 
@@ -92,7 +97,7 @@ class Side:
             catalog,
             policy.replace(" ", "-"),
             OPENLOOPS_LOG_LEVEL="info",
-            OPENLOOPS_CONTROLLER_INTERVAL_SECONDS=str(Settings.model_fields["controller_interval_seconds"].default),
+            OPENLOOPS_CONTROLLER_INTERVAL_SECONDS=str(CONTROLLER_INTERVAL_S),
             **POLICIES[policy],
         )
         self.loop = asyncio.new_event_loop()
@@ -216,20 +221,22 @@ class Block:
     policy: str
     times: list[float]
     peak_rss_mib: float | None
+    losses: list[float]  # every step's, the one that is not measured included
 
 
 def block(side: Side, data: list[Any], steps: int) -> Block:
     """``steps`` measured steps after one that is not; the worker's peak RSS over the block."""
     pid = side.pid()
     reset_peak_rss(pid)
-    times = []
+    times, losses = [], []
     for i in range(steps + 1):
         dt, loss = side.step(data)
         print(f"  [{side.policy}] step {dt:.3f} s loss:sum={loss:.1f}{' (lead-in)' if i == 0 else ''}", flush=True)
+        losses.append(loss)
         if i > 0:
             times.append(dt)
     side.settle()
-    return Block(side.policy, times, peak_rss_mib(pid))
+    return Block(side.policy, times, peak_rss_mib(pid), losses)
 
 
 @dataclass
@@ -341,33 +348,226 @@ def set_scale_down_delay(side: Side, seconds: int) -> None:
 # --- report --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DurableReport:
+    date: str
+    quick: bool
+    machine: str  # bench.machine's line at the start
+    end_load: float
+    rounds: int
+    block: int  # measured steps per block
+    blocks: list[Block]  # in the order they ran, one per policy and round
+    stats: WorkerStats  # the every-step side's worker over the blocks
+    run_state_snapshot_bytes: str | None  # the every-step run's run-state hash after the blocks
+    kills: list[Recovery]
+    wakes: list[Recovery]
+
+
+def median_parts(runs: list[Recovery]) -> list[float]:
+    """Each part's median over ``runs``, in the parts' order."""
+    return [statistics.median(list(r.parts.values())[i] for r in runs) for i in range(len(runs[0].parts))]
+
+
 def recovery_rows(title: str, runs: list[Recovery]) -> list[str]:
     totals = [r.total_s for r in runs]
     rows = [
         f"| {title}, median of {len(runs)} (range) | {statistics.median(totals):.1f} s "
         f"({min(totals):.1f}–{max(totals):.1f}) |"
     ]
-    for i, name in enumerate(runs[0].parts):
-        med = statistics.median(list(r.parts.values())[i] for r in runs)
+    for name, med in zip(runs[0].parts, median_parts(runs)):
         rows.append(f"| &nbsp;&nbsp;{name} | {med:.2f} s |")
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass(frozen=True)
+class SnapshotCost:
+    """What the blocks say a snapshot costs a step."""
+
+    on_s: float  # median step, a snapshot every step
+    off_s: float  # median step, snapshots off
+    per_round: list[float]  # each round's every-step median over its off median, minus 1
+    steps_on: int  # steps the every-step side took in the blocks
+    default_steps: float  # steps between two snapshots at the default policy, at this step time
+    default_pct: float  # the measured added time, amortised over default_steps
+    bound_pct: float  # the snapshot's whole own duration, amortised over default_steps
+    rss_on: float  # MiB, the largest block's peak
+    rss_off: float
+
+    @property
+    def added(self) -> float:
+        return self.on_s / self.off_s - 1
+
+    @property
+    def interval_first(self) -> bool:
+        """At the default policy the interval, not the op count, takes each snapshot."""
+        return DEFAULT_INTERVAL_S / self.off_s < DEFAULT_MAX_OPS / 2
+
+
+def snapshot_cost(report: DurableReport) -> SnapshotCost:
+    blocks = report.blocks
+    on_blocks, off_blocks = [b for b in blocks if b.policy == EVERY_STEP], [b for b in blocks if b.policy == OFF]
+    on = statistics.median(t for b in on_blocks for t in b.times)
+    off = statistics.median(t for b in off_blocks for t in b.times)
+    steps_on = report.rounds * (report.block + 1)
+    # the added seconds per snapshot, and the default policy: a snapshot every DEFAULT_MAX_OPS
+    # ops (2 per step) or DEFAULT_INTERVAL_S seconds, whichever comes first
+    per_snapshot = (on - off) * steps_on / max(1, len(report.stats.snapshot_bytes))
+    default_steps = min(DEFAULT_MAX_OPS / 2, DEFAULT_INTERVAL_S / off)
+    return SnapshotCost(
+        on_s=on,
+        off_s=off,
+        # each round has one block of each policy
+        per_round=[
+            statistics.median(b_on.times) / statistics.median(b_off.times) - 1
+            for b_on, b_off in zip(on_blocks, off_blocks)
+        ],
+        steps_on=steps_on,
+        default_steps=default_steps,
+        default_pct=100 * per_snapshot / default_steps / off,
+        bound_pct=100 * statistics.median(report.stats.snapshot_s) / default_steps / off,
+        rss_on=max((b.peak_rss_mib or 0.0) for b in on_blocks),
+        rss_off=max((b.peak_rss_mib or 0.0) for b in off_blocks),
+    )
+
+
+def render(report: DurableReport) -> str:
+    """The README section's body: when, where, the table, the target and what a kill costs."""
+    cost = snapshot_cost(report)
+    losses = {p: [x for b in report.blocks if b.policy == p for x in b.losses] for p in (EVERY_STEP, OFF)}
+    return "\n".join(
+        [
+            f"### Latest results ({report.date}{', --quick' if report.quick else ''})",
+            "",
+            f"{report.machine} at start, {report.end_load:.2f} at the end. {report.rounds} rounds of {report.block} "
+            f"measured steps per policy, {len(report.kills)} kills, {len(report.wakes)} wakes. "
+            + losses_sentence(losses[EVERY_STEP], losses[OFF]),
+            "",
+            "| measurement | result |",
+            "|---|---|",
+            *table_rows(report, cost),
+            "",
+            target_paragraph(report, cost),
+            "",
+            kill_paragraph(report.kills, report.wakes),
+        ]
+    )
+
+
+def table_rows(report: DurableReport, cost: SnapshotCost) -> list[str]:
+    times = {p: [t for b in report.blocks if b.policy == p for t in b.times] for p in (EVERY_STEP, OFF)}
+    sizes, snap_s, per_round = report.stats.snapshot_bytes, report.stats.snapshot_s, cost.per_round
+    return [
+        *(
+            f"| step, {label}: median / p90 | {statistics.median(times[p]):.3f} / {pct(times[p], 0.9):.3f} s |"
+            for p, label in ((OFF, "snapshots off (only after seq 0)"), (EVERY_STEP, "a snapshot every step"))
+        ),
+        f"| added per step, a snapshot every step | {100 * cost.added:+.1f}% ({cost.on_s - cost.off_s:+.3f} s); "
+        f"per round {100 * statistics.median(per_round):+.1f}% ({100 * min(per_round):+.1f} to "
+        f"{100 * max(per_round):+.1f}) |",
+        f"| snapshot: size / own duration median (p90), {len(sizes)} over {cost.steps_on} steps | "
+        f"{statistics.median(sizes) / 2**20:.2f} MiB / {statistics.median(snap_s):.3f} s ({pct(snap_s, 0.9):.3f} s) |",
+        f"| default policy (every {DEFAULT_MAX_OPS} ops or {DEFAULT_INTERVAL_S:.0f} s: every "
+        f"{cost.default_steps:.1f} steps here), amortised | {cost.default_pct:+.2f}% (all of the snapshot's own "
+        f"duration on the step: {cost.bound_pct:+.2f}%) |",
+        f"| trainer peak RSS (VmHWM per block), snapshots off / every step | {cost.rss_off:,.0f} / "
+        f"{cost.rss_on:,.0f} MiB ({cost.rss_on - cost.rss_off:+,.0f}) |",
+        "| for comparison: a `forward_backward` in the blocks (worker log), median | "
+        f"{statistics.median(report.stats.forward_backward_s):.2f} s |",
+        *recovery_rows("SIGKILL during `forward_backward` → its result in the client", report.kills),
+        *recovery_rows("scaled to zero: `forward_backward` submitted → its result", report.wakes),
+    ]
+
+
+def target_paragraph(report: DurableReport, cost: SnapshotCost) -> str:
+    """The target against the default policy's cost, the bound on it, the snapshot's memory."""
+    lo, hi = min(cost.per_round), max(cost.per_round)
+    spread = f"{100 * lo:+.0f}% to {100 * hi:+.0f}%"
+    if abs(cost.added) < max(abs(lo), abs(hi)):
+        every_step = (
+            "Even a snapshot every step costs less than this machine's noise: the medians differ by "
+            f"{100 * cost.added:+.1f}% and single rounds by {spread}, so the bench cannot resolve it below a few percent"
+        )
+    else:
+        every_step = (
+            f"A snapshot every step moves the median step by {100 * cost.added:+.1f}% ({spread} in single rounds)"
+        )
+    fires_first = f"the {DEFAULT_INTERVAL_S:.0f} s interval" if cost.interval_first else f"{DEFAULT_MAX_OPS} ops"
+    snap_s, size_mib = (
+        statistics.median(report.stats.snapshot_s),
+        statistics.median(report.stats.snapshot_bytes) / 2**20,
+    )
+    added_mib = cost.rss_on - cost.rss_off
+    return (
+        f"Target: ≤ {TARGET_PCT:.0f}% added per step at the default policy, "
+        f"{'met' if cost.default_pct <= TARGET_PCT else 'not met'}. {every_step}; the snapshot's own duration bounds "
+        f"it ({snap_s:.3f} s of a {cost.off_s:.2f} s step: at most {100 * snap_s / cost.off_s:+.1f}% every step, "
+        f"{cost.bound_pct:+.2f}% at the default policy, where {fires_first} fires first at this step time). "
+        f"{run_state_sentence(report.run_state_snapshot_bytes, report.stats.snapshot_bytes)} The snapshot adds "
+        f"{added_mib:,.0f} MiB ({cost.rss_on / cost.rss_off - 1:.0%}) to the trainer's {cost.rss_off / 1024:.1f} GiB "
+        f"peak, about {added_mib / size_mib:.1f}× its size (capture clones the tensors, `safetensors` serialises "
+        "them into one more copy before the upload)."
+    )
+
+
+def losses_sentence(every_step: list[float], off: list[float]) -> str:
+    if every_step == off:
+        return "Both runs' losses were identical step for step."
+    worst = max(abs(a - b) / abs(a) for a, b in zip(every_step, off))
+    return f"The runs' losses differ: by up to {worst:.1e} relative."
+
+
+def run_state_sentence(snapshot_bytes: str | None, logged: list[int]) -> str:
+    """Whether the run-state hash names the snapshot the worker logged last."""
+    if logged and snapshot_bytes == str(logged[-1]):
+        return f"The run-state hash agreed with the worker's log (last snapshot {logged[-1]:,} bytes)."
+    return (
+        f"The run-state hash ({snapshot_bytes} bytes) did not agree with the worker's log "
+        f"(last snapshot {f'{logged[-1]:,}' if logged else 'none'} bytes)."
+    )
+
+
+def kill_paragraph(kills: list[Recovery], wakes: list[Recovery]) -> str:
+    """What a kill costs the op in flight, part by part, and what waking from zero takes."""
+    notice, spawn, load, restore, replay, op, _client = median_parts(kills)
+    extra = notice + spawn + load + restore + replay
+    replay_part = f", the replay of the ops since the snapshot ({replay:.2f} s)" if replay else ""
+    replay_note = (
+        "Nothing was replayed here because the snapshot covered every op before the killed one; at the default "
+        "policy a kill also replays"
+        if not replay
+        else "A kill replays"
+    )
+    wake_op = median_parts(wakes)[5]
+    return (
+        f"A kill costs the op in flight ~{extra:.1f} s more than it would have taken: the controller's pass "
+        f"({CONTROLLER_INTERVAL_S:g} s interval: {notice:.2f} s here), a fresh Python process with torch and the base "
+        f"model ({spawn + load:.1f} s), the restore ({restore:.2f} s){replay_part}, then the op again from its start "
+        f"({op:.1f} s). {replay_note} the ops since the last snapshot, each about as long as it took the first time — "
+        f"up to the {DEFAULT_INTERVAL_S:.0f} s interval's worth of training (or {DEFAULT_MAX_OPS} ops, for steps "
+        f"under ~{DEFAULT_INTERVAL_S / (DEFAULT_MAX_OPS / 2):.1f} s). Waking from zero is the same path without the "
+        f"detection: {statistics.median(r.total_s for r in wakes):.1f} s, of which the op itself {wake_op:.1f} s."
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.durable", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 1-step blocks, 1 kill, 1 wake")
     ap.add_argument("--rounds", type=int, default=6, help="rounds of one block per policy")
     ap.add_argument("--block", type=int, default=4, help="measured steps per block")
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--wakes", type=int, default=3)
-    args = ap.parse_args(argv)
+    ap.add_argument("--readme", action="store_true", help="write the results into bench/README.md (its section)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.quick:
         args.rounds, args.block, args.kills, args.wakes = 1, 1, 1, 1
     os.environ["TINKER_TELEMETRY"] = "0"
 
-    start_load = load_average()
-    machine = f"{os.cpu_count()} CPU cores ({cpu_name()})"
-    print(f"Machine: {machine}. Load average {start_load:.2f} at start.", flush=True)
+    machine = machine_line()
+    print(f"machine: {machine}", flush=True)
     stacks: list[Stack] = []
     sides: dict[str, Side] = {}
     try:
@@ -409,65 +609,29 @@ def main(argv: list[str] | None = None) -> int:
             side.close()
         for stack in reversed(stacks):
             stack.stop()
-    end_load = load_average()
-
-    times = {p: [t for b in blocks if b.policy == p for t in b.times] for p in (EVERY_STEP, OFF)}
-    on, off = statistics.median(times[EVERY_STEP]), statistics.median(times[OFF])
-    per_round = [  # each round has one block of each policy
-        statistics.median(b_on.times) / statistics.median(b_off.times) - 1
-        for b_on, b_off in zip((b for b in blocks if b.policy == EVERY_STEP), (b for b in blocks if b.policy == OFF))
-    ]
-    steps_on = args.rounds * (args.block + 1)
-    sizes, snap_s = stats.snapshot_bytes, stats.snapshot_s
-    per_snapshot = (on - off) * steps_on / max(1, len(sizes))  # added seconds per snapshot
-    # the default policy: a snapshot every DEFAULT_MAX_OPS ops (2 per step) or DEFAULT_INTERVAL_S
-    # seconds, whichever comes first
-    default_steps = min(DEFAULT_MAX_OPS / 2, DEFAULT_INTERVAL_S / off)
-    default_pct = 100 * per_snapshot / default_steps / off
-    bound_pct = 100 * statistics.median(snap_s) / default_steps / off
-    rss = {p: max((b.peak_rss_mib or 0.0) for b in blocks if b.policy == p) for p in (EVERY_STEP, OFF)}
-
-    print()
-    print(f"Machine: {machine}. Load average {start_load:.2f} at start, {end_load:.2f} at the end.")
-    print(
-        f"Model bench, LoRA rank {RANK}, 32 x 256 tokens per forward_backward; {args.rounds} rounds of "
-        f"{args.block} measured steps per policy; {args.kills} kills, {args.wakes} wakes."
-    )
-    print()
-    print("| measurement | result |")
-    print("|---|---|")
-    for p, label in ((OFF, "snapshots off (only after seq 0)"), (EVERY_STEP, "a snapshot every step")):
-        print(f"| step, {label}: median / p90 | {statistics.median(times[p]):.3f} / {pct(times[p], 0.9):.3f} s |")
-    print(
-        f"| added per step, a snapshot every step | {100 * (on / off - 1):+.1f}% ({on - off:+.3f} s); per round "
-        f"{100 * statistics.median(per_round):+.1f}% ({100 * min(per_round):+.1f} to {100 * max(per_round):+.1f}) |"
+    report = DurableReport(
+        date=datetime.date.today().isoformat(),
+        quick=args.quick,
+        machine=machine,
+        end_load=load_average(),
+        rounds=args.rounds,
+        block=args.block,
+        blocks=blocks,
+        stats=stats,
+        run_state_snapshot_bytes=snapshot_state.get("snapshot_bytes"),
+        kills=kills,
+        wakes=wakes,
     )
     print(
-        f"| snapshot: size / own duration median (p90), {len(sizes)} over {steps_on} steps | "
-        f"{statistics.median(sizes) / 2**20:.2f} MiB / {statistics.median(snap_s):.3f} s ({pct(snap_s, 0.9):.3f} s) |"
-    )
-    print(
-        f"| default policy (every {DEFAULT_MAX_OPS} ops or {DEFAULT_INTERVAL_S:.0f} s: every {default_steps:.1f} "
-        f"steps here), amortised | {default_pct:+.2f}% (all of the snapshot's own duration on the step: "
-        f"{bound_pct:+.2f}%) |"
-    )
-    print(
-        f"| trainer peak RSS (VmHWM per block), snapshots off / every step | {rss[OFF]:,.0f} / "
-        f"{rss[EVERY_STEP]:,.0f} MiB ({rss[EVERY_STEP] - rss[OFF]:+,.0f}) |"
-    )
-    print(
-        "| for comparison: a `forward_backward` in the blocks (worker log), median | "
-        f"{statistics.median(stats.forward_backward_s):.2f} s |"
-    )
-    for row in recovery_rows("SIGKILL during `forward_backward` → its result in the client", kills):
-        print(row)
-    for row in recovery_rows("scaled to zero: `forward_backward` submitted → its result", wakes):
-        print(row)
-    print()
-    print(
-        f"run-state hash of the every-step run after the blocks: snapshot_seq {snapshot_state.get('snapshot_seq')}, "
+        f"\nrun-state hash of the every-step run after the blocks: snapshot_seq {snapshot_state.get('snapshot_seq')}, "
         f"snapshot_bytes {snapshot_state.get('snapshot_bytes')}, snapshot_seconds {snapshot_state.get('snapshot_seconds')}"
     )
+    print(f"model bench, LoRA rank {RANK}, 32 x 256 tokens per forward_backward\n")
+    body = render(report)
+    print(body)
+    if args.readme:
+        write_section("durable", body)
+        print("written into bench/README.md")
     return 0
 
 

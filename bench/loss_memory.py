@@ -1,5 +1,5 @@
 """Trainer memory and step time, full logits vs chunked log-probabilities:
-``python -m bench.loss_memory [--quick]``.
+``python -m bench.loss_memory [--quick] [--readme]``.
 
 The trainer's own step (``TrainingModel.forward_backward`` on the protobuf request a worker
 receives, then ``optim_step``) on the ``bench`` local model, 32 sequences x 256 tokens,
@@ -18,24 +18,29 @@ or ``malloc thresholds`` (glibc with fixed ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_T
 Reports the process's peak RSS (VmHWM)
 over its whole life (base model load included, what a worker's peak is) and over the measured
 steps only (reset after a warm-up step), the median step time, and the losses (they must agree).
+Prints the machine first and the results as markdown at the end; ``--readme`` also writes them
+into bench/README.md (between the markers of ``loss_memory``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens, sft_request
+from bench.machine import load_average, machine_line
 from bench.proc_memory import peak_rss_mib, reset_peak_rss
+from bench.readme_section import write_section
 
 if TYPE_CHECKING:
     from data_plane.trainer.training import TrainingModel
@@ -48,14 +53,17 @@ from control_plane.settings import BackendKind
 # since trainers preload it; "full logits, glibc" is the baseline of the issue's memory target
 MODES: dict[str, tuple[int, str, str]] = {
     "full logits, glibc": (0, "off", "glibc"),
-    "full logits, jemalloc (default)": (0, "off", "jemalloc"),
+    "full logits, jemalloc": (0, "off", "jemalloc"),
     "chunked, jemalloc": (64, "off", "jemalloc"),
     "chunked + checkpointing, glibc": (64, "on", "glibc"),
     "chunked + checkpointing, malloc thresholds": (64, "on", "thresholds"),
     "chunked + checkpointing, jemalloc": (64, "on", "jemalloc"),
 }
 BASELINE = "full logits, glibc"
-DEFAULT_MODE = "full logits, jemalloc (default)"  # what a worker does with the default settings
+DEFAULT_MODE = "full logits, jemalloc"  # what a worker does with the default settings
+# the least memory on the trainers' allocator, and the share of the baseline's peak it should keep under
+LEAN_MODE = "chunked + checkpointing, jemalloc"
+LEAN_TARGET = 0.40
 # glibc keeps freed blocks below its self-raising (up to 32 MiB) mmap threshold in the heap, so
 # the resident set stays at the high-water mark of transient buffers; fixed thresholds give
 # large tensors their own mappings, returned when freed (at a large cost in page faults)
@@ -166,23 +174,104 @@ def run_mode(model_dir: str, mode: tuple[int, str, str], steps: int) -> dict:
     return json.loads(last)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@dataclass(frozen=True)
+class ModeFigures:
+    """One mode over its rounds: the largest peaks (MiB) and the median step time (s)."""
+
+    life_peak_mib: float
+    steps_peak_mib: float
+    step_s: float
+
+
+def mode_figures(rounds: list[dict]) -> ModeFigures:
+    return ModeFigures(
+        max(x["life_peak_mib"] for x in rounds),
+        max(x["steps_peak_mib"] for x in rounds),
+        statistics.median(x["step_s"] for x in rounds),
+    )
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    date: str
+    quick: bool
+    machine: str  # bench.machine's line at the start
+    end_load: float
+    rounds: int
+    steps: int  # measured per mode and round
+    modes: dict[str, ModeFigures]  # every mode of MODES, in its order
+
+
+def mode_label(name: str) -> str:
+    if name == BASELINE:
+        return f"{name} (baseline)"
+    if name == DEFAULT_MODE:
+        return f"{name} (**default at this batch**)"
+    return name
+
+
+def more_or_less(ratio: float, more: str, less: str) -> str:
+    """``ratio - 1`` as a percentage in words: "6% more", "12% less"."""
+    return f"{abs(ratio - 1):.0%} {more if ratio >= 1 else less}"
+
+
+def render(report: MemoryReport) -> str:
+    """The README section's body: when, where, the table, the lean configuration against the target."""
+    base, lean, default = report.modes[BASELINE], report.modes[LEAN_MODE], report.modes[DEFAULT_MODE]
+    merged = all(round(f.life_peak_mib) == round(f.steps_peak_mib) for f in report.modes.values())
+    peak_header = "peak RSS (whole process = steps only)" if merged else "peak RSS, whole process / steps only"
+    rows = []
+    for name, f in report.modes.items():
+        peak = f"{f.life_peak_mib:,.0f} MiB" if merged else f"{f.life_peak_mib:,.0f} / {f.steps_peak_mib:,.0f} MiB"
+        vs_peak = f"{f.life_peak_mib / base.life_peak_mib:.0%}"
+        rows.append(
+            f"| {mode_label(name)} | {peak} | {f'**{vs_peak}**' if name == LEAN_MODE else vs_peak} "
+            f"| {f.step_s:.3f} s | {f.step_s / base.step_s:.0%} |"
+        )
+    lean_peak = lean.life_peak_mib / base.life_peak_mib
+    return "\n".join(
+        [
+            f"### Latest results ({report.date}{', --quick' if report.quick else ''})",
+            "",
+            f"{report.machine} at start, {report.end_load:.2f} at the end; {report.rounds} rounds × {report.steps} "
+            "measured steps per mode.",
+            "",
+            f"| mode | {peak_header} | vs baseline | step, median | vs baseline |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            "The lean configuration (`OPENLOOPS_TRAINER_LOGITS_FULL_MAX_MIB=0`, "
+            "`OPENLOOPS_TRAINER_ACTIVATION_CHECKPOINTING=on`, jemalloc) "
+            f"{'reaches' if lean_peak <= LEAN_TARGET else 'misses'} the {LEAN_TARGET:.0%} target ({lean_peak:.0%}) at "
+            f"{more_or_less(lean.step_s / base.step_s, 'more', 'less')} step time than the baseline; at this batch it "
+            f"is {more_or_less(lean.step_s / default.step_s, 'slower', 'faster')} than the default.",
+        ]
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.loss_memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 measured steps per mode, one round")
+    ap.add_argument("--readme", action="store_true", help="write the results into bench/README.md (its section)")
     ap.add_argument(
         "--child", nargs=4, metavar=("MODEL_DIR", "CHUNK_MIB", "CHECKPOINTING", "STEPS"), help=argparse.SUPPRESS
     )
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.child:
         model_dir, chunk, checkpointing, steps = args.child
         out = child(model_dir, int(chunk), checkpointing, int(steps))
         out["life_peak_mib"] = vmhwm_mib()
         print(json.dumps(out))
-        return
+        return 0
 
     from control_plane.local_mode.models import prepare
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    machine = machine_line()
+    print(f"machine: {machine}", flush=True)
     steps, rounds = (2, 1) if args.quick else (5, 2)
     with tempfile.TemporaryDirectory() as d:
         model = prepare("bench", Path(d), quiet=True)
@@ -197,24 +286,24 @@ def main() -> None:
         assert all(abs(a - b) <= 1e-4 * abs(a) for p, c in zip(base, rows) for a, b in zip(p["losses"], c["losses"])), (
             f"{name}: the losses differ from {BASELINE}'s"
         )
-
-    def worst(rows: list[dict], key: str) -> float:
-        return max(x[key] for x in rows)
-
-    def med(rows: list[dict]) -> float:
-        return statistics.median(x["step_s"] for x in rows)
-
-    print(f"\nvocabulary {base[0]['vocab']}, {BATCH} x {SEQ} tokens, rank {RANK}; {rounds} rounds x {steps} steps\n")
-    print(f"| mode | peak RSS, whole process | peak RSS, steps only | vs {BASELINE} | step, median | vs {BASELINE} |")
-    print("|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        life, steps_peak, t = worst(rows, "life_peak_mib"), worst(rows, "steps_peak_mib"), med(rows)
-        print(
-            f"| {name} | {life:,.0f} MiB | {steps_peak:,.0f} MiB | {life / worst(base, 'life_peak_mib'):.0%} "
-            f"| {t:.3f} s | {t / med(base):.0%} |"
-        )
-    print(f"\nfirst-step loss: {base[0]['losses'][0]:.4f} (every mode within 1e-4 relative, every step)")
+    report = MemoryReport(
+        date=datetime.date.today().isoformat(),
+        quick=args.quick,
+        machine=machine,
+        end_load=load_average(),
+        rounds=rounds,
+        steps=steps,
+        modes={name: mode_figures(rows) for name, rows in results.items()},
+    )
+    print(f"\nvocabulary {base[0]['vocab']}, {BATCH} x {SEQ} tokens, rank {RANK}; {rounds} rounds x {steps} steps")
+    print(f"first-step loss: {base[0]['losses'][0]:.4f} (every mode within 1e-4 relative, every step)\n")
+    body = render(report)
+    print(body)
+    if args.readme:
+        write_section("loss_memory", body)
+        print("written into bench/README.md")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

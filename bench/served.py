@@ -1,4 +1,4 @@
-"""Served-model benchmark: ``python -m bench.served [--quick] [--rounds 9] [--ttft 50]``.
+"""Served-model benchmark: ``python -m bench.served [--quick] [--rounds 9] [--ttft 50] [--readme]``.
 
 Runs ``openloops serve`` (API + controller + local process backend) as its own process on
 embedded PostgreSQL + Valkey with the tiny model, then:
@@ -20,14 +20,15 @@ embedded PostgreSQL + Valkey with the tiny model, then:
    time (no queueing), alternating the paths request by request: the time from sending the
    request to the first SSE ``data:`` event; p50 / p90 of each path and the added p50.
 
-Prints the machine and its load average first, and a markdown table at the end (paste it into
-bench/README.md).
+Prints the machine and its load average first, and the results as markdown at the end;
+``--readme`` also writes them into bench/README.md (between the markers of ``served``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import statistics
 import time
@@ -46,7 +47,8 @@ from bench.live import (
     prompt_datum,
     start_openloops,
 )
-from bench.machine import cpu_name, load_average
+from bench.machine import load_average, machine_line
+from bench.readme_section import write_section
 from bench.stack import Stack, start_stack
 from control_plane.catalog import ModelCatalog
 from control_plane.local_mode.models import prepare
@@ -55,6 +57,12 @@ CONCURRENCY = 64
 TOKENS = 64
 TTFT_TOKENS = 16
 CHECKPOINT = "bench"
+TARGET_RATIO = 0.9  # of direct throughput, through openloops
+TARGET_ADDED_TTFT_MS = 5.0  # added time to first token, p50
+SHARED_BY = (
+    "the API, controller, PostgreSQL, Valkey, the trainer worker, the served model's vLLM (CPU, float32) and the "
+    "load generator share these cores"
+)
 
 
 def completion_body(model: str, seed: int, *, max_tokens: int = TOKENS, stream: bool = False) -> dict[str, Any]:
@@ -241,21 +249,80 @@ def deploy_checkpoint(stack: Stack) -> Deployed:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+@dataclass(frozen=True)
+class ServedReport:
+    date: str
+    quick: bool
+    machine: str  # bench.machine's line at the start
+    end_load: float
+    cold_start_s: float
+    round_s: dict[str, list[float]]  # "direct", "openloops" -> each round's time for CONCURRENCY x TOKENS tokens
+    api_cpu_ms: dict[str, float]  # the openloops process's CPU per request, during each path's rounds
+    ttft_s: dict[str, list[float]]  # "direct", "openloops" -> every streamed request's time to first token
+
+
+def tokens_per_s(seconds: float) -> float:
+    return CONCURRENCY * TOKENS / seconds
+
+
+def render(report: ServedReport) -> str:
+    """The README section's body: when, where, the table, the targets."""
+    times, cpu = report.round_s, report.api_cpu_ms
+    rounds = len(times["direct"])
+    tps = {k: tokens_per_s(statistics.median(v)) for k, v in times.items()}
+    paired = statistics.median(d / o for d, o in zip(times["direct"], times["openloops"], strict=True))
+    spread = {k: f"{tokens_per_s(max(v)):,.0f}–{tokens_per_s(min(v)):,.0f}" for k, v in times.items()}
+    ms = {k: (pct(v, 0.5) * 1000, pct(v, 0.9) * 1000) for k, v in report.ttft_s.items()}
+    added = ms["openloops"][0] - ms["direct"][0]
+    met = {"throughput": paired >= TARGET_RATIO, "time to first token": added < TARGET_ADDED_TTFT_MS}
+    if all(met.values()):
+        verdict = "both met"
+    elif any(met.values()):
+        verdict = "; ".join(f"{k} {'met' if ok else 'not met'}" for k, ok in met.items())
+    else:
+        verdict = "neither met"
+    quick = ", --quick" if report.quick else ""
+    return "\n".join(
+        [
+            f"### Latest results ({report.date}, tiny model, {rounds} rounds{quick})",
+            "",
+            f"{report.machine} at start, {report.end_load:.2f} at the end; {SHARED_BY}.",
+            "",
+            "| measurement | result |",
+            "|---|---|",
+            f"| cold start: deploy → ACTIVE (own vLLM server started, adapter loaded) | {report.cold_start_s:.1f} s |",
+            f"| {CONCURRENCY} × {TOKENS} tokens straight to vLLM | {tps['direct']:,.0f} tok/s |",
+            f"| through openloops (`base_url` `/completions`, checkpoint name) | {tps['openloops']:,.0f} tok/s "
+            f"({tps['openloops'] / tps['direct']:.2f}; per round {paired:.2f}) |",
+            f"| single rounds, direct / through openloops | {spread['direct']} / {spread['openloops']} tok/s |",
+            "| CPU of the openloops process per proxied request (during the direct rounds: its controller) "
+            f"| {cpu['openloops']:.2f} ms ({cpu['direct']:.2f} ms) |",
+            f"| time to first token straight to vLLM, p50 / p90 | {ms['direct'][0]:.1f} / {ms['direct'][1]:.1f} ms |",
+            f"| through openloops, p50 / p90 | {ms['openloops'][0]:.1f} / {ms['openloops'][1]:.1f} ms |",
+            f"| added time to first token, p50 | {added:+.1f} ms |",
+            "",
+            f"Targets: ≥ {TARGET_RATIO} of direct throughput and added time to first token p50 < "
+            f"{TARGET_ADDED_TTFT_MS:.0f} ms, {verdict} (per round {paired:.2f}, {added:+.1f} ms).",
+        ]
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.served", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds and 10 streamed requests per path")
     ap.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 9, --quick 3)")
     ap.add_argument("--ttft", type=int, default=None, help="streamed requests per path (default 50, --quick 10)")
-    args = ap.parse_args()
+    ap.add_argument("--readme", action="store_true", help="write the results into bench/README.md (its section)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 9)
     n_ttft = args.ttft or (10 if args.quick else 50)
 
-    start_load = load_average()
-    machine = (
-        f"{os.cpu_count()} CPU cores ({cpu_name()}); the API, controller, Postgres, Valkey, the trainer worker, "
-        "the served model's vLLM (CPU, float32) and the load generator share them"
-    )
-    print(f"Machine: {machine}. Load average {start_load:.2f} at start.", flush=True)
+    machine = machine_line()
+    print(f"machine: {machine}; {SHARED_BY}", flush=True)
 
     stack = start_stack()
     server = None
@@ -277,54 +344,37 @@ def main() -> None:
                 dt = asyncio.run(burst(p, rnd))
                 api_cpu[p.name] += cpu_seconds(server.proc.pid) - c0
                 times[p.name].append(dt)
-                print(f"round {rnd} {p.name}: {CONCURRENCY * TOKENS / dt:.0f} tokens/s", flush=True)
-        # the API process's CPU per request: through openloops, and while the direct rounds
-        # ran (its controller and background tasks only)
-        per_request = {k: v * 1000 / (rounds * CONCURRENCY) for k, v in api_cpu.items()}
-        spread = {k: (CONCURRENCY * TOKENS / max(v), CONCURRENCY * TOKENS / min(v)) for k, v in times.items()}
-        tps = {k: CONCURRENCY * TOKENS / statistics.median(v) for k, v in times.items()}
-        paired = statistics.median(d / o for d, o in zip(times["direct"], times["openloops"], strict=True))
+                print(f"round {rnd} {p.name}: {tokens_per_s(dt):.0f} tokens/s", flush=True)
 
         # 4. time to first token, one request at a time
         asyncio.run(first_tokens([direct, via], 2))  # warm-up
         ttft = asyncio.run(first_tokens([direct, via], n_ttft))
-        ms = {k: (pct(v, 0.5) * 1000, pct(v, 0.9) * 1000) for k, v in ttft.items()}
-        added = ms["openloops"][0] - ms["direct"][0]
         end_load = load_average()
-
-        print()
-        print(f"Machine: {machine}. Load average {start_load:.2f} at start, {end_load:.2f} at the end.")
-        print(f"Model openloops/tiny, LoRA rank 8; {rounds} rounds, {n_ttft} streamed requests per path.")
-        print()
-        print("| measurement | result |")
-        print("|---|---|")
-        print(f"| cold start: deploy -> ACTIVE (own vLLM server started, adapter loaded) | {cold:.1f} s |")
-        print(
-            f"| {CONCURRENCY} x {TOKENS} tokens straight to vLLM (`/v1/completions`, adapter) | {tps['direct']:.0f} tokens/s |"
-        )
-        print(
-            f"| same through openloops (`base_url` `/completions`, checkpoint name) | {tps['openloops']:.0f} tokens/s "
-            f"(ratio of medians {tps['openloops'] / tps['direct']:.2f}; median per-round ratio {paired:.2f}) |"
-        )
-        print(
-            f"| single rounds, direct / through openloops | {spread['direct'][0]:.0f}-{spread['direct'][1]:.0f} / "
-            f"{spread['openloops'][0]:.0f}-{spread['openloops'][1]:.0f} tokens/s |"
-        )
-        print(
-            f"| CPU of the openloops process per request through it (during the direct rounds: its controller) "
-            f"| {per_request['openloops']:.2f} ms ({per_request['direct']:.2f} ms) |"
-        )
-        print(
-            f"| time to first token straight to vLLM, p50 / p90 ({TTFT_TOKENS}-token streams, one at a time) "
-            f"| {ms['direct'][0]:.1f} / {ms['direct'][1]:.1f} ms |"
-        )
-        print(f"| same through openloops, p50 / p90 | {ms['openloops'][0]:.1f} / {ms['openloops'][1]:.1f} ms |")
-        print(f"| added time to first token, p50 | {added:+.1f} ms |")
     finally:
         if server is not None:
             server.stop()
         stack.stop()
+    report = ServedReport(
+        date=datetime.date.today().isoformat(),
+        quick=args.quick,
+        machine=machine,
+        end_load=end_load,
+        cold_start_s=cold,
+        round_s=times,
+        # the API process's CPU per request: through openloops, and while the direct rounds
+        # ran (its controller and background tasks only)
+        api_cpu_ms={k: v * 1000 / (rounds * CONCURRENCY) for k, v in api_cpu.items()},
+        ttft_s=ttft,
+    )
+    print()
+    print(f"model openloops/tiny, LoRA rank 8; {rounds} rounds, {n_ttft} streamed requests per path\n")
+    body = render(report)
+    print(body)
+    if args.readme:
+        write_section("served", body)
+        print("written into bench/README.md")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
