@@ -142,22 +142,27 @@ class LoopsTrainerOps:
         if not IDEMPOTENCY_KEY_RE.match(operation_id):
             raise InvalidInput("Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]", field="Idempotency-Key")
         fingerprint = hashlib.sha256(op.encode() + b"\0" + raw).hexdigest()[:32]
-        existing = await self.queue.lookup(t.run.id, operation_id)
-        if existing is not None:  # a retry of an accepted op: the same operation, before any check
-            if existing[1] != fingerprint:
-                raise Conflict(f"Idempotency-Key {operation_id!r} was used for a different request")
-            return operation_id
-        if body is None:
-            body = w.decode(op, raw)
-        if not 1 <= body.seq_id <= MAX_SEQ_ID:
-            raise InvalidInput(f"seq_id must be between 1 and {MAX_SEQ_ID}, got {body.seq_id}", field="seq_id")
-        if body.run_id is not None and body.run_id != t.run.id:
-            raise InvalidInput(f"run_id {body.run_id!r} differs from the X-Run-Id header {t.run.id!r}", field="run_id")
         try:
+            if body is None:
+                body = w.decode(op, raw)
+            if not 1 <= body.seq_id <= MAX_SEQ_ID:
+                raise InvalidInput(f"seq_id must be between 1 and {MAX_SEQ_ID}, got {body.seq_id}", field="seq_id")
+            if body.run_id is not None and body.run_id != t.run.id:
+                raise InvalidInput(
+                    f"run_id {body.run_id!r} differs from the X-Run-Id header {t.run.id!r}", field="run_id"
+                )
             self.live(t)
             kind, payload = await self._build(t, op, body)
         except DomainError as exc:
-            await self._reject(t, operation_id, body, op, fingerprint, exc)
+            # a retry of an accepted op is the same operation whatever checking it again says;
+            # a new op (the common case) is told apart by the enqueue script, at no extra trip
+            existing = await self.queue.lookup(t.run.id, operation_id)
+            if existing is not None:
+                if existing[1] != fingerprint:
+                    raise Conflict(f"Idempotency-Key {operation_id!r} was used for a different request") from None
+                return operation_id
+            if body is not None and 1 <= body.seq_id <= MAX_SEQ_ID:
+                await self._reject(t, operation_id, body, op, fingerprint, exc)
             raise
         # the op's activity (wakes a sleeping trainer) needs nothing of the enqueue: both at once
         await asyncio.gather(

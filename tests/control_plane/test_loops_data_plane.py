@@ -103,12 +103,19 @@ async def test_addressing_and_error_headers(api: Api) -> None:
     r = await api.client.get(health, headers={**intruder.headers, "X-Run-Id": run["id"]})
     assert r.status_code == 404 and r.json()["code"] == "not_found"
     # an ended run answers 410 (the SDK does not retry it)
+    r = await submit(api, t, run, "optim_step", {"seq_id": 1, "adam_params": {}}, "k-before-end")
+    assert r.status_code == 202, r.text
     await api.client.post(f"/v1/loops/runs/{run['id']}/deactivate", headers=t.headers)
     r = await api.client.get(health, headers=run_headers(t, run))
     assert r.status_code == 410
     gateway(r, "gone")
-    r = await submit(api, t, run, "optim_step", {"seq_id": 1, "adam_params": {}}, "k-after-end")
+    r = await submit(api, t, run, "optim_step", {"seq_id": 2, "adam_params": {}}, "k-after-end")
     assert r.status_code == 410
+    # ... but the retry of an op accepted before the end is that same operation, not a 410
+    r = await submit(api, t, run, "optim_step", {"seq_id": 1, "adam_params": {}}, "k-before-end")
+    assert r.status_code == 202 and r.json()["operation_id"] == "k-before-end", r.text
+    r = await submit(api, t, run, "optim_step", {"seq_id": 1, "adam_params": {"lr": 1}}, "k-before-end")
+    assert r.status_code == 409  # the same key with another body, even on an ended run
 
 
 async def test_ops_keys_seq_ids_and_polls(api: Api) -> None:
