@@ -13,6 +13,8 @@ cross-entropy):
   SDK against a fresh ``openloops serve`` on the same stack, run by bench/loops_sdk.py as a
   script (bench/clients/loops_steps.py) in the Loops client venv (``.venvs/loops-client``,
   Python 3.12, from ``scripts/install test``); without the venv the row is skipped, with a note.
+  A Loops run's adapter leaves out ``lm_head`` (openloops follows Loops there), so its losses
+  after the first step differ slightly from the others'.
 - **plain peft**: the same step in this process with transformers + peft + torch.optim.AdamW,
   no server, no queue, no serialization.
 - **the trainer, in process**: the worker's own step (``TrainingModel.forward_backward`` on the
