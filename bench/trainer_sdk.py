@@ -9,6 +9,12 @@ cross-entropy):
 - **openloops**: the unmodified tinker SDK against a real ``openloops serve`` process (its
   controller starts a trainer worker subprocess); one step = ``forward_backward`` +
   ``optim_step``, submitted back to back (the SDK pipelines them) and waited for.
+- **openloops through the Loops SDK**: the same step through the unmodified ``baseten-loops``
+  SDK against a fresh ``openloops serve`` on the same stack, run by bench/loops_sdk.py as a
+  script (bench/clients/loops_steps.py) in the Loops client venv (``.venvs/loops-client``,
+  Python 3.12, from ``scripts/install test``); without the venv the row is skipped, with a note.
+  A Loops run's adapter leaves out ``lm_head`` (openloops follows Loops there), so its losses
+  after the first step differ slightly from the others'.
 - **plain peft**: the same step in this process with transformers + peft + torch.optim.AdamW,
   no server, no queue, no serialization.
 - **the trainer, in process**: the worker's own step (``TrainingModel.forward_backward`` on the
@@ -17,7 +23,7 @@ cross-entropy):
   added time, which is the first row minus this one.
 
 They run one after the other, never at the same time. Then the round trip of a small op: a
-1 x 8-token ``forward`` through the SDK, against the same forward in process. Prints a markdown
+1 x 8-token ``forward`` through each SDK, against the same forward in process. Prints a markdown
 table; ``--readme`` also writes it into bench/README.md (between the markers of ``--model``).
 """
 
@@ -25,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,7 @@ import numpy as np
 
 from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens
 from bench.live import trainer_pid
+from bench.loops_sdk import loops_python, missing_venv_note, run_client
 from bench.loss_memory import DEFAULT_MODE, MODES, run_mode
 from bench.machine import machine_line
 from bench.proc_memory import peak_rss_mib
@@ -129,6 +138,12 @@ class SdkResult:
     worker_peak_rss_mib: float | None
     small_op_times: list[float]  # 1 x 8-token forward round trips
     worker_step_times: list[float]  # the worker's own time in each measured step's ops (telemetry)
+    sdk: str = "tinker SDK"  # the client, as the table names it
+    version: str = ""  # the client's package and version, where the row names it
+
+    @property
+    def label(self) -> str:
+        return f"openloops via {self.sdk}" + (f" ({self.version})" if self.version else "")
 
 
 def worker_step_times(base: str, key: str, run_id: str, steps: int) -> list[float]:
@@ -169,12 +184,13 @@ def quantile(xs: list[float], q: float) -> float:
     return ys[min(len(ys) - 1, int(q * len(ys)))]
 
 
-def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int, warmup: int) -> SdkResult:
-    import tinker
-    from tinker import types
-
+@contextlib.contextmanager
+def serve(stack: Stack, log_name: str) -> Iterator[tuple[str, str]]:
+    """A fresh ``openloops serve`` process on the stack (its log in the stack's data dir) and a new
+    API key with every scope (Tinker's and Loops'): yields the base URL and the key; stopping the
+    server stops the trainer workers it started."""
     port = free_port()
-    log = stack.data_dir / "server.log"
+    log = stack.data_dir / log_name
     env = {**os.environ, **stack.server_env(OPENLOOPS_PORT=str(port), OPENLOOPS_LOG_LEVEL="warning")}
     with log.open("wb") as fh:
         proc = subprocess.Popen(
@@ -183,7 +199,20 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/healthz", proc)
-        key = asyncio.run(_make_key(stack))
+        yield base, asyncio.run(_make_key(stack))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int, warmup: int) -> SdkResult:
+    import tinker
+    from tinker import types
+
+    with serve(stack, "server.log") as (base, key):
         service = tinker.ServiceClient(base_url=base, api_key=key)
         t0 = time.perf_counter()
         first_step: float | None = None
@@ -215,12 +244,41 @@ def bench_sdk(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int,
         service.close("success").result()
         assert first_step is not None
         return SdkResult(times, first_step, rss, small_times, worker)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+
+
+def bench_loops(model: CatalogModel, stack: Stack, tokens: np.ndarray, steps: int, warmup: int) -> SdkResult | str:
+    """The same step and small forward through the Loops SDK (bench/clients/loops_steps.py in the
+    Loops client venv) against a fresh server on the stack; without the venv, why there is no row."""
+    python = loops_python()
+    if python is None:
+        return missing_venv_note()
+    with serve(stack, "server-loops.log") as (base, key):
+        out = run_client(
+            python,
+            base_url=base,
+            api_key=key,
+            model=model.name,
+            rows=tokens.tolist(),
+            small=tokens[0, : SMALL_OP_TOKENS + 1].tolist(),
+            rank=RANK,
+            lr=LR,
+            steps=steps,
+            warmup=warmup,
+            rounds=SMALL_OP_ROUNDS,
+        )
+        run_id = str(out["run_id"])
+        # the SDK has no call that ends a run: the worker is still up (stopping the server stops it)
+        rss = _worker_peak_rss_mib(stack, run_id)
+        worker = worker_step_times(base, key, run_id, warmup + steps)[warmup:]
+    return SdkResult(
+        [float(x) for x in out["step_times"]],
+        float(out["first_step_s"]),
+        rss,
+        [float(x) for x in out["small_op_times"]],
+        worker,
+        sdk="Loops SDK",
+        version=str(out["sdk"]),
+    )
 
 
 def bench_peft(model: CatalogModel, tokens: np.ndarray, steps: int, warmup: int) -> tuple[list[float], list[float]]:
@@ -267,32 +325,71 @@ def bench_peft(model: CatalogModel, tokens: np.ndarray, steps: int, warmup: int)
     return times, small_times
 
 
-def table(kind: str, sdk: SdkResult, peft: list[float], peft_small: list[float], engine_s: float) -> str:
+def _own_time(r: SdkResult) -> str:
+    """openloops' own time per step of ``r``: its median step minus the worker's median time in the ops."""
+    s_med, w_med = statistics.median(r.step_times), statistics.median(r.worker_step_times)
+    return f"{1000 * (s_med - w_med):+.1f} ms ({100 * (s_med / w_med - 1):+.1f}% of the worker's {w_med:.3f} s)"
+
+
+def _round_trip(r: SdkResult) -> str:
+    so = r.small_op_times
+    return f"p50 {1000 * quantile(so, 0.5):.1f} ms, p90 {1000 * quantile(so, 0.9):.1f} ms"
+
+
+def _rss(r: SdkResult) -> str:
+    return f"{r.worker_peak_rss_mib:,.0f} MiB" if r.worker_peak_rss_mib is not None else "n/a"
+
+
+def table(
+    kind: str,
+    sdk: SdkResult,
+    peft: list[float],
+    peft_small: list[float],
+    engine_s: float,
+    loops: SdkResult | str | None = None,
+) -> str:
+    """The markdown of one run. ``loops``: the Loops-SDK path's result, or why it is missing."""
     s_med, p_med = statistics.median(sdk.step_times), statistics.median(peft)
     w_med = statistics.median(sdk.worker_step_times)
     tok = BATCH * SEQ
-    so, ps = sdk.small_op_times, peft_small
-    rss = f"{sdk.worker_peak_rss_mib:,.0f} MiB" if sdk.worker_peak_rss_mib is not None else "n/a"
+    ps = peft_small
+    rows = [
+        ("plain peft, in process", p_med),
+        ("the trainer, in process (its allocator, no server)", engine_s),
+        (sdk.label, s_med),
+    ]
+    lp = loops if isinstance(loops, SdkResult) else None
+    if lp is not None:
+        rows.append((lp.label, statistics.median(lp.step_times)))
     lines = [
         f"`--model {kind}`; {machine_line()}",
         "",
         "| path | median step (s) | tokens/s | vs plain peft |",
         "|---|---:|---:|---:|",
-        f"| plain peft, in process | {p_med:.3f} | {tok / p_med:,.0f} | 1.00 |",
-        f"| the trainer, in process (its allocator, no server) | {engine_s:.3f} | {tok / engine_s:,.0f} "
-        f"| {p_med / engine_s:.2f} |",
-        f"| openloops via tinker SDK | {s_med:.3f} | {tok / s_med:,.0f} | {p_med / s_med:.2f} |",
+        *(f"| {name} | {t:.3f} | {tok / t:,.0f} | {p_med / t:.2f} |" for name, t in rows),
         "",
-        f"openloops' own time per step (the SDK's step minus the worker's time in the step's ops, from "
-        f"the run's telemetry; SDK encode/decode, HTTP, API, Redis, polls): {1000 * (s_med - w_med):+.1f} ms "
-        f"({100 * (s_med / w_med - 1):+.1f}% of the worker's {w_med:.3f} s). The worker's compute against the "
-        f"trainer in a fresh process: {1000 * (w_med - engine_s):+.1f} ms (the same code: on this machine's "
-        f"shared cores that difference is noise, up to +-15% between runs). "
-        f"A {SMALL_OP_TOKENS}-token `forward` round trip: p50 {1000 * quantile(so, 0.5):.1f} ms, "
-        f"p90 {1000 * quantile(so, 0.9):.1f} ms through the SDK, against {1000 * quantile(ps, 0.5):.1f} ms "
-        f"in process ({len(so)} rounds). `create_lora_training_client` -> first step "
-        f"{sdk.first_step_s:.1f} s; trainer worker peak RSS {rss}.",
     ]
+    own = f"{_own_time(sdk)} through the {sdk.sdk}"
+    trip = f"{_round_trip(sdk)} through the {sdk.sdk}"
+    first = f"{sdk.first_step_s:.1f} s"
+    rss = _rss(sdk)
+    if lp is not None:
+        own += f", {_own_time(lp)} through the {lp.sdk}"
+        trip += f"; {_round_trip(lp)} through the {lp.sdk}"
+        first += f" ({lp.sdk}: {lp.first_step_s:.1f} s)"
+        rss += f" ({lp.sdk} run: {_rss(lp)})"
+    text = (
+        f"openloops' own time per step (the SDK's step minus the worker's time in the step's ops, from "
+        f"the run's telemetry; SDK encode/decode, HTTP, API, Redis, polls): {own}. The worker's compute "
+        f"against the trainer in a fresh process ({sdk.sdk} run): {1000 * (w_med - engine_s):+.1f} ms (the "
+        f"same code: on this machine's shared cores that difference is noise, up to +-15% between runs). "
+        f"A {SMALL_OP_TOKENS}-token `forward` round trip: {trip}; against {1000 * quantile(ps, 0.5):.1f} ms "
+        f"in process ({len(sdk.small_op_times)} rounds). `create_lora_training_client` -> first step "
+        f"{first}; trainer worker peak RSS {rss}."
+    )
+    if isinstance(loops, str):
+        text += f" No Loops-SDK row: {loops}."
+    lines.append(text)
     return "\n".join(lines)
 
 
@@ -311,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         tokens = batch_tokens(vocab)
         print(f"openloops (tinker SDK -> API -> Redis -> trainer worker), batch {BATCH}x{SEQ}, rank {RANK}")
         sdk = bench_sdk(model, stack, tokens, steps, warmup)
+        print("openloops (Loops SDK in its venv -> API -> Redis -> trainer worker), the same batch")
+        loops = bench_loops(model, stack, tokens, steps, warmup)
+        if isinstance(loops, str):
+            print(f"  skipped: {loops}")
         print("plain peft (in process)")
         peft, peft_small = bench_peft(model, tokens, steps, warmup)
         print("the trainer in process (fresh process, the worker's allocator)")
@@ -318,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  median step {engine['step_s']:.3f}s, losses {[round(x, 1) for x in engine['losses']]}")
     finally:
         stack.stop()
-    text = table(args.model, sdk, peft, peft_small, engine["step_s"])
+    text = table(args.model, sdk, peft, peft_small, engine["step_s"], loops)
     print()
     print(text)
     if args.readme:
