@@ -312,11 +312,16 @@ def test_empty_request(make_model):
 
 
 def test_json_encoding():
-    assert tensor_data(np.array([1.5, np.nan, -np.inf], np.float32)) == {
-        "data": [1.5, None, None],
-        "dtype": "float32",
-        "shape": [3],
-    }
+    raw = encode_forward_backward(0.0, [{"x": np.array([1.5, np.nan, -np.inf], np.float32)}], {})
+    assert strict_json(raw)["loss_fn_outputs"] == [{"x": {"data": [1.5, None, None], "dtype": "float32", "shape": [3]}}]
+    # every float32 comes back as exactly itself (shortest round-trip digits), tiny and huge too
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [rng.standard_normal(4096), rng.standard_normal(64) * 1e-30, rng.standard_normal(64) * 1e30]
+    )
+    values = values.astype(np.float32)
+    back = strict_json(encode_forward_backward(0.0, [{"x": values}], {}))["loss_fn_outputs"][0]["x"]["data"]
+    assert np.array_equal(np.array(back, np.float32), values)
     assert tensor_data(np.arange(6, dtype=np.int64).reshape(2, 3)) == {
         "data": [0, 1, 2, 3, 4, 5],
         "dtype": "int64",
