@@ -154,7 +154,8 @@ class Settings(BaseSettings):
     trainer_activation_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto",
         description="trainers recompute decoder activations in the backward pass instead of keeping them: auto = "
-        "for sequences of at least 4096 tokens",
+        "for sequences of at least 4096 tokens. The default of runs that choose no mode of their own (Loops: "
+        "activation_checkpointing; Tinker: user_metadata['openloops.activation_checkpointing'])",
     )
     trainer_logits_chunk_mib: int = Field(
         64,

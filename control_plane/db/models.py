@@ -135,6 +135,8 @@ class Run(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     deployment_id: Mapped[str | None] = mapped_column(ForeignKey("deployments.id", ondelete="SET NULL"))
     base_checkpoint: Mapped[str | None] = mapped_column(Text)
+    # auto | on | off: the run's choice (services/run_options.py); None: the server's default
+    activation_checkpointing: Mapped[str | None] = mapped_column(String(8))
     # the adapter the run's paired sampler serves, and its version (optimizer steps at publish)
     policy_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     published_checkpoint_id: Mapped[str | None] = mapped_column(

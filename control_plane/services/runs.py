@@ -14,7 +14,7 @@ from control_plane.catalog import ModelCatalog
 from control_plane.db.models import Checkpoint, Deployment, Run, Sampler
 from control_plane.errors import InvalidInput, NotFound
 from control_plane.ids import new_id
-from control_plane.services import deployments, history
+from control_plane.services import deployments, history, run_options
 from control_plane.services.scoping import list_scope_filter
 from control_plane.services.sessions import get_session
 from control_plane.statuses import SessionStatus, Status
@@ -41,6 +41,8 @@ class RunRequest:
     reuse_from_run_id: str | None = None
     reuse_from_session_id: str | None = None
     with_sampler: bool = True
+    # auto | on | off (services/run_options.py); None: the server's default
+    activation_checkpointing: str | None = None
     # Tinker-only
     origin: str = "loops"
     run_id: str | None = None
@@ -113,6 +115,7 @@ async def create_run(
         raise InvalidInput(
             f"replicas must be between 1 and {max_replicas} on this server, got {req.replicas}", field="replicas"
         )
+    checkpointing = run_options.check_activation_checkpointing(req.activation_checkpointing)
     if req.path:
         ckpt = await resolve_weights_checkpoint(s, principal, req.path, field="path")
         if ckpt.base_model != model.name:
@@ -148,6 +151,7 @@ async def create_run(
         init_path=req.path,
         base_checkpoint=req.base_checkpoint or None,
         user_metadata=dict(req.user_metadata or {}),
+        activation_checkpointing=checkpointing,
         last_request_at=now,
         created_at=now,
         updated_at=now,

@@ -1,7 +1,7 @@
 """Seq 0 of a run created through the Loops API (Tinker clients send their own): a fresh
 LoRA adapter (attention and MLP, as Loops trains them), or the adapter of the checkpoint the run
 resumes (``path``: with its optimizer state) or starts from (``base_checkpoint``: fresh
-optimizer)."""
+optimizer). Either carries the run's activation checkpointing mode (None: the worker's default)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,19 @@ async def enqueue_initial_op(r: Runtime, s: AsyncSession, run: Run) -> str:
         ).scalar_one()
         body = op_bodies.encode(
             op_bodies.LoadWeightsBody(
-                storage_prefix=ckpt.storage_prefix, tinker_path=ref.tinker_path, optimizer=bool(run.init_path)
+                storage_prefix=ckpt.storage_prefix,
+                tinker_path=ref.tinker_path,
+                optimizer=bool(run.init_path),
+                activation_checkpointing=run.activation_checkpointing,
             )
         )
         kind = OpKind.LOAD_WEIGHTS
     else:
         body = op_bodies.encode(
-            op_bodies.CreateBody(lora=op_bodies.LoraSpec(rank=run.lora_rank, seed=run.seed, **LOOPS_LORA_TARGETS))
+            op_bodies.CreateBody(
+                lora=op_bodies.LoraSpec(rank=run.lora_rank, seed=run.seed, **LOOPS_LORA_TARGETS),
+                activation_checkpointing=run.activation_checkpointing,
+            )
         )
         kind = OpKind.CREATE
     rid, _ = await queue.submit(run.id, run.id, 0, kind, body, org_id=run.org_id)

@@ -24,7 +24,7 @@ from control_plane.db.models import Checkpoint, Run
 from control_plane.errors import DomainError, Gone, InvalidInput, NotFound
 from control_plane.ids import training_model_id
 from control_plane.scaling.wake import op_arrived
-from control_plane.services import admission
+from control_plane.services import admission, run_options
 from control_plane.services import checkpoints as ckpt_svc
 from control_plane.services import runs as runs_svc
 from control_plane.statuses import TERMINAL, Status
@@ -178,10 +178,13 @@ class TrainingOps:
         _check_optimizer(optimizer_config)
         if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
             raise InvalidInput("at least one of train_attn, train_mlp, train_unembed must be true", field="lora_config")
+        checkpointing = run_options.activation_checkpointing_from_metadata(user_metadata)
         run = await self._ensure_run(
-            principal, model_id, session_id, model_seq_id, base_model, asdict(lora), user_metadata
+            principal, model_id, session_id, model_seq_id, base_model, asdict(lora), user_metadata, checkpointing
         )
-        body = op_bodies.CreateBody(lora=op_bodies.LoraSpec(**asdict(lora)))
+        body = op_bodies.CreateBody(
+            lora=op_bodies.LoraSpec(**asdict(lora)), activation_checkpointing=run.activation_checkpointing
+        )
         return await self._submit(OpRun.of(run), 0, OpKind.CREATE, op_bodies.encode(body))
 
     async def create_from_state(
@@ -202,6 +205,7 @@ class TrainingOps:
             return again
         if not optimizer:
             _check_optimizer(optimizer_config)
+        checkpointing = run_options.activation_checkpointing_from_metadata(user_metadata)
         ckpt = await self._weights_checkpoint(principal, path)
         if base_model is not None and base_model != ckpt.base_model:
             raise InvalidInput(
@@ -215,9 +219,15 @@ class TrainingOps:
             ckpt.base_model,
             dict(ckpt.lora_config or {}),
             user_metadata,
+            checkpointing,
             init_path=path,
         )
-        body = op_bodies.LoadWeightsBody(storage_prefix=ckpt.storage_prefix, tinker_path=path, optimizer=optimizer)
+        body = op_bodies.LoadWeightsBody(
+            storage_prefix=ckpt.storage_prefix,
+            tinker_path=path,
+            optimizer=optimizer,
+            activation_checkpointing=run.activation_checkpointing,
+        )
         return await self._submit(OpRun.of(run), 0, OpKind.LOAD_WEIGHTS, op_bodies.encode(body))
 
     async def _claim_model_id(
@@ -239,9 +249,11 @@ class TrainingOps:
         base_model: str,
         lora_config: dict[str, Any],
         user_metadata: dict[str, Any] | None,
+        activation_checkpointing: str | None,
         init_path: str | None = None,
     ) -> Run:
-        """The run row of a Tinker training model (created once; a retry finds it)."""
+        """The run row of a Tinker training model (created once; a retry finds it).
+        ``activation_checkpointing``: the mode ``user_metadata`` chose (None: none)."""
         req = runs_svc.RunRequest(
             session_id=session_id,
             base_model=base_model,
@@ -253,6 +265,7 @@ class TrainingOps:
             model_seq_id=model_seq_id,
             lora_config=lora_config,
             user_metadata=user_metadata,
+            activation_checkpointing=activation_checkpointing,
         )
         async with self.r.db.transaction() as s:
             existing = await s.get(Run, model_id)

@@ -7,7 +7,8 @@ forward pass of the decoder per backward.
 
 Each decoder layer of the base model is wrapped once (the wrapper stays with the base, which
 outlives runs); whether a call checkpoints is an attribute of the layer that the engine sets
-around each micro-batch. Transformers' own ``gradient_checkpointing_enable`` is not used: it
+around each micro-batch. The mode is the run's: each run's engine gets the one its seq-0 op
+chose, or the worker's default (``TrainerLaunch.activation_checkpointing``). Transformers' own ``gradient_checkpointing_enable`` is not used: it
 only acts in training mode, and the trainer keeps the model in eval mode.
 """
 
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from data_plane.wire.op_bodies import ACTIVATION_CHECKPOINTING_MODES as MODES
+
 _FLAG = "_openloops_checkpoint"
-MODES = ("auto", "on", "off")
 # "auto" checkpoints a micro-batch whose longest sequence has at least this many tokens: the
 # micro-batch budget bounds the activations of short sequences, but a longer sequence runs
 # alone whatever its length (and recomputing costs about a quarter more step time)

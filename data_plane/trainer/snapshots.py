@@ -3,10 +3,11 @@
 A snapshot is taken between two ops. It holds the live LoRA weights, their values right after
 seq 0 (``init_trainer`` returns to them), the gradients accumulated since the last
 ``optim_step`` with their normalization counters, the AdamW state, the optimizer step count,
-the torch RNG states, the LoRA settings, the run's ``max_seq_len`` and ``next_seq``: the
-first op it does *not* cover. A worker that restores it and then executes the ops
-``next_seq, next_seq + 1, ...`` from the run's op log reaches the state an uninterrupted
-worker has, bit for bit (same code, same device).
+the torch RNG states, the LoRA settings, the run's activation checkpointing mode (its seq-0
+choice: seq 0 is not replayed once a snapshot covers it), the run's ``max_seq_len`` and
+``next_seq``: the first op it does *not* cover. A worker that restores it and then executes
+the ops ``next_seq, next_seq + 1, ...`` from the run's op log reaches the state an
+uninterrupted worker has, bit for bit (same code, same device).
 
 Layout in the object store under the run's snapshot prefix (given by the control plane):
 
@@ -36,6 +37,7 @@ from safetensors.torch import save as st_save
 from data_plane.storage.base import ObjectNotFound, ObjectStore
 from data_plane.trainer import checkpoint as ckpt
 from data_plane.trainer.model import LoraSettings
+from data_plane.wire.op_bodies import ACTIVATION_CHECKPOINTING_MODES
 
 if TYPE_CHECKING:
     from data_plane.trainer.training import TrainingModel
@@ -85,6 +87,9 @@ class RunSnapshot:
     accumulation: tuple[str | None, int]
     seq0_error: tuple[str, str] | None
     tensors: dict[str, torch.Tensor]
+    # the run's own activation checkpointing mode (None: it chose none, the worker's default
+    # applies; snapshots written before the option existed have none either)
+    activation_checkpointing: str | None = None
 
     def facts(self) -> dict[str, Any]:
         return {
@@ -96,6 +101,7 @@ class RunSnapshot:
             "optim_steps": self.optim_steps,
             "accumulation": list(self.accumulation),
             "seq0_error": list(self.seq0_error) if self.seq0_error else None,
+            "activation_checkpointing": self.activation_checkpointing,
         }
 
     def encode(self) -> bytes:
@@ -121,9 +127,17 @@ class RunSnapshot:
                 accumulation=(mode, int(count)),
                 seq0_error=(str(seq0[0]), str(seq0[1])) if seq0 else None,
                 tensors=tensors,
+                activation_checkpointing=_checkpointing_mode(d.get("activation_checkpointing")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"snapshot state file has bad facts: {type(exc).__name__}: {exc}") from None
+
+
+def _checkpointing_mode(value: Any) -> str | None:
+    """A snapshot's activation checkpointing mode, checked (ValueError: not a mode)."""
+    if value is not None and value not in ACTIVATION_CHECKPOINTING_MODES:
+        raise ValueError(f"activation_checkpointing {value!r} is not one of {ACTIVATION_CHECKPOINTING_MODES}")
+    return value
 
 
 def _header(raw: bytes) -> dict[str, str]:
@@ -162,15 +176,17 @@ def capture(model: TrainingModel, run_id: str, next_seq: int, seq0_error: tuple[
         accumulation=eng.accumulation,
         seq0_error=seq0_error,
         tensors=tensors,
+        activation_checkpointing=model.run_checkpointing,
     )
 
 
 def restore(model: TrainingModel, snap: RunSnapshot) -> None:
-    """Put ``snap`` into ``model`` (which has no adapter yet): adapter, initial values,
-    gradients, optimizer, step count, RNG. Raises :class:`SnapshotError` when it does not fit."""
+    """Put ``snap`` into ``model`` (which has no adapter yet): adapter and activation
+    checkpointing mode, initial values, gradients, optimizer, step count, RNG. Raises
+    :class:`SnapshotError` when it does not fit."""
     t = snap.tensors
     if snap.lora is not None:
-        model.attach_for_restore(LoraSettings.from_dict(snap.lora))
+        model.attach_for_restore(LoraSettings.from_dict(snap.lora), snap.activation_checkpointing)
         eng = model.engine
         assert eng is not None
         try:

@@ -4,7 +4,9 @@ Lifecycle on one worker, which may serve several runs one after another on the s
 base model: ``create`` / ``create_from_checkpoint`` (seq 0) attach a LoRA adapter and remember
 its initial values; ``init_trainer`` puts the adapter back to them with a fresh optimizer;
 ``detach`` removes the adapter so that the next run can ``create`` again. ``bind`` names the
-run (``model_id``) and its ``max_seq_len`` when the worker switches runs.
+run (``model_id``) and its ``max_seq_len`` when the worker switches runs. Seq 0 also carries the
+run's activation checkpointing mode (none: the worker's default), so that each run trains with
+its own; a snapshot keeps it for a worker that resumes the run.
 
 With several ranks (:mod:`.ranks`), every method that changes the training state or runs the
 model is a group call (:mod:`.group_calls`): the leader's call is made on every rank, and only
@@ -37,6 +39,7 @@ from data_plane.trainer.loops_output import encode_forward_backward
 from data_plane.trainer.model import CausalLM, LoraSettings, attach_lora, vocab_size
 from data_plane.trainer.sharding import reshard
 from data_plane.wire import tinker_wire_pb2 as pb
+from data_plane.wire.op_bodies import ACTIVATION_CHECKPOINTING_MODES as MODES
 from data_plane.wire.op_bodies import (
     CreateBody,
     LoadWeightsBody,
@@ -93,10 +96,13 @@ class TrainingModel:
         self.max_seq_len = min(max_seq_len, self._max_pos) if self._max_pos else max_seq_len
         self.microbatch_tokens = microbatch_tokens
         self.logits_chunk_bytes = logits_chunk_bytes  # 0: full logits (see Engine)
-        self.activation_checkpointing = activation_checkpointing  # auto | on | off (see Engine)
+        # auto | on | off (see Engine): the worker's default, for runs that choose none
+        self.activation_checkpointing = activation_checkpointing
         self.logits_full_max_bytes = logits_full_max_bytes  # chunk only above this (see Engine)
         self.vocab_size = vocab_size(base)
         self.lora: LoraSettings | None = None
+        # the live run's own activation checkpointing mode (None: it chose none)
+        self.run_checkpointing: str | None = None
         self.peft: CausalLM | None = None
         self.engine: Engine | None = None
         # trainable params right after seq 0 (CPU; replaced, never modified in place)
@@ -157,9 +163,12 @@ class TrainingModel:
             raise UserError("the model has not been created (its create/load op failed or never ran)")
         return self.engine
 
-    def _attach(self, settings: LoraSettings) -> None:
+    def _attach(self, settings: LoraSettings, checkpointing: str | None) -> None:
+        """Attach the run's adapter and build its engine; ``checkpointing`` is the run's
+        activation checkpointing mode (None: this worker's default)."""
         if self.created:
             raise UserError("the model already exists (create/load as seq 0 runs once)")
+        mode = self._checkpointing_mode(checkpointing)
         self.peft = attach_lora(self.base, settings)
         self.lora = settings
         try:
@@ -168,37 +177,50 @@ class TrainingModel:
                 self.device,
                 self.microbatch_tokens,
                 self.logits_chunk_bytes,
-                self.activation_checkpointing,
+                mode,
                 self.logits_full_max_bytes,
                 ranks=self._shares(),
             )
         except BaseException:
             self.detach()
             raise
+        self.run_checkpointing = checkpointing
         n = sum(p.numel() for p in self.engine.params)
         log.info(
-            "LoRA attached: rank=%d alpha=%g targets=%s trainable=%d",
+            "LoRA attached: rank=%d alpha=%g targets=%s trainable=%d activation_checkpointing=%s%s",
             settings.rank,
             settings.alpha,
             settings.target_modules(),
             n,
+            mode,
+            "" if checkpointing else " (the worker's default)",
         )
+
+    def _checkpointing_mode(self, checkpointing: str | None) -> str:
+        """The mode a run trains with: its own choice, else this worker's default."""
+        if checkpointing is None:
+            return self.activation_checkpointing
+        if checkpointing not in MODES:
+            raise UserError(f"activation_checkpointing must be one of {', '.join(MODES)}, got {checkpointing!r}")
+        return checkpointing
 
     def _shares(self) -> DataParallel | None:
         """How this rank splits batches with the others (None: it is the only one)."""
         return DataParallel(self.group.ranks) if self.group is not None and self.group.ranks.world > 1 else None
 
-    def attach_for_restore(self, settings: LoraSettings) -> None:
+    def attach_for_restore(self, settings: LoraSettings, checkpointing: str | None) -> None:
         """Attach an adapter whose values a snapshot restore fills in next
-        (:func:`data_plane.trainer.snapshots.restore`)."""
-        self._attach(settings)
+        (:func:`data_plane.trainer.snapshots.restore`), with the run's checkpointing mode."""
+        self._attach(settings, checkpointing)
 
     # ---- seq 0 --------------------------------------------------------------------------
     @group_call
     def create(self, body: CreateBody) -> dict:
         # Without a client seed the adapter's seed comes from the model id, so that a worker
         # replaying this op after a crash builds the same initial adapter.
-        self._attach(LoraSettings.resolve(body.lora, default_seed=seed_of(self.model_id)))
+        self._attach(
+            LoraSettings.resolve(body.lora, default_seed=seed_of(self.model_id)), body.activation_checkpointing
+        )
         self._remember_initial()
         return {"model_id": self.model_id, "type": "create_model"}
 
@@ -209,7 +231,7 @@ class TrainingModel:
             log.warning(
                 "checkpoint base model %r differs from this worker's %r", loaded.meta.base_model, self.base_model_name
             )
-        self._attach(loaded.lora)
+        self._attach(loaded.lora, body.activation_checkpointing)
         try:
             self._restore(loaded, body.optimizer)
         except BaseException:
@@ -256,6 +278,7 @@ class TrainingModel:
         self.peft = None
         self.engine = None
         self.lora = None
+        self.run_checkpointing = None
         self.initial = None
 
     def _restore(self, loaded: ckpt.LoadedCheckpoint, with_optimizer: bool) -> None:

@@ -10,6 +10,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# How a run's trainer keeps decoder activations (data_plane.trainer.activation_checkpointing):
+# recompute them in the backward pass always (on), never (off), or for micro-batches of long
+# sequences (auto). A run chooses one at creation; one that does not gets the worker's default.
+ACTIVATION_CHECKPOINTING_MODES = ("auto", "on", "off")
+
 
 @dataclass(frozen=True, slots=True)
 class LoraSpec:
@@ -36,6 +41,8 @@ class CreateBody:
     """seq 0 of a fresh LoRA training model."""
 
     lora: LoraSpec = field(default_factory=LoraSpec)
+    # the run's ACTIVATION_CHECKPOINTING_MODES choice; None: the worker's default
+    activation_checkpointing: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,8 @@ class LoadWeightsBody:
     storage_prefix: str
     tinker_path: str
     optimizer: bool
+    # as seq 0 only: the run's ACTIVATION_CHECKPOINTING_MODES choice (None: the worker's default)
+    activation_checkpointing: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,7 @@ def encode(body: Any) -> bytes:
 
 def decode_create(raw: bytes) -> CreateBody:
     d = json.loads(raw)
-    return CreateBody(lora=LoraSpec(**d.get("lora", {})))
+    return CreateBody(lora=LoraSpec(**d.get("lora", {})), activation_checkpointing=d.get("activation_checkpointing"))
 
 
 def decode_load(raw: bytes) -> LoadWeightsBody:

@@ -73,6 +73,11 @@ async def test_create_run_validation(api):
         ({"session_id": sid, "base_model": TEST_MODEL, "scale_down_delay_seconds": 0}, "scale_down_delay_seconds"),
         ({"session_id": sid, "base_model": TEST_MODEL, "availability_model": "cheap"}, "availability_model"),
         ({"session_id": sid, "base_model": TEST_MODEL, "replicas": 0}, "replicas"),
+        (
+            {"session_id": sid, "base_model": TEST_MODEL, "activation_checkpointing": "always"},
+            "activation_checkpointing",
+        ),
+        ({"session_id": sid, "base_model": TEST_MODEL, "activation_checkpointing": True}, "activation_checkpointing"),
         ({"session_id": sid, "base_model": TEST_MODEL, "replicas": 9}, "replicas"),  # run_max_replicas 8
         ({"session_id": sid, "base_model": TEST_MODEL, "path": "s3://x"}, "path"),
         ({"session_id": sid, "base_model": TEST_MODEL, "path": "bt://loops:run-x/weights/missing"}, "path"),
@@ -114,6 +119,49 @@ async def test_trainer_only_run_and_path_resume(api):
         json={"session_id": sid, "base_model": TEST_MODEL, "path": f"bt://loops:{rid}/sampler_weights/state-1"},
     )
     assert r.status_code == 400 and r.json()["field"] == "path"
+
+
+async def test_activation_checkpointing_extension_field(api):
+    """A run's activation_checkpointing (openloops extension) is stored on the run, rides in its
+    seq-0 op (create, and load_weights for a resume) and comes back in every run answer; a run
+    without one answers null (the server's default)."""
+    import json
+
+    from data_plane.wire.queue import ops_stream
+
+    t = await api.tenant("acme")
+    sid = await new_session(api, t)
+    r = await api.client.post(
+        "/v1/loops/trainers",
+        headers=t.headers,
+        json={"session_id": sid, "base_model": TEST_MODEL, "activation_checkpointing": "on"},
+    )
+    assert r.status_code == 200, r.text
+    on = r.json()["run"]
+    assert on["activation_checkpointing"] == "on"
+    await add_checkpoint(api.runtime, t, on["id"], "state-1", kind="weights")
+    off = await new_run(api, t, sid, path=f"bt://loops:{on['id']}/weights/state-1", activation_checkpointing="off")
+    default = await new_run(api, t, sid)
+    assert off["activation_checkpointing"] == "off" and default["activation_checkpointing"] is None
+    for run, kind, mode in ((on, b"create", "on"), (off, b"load_weights", "off"), (default, b"create", None)):
+        entries = await api.runtime.redis.xrange(ops_stream(run["id"]))
+        assert entries[0][1][b"seq_id"] == b"0" and entries[0][1][b"kind"] == kind
+        assert json.loads(entries[0][1][b"body"])["activation_checkpointing"] == mode
+        got = await api.client.get(f"/v1/loops/runs/{run['id']}", headers=t.headers)
+        assert got.json()["run"]["activation_checkpointing"] == mode
+    listed = (await api.client.get("/v1/loops/runs", headers=t.headers)).json()["runs"]
+    assert {x["id"]: x["activation_checkpointing"] for x in listed} == {
+        on["id"]: "on",
+        off["id"]: "off",
+        default["id"]: None,
+    }
+    r = await api.client.post(
+        "/v1/loops/trainers",
+        headers=t.headers,
+        json={"session_id": sid, "base_model": TEST_MODEL, "activation_checkpointing": "sometimes"},
+    )
+    assert r.status_code == 400 and r.json()["field"] == "activation_checkpointing", r.text
+    assert len((await api.client.get("/v1/loops/runs", headers=t.headers)).json()["runs"]) == 3
 
 
 async def test_list_runs_filters_scope_and_order(api):
@@ -294,3 +342,18 @@ async def test_http_behaviour(api):
     r = await api.client.post("/v1/loops/runs", headers={**t.headers, "content-type": "application/json"}, content=big)
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
     assert isinstance(api.client, httpx.AsyncClient)
+
+
+def test_activation_checkpointing_modes_agree():
+    """The Loops field, the server setting and the worker's modes are one list."""
+    from typing import get_args
+
+    from control_plane.api.loops.schemas import ActivationCheckpointing
+    from control_plane.settings import Settings
+    from data_plane.wire.op_bodies import ACTIVATION_CHECKPOINTING_MODES
+
+    literal = get_args(ActivationCheckpointing)[0]
+    assert get_args(literal) == ACTIVATION_CHECKPOINTING_MODES
+    assert (
+        get_args(Settings.model_fields["trainer_activation_checkpointing"].annotation) == ACTIVATION_CHECKPOINTING_MODES
+    )

@@ -3,6 +3,7 @@ Redis, no worker): what must be answered before anything reaches a trainer."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import zstandard
@@ -16,6 +17,7 @@ from control_plane.training.queue import TrainerQueue
 from data_plane.wire import tinker_wire_pb2 as pb
 from data_plane.wire.queue import FutureState, ops_stream, run_pending_key
 from tests.control_plane.conftest import TEST_MODEL, Api
+from tests.control_plane.seed import add_checkpoint
 
 
 async def _session(api: Api, headers: dict[str, str]) -> str:
@@ -296,3 +298,81 @@ async def test_an_op_on_a_run_that_ended_fails_from_the_mark_and_later_from_the_
     res = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, 3, [1, 2, 3]), headers=h)
     assert res.status_code == 410 and "INACTIVE" in res.json()["detail"]
     assert await api.runtime.redis.xlen(ops_stream(mid)) == before
+
+
+CKPT_KEY = "openloops.activation_checkpointing"
+
+
+async def _seq0_body(api: Api, model_id: str) -> dict:
+    entries = await api.runtime.redis.xrange(ops_stream(model_id))
+    assert entries and entries[0][1][b"seq_id"] == b"0"
+    return json.loads(entries[0][1][b"body"])
+
+
+async def test_activation_checkpointing_in_user_metadata(api: Api) -> None:
+    """user_metadata["openloops.activation_checkpointing"]: a bad value is a 400 naming the key
+    and the modes before anything exists; a good one is stored on the run and rides in seq 0
+    (create and create-via-load); no key leaves the choice to the server."""
+    t = await api.tenant("acme")
+    sid = await _session(api, t.headers)
+    create = {"session_id": sid, "base_model": TEST_MODEL, "lora_config": {"rank": 8}}
+    for seq, bad in enumerate(["sometimes", "ON", "", 1, None, ["on"]]):
+        res = await api.client.post(
+            "/api/v1/create_model",
+            json={**create, "model_seq_id": seq, "user_metadata": {CKPT_KEY: bad, "x": "y"}},
+            headers=t.headers,
+        )
+        assert res.status_code == 400, (bad, res.text)
+        assert res.json()["field"] == f'user_metadata["{CKPT_KEY}"]', res.json()
+        assert "auto, on, off" in res.json()["detail"], res.json()
+    res = await api.client.post(
+        "/api/v1/load_weights",
+        json={
+            "session_id": sid,
+            "model_seq_id": 9,
+            "path": "tinker://nope/weights/w",
+            "optimizer": False,
+            "user_metadata": {CKPT_KEY: "always"},
+        },
+        headers=t.headers,
+    )
+    assert res.status_code == 400 and res.json()["field"] == f'user_metadata["{CKPT_KEY}"]', res.text
+    async with api.runtime.db.session() as s:
+        assert (await s.execute(select(Run))).scalars().first() is None  # nothing created
+    assert not await api.runtime.redis.keys(ops_stream("*"))
+
+    ok = await api.client.post(
+        "/api/v1/create_model",
+        json={**create, "model_seq_id": 20, "user_metadata": {CKPT_KEY: "on", "team": "a"}},
+        headers=t.headers,
+    )
+    assert ok.status_code == 200, ok.text
+    on_id = ok.json()["model_id"]
+    default = await api.client.post("/api/v1/create_model", json={**create, "model_seq_id": 21}, headers=t.headers)
+    default_id = default.json()["model_id"]
+    await add_checkpoint(api.runtime, t, on_id, "w1", kind="weights")
+    loaded = await api.client.post(
+        "/api/v1/load_weights",
+        json={
+            "session_id": sid,
+            "model_seq_id": 22,
+            "path": f"tinker://{on_id}/weights/w1",
+            "optimizer": True,
+            "user_metadata": {CKPT_KEY: "off"},
+        },
+        headers=t.headers,
+    )
+    assert loaded.status_code == 200, loaded.text
+    off_id = loaded.json()["model_id"]
+    async with api.runtime.db.session() as s:
+        rows = {r.id: r for r in (await s.execute(select(Run))).scalars()}
+    assert rows[on_id].activation_checkpointing == "on"
+    assert rows[on_id].user_metadata == {CKPT_KEY: "on", "team": "a"}  # the metadata stays as sent
+    assert rows[off_id].activation_checkpointing == "off" and rows[default_id].activation_checkpointing is None
+    assert (await _seq0_body(api, on_id))["activation_checkpointing"] == "on"
+    assert (await _seq0_body(api, default_id))["activation_checkpointing"] is None
+    body = await _seq0_body(api, off_id)
+    assert body["activation_checkpointing"] == "off" and body["tinker_path"] == f"tinker://{on_id}/weights/w1"
+    # the Tinker listing shows the choice where the SDK put it: the run's user_metadata
+    got = await api.client.get(f"/api/v1/training_runs/{on_id}", headers=t.headers)
+    assert got.status_code == 200 and got.json()["user_metadata"][CKPT_KEY] == "on", got.text

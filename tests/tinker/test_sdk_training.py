@@ -178,6 +178,17 @@ def test_user_errors_are_reported(service, live_server: LiveServer) -> None:
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
 
 
+def test_activation_checkpointing_rides_in_user_metadata(service, live_server: LiveServer) -> None:
+    """The unmodified SDK chooses a run's activation checkpointing through ``user_metadata``:
+    a bad value is refused at create naming the key, a good one is the run's and it trains."""
+    key = "openloops.activation_checkpointing"
+    with pytest.raises(Exception, match=r"openloops\.activation_checkpointing.*auto, on, off"):
+        service.create_lora_training_client(live_server.model.name, rank=4, user_metadata={key: "always"}).result()
+    tc = service.create_lora_training_client(live_server.model.name, rank=4, seed=1, user_metadata={key: "on"}).result()
+    assert _run_row(live_server, tc.model_id).activation_checkpointing == "on"
+    assert _loss(tc.forward_backward(_datums(tc.get_tokenizer(), TEXTS[:1]), "cross_entropy").result()) > 0
+
+
 def test_importance_sampling_matches_hand_computation(service, live_server: LiveServer) -> None:
     """With the sampler's logprobs equal to the learner's, every ratio is 1 and the summed
     importance-sampling loss is -sum(advantages)."""

@@ -25,8 +25,12 @@ def new_model(
     rank: int = 4,
     seed: int = 3,
     create: bool = True,
+    default_checkpointing: str = "off",
+    checkpointing: str | None = None,
     **lora,
 ) -> TrainingModel:
+    """A model on the tiny base; ``default_checkpointing`` is the worker's activation
+    checkpointing default, ``checkpointing`` the run's own choice in its create op."""
     base = load_base(str(tiny_model), torch.device("cpu"), torch.float32)
     m = TrainingModel(
         model_id="s:train:0",
@@ -36,9 +40,14 @@ def new_model(
         store=LocalDirStore(store_dir),
         max_seq_len=512,
         microbatch_tokens=microbatch_tokens,
+        activation_checkpointing=default_checkpointing,
     )
     if create:
-        m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=rank, seed=seed, **lora)))
+        m.create(
+            op_bodies.CreateBody(
+                op_bodies.LoraSpec(rank=rank, seed=seed, **lora), activation_checkpointing=checkpointing
+            )
+        )
     return m
 
 

@@ -145,3 +145,28 @@ def test_max_seq_len_is_assignable(make_model):
     m.max_seq_len = 8
     with pytest.raises(UserError, match="max_seq_len 8"):
         loops_run(m, [{"tokens": np.arange(6, 20), "target_tokens": np.arange(7, 21)}])
+
+
+def test_each_run_trains_with_its_own_activation_checkpointing(make_model):
+    """The mode comes with seq 0 (create or create-from-checkpoint); a run without one gets the
+    worker's default; detach forgets it; a mode that is none of them fails seq 0 cleanly."""
+    m = make_model(create=False, default_checkpointing="auto")
+    for choice, mode in (("on", "on"), (None, "auto"), ("off", "off")):
+        m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=4, seed=3), activation_checkpointing=choice))
+        assert m.engine is not None and m.engine.checkpointing.mode == mode and m.run_checkpointing == choice
+        if choice == "on":
+            m.save(op_bodies.SaveBody(checkpoint_kind="weights", storage_prefix="c/ac", name="ac"), seq_id=1)
+        m.detach()
+        assert m.run_checkpointing is None
+    load = op_bodies.LoadWeightsBody(
+        storage_prefix="c/ac",
+        tinker_path="tinker://s:train:0/weights/ac",
+        optimizer=True,
+        activation_checkpointing="on",
+    )
+    m.create_from_checkpoint(load)
+    assert m.engine is not None and m.engine.checkpointing.mode == "on" and m.run_checkpointing == "on"
+    m.detach()
+    with pytest.raises(UserError, match="must be one of auto, on, off"):
+        m.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=4), activation_checkpointing="sometimes"))
+    assert not m.created and m.run_checkpointing is None

@@ -4,8 +4,11 @@ atomically through its manifest, and a worker that lost its run cannot move the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
 from data_plane.storage.local import LocalDirStore
 from data_plane.trainer import snapshots
@@ -118,3 +121,26 @@ def test_a_snapshot_that_does_not_fit_leaves_no_adapter(make_model) -> None:
     assert not b.created
     b.create(op_bodies.CreateBody(op_bodies.LoraSpec(rank=4, seed=1)))  # the base is bare again
     assert b.created
+
+
+def test_a_snapshot_keeps_the_runs_activation_checkpointing(make_model) -> None:
+    """Seq 0 is not replayed once a snapshot covers it: the snapshot carries the run's mode, and
+    a run that chose none stays without one (the restoring worker's default applies)."""
+    chose = make_model(rank=4, checkpointing="on")  # this worker's default: off
+    into = make_model(create=False)
+    snap = _roundtrip(chose, into)
+    assert snap.activation_checkpointing == "on" and into.run_checkpointing == "on"
+    assert into.engine is not None and into.engine.checkpointing.mode == "on"
+    none = make_model(rank=4)
+    into = make_model(create=False, default_checkpointing="on")
+    snap = _roundtrip(none, into)
+    assert snap.activation_checkpointing is None and into.run_checkpointing is None
+    assert into.engine is not None and into.engine.checkpointing.mode == "on"
+    # a snapshot written before the option existed has no such fact: none
+    old = snapshots.capture(chose, "run-1", 3)
+    facts = {k: v for k, v in old.facts().items() if k != "activation_checkpointing"}
+    raw = st_save(old.tensors, metadata={"openloops": json.dumps(facts)})
+    assert snapshots.RunSnapshot.decode(raw).activation_checkpointing is None
+    old.activation_checkpointing = "sometimes"
+    with pytest.raises(snapshots.SnapshotError, match="bad facts"):
+        snapshots.RunSnapshot.decode(old.encode())

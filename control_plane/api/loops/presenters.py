@@ -108,6 +108,7 @@ def run_json(run: Run | Row, sampler: Sampler | Row | None, base_url: str, users
         availability_model=run.availability_model,
         replicas=run.replicas,
         base_checkpoint=run.base_checkpoint,
+        activation_checkpointing=run.activation_checkpointing,
     )
 
 

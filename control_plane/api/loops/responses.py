@@ -56,6 +56,9 @@ class LoopsRun(msgspec.Struct):
     availability_model: str
     replicas: int
     base_checkpoint: str | None
+    # openloops extension: the run's activation checkpointing mode (auto | on | off); null: it
+    # chose none, its trainer uses the server's default
+    activation_checkpointing: str | None
 
 
 class LoopsCheckpoint(msgspec.Struct):

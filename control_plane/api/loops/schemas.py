@@ -37,6 +37,14 @@ Replicas = Annotated[
     ),
 ]
 AvailabilityModel = Literal["dedicated", "spot"]
+ActivationCheckpointing = Annotated[
+    Literal["auto", "on", "off"],
+    msgspec.Meta(
+        description="openloops extension: recompute decoder activations in the backward pass: auto (micro-batches "
+        "whose longest sequence has 4096+ tokens), on, off. Omitted: the server's default "
+        "(OPENLOOPS_TRAINER_ACTIVATION_CHECKPOINTING)"
+    ),
+]
 # 0001-01-01 .. 9999-12-31: what a timestamp can hold
 MAX_EPOCH_MILLIS = 253_402_300_799_999
 EpochMillis = Annotated[int, msgspec.Meta(ge=0, le=MAX_EPOCH_MILLIS)]
@@ -60,6 +68,7 @@ class CreateRunBody(msgspec.Struct, kw_only=True):
     base_checkpoint: Text | None = None  # a checkpoint to start the adapter from
     reuse_from_run_id: RunId | None = None
     reuse_from_session_id: SessionId | None = None
+    activation_checkpointing: ActivationCheckpointing | None = None  # openloops extension
 
 
 class CreateSamplerBody(msgspec.Struct, kw_only=True):

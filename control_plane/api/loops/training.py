@@ -101,6 +101,7 @@ class LoopsTrainingController(Controller):
             reuse_from_run_id=data.reuse_from_run_id,
             reuse_from_session_id=data.reuse_from_session_id,
             with_sampler=with_sampler,
+            activation_checkpointing=data.activation_checkpointing,
         )
         async with r.db.transaction() as s:
             async with admission.run(s, r.settings, r.catalog, principal.org_id):
