@@ -4,6 +4,7 @@ isolation, bad input) and retention. Real Postgres and Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -92,6 +93,37 @@ async def test_consumer_batches_and_is_idempotent(api):
     await xadd(api, fb("no-such-run", 1, 1, 1.0))
     assert await c.poll_once() == 1
     assert await api.runtime.redis.xlen(q.TELEMETRY_STREAM) == 0
+
+
+async def test_entries_arriving_one_by_one_are_taken_in_one_read_per_window(api):
+    """A training loop of small ops answers tens of ops a second: the consumer must not wake
+    up once per entry."""
+    _t, run_id = await run_of(api)
+    c = TelemetryConsumer(api.runtime.db, api.runtime.redis, batch_size=50, batch_ms=400, name="w")
+    await c.ensure_group()
+    reads = 0
+    real = api.runtime.redis.xreadgroup
+
+    async def counting(*args, **kw):
+        nonlocal reads
+        reads += 1
+        return await real(*args, **kw)
+
+    async def trickle() -> None:
+        for seq in range(1, 11):
+            await xadd(api, fb(run_id, seq, 1, 1.0))
+            await asyncio.sleep(0.02)
+
+    api.runtime.redis.xreadgroup = counting
+    try:
+        feeder = asyncio.create_task(trickle())
+        batch = await c.read()
+        await feeder
+    finally:
+        del api.runtime.redis.xreadgroup
+    assert len(batch.entry_ids) == 10 and reads == 2  # the first entry, then the rest at once
+    await c.write(batch)
+    assert (await rows(api, run_id))[1]["ops"] == 10
 
 
 async def test_a_consumer_that_dies_mid_batch_loses_nothing(api):
