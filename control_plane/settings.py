@@ -139,6 +139,12 @@ class Settings(BaseSettings):
         1024, ge=1, description="most datums per forward_backward request the SDK sends (client/config)"
     )
     trainer_microbatch_tokens: int = Field(8192, ge=16)
+    trainer_small_op_tokens: int = Field(
+        128,
+        ge=0,
+        description="on a CPU trainer, a forward/forward_backward of at most this many tokens runs on one thread "
+        "(its other threads would spin on the cores the API and the client need; 0: never)",
+    )
     trainer_allocator: Literal["jemalloc", "system"] = Field(
         "jemalloc",
         description="how trainer processes allocate host memory: jemalloc (preloaded; lower peak memory and "

@@ -83,6 +83,7 @@ def trainer_spec(r: Runtime, dep: Deployment) -> WorkloadSpec:
         store=r.store_spec,
         max_seq_len=dep.max_seq_len,
         microbatch_tokens=r.settings.trainer_microbatch_tokens,
+        small_op_tokens=r.settings.trainer_small_op_tokens,
         logits_chunk_mib=r.settings.trainer_logits_chunk_mib,
         logits_full_max_mib=r.settings.trainer_logits_full_max_mib,
         activation_checkpointing=r.settings.trainer_activation_checkpointing,

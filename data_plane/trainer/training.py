@@ -30,9 +30,10 @@ from google.protobuf.message import DecodeError
 from data_plane.storage.base import ObjectStore
 from data_plane.trainer import checkpoint as ckpt
 from data_plane.trainer import snapshots
-from data_plane.trainer.batches import prepare, prepare_loops
+from data_plane.trainer.batches import Batch, prepare, prepare_loops
+from data_plane.trainer.cpu_threads import threads_for
 from data_plane.trainer.data_parallel import DataParallel
-from data_plane.trainer.engine import Engine
+from data_plane.trainer.engine import Engine, FwdBwdResult
 from data_plane.trainer.errors import UserError
 from data_plane.trainer.group_calls import Group, group_call
 from data_plane.trainer.loops_output import encode_forward_backward
@@ -82,6 +83,7 @@ class TrainingModel:
         logits_chunk_bytes: int = 0,
         activation_checkpointing: str = "off",
         logits_full_max_bytes: int = 0,
+        small_op_tokens: int = 0,
         group: Group | None = None,
     ) -> None:
         self.group = group  # the other ranks (None: this process is the whole trainer)
@@ -99,6 +101,7 @@ class TrainingModel:
         # auto | on | off (see Engine): the worker's default, for runs that choose none
         self.activation_checkpointing = activation_checkpointing
         self.logits_full_max_bytes = logits_full_max_bytes  # chunk only above this (see Engine)
+        self.small_op_tokens = small_op_tokens  # on a CPU, ops this small run on one thread (cpu_threads)
         self.vocab_size = vocab_size(base)
         self.lora: LoraSettings | None = None
         # the live run's own activation checkpointing mode (None: it chose none)
@@ -135,6 +138,7 @@ class TrainingModel:
             logits_chunk_bytes=launch.logits_chunk_mib << 20,
             activation_checkpointing=launch.activation_checkpointing,
             logits_full_max_bytes=launch.logits_full_max_mib << 20,
+            small_op_tokens=launch.small_op_tokens,
             group=group,
         )
 
@@ -330,7 +334,7 @@ class TrainingModel:
         except DecodeError as exc:
             raise UserError(f"forward_backward body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
         batch = prepare(req, self.vocab_size, self.max_seq_len)
-        res = eng.forward_backward(batch)
+        res = self._run(eng, batch)
         self.last_metrics, self.last_forward_only = res.metrics, batch.forward_only
         return forward_backward_output(res.per_datum, res.metrics).SerializeToString()
 
@@ -346,9 +350,13 @@ class TrainingModel:
         except DecodeError as exc:
             raise UserError(f"forward_backward body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
         batch = prepare_loops(req, self.vocab_size, self.max_seq_len)
-        res = eng.forward_backward(batch)
+        res = self._run(eng, batch)
         self.last_metrics, self.last_forward_only = res.metrics, batch.forward_only
         return encode_forward_backward(res.loss, res.per_datum, res.metrics)
+
+    def _run(self, eng: Engine, batch: Batch) -> FwdBwdResult:
+        with threads_for(self.device, sum(d.length for d in batch.data), self.small_op_tokens):
+            return eng.forward_backward(batch)
 
     @group_call
     def optim_step(self, body: OptimStepBody) -> dict:

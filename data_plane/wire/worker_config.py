@@ -49,6 +49,9 @@ class TrainerLaunch:
     # recompute decoder activations in the backward pass: auto (sequences of >= 4096 tokens)
     # | on | off (data_plane.trainer.activation_checkpointing)
     activation_checkpointing: str = "auto"
+    # on a CPU, a forward/forward_backward of at most this many tokens runs on one thread
+    # (data_plane.trainer.cpu_threads); 0 = every op on all of the process's threads
+    small_op_tokens: int = 128
     device: str = "auto"  # auto | cpu | cuda
     # data-parallel copies among the torchrun ranks (each takes a share of every batch; the
     # ranks of one copy shard the base model between them): WORLD_SIZE / replicas ranks each
