@@ -31,8 +31,9 @@ SECTIONS = {
     "trainer_sdk": ["trainer_sdk.tiny", "trainer_sdk.bench"],
     "gpu_trainer": ["gpu_trainer"],
 }
-# modules with a main that are not benchmarks: the API server process bench.api_load starts
-NOT_BENCHMARKS = {"serve"}
+# modules with a main that keep no table in the README: the API server process bench.api_load
+# starts, and the one-line A/B probe of the op path (it compares two checkouts run by hand)
+NOT_BENCHMARKS = {"serve", "small_ops"}
 MACHINE = "2 CPUs (AMD EPYC 7B13, x86_64), Python 3.11.7, load average 0.50"
 
 
@@ -510,3 +511,14 @@ def test_ranks_main_prints_the_machine_and_writes_its_section(
     assert body.startswith(f"### Latest results ({datetime.date.today().isoformat()})\n")
     assert "| 2 | 2.000 s | 100% | 1,300 MiB | 1,300 / 1,300 MiB | 15.7 / 15.7 MiB |" in body.splitlines()
     assert body in out
+
+
+def test_the_small_ops_probe_summarises_its_rounds_and_refuses_bad_counts() -> None:
+    from bench.small_ops import main, summary
+
+    line = summary([0.010, 0.012, 0.011, 0.030, 0.009], [0.5, 0.4, 0.6])
+    assert "p50 11.00 ms" in line and "p90 30.00 ms" in line and "(5 rounds)" in line
+    assert "step median 0.500 s (3 steps)" in line
+    assert "step median not measured (0 steps)" in summary([0.01], [])
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        main(["--rounds", "0"])
