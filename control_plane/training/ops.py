@@ -304,21 +304,30 @@ class TrainingOps:
         the 4xx.
         """
         _check_seq(seq_id)
+        # A repeated submission is answered as the first was, whatever validating it again
+        # says (an HTTP retry of a save whose name now exists, of an op on a run that ended
+        # since); the common case, a new op, is told apart by the enqueue itself, so the claim
+        # is read only when a check fails. (NotFound of the model itself is not such a case:
+        # nothing of another org's model is shown, a claim on it included.)
         try:
             run = await self.live_run(principal, model_id)
+        except Gone:
+            if (again := await self._claimed(model_id, seq_id)) is not None:
+                return again
+            raise
+        try:
             kind, body = await build(run)
-        except NotFound:
-            raise  # not this org's model: nothing of it is shown, a claim on it included
         except DomainError as exc:
-            # a repeated submission is answered as the first was, whatever validating it
-            # again says (an HTTP retry of a save whose name now exists); the common case, a
-            # new op, is told apart by the enqueue itself, so it pays no extra round trip
-            if (rid := await self.queue.claimed(model_id, seq_id)) is not None:
-                return Submitted(rid, model_id)
+            if (again := await self._claimed(model_id, seq_id)) is not None:
+                return again
             if isinstance(exc, InvalidInput):
-                await self._reject(await self.owned_run(principal, model_id), seq_id, exc)
+                await self._reject(run, seq_id, exc)
             raise
         return await self._submit(run, seq_id, kind, body)
+
+    async def _claimed(self, model_id: str, seq_id: int) -> Submitted | None:
+        rid = await self.queue.claimed(model_id, seq_id)
+        return Submitted(rid, model_id) if rid is not None else None
 
     async def _reject(self, run: OpRun, seq_id: int, exc: DomainError) -> None:
         rid, is_new = await self.queue.submit(

@@ -288,8 +288,10 @@ async def test_an_op_on_a_run_that_ended_fails_from_the_mark_and_later_from_the_
     assert await queue.end_run(mid, f"run {mid} is INACTIVE: deactivated") == 2  # the create too (no worker)
     swept = await queue.read(pending)
     assert swept is not None and swept.state == FutureState.FAILED and b"deactivated" in swept.body
-    late = await queue.read(await submit(2))
-    assert late is not None and late.state == FutureState.FAILED and b"INACTIVE: deactivated" in late.body
+    late = await submit(2)
+    late_future = await queue.read(late)
+    assert late_future is not None and late_future.state == FutureState.FAILED
+    assert b"INACTIVE: deactivated" in late_future.body
     assert await api.runtime.redis.scard(run_pending_key(mid)) == 0  # nothing left waiting
     # the row changes: the read cache drops the run, the next op is refused before any queueing
     async with api.runtime.db.transaction() as s:
@@ -298,6 +300,9 @@ async def test_an_op_on_a_run_that_ended_fails_from_the_mark_and_later_from_the_
     res = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, 3, [1, 2, 3]), headers=h)
     assert res.status_code == 410 and "INACTIVE" in res.json()["detail"]
     assert await api.runtime.redis.xlen(ops_stream(mid)) == before
+    # ... but an HTTP retry of an op submitted before the end is that op's future, not a 410
+    res = await api.client.post("/api/v1/forward_backward", content=_fwd(mid, 2, [1, 2, 3]), headers=h)
+    assert res.status_code == 200 and res.json()["request_id"] == late, res.text
 
 
 CKPT_KEY = "openloops.activation_checkpointing"
