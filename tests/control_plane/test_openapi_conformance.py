@@ -52,6 +52,12 @@ NOT_READY_503 = r"/trainer/health$|/sync/(sample|v1/completions|v1/chat/completi
 CONFIG = f"""
 seed = {SEED}
 hooks = "tests.control_plane.schemathesis_hooks"
+# Hypothesis' "too many examples filtered out" is about generating data, not about the server:
+# a {{kind}}/{{name}} path parameter (the Tinker checkpoint routes) makes schemathesis drop many of
+# its generated values, and which operation crosses the limit moves with unrelated schema
+# changes (a new optional body field on the Loops create routes tipped a checkpoint DELETE over).
+# The operation is still run with the values that can be sent.
+suppress-health-check = ["filter_too_much"]
 # every example runs: an operation's first failure (a data-acceptance one) does not end its testing
 continue-on-failure = true
 
