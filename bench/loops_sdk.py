@@ -50,9 +50,11 @@ def missing_venv_note(venv: Path = VENV) -> str:
     return f"the Loops client venv ({where}) is not installed: {INSTALL_HINT}"
 
 
-def client_env(base_url: str, api_key: str) -> dict[str, str]:
-    """This process's environment less what would configure the SDK or Python, plus the SDK's
-    settings (offline: the script needs no hub)."""
+def client_env(base_url: str, api_key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a Loops client script runs with (this benchmark's, and the tests' through
+    tests/infra/loops_client.py): this process's, less what would configure the SDK or Python
+    behind the caller's back, plus the SDK's settings, offline (a script needs no hub), then
+    ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)}
     env.update(
         LOOPS_BASE_URL=base_url,
@@ -60,8 +62,10 @@ def client_env(base_url: str, api_key: str) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra or {})
     return env
 
 

@@ -10,7 +10,6 @@ reports back by printing one JSON object as its last line of JSON on stdout.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -20,14 +19,10 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VENV = REPO_ROOT / ".venvs" / "loops-client"
-# written by scripts/install as its last step: a venv without it is half-built
-MARKER = VENV / ".openloops-requirements"
+from bench.loops_sdk import VENV, client_env, last_json_object, loops_python
 
-# inherited variables that would configure the client behind the test's back
-_DROPPED_PREFIXES = ("TINKER_", "LOOPS_", "BASETEN_")
-_DROPPED = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"}
+# the venv, its interpreter and a client's environment are the benchmark's too (bench/loops_sdk.py)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _STDERR_TAIL = 6000
 
 
@@ -37,12 +32,6 @@ class ClientResult:
     stdout: str
     stderr: str
     result: dict | None  # the last stdout line that is a JSON object
-
-
-def loops_python() -> Path | None:
-    """The Loops client venv's interpreter, or None when the venv is missing or incomplete."""
-    python = VENV / "bin" / "python"
-    return python if python.exists() and MARKER.exists() else None
 
 
 def require_loops_python() -> Path:
@@ -57,38 +46,8 @@ def require_loops_python() -> Path:
     pytest.skip(msg)
 
 
-def _last_json_object(stdout: str) -> dict | None:
-    for line in reversed(stdout.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
-
-
 def _tail(text: str, limit: int = _STDERR_TAIL) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
-
-
-def client_env(base_url: str, api_key: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a client script runs with: this process's, less anything that would
-    configure the SDK or Python behind the test's back, plus the SDK's settings, offline."""
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)}
-    env.update(
-        LOOPS_BASE_URL=base_url,
-        BASETEN_API_KEY=api_key,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        WANDB_MODE="disabled",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra or {})
-    return env
 
 
 class ClientProcess:
@@ -125,7 +84,7 @@ class ClientProcess:
                 f"{label} {name} exited with {proc.returncode}; stderr tail:\n{_tail(stderr)}"
                 f"\nstdout tail:\n{_tail(stdout, 2000)}"
             )
-        return ClientResult(proc.returncode, stdout, stderr, _last_json_object(stdout))
+        return ClientResult(proc.returncode, stdout, stderr, last_json_object(stdout))
 
     def kill(self) -> None:
         """End the script and its children (it leads its own process group), unless it has
