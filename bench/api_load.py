@@ -32,7 +32,7 @@ import httpx
 from bench.explain import explain_service_call
 from bench.loadgen import GENERATOR_BOUND, LoadResult, client_name, ensure_wrk, run_load
 from bench.machine import load_average, machine_line
-from bench.readme_section import write_section
+from bench.readme_section import publish
 from bench.seed import TENANT_CHECKPOINTS, Tenant, grow_checkpoints, reset, seed_tenant
 from bench.stack import BENCH_MODEL, Stack, start_stack
 from control_plane.catalog import ModelCatalog
@@ -383,12 +383,7 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     print()
     print("\n".join(plans_table(points)))
-    print()
-    body = render(report)
-    print(body)
-    if args.readme:
-        write_section("api_load", body)
-        print("written into bench/README.md")
+    publish("api_load", render(report), readme=args.readme)
     return 0
 
 

@@ -56,7 +56,7 @@ from bench.live import (
 )
 from bench.machine import load_average, machine_line
 from bench.proc_memory import peak_rss_mib, reset_peak_rss
-from bench.readme_section import write_section
+from bench.readme_section import publish
 from bench.stack import Stack, start_stack
 from bench.trainer_sdk import bench_model, sdk_batch
 from control_plane.scheduler.protocol import LogLine, LogQuery, WorkloadRole
@@ -627,11 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         f"snapshot_bytes {snapshot_state.get('snapshot_bytes')}, snapshot_seconds {snapshot_state.get('snapshot_seconds')}"
     )
     print(f"model bench, LoRA rank {RANK}, 32 x 256 tokens per forward_backward\n")
-    body = render(report)
-    print(body)
-    if args.readme:
-        write_section("durable", body)
-        print("written into bench/README.md")
+    publish("durable", render(report), readme=args.readme)
     return 0
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.batch import sft_request
-from bench.readme_section import write_section
+from bench.readme_section import publish
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device: this benchmark needs a GPU"
@@ -590,11 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(cfg["result"]).write_text(json.dumps(out))
         return 0
     if args.from_json:
-        res = derive(json.loads(Path(args.from_json).read_text()))
-        body = render(res)
-        print(body)
-        if args.write_readme:
-            write_section("gpu_trainer", body)
+        publish("gpu_trainer", render(derive(json.loads(Path(args.from_json).read_text()))), readme=args.write_readme)
         return 0
 
     import torch
@@ -695,13 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         f"FLOPs/token = 4·N_base + 6·N_lora + 6·L·d_attn·T; N_base {shape.base_matmul_params():,}, "
         f"N_lora {shape.lora_params(args.rank):,}, L {shape.layers}, d_attn {shape.heads * shape.head_dim}"
     )
-    print(body)
-    print(f"\ntotal {res['wall_s']:.0f} s")
+    print(f"total {res['wall_s']:.0f} s")
     if out_dir:
         (out_dir / "gpu_trainer.json").write_text(json.dumps(res, indent=2) + "\n")
         (out_dir / "gpu_trainer.md").write_text(body + "\n")
-    if args.write_readme:
-        write_section("gpu_trainer", body)
+    publish("gpu_trainer", body, readme=args.write_readme)
     return 0
 
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from bench.batch import BATCH, LR, RANK, SEQ, batch_tokens, sft_request
 from bench.machine import load_average, machine_line
 from bench.proc_memory import peak_rss_mib, reset_peak_rss
-from bench.readme_section import write_section
+from bench.readme_section import publish
 
 if TYPE_CHECKING:
     from data_plane.trainer.training import TrainingModel
@@ -297,11 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nvocabulary {base[0]['vocab']}, {BATCH} x {SEQ} tokens, rank {RANK}; {rounds} rounds x {steps} steps")
     print(f"first-step loss: {base[0]['losses'][0]:.4f} (every mode within 1e-4 relative, every step)\n")
-    body = render(report)
-    print(body)
-    if args.readme:
-        write_section("loss_memory", body)
-        print("written into bench/README.md")
+    publish("loss_memory", render(report), readme=args.readme)
     return 0
 
 

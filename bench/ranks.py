@@ -28,7 +28,7 @@ from typing import Any
 from bench.batch import BATCH, RANK, SEQ
 from bench.loss_memory import allocator_env, measure, new_model, vmhwm_mib
 from bench.machine import load_average, machine_line
-from bench.readme_section import write_section
+from bench.readme_section import publish
 
 RANKS = (1, 2)
 
@@ -164,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=steps,
         results={n: res["ranks"] for n, res in results.items()},
     )
-    body = render(report)
-    print()
-    print(body)
-    if args.readme:
-        write_section("ranks", body)
-        print("written into bench/README.md")
+    publish("ranks", render(report), readme=args.readme)
     return 0
 
 

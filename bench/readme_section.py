@@ -24,3 +24,13 @@ def write_section(name: str, body: str, path: Path = README) -> None:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
+
+
+def publish(name: str, body: str, *, readme: bool) -> None:
+    """A benchmark's last step: print its section and, with ``--readme``, write it between its
+    markers in :data:`README`."""
+    print()
+    print(body)
+    if readme:
+        write_section(name, body, README)
+        print(f"written into {README} (bench.{name})")

@@ -48,7 +48,7 @@ from bench.live import (
     start_openloops,
 )
 from bench.machine import load_average, machine_line
-from bench.readme_section import write_section
+from bench.readme_section import publish
 from bench.stack import Stack, start_stack
 from control_plane.catalog import ModelCatalog
 from control_plane.local_mode.models import prepare
@@ -368,11 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(f"model openloops/tiny, LoRA rank 8; {rounds} rounds, {n_ttft} streamed requests per path\n")
-    body = render(report)
-    print(body)
-    if args.readme:
-        write_section("served", body)
-        print("written into bench/README.md")
+    publish("served", render(report), readme=args.readme)
     return 0
 
 

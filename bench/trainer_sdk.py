@@ -51,7 +51,7 @@ from bench.loops_sdk import loops_python, missing_venv_note, run_client
 from bench.loss_memory import DEFAULT_MODE, MODES, run_mode
 from bench.machine import machine_line
 from bench.proc_memory import peak_rss_mib
-from bench.readme_section import write_section
+from bench.readme_section import publish
 from bench.stack import Stack, start_stack
 from control_plane.catalog import CatalogModel, ModelCatalog
 from control_plane.local_mode.models import prepare
@@ -419,12 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  median step {engine['step_s']:.3f}s, losses {[round(x, 1) for x in engine['losses']]}")
     finally:
         stack.stop()
-    text = table(args.model, sdk, peft, peft_small, engine["step_s"], loops)
-    print()
-    print(text)
-    if args.readme:
-        write_section(f"trainer_sdk.{args.model}", text)
-        print("written into bench/README.md")
+    publish(
+        f"trainer_sdk.{args.model}",
+        table(args.model, sdk, peft, peft_small, engine["step_s"], loops),
+        readme=args.readme,
+    )
     return 0
 
 

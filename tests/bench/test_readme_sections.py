@@ -15,7 +15,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 
-from bench import api_load, durable, loss_memory, ranks, sampling, served
+from bench import api_load, durable, loss_memory, ranks, readme_section, sampling, served
 from bench.loadgen import LoadResult
 from bench.readme_section import README, markers, write_section
 
@@ -466,12 +466,11 @@ def test_a_run_replaces_its_section_like_with_like(name: str, tmp_path: Path) ->
 
 @pytest.fixture
 def readme_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of bench/README.md that the benchmarks' write_section writes instead; the models
+    """A copy of bench/README.md that the benchmarks' publish writes instead; the models
     are not built."""
     copy = tmp_path / "README.md"
     copy.write_text(README.read_text())
-    for module in (loss_memory, ranks):
-        monkeypatch.setattr(module, "write_section", lambda name, body: write_section(name, body, copy))
+    monkeypatch.setattr(readme_section, "README", copy)
     monkeypatch.setattr("control_plane.local_mode.models.prepare", lambda kind, root, quiet: SimpleNamespace(source=""))
     return copy
 
