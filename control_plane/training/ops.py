@@ -154,11 +154,11 @@ class TrainingOps:
         return Submitted(rid, run.id)
 
     async def _repeat(self, principal: Principal, model_id: str, seq_id: int) -> Submitted | None:
-        rid = await self.queue.claimed(model_id, seq_id)
-        if rid is None:
-            return None
-        await self.owned_run(principal, model_id)
-        return Submitted(rid, model_id)
+        """:meth:`_claimed`, for a caller that has not checked the model is the principal's."""
+        again = await self._claimed(model_id, seq_id)
+        if again is not None:
+            await self.owned_run(principal, model_id)
+        return again
 
     # ---- creating models ----------------------------------------------------------------
     async def create_model(
